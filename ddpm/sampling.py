@@ -1,0 +1,188 @@
+"""Samplers: pure functions of (model, schedule, x_T, settings, generator). No hidden state.
+
+All three share one skeleton: walk a descending list of timesteps ``t_0 > t_1 > ... > t_{N-1}``, at each ``t_i``
+turn the model's output into (x_0, eps), then step to the *next timestep in the list* (or to clean data after the
+last one, where alpha_bar_prev = 1). The previous timestep always comes from the list, never from ``t - T // N``,
+so non-uniform spacings are exact.
+
+Randomness: ``generator`` is one ``torch.Generator`` for the whole batch, or a list of generators, one per image.
+With a list, image ``i`` draws its starting noise and every step's noise from ``generator[i]`` alone, so an image
+depends only on its own seed and settings, never on what else shared its batch (see :func:`noise_from_seeds`).
+
+Score view (Song et al. 2021; DDPM section 3.2): a noise predictor is a scaled score,
+``grad_x log p_t(x_t) = -eps_theta(x_t, t) / sqrt(1 - alpha_bar_t)`` (:func:`score`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .schedule import NoiseSchedule
+
+Model = Callable[..., torch.Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+SPACINGS = ("trailing", "linspace", "leading")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
+
+
+# -- timesteps and noise ------------------------------------------------------------------------------------------
+def timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """``steps`` distinct timesteps in descending order, chosen by ``spacing`` (Lin et al. 2023, table 2).
+
+    trailing: T-1, ..., ending near T/N - 1 (always starts at the noisiest step, the default);
+    linspace: evenly spaced from T-1 down to 0; leading: multiples of T//N from the bottom (DDIM's original).
+    """
+    T = num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if spacing == "trailing":
+        ts = [round(T - i * T / steps) - 1 for i in range(steps)]
+    elif spacing == "linspace":
+        ts = [round((T - 1) * (steps - 1 - i) / max(steps - 1, 1)) for i in range(steps)]
+    elif spacing == "leading":
+        ts = [(steps - 1 - i) * (T // steps) for i in range(steps)]
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    return ts
+
+
+def _randn(shape: Sequence[int], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...); with a list of generators, row i comes from generator i."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device="cpu"):
+    """x_T (len(seeds), *shape) and one CPU generator per seed, to pass on as ``sample(..., generator=...)``.
+
+    Generators live on the CPU so a seed gives the same image on any device.
+    """
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return _randn((len(seeds), *shape), generators, device), generators
+
+
+# -- the model, with guidance -------------------------------------------------------------------------------------
+def _predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale: float) -> torch.Tensor:
+    """The model's output at timestep t for the batch x (B, C, H, W), with classifier-free guidance.
+
+    Guidance (Ho & Salimans 2022): out = out_uncond + w (out_cond - out_uncond), label -1 = the null class;
+    w = 1 is the plain conditional model. Both branches run as one batch of 2B.
+    """
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    if class_labels is None:
+        return model(x, tt).float()
+    y = class_labels.to(x.device)
+    if guidance_scale == 1.0:
+        return model(x, tt, y).float()
+    both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)])).float()
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _x0_eps(schedule, out, x, t, prediction_type, clip_x0):
+    """(x_0, eps) from the model's output; clipping x_0 to [-1, 1] recomputes eps so both stay consistent."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    x0, eps = schedule.to_x0_eps(out, x, tt, prediction_type)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = schedule.eps_from_x0(x, tt, x0)
+    return x0, eps
+
+
+def score(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    """grad_x log p_t(x_t) = -eps_theta(x_t, t) / sqrt(1 - alpha_bar_t), for an eps-prediction model."""
+    eps = model(x_t, t) if y is None else model(x_t, t, y)
+    sigma = (1 - schedule.alphas_cumprod.to(x_t.device)[t]).sqrt().to(eps.dtype)
+    return -eps / sigma.reshape(-1, *([1] * (eps.dim() - 1)))
+
+
+# -- the three samplers -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    *,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    variance: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    clip_x0: bool = False,
+    generator: Generator = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Denoise x_T (B, C, H, W) into x_0 (B, C, H, W), float32, roughly in [-1, 1].
+
+    sampler: "ddpm" (ancestral; ``variance`` "fixed_small" = beta_tilde or "fixed_large" = beta; with fewer than T
+    steps, the respaced process of Nichol & Dhariwal 2021), "ddim" (Song et al. 2021, ``eta`` >= 0; eta = 0 is
+    deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
+    steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
+    ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
+    ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
+    x = x_T.float()
+    x0_prev, lambda_prev = None, None  # DPM-Solver++ history
+
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
+        out = _predict(model, x, t, class_labels, guidance_scale)
+        x0, eps = _x0_eps(schedule, out, x, t, prediction_type, clip_x0)
+
+        if sampler == "ddpm":
+            # Posterior q(x_prev | x_t, x_0) of the (possibly respaced) chain, beta' = 1 - ab_t / ab_prev:
+            #   mean = sqrt(ab_prev) beta' / (1 - ab_t) x_0 + sqrt(1 - beta') (1 - ab_prev) / (1 - ab_t) x_t
+            beta = 1 - ab_t / ab_prev
+            mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + (
+                math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x
+            var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
+            x = mean + math.sqrt(var) * _randn(x.shape, generator, x.device) if t_prev >= 0 else mean
+
+        elif sampler == "ddim":
+            # DDIM eq. 12: x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
+            #   sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
+            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * _randn(x.shape, generator, x.device)
+
+        else:  # dpm++
+            # DPM-Solver++(2M), data prediction, in lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab).
+            if t_prev < 0:
+                x = x0  # the last step goes to sigma = 0: first order lands exactly on the predicted x_0
+            else:
+                lam = 0.5 * (math.log(ab_t) - math.log1p(-ab_t)) if ab_t > 0 else -math.inf
+                lam_next = 0.5 * (math.log(ab_prev) - math.log1p(-ab_prev))
+                h = lam_next - lam
+                d = x0
+                if x0_prev is not None and math.isfinite(lambda_prev) and math.isfinite(h):
+                    r = (lam - lambda_prev) / h  # ratio of the previous step size to this one
+                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+                # x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D
+                sigma_ratio = math.sqrt((1 - ab_prev) / (1 - ab_t))
+                exp_neg_h = math.exp(-h) if math.isfinite(h) else 0.0
+                x = sigma_ratio * x + math.sqrt(ab_prev) * (1 - exp_neg_h) * d
+            x0_prev, lambda_prev = x0, (0.5 * (math.log(ab_t) - math.log1p(-ab_t)) if ab_t > 0 else -math.inf)
+
+        if callback is not None:
+            callback(i, t, x)
+    return x

@@ -1,0 +1,72 @@
+"""One optimisation step and its schedules, shared by the single-process loop and the Ray Train workers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .losses import diffusion_loss
+from .schedule import NoiseSchedule
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, decay: str = "constant") -> float:
+    """Linear warm-up over ``warmup_steps``, then constant (DDPM) or cosine decay to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if decay == "constant":
+        return base_lr
+    if decay == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr decay {decay!r}; expected 'constant' or 'cosine'")
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image of (B, C, H, W) left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device)
+    flip = (flip < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)
+
+
+def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label with -1 (the null class) with probability p: trains the unconditional branch for CFG."""
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape[0], generator=generator, device=y.device if generator is None else generator.device)
+    return torch.where((drop < p).to(y.device), torch.full_like(y, -1), y)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: NoiseSchedule,
+    x_0: torch.Tensor,
+    *,
+    lr: float,
+    class_labels: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    min_snr_gamma: float | None = None,
+    grad_clip: float | None = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Loss, backward, clip, step. Returns (loss, gradient norm before clipping).
+
+    ``model`` may be a DistributedDataParallel wrapper: the backward pass then all-reduces the gradients.
+    ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) runs the forward pass under autocast; the loss is fp32.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    autocast = (torch.autocast(device_type=x_0.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    with autocast:
+        loss = diffusion_loss(model, schedule, x_0, class_labels=class_labels, prediction_type=prediction_type,
+                              min_snr_gamma=min_snr_gamma)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = grad_clip if grad_clip else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return loss.item(), float(grad_norm)

@@ -1,0 +1,228 @@
+"""The noise-prediction network eps_theta(x_t, t[, y]): the DDPM paper's U-Net (Ho et al. 2020, appendix B).
+
+A PixelCNN++-style U-Net: at each resolution ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 convs, the
+time embedding added in between), self-attention at the resolutions listed in ``attention_resolutions``, strided
+3x3 convolutions to go down and nearest-neighbour upsampling + 3x3 convolution to go up, skip connections from every
+down block to its mirror up block. The timestep enters through a sinusoidal embedding (Transformer-style) and a
+two-layer MLP. With ``num_classes > 0`` a learned class embedding is added to the time embedding; index
+``num_classes`` is the learned *null* class used for classifier-free guidance, and a label of -1 selects it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_classes: int = 0  # 0: unconditional
+    num_groups: int = 32
+    num_heads: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        levels = len(self.channel_mults)
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{levels - 1} for {levels} levels")
+        for c in {self.base_channels * m for m in self.channel_mults}:
+            if c % min(self.num_groups, c) or c % self.num_heads:
+                raise ValueError(f"{c} channels are not divisible by num_groups/num_heads")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "UNetConfig":
+        """``tiny`` (tests, 8x8x1), ``digits`` (16x16x1, 1.6M parameters), ``cifar10`` (the paper's 35.7M)."""
+        presets = {
+            "tiny": dict(image_size=8, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(4,), dropout=0.0, num_groups=8),
+            "digits": dict(image_size=16, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2,
+                           attention_resolutions=(8,), dropout=0.0, num_groups=8),
+            "cifar10": dict(image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
+                            num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown UNet preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mults"] = list(self.channel_mults)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UNet config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017): [sin(t w_i), cos(t w_i)], w_i = max_period^(-i/(dim/2)).
+
+    t: (B,) integer or float timesteps -> (B, dim) float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """h = conv(silu(norm(x))) + W temb; h = conv(dropout(silu(norm(h)))); return skip(x) + h."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = _norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions: x + proj(softmax(q k^T / sqrt(d)) v)."""
+
+    def __init__(self, channels: int, groups: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # each (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta: (x_t (B, C, H, W), t (B,) int64[, y (B,) int64]) -> (B, C, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch, groups = cfg.base_channels, cfg.num_groups
+        temb_dim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # num_classes + 1 rows: the last one is the learned null class for classifier-free guidance.
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes > 0 else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        # Down path: remember every output's channel count for the skip connections.
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        in_ch, res = ch, cfg.image_size
+        for level, mult in enumerate(cfg.channel_mults):
+            out_ch = ch * mult
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(in_ch, out_ch, temb_dim, cfg.dropout, groups)]
+                if res in cfg.attention_resolutions:
+                    layers.append(AttnBlock(out_ch, groups, cfg.num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skip_channels.append(out_ch)
+                in_ch = out_ch
+            if level != len(cfg.channel_mults) - 1:
+                self.down.append(nn.ModuleList([Downsample(in_ch)]))
+                skip_channels.append(in_ch)
+                res //= 2
+
+        self.mid = nn.ModuleList([
+            ResBlock(in_ch, in_ch, temb_dim, cfg.dropout, groups),
+            AttnBlock(in_ch, groups, cfg.num_heads),
+            ResBlock(in_ch, in_ch, temb_dim, cfg.dropout, groups),
+        ])
+
+        # Up path: num_res_blocks + 1 blocks per level, each consuming one skip connection.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            out_ch = ch * mult
+            for _ in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(in_ch + skip_channels.pop(), out_ch, temb_dim, cfg.dropout, groups)]
+                if res in cfg.attention_resolutions:
+                    layers.append(AttnBlock(out_ch, groups, cfg.num_heads))
+                self.up.append(nn.ModuleList(layers))
+                in_ch = out_ch
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(in_ch)]))
+                res *= 2
+
+        self.norm_out = _norm(in_ch, groups)
+        self.conv_out = nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1)
+
+    @staticmethod
+    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, 4ch)
+        if self.class_emb is not None:
+            null = self.config.num_classes
+            y = torch.full_like(t, null) if y is None else torch.where(y < 0, torch.full_like(y, null), y)
+            temb = temb + self.class_emb(y)
+        elif y is not None and bool((y >= 0).any()):
+            raise ValueError("this model is unconditional: class labels must be None or -1")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layers in self.down:
+            h = self._run(layers, h, temb)
+            skips.append(h)
+        h = self._run(self.mid, h, temb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(layers, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,87 @@
+"""What the Serve application accepts, as pydantic models that reject unknown keys.
+
+Three layers of settings, each validated where it enters:
+
+- :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number).
+- :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
+  and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
+  serving: the model URI and the batching knobs.
+- :class:`AppArgs`: the arguments of ``build_app`` (``args:`` in a Serve config, the flags of ``ddpm serve``). They
+  also carry the deployment options (replicas, resources); a Serve config's ``deployments:`` section overrides those.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+MAX_IMAGES = 64  # per request
+MAX_STEPS = 1000
+MAX_SEED = 2**32 - 1
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /generate``; every field is optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_images: int = Field(4, ge=1, le=MAX_IMAGES)
+    sampler: Sampler = "ddim"
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: 1000 ddpm, 50 ddim, 20 dpm++")
+    eta: float = Field(0.0, ge=0, allow_inf_nan=False, description="DDIM noise scale: 0 deterministic, 1 DDPM-like")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses (seed + i) mod 2^32; random if absent")
+    class_label: int | None = Field(None, description="conditional models only; null samples the unconditional model")
+    guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="classifier-free guidance weight w")
+    output: Literal["png", "json"] = "png"
+
+
+class SamplerConfig(BaseModel):
+    """The sampler deployment's ``user_config``: what can change on running replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_uri: str = Field(min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint folder")
+    tracking_uri: str | None = None
+    poll_interval_s: float = Field(30.0, ge=0, description="how often to look up the alias's version; 0: never")
+    batching: bool = True
+    max_batch_images: int = Field(64, ge=MAX_IMAGES, description="images per batch, across requests")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
+    micro_batch: int | None = Field(
+        16, ge=1, description="images per forward pass (padded); null: the batch's own size, only without batching")
+
+    @model_validator(mode="after")
+    def _seeds_must_reproduce(self):
+        # Without a fixed forward-pass size, CPU and GPU kernels pick different algorithms for different batch
+        # sizes, so an image would depend (in its last bits) on which requests shared its batch.
+        if self.batching and self.micro_batch is None:
+            raise ValueError("batching needs a micro_batch: it is what keeps an image independent of its batch-mates")
+        return self
+
+
+class AppArgs(SamplerConfig):
+    """The arguments of ``deploy.serve_app:build_app``: the sampler's settings, the HTTP front's, and the
+    sampler deployment's replicas and resources."""
+
+    # the HTTP front
+    api_key: SecretStr | None = Field(None, description="default: $DDPM_API_KEY; unset: no authentication")
+    max_cost: int = Field(20_000, ge=1, description="the largest num_images * steps a request may ask for")
+    # the sampler deployment
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replica_range(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(**self.model_dump(include=set(SamplerConfig.model_fields)))

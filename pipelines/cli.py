@@ -1,0 +1,105 @@
+"""The ``ddpm`` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module, which exposes::
+
+    HELP: str                                   # one line for ``ddpm --help``
+    def add_arguments(parser) -> None           # flags, with a worked example in the parser's epilog
+    def main(args: argparse.Namespace) -> int   # validates, calls one library function, returns the exit code
+
+Only the chosen subcommand's module is imported, so ``ddpm --help`` stays fast and a subcommand pays only for
+the libraries it uses. ``serve`` and ``inpaint`` are loaded from ``deploy.cli`` by name: the CLI is the one place
+that composes the layers, while ``pipelines`` itself never imports ``deploy`` (see ARCHITECTURE.md, Layers).
+
+Failures print one line, ``ddpm <command>: error: <message>``, and exit 1; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+# subcommand -> module that implements it
+SUBCOMMANDS: dict[str, str] = {
+    "data": "pipelines.data",
+    "preprocess": "pipelines.preprocess",
+    "train": "pipelines.train",
+    "train-local": "pipelines.train_local",
+    "models": "pipelines.registry",
+    "generate": "pipelines.generate",
+    "evaluate": "pipelines.evaluate",
+    "serve": "deploy.cli",
+    "pipeline": "pipelines.pipeline",
+    "submit": "pipelines.submit",
+    "quickstart": "pipelines.quickstart",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(SUBCOMMANDS[name])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that subcommand's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="ddpm",
+        description="Train and serve DDPM image generators on Ray, tracked in MLflow.",
+        epilog="Run 'ddpm <command> --help' for a command's flags and a worked example.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="print the full traceback on failure")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in SUBCOMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name, add_help=False)
+            continue
+        module = _load(name)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=getattr(module, "EXAMPLE", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--verbose", action="store_true", help="print the full traceback on failure")
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def _top_level_help() -> str:
+    lines = ["usage: ddpm [--verbose] <command> [args]", "", "commands:"]
+    for name in SUBCOMMANDS:
+        try:
+            lines.append(f"  {name:<12} {_load(name).HELP}")
+        except ModuleNotFoundError as exc:
+            lines.append(f"  {name:<12} (unavailable: {exc})")
+    lines += ["", "Run 'ddpm <command> --help' for a command's flags and a worked example."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None or command not in SUBCOMMANDS:
+        if command is None and any(a in ("-h", "--help") for a in argv) or not argv:
+            print(_top_level_help())
+            return 0
+        print(f"ddpm: error: unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    args = build_parser(only=command).parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"ddpm {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line; the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"ddpm {command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Run configuration: YAML presets in ``configs/`` loaded into typed, frozen dataclasses.
+
+A file has three sections, each mapped onto one dataclass; an unknown key anywhere is an error that names it::
+
+    model:    {preset: digits, base_channels: 32, ...}     # -> ddpm.UNetConfig (preset first, then the fields)
+    schedule: {kind: linear, num_timesteps: 1000, ...}     # -> ScheduleConfig
+    train:    {batch_size: 128, lr: 2.0e-4, ...}           # -> TrainConfig
+
+Overrides use dotted keys, ``--set train.lr=1e-3 model.base_channels=64``, values parsed as YAML scalars.
+Lengths carry their unit in the name: ``total_images``, ``warmup_images``, ``checkpoint_every_images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from ddpm import NoiseSchedule, UNetConfig
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+
+    def build(self) -> NoiseSchedule:
+        if self.kind == "linear":
+            return NoiseSchedule.linear(self.num_timesteps, self.beta_start, self.beta_end, self.zero_terminal_snr)
+        if self.kind == "cosine":
+            return NoiseSchedule.cosine(self.num_timesteps, zero_terminal_snr=self.zero_terminal_snr)
+        raise UserError(f"schedule.kind must be 'linear' or 'cosine', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_images: int = 200_000           # the run ends after exactly this many training images
+    batch_size: int = 128                 # global batch, split evenly across workers
+    lr: float = 2e-4
+    lr_decay: str = "constant"            # "constant" (DDPM) or "cosine"
+    warmup_images: int = 640_000          # DDPM: 5,000 steps x 128
+    optimizer: str = "adam"               # "adam" or "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    prediction_type: str = "epsilon"      # "epsilon", "sample" or "v_prediction"
+    min_snr_gamma: float | None = None
+    class_conditional: bool = False       # use the dataset's labels (with label dropout for guidance)
+    label_dropout: float = 0.1
+    random_flip: bool = True
+    seed: int = 0
+    log_every_steps: int = 50
+    checkpoint_every_images: int = 50_000
+    sample_every_images: int = 100_000
+    num_checkpoints_to_keep: int = 2
+    max_failures: int = 2
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise UserError(f"train.prediction_type must be epsilon, sample or v_prediction, "
+                            f"got {self.prediction_type!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise UserError(f"train.optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise UserError(f"train.lr_decay must be constant or cosine, got {self.lr_decay!r}")
+        for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "schedule": asdict(self.schedule), "train": asdict(self.train)}
+
+    def hash(self) -> str:
+        """A short, stable hash of the resolved config (for registry tags)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_num_classes(self, num_classes: int) -> "Config":
+        return replace(self, model=replace(self.model, num_classes=num_classes))
+
+
+def _coerce(value, default, key: str):
+    """Check ``value`` against the type of the field's default; YAML's "1e-3" (a string in YAML 1.1) -> 1e-3."""
+    if default is None or value is None or isinstance(default, (tuple, list, str)):
+        return value
+    kind = type(default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        converted = kind(value)
+        if kind is int and isinstance(value, float) and converted != value:
+            raise ValueError
+        return converted
+    except (TypeError, ValueError):
+        raise UserError(f"{key} must be a {kind.__name__}, got {value!r}") from None
+
+
+def _strict(cls, values: dict, where: str):
+    defaults = {f.name: f.default for f in fields(cls)}
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(defaults))}")
+    values = {k: _coerce(v, defaults[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"invalid {where} config: {exc}") from None
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - {"model", "schedule", "train"})
+    if unknown:
+        raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, schedule, train")
+    model = dict(raw.get("model") or {})
+    preset = model.pop("preset", None)
+    base = UNetConfig.preset(preset).to_dict() if preset else {}
+    return Config(
+        model=_strict(UNetConfig, {**base, **model}, f"{source}: model"),
+        schedule=_strict(ScheduleConfig, dict(raw.get("schedule") or {}), f"{source}: schedule"),
+        train=_strict(TrainConfig, dict(raw.get("train") or {}), f"{source}: train"),
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["train.lr=1e-3", ...]`` applied to the nested dict ``raw`` (a copy)."""
+    raw = json.loads(json.dumps(raw or {}))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (or start from defaults when ``path`` is None) and apply ``overrides``."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: invalid YAML ({exc})") from None
+    return from_dict(apply_overrides(raw, overrides or []), str(path or "config"))

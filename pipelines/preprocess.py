@@ -1,0 +1,492 @@
+"""``ddpm preprocess``: turn a bucket of image files into training-ready Parquet shards, with Ray Data.
+
+Input: every object under INPUT (``s3://bucket/prefix`` or a folder). With ``--labels-from-dirs`` (the default) the
+first folder level names the class: ``INPUT/cat/a.jpg`` is labelled with the id of ``cat``, ids following the sorted
+folder names; objects directly under INPUT are unlabelled (-1).
+
+The work, and where it runs::
+
+    driver  list keys and sizes; set aside what cannot be an image without reading it (empty objects, other
+            file extensions)
+    tasks   read bytes -> sha256 -> decode (PNG, JPEG, WebP, BMP, GIF's first frame) -> L or RGB -> centre crop
+            -> LANCZOS resize -> Parquet shard; Ray Data fuses the map with the write, so pixels never pass through
+            the driver
+    driver  fingerprint from the shards' key and sha256 columns; manifest.json written last, as the commit
+
+Output layout::
+
+    OUTPUT/manifest.json           the commit point: shards, counts, classes, skipped objects, fingerprint
+    OUTPUT/data-<run>/*.parquet    the shards of the generation that manifest.json names
+    OUTPUT/_tmp-<run>/             a run's scratch (its skip reports), deleted when the run ends
+
+A run writes a new generation next to the old one and switches by rewriting manifest.json, one atomic PUT; only then
+is the old generation deleted. A run that dies midway leaves the previous output readable, plus leftovers that no
+manifest names and the next successful run deletes. One run at a time per OUTPUT: a second concurrent run's commit
+would delete the first run's generation.
+
+Shard schema (``format_version`` 1)::
+
+    image   fixed_size_binary(H*W*C)  uint8 pixels in row-major (H, W, C) order; manifest["image_shape"] = [H, W, C]
+    label   int64                     class id, -1 when unlabelled
+    key     string                    the source object's path relative to INPUT
+    sha256  string                    hex digest of the source object's bytes
+
+Fixed-size binary rather than Ray's tensor extension type: every Parquet reader (pyarrow, pandas, DuckDB, Spark)
+reads it as it is, and NumPy views a column of it as (N, H, W, C) without a copy. ``load_dataset`` and
+``load_numpy`` do that view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import math
+import posixpath
+import struct
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from pipelines import storage
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+
+HELP = "decode, crop and resize a bucket of images into Parquet shards with a manifest (Ray Data)"
+EXAMPLE = """example:
+  ddpm data digits --output s3://my-bucket/raw/digits
+  ddpm preprocess --input s3://my-bucket/raw/digits --output s3://my-bucket/processed/digits \\
+      --resolution 16 --channels 1 --small upscale
+
+  The output holds manifest.json (counts, class names, skipped objects and why, fingerprint) and Parquet shards
+  with columns image (uint8 H*W*C bytes), label, key and sha256. Unreadable objects are skipped and reported,
+  not fatal. A local folder works in place of either URI.
+"""
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+# Pillow may only pick among these decoders: the formats we promise, and no rarely used parser on untrusted bytes.
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+SMALL_POLICIES = ("skip", "upscale")
+
+# Reads in flight per task: enough to hide an object store's per-request latency, few enough to bound memory.
+_READ_AHEAD = 8
+# What Pillow raises for data it cannot decode (truncated, corrupt, or not an image at all).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class UnusableImage(Exception):
+    """An object that is not a usable image: skipped and reported in the manifest, not a failure of the run."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One image
+
+
+def prepare_image(data: bytes, resolution: int, channels: int, *, upscale: bool = False) -> np.ndarray:
+    """Image file bytes -> (resolution, resolution, channels) uint8: decode, centre-crop to a square, resize.
+
+    Raises :class:`UnusableImage` for bytes that do not decode and, unless ``upscale``, for images whose shorter
+    side is below ``resolution`` (upscaling adds no detail, and a dataset of blurred small images may be a mistake).
+    """
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as img:
+            if min(img.size) < resolution and not upscale:
+                raise UnusableImage(f"too small ({img.size[0]}x{img.size[1]} < {resolution})")
+            # JPEG only: libjpeg decodes at 1/2, 1/4 or 1/8 scale while both sides stay >= resolution, an
+            # averaging downscale in the DCT domain that costs a fraction of a full decode. LANCZOS does the rest.
+            img.draft(mode, (resolution, resolution))
+            ImageOps.exif_transpose(img, in_place=True)  # phones store pictures sideways plus an EXIF rotation
+            img = _to_mode(img, mode)
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))  # resize(box=...) would blend in pixels outside
+            img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+            pixels = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
+    except Image.UnidentifiedImageError:
+        raise UnusableImage("not a recognised image (PNG, JPEG, WebP, BMP or GIF)") from None
+    except _DECODE_ERRORS as exc:
+        raise UnusableImage(f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return pixels.reshape(resolution, resolution, channels)
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode`` (L or RGB) without the two silent losses of a bare ``convert``.
+
+    16-bit grey would be clipped at 255 (almost all white), so its top 8 bits are kept instead; transparent pixels
+    would show whatever colour they happen to store, so transparency is flattened onto white, as a viewer shows it.
+    """
+    if img.mode in ("I", "I;16", "I;16L", "I;16B"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img if img.mode == mode else img.convert(mode)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_schema(resolution: int, channels: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("image", pa.binary(resolution * resolution * channels), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("sha256", pa.string(), nullable=False),
+        ]
+    )
+
+
+def _images_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
+    """A fixed_size_binary(H*W*C) column -> (N, H, W, C) uint8, a read-only view of the column's buffer."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    size = math.prod(shape)
+    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return flat[array.offset * size : (array.offset + len(array)) * size].reshape(len(array), *shape)
+
+
+def _read_ahead(read: Callable[[str], tuple[bytes, str]], keys: Sequence[str]) -> Iterator[tuple[bytes, str]]:
+    """``read(key)`` for each key, in order, with up to ``_READ_AHEAD`` reads in flight on threads.
+
+    I/O and hashing release the GIL, so they overlap the decoding in the calling thread.
+    """
+    with ThreadPoolExecutor(_READ_AHEAD) as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append(pool.submit(read, key))
+            if len(pending) >= _READ_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _prepare_batch(
+    batch: pa.Table,
+    *,
+    input_uri: str,
+    report_uri: str,
+    endpoint_url: str | None,
+    resolution: int,
+    channels: int,
+    upscale: bool,
+) -> pa.Table:
+    """Ray Data task: rows (key, label) -> rows of :func:`shard_schema`, one per usable image.
+
+    The bytes are read here, inside the task, so they never travel through the driver or the object store. Objects
+    that are not usable images go to a small JSON report under ``report_uri``, named after the batch's first key,
+    so that a retried task overwrites its report rather than adding a second one.
+    """
+    fs, root = storage.filesystem_for(input_uri, endpoint_url)
+    keys = batch.column("key").to_pylist()
+    labels = batch.column("label").to_numpy()
+
+    def read(key: str) -> tuple[bytes, str]:
+        with fs.open_input_stream(f"{root}/{key}") as f:
+            data = f.read()
+        return data, hashlib.sha256(data).hexdigest()
+
+    images = np.empty((len(keys), resolution, resolution, channels), dtype=np.uint8)  # (B, H, W, C)
+    kept, digests, skipped = [], [], []
+    for i, (data, digest) in enumerate(_read_ahead(read, keys)):
+        try:
+            images[len(kept)] = prepare_image(data, resolution, channels, upscale=upscale)
+        except UnusableImage as exc:
+            skipped.append({"key": keys[i], "reason": str(exc)})
+            continue
+        kept.append(i)
+        digests.append(digest)
+
+    if skipped:
+        name = hashlib.sha256(keys[0].encode()).hexdigest()[:16]
+        storage.write_json(storage.join(report_uri, f"skipped-{name}.json"), skipped, endpoint_url)
+    schema = shard_schema(resolution, channels)
+    image = pa.FixedSizeBinaryArray.from_buffers(schema.field("image").type, len(kept), [None, pa.py_buffer(images[: len(kept)])])
+    return pa.Table.from_arrays(
+        [image, pa.array(labels[kept], pa.int64()), pa.array([keys[i] for i in kept], pa.string()), pa.array(digests, pa.string())],
+        schema=schema,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def fingerprint(pairs: Iterable[tuple[str, str]], settings: dict) -> str:
+    """sha256 over the settings and the sorted (key, sha256) pairs of the rows kept.
+
+    Same source bytes and settings, same fingerprint, whatever the order of listing, the bucket, or the machine;
+    one changed, added or removed image, or another resolution, gives another. The settings are included so that a
+    fingerprint names one dataset: the same images at 32 and at 64 pixels are not the same training data.
+    """
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for key, digest in sorted(pairs):
+        h.update(f"{key}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _triage(entries: list[storage.FileEntry], exclude: str | None) -> tuple[list[str], list[dict]]:
+    """Split a listing into candidate image keys and the objects skipped without reading them."""
+    candidates, skipped = [], []
+    for entry in entries:
+        if exclude and entry.key.startswith(exclude):
+            continue
+        extension = posixpath.splitext(entry.key)[1].lower()
+        if extension not in IMAGE_EXTENSIONS:
+            skipped.append({"key": entry.key, "reason": f"not an image file (extension {extension or 'none'!r})"})
+        elif entry.size == 0:
+            skipped.append({"key": entry.key, "reason": "empty object (0 bytes)"})
+        else:
+            candidates.append(entry.key)
+    return candidates, skipped
+
+
+def _nested_prefix(output_uri: str, input_uri: str) -> str | None:
+    """``"processed/"`` when OUTPUT lies inside INPUT (its files must not be read back as input), else None."""
+    inner, outer = storage.filesystem_for(output_uri)[1], storage.filesystem_for(input_uri)[1].rstrip("/") + "/"
+    same_store = output_uri.startswith("s3://") == input_uri.startswith("s3://")
+    return inner[len(outer):].rstrip("/") + "/" if same_store and inner.startswith(outer) else None
+
+
+def preprocess(
+    input_uri: str,
+    output_uri: str,
+    *,
+    resolution: int,
+    channels: int = 3,
+    labels_from_dirs: bool = True,
+    small: str = "skip",
+    batch_size: int | None = None,
+    endpoint_url: str | None = None,
+) -> dict:
+    """Preprocess every image under ``input_uri`` into shards under ``output_uri``; returns the manifest written.
+
+    ``small`` says what happens to an image whose shorter side is below ``resolution``: "skip" (reported in the
+    manifest) or "upscale". ``batch_size`` is the number of images per Ray task and per shard; by default about 8
+    tasks per CPU of the cluster, between 16 and 1,000 images each.
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be at least 1, got {resolution}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if small not in SMALL_POLICIES:
+        raise ValueError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
+    endpoint_url = storage.resolve_endpoint(endpoint_url)  # resolved once here, so every task uses the same one
+    settings = {"format_version": FORMAT_VERSION, "resolution": resolution, "channels": channels,
+                "labels_from_dirs": labels_from_dirs, "small": small}
+
+    # 1. Driver: list, and set aside what cannot be an image without reading it.
+    candidates, skipped = _triage(storage.list_files(input_uri, endpoint_url), _nested_prefix(output_uri, input_uri))
+    if not candidates:
+        raise UserError(f"no image files under {input_uri} ({len(skipped)} other objects)")
+    objects = len(candidates) + len(skipped)
+    class_names = sorted({key.split("/", 1)[0] for key in candidates if "/" in key}) if labels_from_dirs else []
+    class_ids = {name: i for i, name in enumerate(class_names)}
+    rows = [{"key": key, "label": class_ids.get(key.split("/", 1)[0], -1) if "/" in key else -1} for key in candidates]
+
+    # 2. Ray Data: a new generation of shards, next to whatever is committed now. The first write doubles as a
+    #    check that OUTPUT is writable, before any image is decoded.
+    run = uuid.uuid4().hex[:12]
+    generation, scratch_uri = f"data-{run}", storage.join(output_uri, f"_tmp-{run}")
+    generation_uri = storage.join(output_uri, generation)
+    storage.write_json(storage.join(scratch_uri, "started.json"), {"input": input_uri, **settings}, endpoint_url)
+    try:
+        task_kwargs = dict(input_uri=input_uri, report_uri=scratch_uri, endpoint_url=endpoint_url,
+                           resolution=resolution, channels=channels, upscale=small == "upscale")
+        _write_shards(rows, generation_uri, batch_size, task_kwargs)
+
+        # 3. Driver: what the tasks kept (from the shards themselves) and skipped (from their reports).
+        shards = sorted(storage.join(generation, e.key)
+                        for e in storage.list_files(generation_uri, endpoint_url) if e.key.endswith(".parquet"))
+        for report in storage.list_files(scratch_uri, endpoint_url):
+            if report.key.startswith("skipped-"):
+                skipped += storage.read_json(storage.join(scratch_uri, report.key), endpoint_url)
+        if not shards:  # Ray Data writes no file for a task that kept no row
+            raise UserError(f"no usable images under {input_uri}: all {objects} objects were skipped, "
+                            f"e.g. {skipped[0]['key']}: {skipped[0]['reason']}")
+
+        kept = _read_columns(output_uri, shards, ["key", "sha256", "label"], endpoint_url)
+
+        # 4. Commit: manifest.json names the new generation, in one atomic write.
+        labels = kept.column("label").to_numpy()
+        manifest = {
+            **settings,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": input_uri,
+            "image_shape": [resolution, resolution, channels],
+            "class_names": class_names,
+            "counts": {
+                "objects": objects,
+                "rows": kept.num_rows,
+                "skipped": len(skipped),
+                "per_class": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
+            },
+            "skipped": sorted(skipped, key=lambda s: s["key"]),
+            "fingerprint": fingerprint(zip(kept.column("key").to_pylist(), kept.column("sha256").to_pylist()), settings),
+            "shards": shards,
+        }
+        storage.write_json(storage.join(output_uri, MANIFEST), manifest, endpoint_url)
+    except BaseException:
+        _delete_quietly(generation_uri, endpoint_url)  # no manifest names it
+        raise
+    finally:
+        _delete_quietly(scratch_uri, endpoint_url)
+
+    # 5. Only now is the previous generation unreferenced: delete it, with any leftovers of crashed runs.
+    _delete_stale(output_uri, keep=generation, endpoint_url=endpoint_url)
+    return manifest
+
+
+def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None, task_kwargs: dict) -> None:
+    """Ray Data: (key, label) rows -> :func:`_prepare_batch` tasks -> Parquet shards under ``generation_uri``."""
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    init_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Enough tasks to keep every CPU busy and even out the last wave; each big enough that Ray's fixed cost per
+    # task (scheduling, a Parquet file) stays small next to ~1 ms of work per image.
+    per_task = batch_size or min(1000, max(16, math.ceil(len(rows) / (8 * cpus))))
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))  # one block per task
+    ds = ds.map_batches(_prepare_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=task_kwargs)
+    fs, path = storage.filesystem_for(generation_uri, task_kwargs["endpoint_url"])
+    with storage.user_errors(generation_uri, task_kwargs["endpoint_url"]):
+        ds.write_parquet(path, filesystem=fs)
+
+
+def _read_columns(output_uri: str, shards: list[str], columns: list[str], endpoint_url: str | None) -> pa.Table:
+    """Some columns of the listed shards (paths relative to ``output_uri``), read with pyarrow on this machine."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem_for(output_uri, endpoint_url)
+    with storage.user_errors(output_uri, endpoint_url):
+        dataset = pads.dataset([f"{root}/{s}" for s in shards], filesystem=fs, format="parquet")
+        return dataset.to_table(columns=columns)
+
+
+def _delete_quietly(uri: str, endpoint_url: str | None) -> None:
+    """Best-effort cleanup on the way out of a failure: never hides the error that is being raised."""
+    try:
+        storage.delete_prefix(uri, endpoint_url)
+    except UserError:
+        pass
+
+
+def _delete_stale(output_uri: str, *, keep: str, endpoint_url: str | None) -> None:
+    """After a commit: delete every generation and scratch prefix but ``keep`` (older runs, crashed runs).
+
+    Best effort: the run has succeeded whatever happens here, and the next run tries again.
+    """
+    try:
+        tops = {e.key.split("/", 1)[0] for e in storage.list_files(output_uri, endpoint_url) if "/" in e.key}
+    except UserError:
+        return
+    for top in sorted(tops):
+        if top != keep and top.startswith(("data-", "_tmp-")):
+            _delete_quietly(storage.join(output_uri, top), endpoint_url)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers: training and evaluation import these three
+
+
+def read_manifest(uri: str, *, endpoint_url: str | None = None) -> dict:
+    """The manifest of the preprocessed dataset at ``uri``; a UserError if there is none or its format is unknown."""
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path, endpoint_url):
+        raise UserError(f"no {MANIFEST} at {uri}: run ddpm preprocess first")
+    manifest = storage.read_json(path, endpoint_url)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+                        f"run ddpm preprocess again")
+    return manifest
+
+
+def load_dataset(uri: str, *, columns: Sequence[str] | None = None, endpoint_url: str | None = None) -> "ray.data.Dataset":
+    """The dataset at ``uri`` as a Ray Dataset, reading only the shards its manifest lists.
+
+    Columns: ``image`` as (H, W, C) uint8 tensors (batches come out as (B, H, W, C)), ``label`` int64, ``key`` and
+    ``sha256`` strings. Pass ``columns`` to read fewer, e.g. ``["image", "label"]`` for training.
+    """
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    fs, root = storage.filesystem_for(uri, endpoint_url)
+    init_ray()
+    ds = ray.data.read_parquet(
+        [f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs, columns=list(columns) if columns else None
+    )
+    if columns is None or "image" in columns:
+        ds = ds.map_batches(_image_tensors, batch_format="pyarrow", fn_kwargs={"shape": manifest["image_shape"]})
+    return ds
+
+
+def _image_tensors(batch: pa.Table, shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Ray Data map: the ``image`` column's bytes -> (B, H, W, C) uint8; other columns unchanged."""
+    out = {name: batch.column(name).to_numpy() for name in batch.column_names if name != "image"}
+    out["image"] = _images_from_arrow(batch.column("image"), shape)
+    return out
+
+
+def load_numpy(uri: str, *, endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A small dataset in memory without Ray: images (N, H, W, C) uint8 and labels (N,) int64, in shard order."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    table = _read_columns(uri, manifest["shards"], ["image", "label"], endpoint_url)
+    images = _images_from_arrow(table.column("image"), manifest["image_shape"]).copy()  # writable, own memory
+    return images, table.column("label").to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, metavar="URI", help="images: s3://bucket/prefix or a local folder")
+    parser.add_argument("--output", required=True, metavar="URI", help="where shards and manifest.json go")
+    parser.add_argument("--resolution", type=int, required=True, metavar="N", help="side of the square output images")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grey, 3 = RGB (default: 3)")
+    parser.add_argument("--labels-from-dirs", action=argparse.BooleanOptionalAction, default=True,
+                        help="label each image by its top-level folder (default: on)")
+    parser.add_argument("--small", choices=SMALL_POLICIES, default="skip",
+                        help="images smaller than the resolution: skip and report them, or upscale (default: skip)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="images per Ray task and per shard (default: about 8 tasks per CPU, at most 1000)")
+    parser.add_argument("--endpoint-url", default=None, metavar="URL",
+                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    manifest = preprocess(
+        args.input, args.output, resolution=args.resolution, channels=args.channels,
+        labels_from_dirs=args.labels_from_dirs, small=args.small, batch_size=args.batch_size,
+        endpoint_url=args.endpoint_url,
+    )
+    counts, (h, w, c) = manifest["counts"], manifest["image_shape"]
+    classes = f", {len(manifest['class_names'])} classes" if manifest["class_names"] else ""
+    print(f"wrote {counts['rows']} images ({h}x{w}x{c}{classes}) to {args.output} "
+          f"in {len(manifest['shards'])} shards; fingerprint {manifest['fingerprint'][:12]}")
+    if manifest["skipped"]:
+        print(f"skipped {counts['skipped']} objects (all listed in {MANIFEST}):")
+        for item in manifest["skipped"][:5]:
+            print(f"  {item['key']}: {item['reason']}")
+        if counts["skipped"] > 5:
+            print(f"  ... and {counts['skipped'] - 5} more")
+    return 0

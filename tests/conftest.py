@@ -1,0 +1,163 @@
+"""Shared fixtures: real components on 127.0.0.1, small sizes.
+
+- ``s3``: an S3 endpoint served by moto's ``ThreadedMotoServer`` (what Ray's own test suite uses).
+- ``ray_local``: a local Ray on 127.0.0.1 with 2 CPUs, started once and reused.
+- ``ray_two_nodes``: a ``ray.cluster_utils.Cluster`` with a head and one worker node, for the multi-node path.
+- ``mlflow_server``: a real ``mlflow server`` subprocess with a SQLite backend (it also serves the registry).
+
+The AWS variables are set when pytest starts, before any Ray process exists, so Ray workers inherit the endpoint
+and the (fake) credentials exactly as they would inherit a real cluster's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+
+
+def pytest_configure(config):
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+        AWS_ACCESS_KEY_ID="testing-key-id",
+        AWS_SECRET_ACCESS_KEY="testing-secret-key",
+        AWS_REGION="us-east-1",
+        AWS_DEFAULT_REGION="us-east-1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        MLFLOW_ENABLE_ASYNC_LOGGING="false",
+        # MLflow 3's server otherwise starts a job runner with a dozen huey consumers: CPU the tests need.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        GIT_PYTHON_REFRESH="quiet",
+    )
+    # Tests never touch the user's embedded MLflow store: each test that needs tracking gets a server or a tmp dir.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """Start moto's S3 server on 127.0.0.1 and return a boto3 client for it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    yield client
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """A fresh, empty bucket for one test; its name comes from the test's name."""
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:50].strip("-")
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def _start_local_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """A local single-node Ray on 127.0.0.1 (started on first use, shared by later tests)."""
+    yield _start_local_ray()
+
+
+@pytest.fixture
+def ray_two_nodes():
+    """A head node and a worker node on this machine (1 CPU each); shut down after the test."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200, at most ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException as exc:  # not up yet
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not come up in {timeout}s: {last}")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; ``stop``/``start`` simulate an outage."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_http(f"{self.uri}/health", timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
