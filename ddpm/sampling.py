@@ -88,13 +88,24 @@ def _predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale
     return uncond + guidance_scale * (cond - uncond)
 
 
-def _x0_eps(schedule, out, x, t, prediction_type, clip_x0):
-    """(x_0, eps) from the model's output; clipping x_0 to [-1, 1] recomputes eps so both stay consistent."""
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    x0, eps = schedule.to_x0_eps(out, x, tt, prediction_type)
+def _x0_eps(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str, clip_x0: bool):
+    """(x_0, eps) from the model's output at a step with alpha_bar = ``ab`` (one timestep for the whole batch).
+
+    The coefficients are Python floats, so a step costs no device-side table lookups or host-device syncs.
+    Clipping x_0 to [-1, 1] recomputes eps from it, so both stay consistent.
+    """
+    a, s = math.sqrt(ab), math.sqrt(1 - ab)
+    if prediction_type == "epsilon":
+        x0, eps = (x - s * out) / a, out
+    elif prediction_type == "sample":
+        x0, eps = out, (x - a * out) / s
+    elif prediction_type == "v_prediction":
+        x0, eps = a * x - s * out, s * x + a * out
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-        eps = schedule.eps_from_x0(x, tt, x0)
+        eps = (x - a * x0) / s
     return x0, eps
 
 
@@ -139,6 +150,9 @@ def sample(
         raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
     ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
     ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
+    if ab[ts[0]] == 0.0 and prediction_type == "epsilon":
+        raise ValueError("alpha_bar = 0 at the first step (zero terminal SNR): x_0 cannot be recovered from an "
+                         "eps prediction there; train with prediction_type 'v_prediction' or 'sample'")
     x = x_T.float()
     x0_prev, lambda_prev = None, None  # DPM-Solver++ history
 
@@ -146,7 +160,7 @@ def sample(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
         out = _predict(model, x, t, class_labels, guidance_scale)
-        x0, eps = _x0_eps(schedule, out, x, t, prediction_type, clip_x0)
+        x0, eps = _x0_eps(out, x, ab_t, prediction_type, clip_x0)
 
         if sampler == "ddpm":
             # Posterior q(x_prev | x_t, x_0) of the (possibly respaced) chain, beta' = 1 - ab_t / ab_prev:

@@ -174,3 +174,21 @@ def test_bad_settings_are_rejected(schedule, tiny):
         sample(tiny, schedule, x, eta=-1)
     with pytest.raises(ValueError, match="steps"):
         sample(tiny, schedule, x, steps=1001)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        sample(tiny, NoiseSchedule.linear(zero_terminal_snr=True), x, sampler="ddim", steps=5)
+
+
+def test_zero_terminal_snr_with_v_prediction_starts_from_pure_noise():
+    """At alpha_bar = 0, v = -x_0 and x_t = eps: the first step must use x_0 = -v exactly, without NaNs."""
+    schedule = NoiseSchedule.linear(zero_terminal_snr=True)
+
+    def v_model(x, t, y=None):  # the optimal v for data that is always 0.25: v = sqrt(ab) eps - sqrt(1 - ab) x_0
+        ab = schedule.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * 0.25) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * 0.25
+
+    x_T = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    for sampler in ("ddpm", "ddim", "dpm++"):
+        out = sample(v_model, schedule, x_T, sampler=sampler, steps=10, prediction_type="v_prediction",
+                     generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out, torch.full_like(out, 0.25), atol=1e-4, rtol=0)
