@@ -164,9 +164,10 @@ def _resolve_address(address: str | None) -> str:
 
 
 def _auth_headers() -> dict[str, str]:
-    """The cluster's token, found where Ray's own clients look: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+    """The cluster's token from where Ray's own clients look: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
 
-    Ray clusters require this token by default; a cluster without token authentication ignores the header.
+    Ray clusters can require this token on every API (Ray's token authentication); a cluster without it ignores
+    the header.
     """
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
@@ -229,7 +230,8 @@ def _follow(client, job_id: str) -> int:
     try:
         asyncio.run(stream())
     except KeyboardInterrupt:
-        print(f"ddpm submit: stopped following; job {job_id} keeps running (ddpm submit stop {job_id})", file=sys.stderr)
+        print(f"ddpm submit: stopped following; job {job_id} keeps running (ddpm submit stop {job_id})",
+              file=sys.stderr)
         return 130
     except RuntimeError as exc:  # the log stream broke; the job itself may be fine
         raise UserError(f"lost the log stream of job {job_id} ({exc}); check it with: ddpm submit status {job_id}")

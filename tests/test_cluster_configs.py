@@ -8,13 +8,15 @@
 - The embedded Serve config and runtime envs are parsed by Ray's own models.
 
 On top of the schemas, the properties the deployment relies on: a head that runs no work, GPU workers that scale
-from zero, images that match the Ray this project is tested with, and no dashboard open beyond loopback/ClusterIP.
+from zero, images that match the Ray this project is tested with, and Ray APIs that stay on loopback/ClusterIP
+and want the cluster's token.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
 import shlex
 from pathlib import Path
@@ -24,9 +26,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
-KUBERAY = {"RayJob": REPO / "deploy" / "kuberay" / "rayjob.yaml", "RayService": REPO / "deploy" / "kuberay" / "rayservice.yaml"}
+KUBERAY = {
+    "RayJob": REPO / "deploy" / "kuberay" / "rayjob.yaml",
+    "RayService": REPO / "deploy" / "kuberay" / "rayservice.yaml",
+}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
-NOT_SOURCE = {".venv", ".git", ".ddpm", "mlruns", "node_modules", ".pytest_cache"}
+NOT_SOURCE = {".venv", ".git", ".ddpm", "mlruns", "build", "node_modules", ".pytest_cache"}
 
 
 def _load(path: Path):
@@ -108,7 +113,6 @@ def test_gpu_workers_scale_from_zero(cluster):
         assert node_type["min_workers"] == 0, f"{name} keeps idle GPU nodes"
         assert node_type["max_workers"] >= 1
     assert 1 <= cluster["idle_timeout_minutes"] <= 30
-    assert sum(t["max_workers"] for t in workers.values()) >= cluster["max_workers"] >= 1
 
 
 def test_nodes_use_an_instance_profile_not_keys(cluster):

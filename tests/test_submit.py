@@ -43,8 +43,8 @@ def jobs_api(tmp_path_factory):
 
     Why not ``ray stop``: it kills every Ray process on the machine, including the session's ``ray.init`` and
     anyone else's cluster. Instead ``ray start --block`` stays in the foreground as the parent of the node's
-    processes; SIGTERM makes it shut down exactly the processes it started (GCS, raylet and, through the raylet,
-    the workers, dashboard) and exit. It runs in its own session, so a final SIGKILL to that process group can
+    processes; SIGTERM makes it shut down exactly the processes it started (GCS, dashboard, raylet and, through
+    the raylet, the workers) and exit. It runs in its own session, so a final SIGKILL to that process group can
     only reach what it spawned. Every port is chosen free, and a private ``--temp-dir`` keeps its sockets and
     session files apart (a short path under /tmp: Unix socket paths are limited to 107 bytes).
 
@@ -134,7 +134,8 @@ def _job_id(stderr: str) -> str:
 def test_job_succeeds_and_its_logs_come_back(jobs_api, tmp_path):
     """A real stage (``ddpm data``) runs as a job; its output streams back and its files land where it was told."""
     raw = tmp_path / "raw"
-    done = ddpm_submit(jobs_api, "--address", jobs_api.url, "--", "data", "digits", "--output", str(raw), "--limit", "20",
+    done = ddpm_submit(jobs_api, "--address", jobs_api.url, "--",
+                       "data", "digits", "--output", str(raw), "--limit", "20",
                        env={"MLFLOW_TRACKING_URI": "http://mlflow.example:5000"})
     assert done.returncode == 0, done.stderr
     assert f"wrote 20 PNG images in 10 class folders to {raw}" in done.stdout   # the job's output, streamed back
@@ -180,7 +181,8 @@ def test_no_wait_then_status_logs_and_stop(jobs_api):
     client, deadline = jobs_api.client(), time.monotonic() + 60
     while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
-    status = ddpm_submit(jobs_api, "--address", jobs_api.url, "status", job_id, env={"RAY_ADDRESS": "http://127.0.0.1:1"})
+    status = ddpm_submit(jobs_api, "--address", jobs_api.url, "status", job_id,
+                         env={"RAY_ADDRESS": "http://127.0.0.1:1"})
     assert status.stdout.strip() == f"{job_id} SUCCEEDED (exit code 0)", status.stderr
     assert "commands:" in ddpm_submit(jobs_api, "--address", jobs_api.url, "logs", job_id).stdout
     stop = ddpm_submit(jobs_api, "--address", jobs_api.url, "stop", job_id)
