@@ -3,11 +3,13 @@
     from ddpm import NoiseSchedule, UNet, sample
     schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     x_0 = sample(model, schedule, x_T, sampler="ddim", steps=50, eta=0.0, spacing="trailing", generator=g)
+    filled = inpaint(model, schedule, image, mask, sampler="ddpm", steps=250, resample_jumps=10, resample_times=10)
 """
 
 from . import checkpoint
 from .ema import EMA
 from .images import encode_png, from_uint8, make_grid, to_uint8
+from .inpainting import inpaint, outpaint_canvas
 from .losses import diffusion_loss
 from .metrics import frechet_distance, frechet_distance_features, precision_recall
 from .sampling import DEFAULT_STEPS, SAMPLERS, noise_from_seeds, sample, score, timesteps
@@ -17,6 +19,7 @@ from .unet import UNet, UNetConfig, count_parameters
 
 __all__ = [
     "EMA", "NoiseSchedule", "UNet", "UNetConfig", "DEFAULT_STEPS", "SAMPLERS", "checkpoint", "count_parameters",
-    "diffusion_loss", "encode_png", "frechet_distance", "frechet_distance_features", "from_uint8", "lr_at", "make_grid",
-    "noise_from_seeds", "precision_recall", "sample", "score", "timesteps", "to_uint8", "train_step",
+    "diffusion_loss", "encode_png", "frechet_distance", "frechet_distance_features", "from_uint8", "inpaint", "lr_at",
+    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "timesteps", "to_uint8",
+    "train_step",
 ]

@@ -3,7 +3,8 @@
 All three share one skeleton: walk a descending list of timesteps ``t_0 > t_1 > ... > t_{N-1}``, at each ``t_i``
 turn the model's output into (x_0, eps), then step to the *next timestep in the list* (or to clean data after the
 last one, where alpha_bar_prev = 1). The previous timestep always comes from the list, never from ``t - T // N``,
-so non-uniform spacings are exact.
+so non-uniform spacings are exact. Each sampler's update lives in one place, ``_step``, which inpainting
+(:mod:`ddpm.inpainting`) shares.
 
 Randomness: ``generator`` is one ``torch.Generator`` for the whole batch, or a list of generators, one per image.
 With a list, image ``i`` draws its starting noise and every step's noise from ``generator[i]`` alone, so an image
@@ -116,7 +117,73 @@ def score(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     return -eps / sigma.reshape(-1, *([1] * (eps.dim() - 1)))
 
 
-# -- the three samplers -------------------------------------------------------------------------------------------
+# -- the three samplers: one update each, one shared loop ---------------------------------------------------------
+def _lambda(ab: float) -> float:
+    """DPM-Solver's half log-SNR, lambda = log(alpha / sigma) with alpha = sqrt(ab), sigma = sqrt(1 - ab)."""
+    return 0.5 * (math.log(ab) - math.log1p(-ab)) if ab > 0 else -math.inf
+
+
+def _step(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float, *,
+          final: bool, eta: float = 0.0, variance: str = "fixed_small", generator: Generator = None,
+          history: tuple | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """One update of ``sampler`` from x_t (alpha_bar = ab_t) to the next listed timestep (alpha_bar = ab_prev).
+
+    x, x0, eps: (B, C, H, W), the current x_t and the model's (x_0, eps) at it. ``final``: the step to clean data
+    (ab_prev = 1, no noise added). ``history``: DPM-Solver++'s (x_0, lambda) from the previous step, None at the
+    first step (or after anything that breaks the trajectory, e.g. a RePaint jump: the update is then first order).
+    Returns (x_prev, history for the next step). :func:`sample` and :func:`ddpm.inpainting.inpaint` both step here.
+    """
+    if sampler == "ddpm":
+        # Posterior q(x_prev | x_t, x_0) of the (possibly respaced) chain, beta' = 1 - ab_t / ab_prev:
+        #   mean = sqrt(ab_prev) beta' / (1 - ab_t) x_0 + sqrt(1 - beta') (1 - ab_prev) / (1 - ab_t) x_t
+        beta = 1 - ab_t / ab_prev
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + (
+            math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x
+        var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
+        return (mean if final else mean + math.sqrt(var) * _randn(x.shape, generator, x.device)), None
+
+    if sampler == "ddim":
+        # DDIM eq. 12: x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
+        #   sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _randn(x.shape, generator, x.device)
+        return x, None
+
+    # dpm++: DPM-Solver++(2M), data prediction, in lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab).
+    lam = _lambda(ab_t)
+    if final:
+        return x0, (x0, lam)  # the last step goes to sigma = 0: first order lands exactly on the predicted x_0
+    h = _lambda(ab_prev) - lam
+    d = x0
+    if history is not None and math.isfinite(history[1]) and math.isfinite(h):
+        x0_prev, lambda_prev = history
+        r = (lam - lambda_prev) / h  # ratio of the previous step size to this one
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    # x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D
+    sigma_ratio = math.sqrt((1 - ab_prev) / (1 - ab_t))
+    exp_neg_h = math.exp(-h) if math.isfinite(h) else 0.0
+    return sigma_ratio * x + math.sqrt(ab_prev) * (1 - exp_neg_h) * d, (x0, lam)
+
+
+def _plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str, eta: float, variance: str,
+          prediction_type: str) -> tuple[list[int], list[float]]:
+    """Validate the shared settings; return the timesteps (descending) and alpha_bar as Python floats (float64)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
+    ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
+    ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
+    if ab[ts[0]] == 0.0 and prediction_type == "epsilon":
+        raise ValueError("alpha_bar = 0 at the first step (zero terminal SNR): x_0 cannot be recovered from an "
+                         "eps prediction there; train with prediction_type 'v_prediction' or 'sample'")
+    return ts, ab
+
+
 @torch.no_grad()
 def sample(
     model: Model,
@@ -142,61 +209,17 @@ def sample(
     deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
     steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
-    ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
-    ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
-    if ab[ts[0]] == 0.0 and prediction_type == "epsilon":
-        raise ValueError("alpha_bar = 0 at the first step (zero terminal SNR): x_0 cannot be recovered from an "
-                         "eps prediction there; train with prediction_type 'v_prediction' or 'sample'")
+    ts, ab = _plan(schedule, sampler, steps, spacing, eta, variance, prediction_type)
     x = x_T.float()
-    x0_prev, lambda_prev = None, None  # DPM-Solver++ history
+    history = None  # DPM-Solver++'s previous (x_0, lambda)
 
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
         out = _predict(model, x, t, class_labels, guidance_scale)
         x0, eps = _x0_eps(out, x, ab_t, prediction_type, clip_x0)
-
-        if sampler == "ddpm":
-            # Posterior q(x_prev | x_t, x_0) of the (possibly respaced) chain, beta' = 1 - ab_t / ab_prev:
-            #   mean = sqrt(ab_prev) beta' / (1 - ab_t) x_0 + sqrt(1 - beta') (1 - ab_prev) / (1 - ab_t) x_t
-            beta = 1 - ab_t / ab_prev
-            mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + (
-                math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x
-            var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
-            x = mean + math.sqrt(var) * _randn(x.shape, generator, x.device) if t_prev >= 0 else mean
-
-        elif sampler == "ddim":
-            # DDIM eq. 12: x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
-            #   sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
-            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
-            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
-            if sigma > 0:
-                x = x + sigma * _randn(x.shape, generator, x.device)
-
-        else:  # dpm++
-            # DPM-Solver++(2M), data prediction, in lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab).
-            if t_prev < 0:
-                x = x0  # the last step goes to sigma = 0: first order lands exactly on the predicted x_0
-            else:
-                lam = 0.5 * (math.log(ab_t) - math.log1p(-ab_t)) if ab_t > 0 else -math.inf
-                lam_next = 0.5 * (math.log(ab_prev) - math.log1p(-ab_prev))
-                h = lam_next - lam
-                d = x0
-                if x0_prev is not None and math.isfinite(lambda_prev) and math.isfinite(h):
-                    r = (lam - lambda_prev) / h  # ratio of the previous step size to this one
-                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-                # x_next = (sigma_next / sigma_t) x_t - alpha_next (e^{-h} - 1) D
-                sigma_ratio = math.sqrt((1 - ab_prev) / (1 - ab_t))
-                exp_neg_h = math.exp(-h) if math.isfinite(h) else 0.0
-                x = sigma_ratio * x + math.sqrt(ab_prev) * (1 - exp_neg_h) * d
-            x0_prev, lambda_prev = x0, (0.5 * (math.log(ab_t) - math.log1p(-ab_t)) if ab_t > 0 else -math.inf)
-
+        x, history = _step(sampler, x, x0, eps, ab_t, ab_prev, final=t_prev < 0, eta=eta, variance=variance,
+                           generator=generator, history=history)
         if callback is not None:
             callback(i, t, x)
     return x

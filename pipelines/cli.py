@@ -7,8 +7,8 @@ Each subcommand lives in its own module, which exposes::
     def main(args: argparse.Namespace) -> int   # validates, calls one library function, returns the exit code
 
 Only the chosen subcommand's module is imported, so ``ddpm --help`` stays fast and a subcommand pays only for
-the libraries it uses. ``serve`` and ``inpaint`` are loaded from ``deploy.cli`` by name: the CLI is the one place
-that composes the layers, while ``pipelines`` itself never imports ``deploy`` (see ARCHITECTURE.md, Layers).
+the libraries it uses. ``serve`` is loaded from ``deploy.cli`` by name: the CLI is the one place that composes the
+layers, while ``pipelines`` itself never imports ``deploy`` (see ARCHITECTURE.md, Layers).
 
 Failures print one line, ``ddpm <command>: error: <message>``, and exit 1; ``--verbose`` adds the traceback.
 """
@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train-local": "pipelines.train_local",
     "models": "pipelines.registry",
     "generate": "pipelines.generate",
+    "inpaint": "pipelines.inpaint",
     "evaluate": "pipelines.evaluate",
     "serve": "deploy.cli",
     "pipeline": "pipelines.pipeline",

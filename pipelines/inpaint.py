@@ -1,0 +1,167 @@
+"""``ddpm inpaint``: fill the white part of a mask with a model (RePaint), keeping every other pixel exactly.
+
+The library function is :func:`ddpm.inpaint`; this command reads the two images, checks them against the model
+and each other, and writes the result. Image and mask must have the model's size (``--resize`` stretches both to
+it, the mask with nearest-neighbour so it stays black and white); the image is converted to the model's channels
+(grey or RGB). One seed gives one result, the same on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.errors import UserError
+
+HELP = "fill the white part of a mask in an image with a model (RePaint inpainting/outpainting); the rest is kept"
+EXAMPLE = """example:
+  ddpm inpaint --model models:/digits@production --image digit.png --mask right-half.png --out filled.png
+  ddpm inpaint --model .ddpm/local/digits --image photo.png --mask hole.png --resize --seed 3 --out filled.png
+  ddpm inpaint --model models:/digits/3 --image digit.png --mask right-half.png --sampler ddpm --steps 250 \\
+      --resample-jumps 10 --resample-times 10 --class-label 7 --out seven.png
+
+The mask is a black-and-white image of the image's size: white (255) = generate, black (0) = keep.
+Outpainting: paste the image onto a canvas of the model's size and paint the new border white in the mask.
+More resampling (--resample-times) harmonises the filled region with the kept one, at that many times the cost.
+"""
+
+
+def read_image(path: str, mode: str):
+    """A PNG/JPEG/... file -> (H, W, C) uint8 in ``mode`` ("L" or "RGB"); transparency flattened onto white."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from pipelines.preprocess import _to_mode
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            pixels = np.array(_to_mode(img, mode), dtype=np.uint8)  # a writable copy
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
+
+
+def read_mask(path: str):
+    """A mask file -> (H, W) bool, True = generate. Must be black (0) and white (255) only, with some white."""
+    import numpy as np
+
+    levels = read_image(path, "L")[..., 0]  # (H, W) uint8
+    other = np.unique(levels[(levels != 0) & (levels != 255)])
+    if other.size:
+        raise UserError(f"{path}: the mask must be black (0 = keep) and white (255 = generate) only; found "
+                        f"{other.size} other grey level{'s' if other.size > 1 else ''} (e.g. {int(other[0])})")
+    generate = levels == 255
+    if not generate.any():
+        raise UserError(f"{path}: the mask is all black, so there is nothing to generate (white = generate)")
+    return generate
+
+
+def _fit(pixels, size: int, resample):
+    """(H, W, C) uint8 -> (size, size, C), stretched with PIL's ``resample`` filter."""
+    import numpy as np
+    from PIL import Image
+
+    channels = pixels.shape[2]
+    img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels).resize((size, size), resample)
+    return np.array(img, dtype=np.uint8).reshape(size, size, channels)
+
+
+def inpaint_image(loaded, image, generate, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+                  seed: int = 0, class_label: int | None = None, guidance_scale: float = 1.0,
+                  resample_jumps: int = 1, resample_times: int = 1, device: str = "cpu"):
+    """(H, W, C) uint8 image and (H, W) bool mask (True = generate) -> (H, W, C) uint8, with a
+    ``ddpm.checkpoint.LoadedModel``. The kept pixels come back bit for bit; ``seed`` alone decides the rest."""
+    import torch
+
+    from ddpm import from_uint8, inpaint, to_uint8
+
+    x = from_uint8(image[None]).to(device)  # (1, C, H, W) in [-1, 1]
+    mask = torch.as_tensor(generate, dtype=torch.float32, device=device)[None, None]  # (1, 1, H, W)
+    labels = torch.tensor([class_label], device=device) if class_label is not None else None
+    x_0 = inpaint(loaded.model.to(device), loaded.schedule, x, mask, sampler=sampler, steps=steps, eta=eta,
+                  prediction_type=loaded.prediction_type, class_labels=labels, guidance_scale=guidance_scale,
+                  resample_jumps=resample_jumps, resample_times=resample_times,
+                  generator=[torch.Generator().manual_seed(seed)])
+    return to_uint8(x_0)[0]  # (H, W, C)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ddpm import SAMPLERS
+
+    parser.add_argument("--model", required=True, metavar="URI",
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
+    parser.add_argument("--image", required=True, metavar="FILE", help="the image to complete (PNG, JPEG, ...)")
+    parser.add_argument("--mask", required=True, metavar="FILE",
+                        help="black-and-white image of the same size: white = generate, black = keep")
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the result (PNG)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
+    parser.add_argument("--steps", type=int, default=None, metavar="S",
+                        help="denoising steps (default: the sampler's, 1000/50/20 for ddpm/ddim/dpm++)")
+    parser.add_argument("--eta", type=float, default=0.0, metavar="E",
+                        help="DDIM noise: 0 = deterministic steps, 1 = DDPM-like (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default: 0)")
+    parser.add_argument("--class-label", type=int, default=None, metavar="C",
+                        help="class id for a class-conditional model (default: unconditional)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
+                        help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
+    parser.add_argument("--resample-jumps", type=int, default=1, metavar="J",
+                        help="RePaint's jump length j: how many steps each resampling goes back up (default: 1)")
+    parser.add_argument("--resample-times", type=int, default=10, metavar="R",
+                        help="RePaint's resampling count r; 1 = plain replacement, faster but biased toward "
+                             "the model's prior; cost is about R times the steps (default: 10)")
+    parser.add_argument("--resize", action="store_true",
+                        help="stretch image and mask to the model's size instead of rejecting another size")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow server for models:/ URIs (default: $MLFLOW_TRACKING_URI, else .ddpm/)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from ddpm import checkpoint, encode_png
+
+    from pipelines.registry import resolve_model
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: must end in .png")
+    if args.resample_jumps < 1 or args.resample_times < 1:
+        raise UserError("--resample-jumps and --resample-times must be at least 1")
+    resolved = resolve_model(args.model, args.tracking_uri)
+    loaded = checkpoint.load(resolved.path, device=args.device)
+    channels, size, _ = loaded.image_shape
+    num_classes = loaded.config.num_classes
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        raise UserError(f"--class-label {args.class_label}: the model has "
+                        f"{f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'}")
+
+    image = read_image(args.image, "L" if channels == 1 else "RGB")  # (H, W, C) uint8
+    generate = read_mask(args.mask)  # (H, W) bool
+    (h, w), (mh, mw) = image.shape[:2], generate.shape
+    if (mh, mw) != (h, w):
+        raise UserError(f"{args.mask}: the mask is {mw}x{mh} but the image {args.image} is {w}x{h}; they must match")
+    if (h, w) != (size, size):
+        if not args.resize:
+            raise UserError(f"{args.image}: the image is {w}x{h} but the model expects {size}x{size} "
+                            f"(pass --resize to stretch image and mask to it)")
+        image = _fit(image, size, Image.Resampling.LANCZOS)
+        generate = _fit(generate[..., None].astype("uint8") * 255, size, Image.Resampling.NEAREST)[..., 0] == 255
+        if not generate.any():
+            raise UserError(f"{args.mask}: no white pixel is left after resizing the mask to {size}x{size}")
+
+    try:
+        filled = inpaint_image(loaded, image, generate, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                               seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
+                               resample_jumps=args.resample_jumps, resample_times=args.resample_times,
+                               device=args.device)
+    except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps
+        raise UserError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_png(filled))
+    source = f"{resolved.name} version {resolved.version}" if resolved.name else str(resolved.path)
+    print(f"wrote {out} ({size}x{size}, {int(generate.sum())} of {size * size} pixels generated) from {source}")
+    return 0
