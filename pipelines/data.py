@@ -100,5 +100,5 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     n = write_digits(args.output, fmt=args.format, limit=args.limit, endpoint_url=args.endpoint_url)
-    print(f"wrote {n} {args.format.upper()} images in 10 class folders to {args.output}")
+    print(f"wrote {n} {args.format.upper()} images to {args.output}, one folder per class")
     return 0

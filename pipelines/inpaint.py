@@ -31,12 +31,12 @@ def read_image(path: str, mode: str):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from pipelines.preprocess import _to_mode
+    from pipelines.preprocess import to_mode
 
     try:
         with Image.open(path) as img:
             img.load()
-            pixels = np.array(_to_mode(img, mode), dtype=np.uint8)  # a writable copy
+            pixels = np.array(to_mode(img, mode), dtype=np.uint8)  # a writable copy
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:

@@ -79,7 +79,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 SMALL_POLICIES = ("skip", "upscale")
 
-# Reads in flight per task: enough to hide an object store's per-request latency, few enough to bound memory.
+# Pixels per task and per shard, at most (see _write_shards).
+_SHARD_BYTES = 64 * 2**20
+# Reads in flight per task on an object store: enough to hide the per-request latency, few enough to bound memory.
 _READ_AHEAD = 8
 # What Pillow raises for data it cannot decode (truncated, corrupt, or not an image at all).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
@@ -108,7 +110,7 @@ def prepare_image(data: bytes, resolution: int, channels: int, *, upscale: bool 
             # averaging downscale in the DCT domain that costs a fraction of a full decode. LANCZOS does the rest.
             img.draft(mode, (resolution, resolution))
             ImageOps.exif_transpose(img, in_place=True)  # phones store pictures sideways plus an EXIF rotation
-            img = _to_mode(img, mode)
+            img = to_mode(img, mode)
             w, h = img.size
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
@@ -118,11 +120,12 @@ def prepare_image(data: bytes, resolution: int, channels: int, *, upscale: bool 
     except Image.UnidentifiedImageError:
         raise UnusableImage("not a recognised image (PNG, JPEG, WebP, BMP or GIF)") from None
     except _DECODE_ERRORS as exc:
-        raise UnusableImage(f"corrupt image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        detail = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise UnusableImage(f"corrupt image ({detail})") from None
     return pixels.reshape(resolution, resolution, channels)
 
 
-def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """Convert to ``mode`` (L or RGB) without the two silent losses of a bare ``convert``.
 
     16-bit grey would be clipped at 255 (almost all white), so its top 8 bits are kept instead; transparent pixels
@@ -201,7 +204,10 @@ def _prepare_batch(
 
     images = np.empty((len(keys), resolution, resolution, channels), dtype=np.uint8)  # (B, H, W, C)
     kept, digests, skipped = [], [], []
-    for i, (data, digest) in enumerate(_read_ahead(read, keys)):
+    # An object store answers each GET after a network round trip, so reads run ahead on threads; a local disk
+    # answers in microseconds, and there threads would only add their own cost (about 15% CPU per image).
+    reads = _read_ahead(read, keys) if input_uri.startswith("s3://") else map(read, keys)
+    for i, (data, digest) in enumerate(reads):
         try:
             images[len(kept)] = prepare_image(data, resolution, channels, upscale=upscale)
         except UnusableImage as exc:
@@ -213,12 +219,16 @@ def _prepare_batch(
     if skipped:
         name = hashlib.sha256(keys[0].encode()).hexdigest()[:16]
         storage.write_json(storage.join(report_uri, f"skipped-{name}.json"), skipped, endpoint_url)
+    n = len(kept)
     schema = shard_schema(resolution, channels)
-    image = pa.FixedSizeBinaryArray.from_buffers(schema.field("image").type, len(kept), [None, pa.py_buffer(images[: len(kept)])])
-    return pa.Table.from_arrays(
-        [image, pa.array(labels[kept], pa.int64()), pa.array([keys[i] for i in kept], pa.string()), pa.array(digests, pa.string())],
-        schema=schema,
-    )
+    pixels = pa.py_buffer(images[:n])  # the first n rows of a C-contiguous array: one buffer, no copy
+    columns = [
+        pa.FixedSizeBinaryArray.from_buffers(schema.field("image").type, n, [None, pixels]),
+        pa.array(labels[kept], pa.int64()),
+        pa.array([keys[i] for i in kept], pa.string()),
+        pa.array(digests, pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +256,8 @@ def _triage(entries: list[storage.FileEntry], exclude: str | None) -> tuple[list
             continue
         extension = posixpath.splitext(entry.key)[1].lower()
         if extension not in IMAGE_EXTENSIONS:
-            skipped.append({"key": entry.key, "reason": f"not an image file (extension {extension or 'none'!r})"})
+            what = f"{extension!r} extension" if extension else "no extension"
+            skipped.append({"key": entry.key, "reason": f"not an image file ({what})"})
         elif entry.size == 0:
             skipped.append({"key": entry.key, "reason": "empty object (0 bytes)"})
         else:
@@ -275,8 +286,8 @@ def preprocess(
     """Preprocess every image under ``input_uri`` into shards under ``output_uri``; returns the manifest written.
 
     ``small`` says what happens to an image whose shorter side is below ``resolution``: "skip" (reported in the
-    manifest) or "upscale". ``batch_size`` is the number of images per Ray task and per shard; by default about 8
-    tasks per CPU of the cluster, between 16 and 1,000 images each.
+    manifest) or "upscale". ``batch_size`` is the number of images per Ray task and per shard; by default about 4
+    tasks per CPU of the cluster and at most 64 MiB of pixels each.
     """
     if resolution < 1:
         raise ValueError(f"resolution must be at least 1, got {resolution}")
@@ -321,7 +332,8 @@ def preprocess(
         kept = _read_columns(output_uri, shards, ["key", "sha256", "label"], endpoint_url)
 
         # 4. Commit: manifest.json names the new generation, in one atomic write.
-        labels = kept.column("label").to_numpy()
+        labels = kept["label"].to_numpy()
+        per_class = np.bincount(labels[labels >= 0], minlength=len(class_names))  # (classes,)
         manifest = {
             **settings,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -332,10 +344,10 @@ def preprocess(
                 "objects": objects,
                 "rows": kept.num_rows,
                 "skipped": len(skipped),
-                "per_class": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
+                "per_class": dict(zip(class_names, per_class.tolist())),
             },
             "skipped": sorted(skipped, key=lambda s: s["key"]),
-            "fingerprint": fingerprint(zip(kept.column("key").to_pylist(), kept.column("sha256").to_pylist()), settings),
+            "fingerprint": fingerprint(zip(kept["key"].to_pylist(), kept["sha256"].to_pylist()), settings),
             "shards": shards,
         }
         storage.write_json(storage.join(output_uri, MANIFEST), manifest, endpoint_url)
@@ -358,9 +370,12 @@ def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None,
 
     init_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Enough tasks to keep every CPU busy and even out the last wave; each big enough that Ray's fixed cost per
-    # task (scheduling, a Parquet file) stays small next to ~1 ms of work per image.
-    per_task = batch_size or min(1000, max(16, math.ceil(len(rows) / (8 * cpus))))
+    # Few tasks: each leaves its worker idle for 0.1-0.3 s (submission, input fetch, block and file bookkeeping),
+    # which 4 tasks per CPU keep small while still evening out the last wave (benchmarks/RESULTS.md, Ingest). At
+    # most 64 MiB of pixels per task bounds a worker's memory and keeps shards at a size Parquet readers stream well.
+    pixels = task_kwargs["resolution"] ** 2 * task_kwargs["channels"]
+    balanced = max(16, math.ceil(len(rows) / (4 * cpus)))
+    per_task = batch_size or min(balanced, max(1, _SHARD_BYTES // pixels))
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))  # one block per task
     ds = ds.map_batches(_prepare_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=task_kwargs)
     fs, path = storage.filesystem_for(generation_uri, task_kwargs["endpoint_url"])
@@ -416,7 +431,9 @@ def read_manifest(uri: str, *, endpoint_url: str | None = None) -> dict:
     return manifest
 
 
-def load_dataset(uri: str, *, columns: Sequence[str] | None = None, endpoint_url: str | None = None) -> "ray.data.Dataset":
+def load_dataset(
+    uri: str, *, columns: Sequence[str] | None = None, endpoint_url: str | None = None
+) -> "ray.data.Dataset":
     """The dataset at ``uri`` as a Ray Dataset, reading only the shards its manifest lists.
 
     Columns: ``image`` as (H, W, C) uint8 tensors (batches come out as (B, H, W, C)), ``label`` int64, ``key`` and
@@ -466,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", choices=SMALL_POLICIES, default="skip",
                         help="images smaller than the resolution: skip and report them, or upscale (default: skip)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="images per Ray task and per shard (default: about 8 tasks per CPU, at most 1000)")
+                        help="images per Ray task and per shard (default: about 4 tasks per CPU, <= 64 MiB each)")
     parser.add_argument("--endpoint-url", default=None, metavar="URL",
                         help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
 

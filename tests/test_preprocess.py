@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import ray
 from PIL import Image
 
 from pipelines import cli, storage
@@ -30,7 +32,7 @@ from pipelines.preprocess import (
 EXPECTED_SKIPS = {
     "3/corrupt.png": "corrupt image",
     "5/empty.png": "empty object (0 bytes)",
-    "notes.txt": "not an image file (extension '.txt')",
+    "notes.txt": "not an image file ('.txt' extension)",
 }
 
 
@@ -53,8 +55,8 @@ def by_key(uri: str) -> dict[str, tuple[np.ndarray, int]]:
 @pytest.fixture(scope="module")
 def processed_s3(s3):
     """The raw set in a bucket, preprocessed once at 8x8 grey: (raw URI, output URI, source, manifest)."""
-    s3.create_bucket(Bucket="ingest")
-    raw, out = "s3://ingest/raw", "s3://ingest/processed"
+    s3.create_bucket(Bucket="preprocess-module")
+    raw, out = "s3://preprocess-module/raw", "s3://preprocess-module/processed"
     source = make_raw(raw)
     return raw, out, source, preprocess(raw, out, resolution=8, channels=1)
 
@@ -66,7 +68,7 @@ def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
         "per_class": {str(c): sum(label == c for _, label in source.values()) for c in range(10)},
     }
     assert manifest["class_names"] == [str(c) for c in range(10)] and manifest["image_shape"] == [8, 8, 1]
-    assert {s["key"]: s["reason"] for s in manifest["skipped"]}.keys() == EXPECTED_SKIPS.keys()
+    assert {s["key"] for s in manifest["skipped"]} == EXPECTED_SKIPS.keys()
     for item in manifest["skipped"]:
         assert item["reason"].startswith(EXPECTED_SKIPS[item["key"]])
     assert read_manifest(out) == manifest
@@ -86,9 +88,6 @@ def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
     assert sorted((int(label), image.tobytes()) for image, label in zip(images, labels)) == expected
 
     # Plain Ray Data reads the shards as they are: image is fixed-size binary of H*W*C bytes.
-    import pyarrow as pa
-    import ray
-
     fs, root = storage.filesystem_for(out)
     ds = ray.data.read_parquet([f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs)
     assert ds.count() == 60 and ds.schema().names == ["image", "label", "key", "sha256"]
@@ -96,11 +95,14 @@ def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
 
 
 def test_local_folder_gives_the_same_dataset(processed_s3, tmp_path, ray_local):
+    _, _, source, on_s3 = processed_s3
     make_raw(str(tmp_path / "raw"))
     manifest = preprocess(str(tmp_path / "raw"), str(tmp_path / "out"), resolution=8, channels=1)
-    assert manifest["fingerprint"] == processed_s3[3]["fingerprint"]  # keys are relative, bytes are the same
-    assert manifest["counts"] == processed_s3[3]["counts"]
-    assert {k: v[1] for k, v in by_key(str(tmp_path / "out")).items()} == {k: v[1] for k, v in processed_s3[2].items()}
+    assert manifest["fingerprint"] == on_s3["fingerprint"]  # keys are relative, and the bytes are the same
+    assert manifest["counts"] == on_s3["counts"] and manifest["skipped"] == on_s3["skipped"]
+    assert {key: label for key, (_, label) in by_key(str(tmp_path / "out")).items()} == {
+        key: label for key, (_, label) in source.items()
+    }
 
 
 def test_fingerprint_is_stable_and_follows_the_bytes(bucket, ray_local):
