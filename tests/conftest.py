@@ -75,6 +75,7 @@ def _start_local_ray():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster that `ray start` (the quickstart) left on this machine
             num_cpus=2,
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
