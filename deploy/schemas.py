@@ -73,6 +73,7 @@ class AppArgs(SamplerConfig):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="the window Serve averages ongoing requests over")
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)

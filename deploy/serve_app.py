@@ -14,11 +14,9 @@ application with :func:`build_app` (import path ``deploy.serve_app:build_app``).
 Three properties the design rests on:
 
 1. **An image depends only on its seed and settings.** Requests that share settings run as one call to the core's
-   pure ``ddpm.sample``, but every image draws its noise from its own generator (``ddpm.noise_from_seeds``), and every
-   forward pass runs exactly ``micro_batch`` rows, padding the last chunk. The fixed size matters: CPU (oneDNN, MKL)
-   and GPU kernels pick different algorithms for different batch sizes, so the same row computed in a batch of 1 and
-   in a batch of 5 differs in its last bits, and once in a while in a pixel. At one fixed size a row's result does
-   not depend on the other rows, so a request's PNG bytes are the same whether it ran alone or batched.
+   pure ``ddpm.sample``, each image with its own noise generator, and the network always runs at one fixed batch
+   shape (``micro_batch``), so a request's PNG bytes are the same whether it ran alone or batched
+   (``deploy.engine`` explains why the fixed shape is needed).
 2. **A model swap is one reference assignment.** Each batch reads ``self._served`` once and runs to the end on that
    immutable snapshot; a new version is loaded beside it and then assigned. In-flight requests finish on the weights
    they started with, the next batch gets the new ones, and no request waits for a load.
@@ -27,21 +25,19 @@ Three properties the design rests on:
    will run the batch. Every rejection is a 4xx that names the field.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Serve pickles the deployment classes by value, and FastAPI must
+# resolve the route annotations (GenerateRequest) from them at run time, not from strings.
 import asyncio
 import base64
-import contextlib
 import hmac
 import logging
 import os
 import secrets
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import numpy as np
-import torch
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
@@ -49,7 +45,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from ddpm import DEFAULT_STEPS, SAMPLERS, checkpoint, encode_png, make_grid, noise_from_seeds, sample, to_uint8
+from ddpm import DEFAULT_STEPS, encode_png, make_grid
+from deploy.engine import Generated, Job, Queued, Rejected, ServedModel, load_served, pick_device, run_batch
 from deploy.schemas import MAX_IMAGES, AppArgs, GenerateRequest, SamplerConfig
 
 log = logging.getLogger("ray.serve")
@@ -57,194 +54,66 @@ log = logging.getLogger("ray.serve")
 PUBLIC_PATHS = frozenset({"/healthz"})  # every other route needs the API key, when one is set
 
 
-# -- the work, as plain data ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Job:
-    """One request, with its defaults filled in, as the ingress sends it to a sampler replica."""
-
-    num_images: int
-    sampler: str
-    steps: int
-    eta: float
-    seed: int
-    class_label: int | None
-    guidance_scale: float
-
-    def seeds(self) -> list[int]:
-        """Image i's seed: (seed + i) mod 2^32."""
-        return [(self.seed + i) % 2**32 for i in range(self.num_images)]
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one call to ``ddpm.sample``.
-
-        The key holds every setting that ``sample`` takes once per batch: sampler, step count, eta, guidance scale
-        and the conditioning mode (class labels themselves are per image). A setting the sampler ignores is
-        normalized away (eta outside DDIM, guidance without labels) so that it does not split batches for nothing.
-        """
-        conditional = self.class_label is not None
-        return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0,
-                self.guidance_scale if conditional else 1.0, conditional)
-
-
-@dataclass(frozen=True)
-class Queued:
-    """A job and when its replica received it (``time.monotonic``), to report the time it spent queued."""
-
-    job: Job
-    received: float
-
-
-@dataclass(frozen=True)
-class Generated:
-    images: np.ndarray  # (N, H, W, C) uint8
-    seeds: list[int]
-    model: dict  # name, version, alias of the weights that made the images
-    timings_ms: dict
-    batch: dict  # requests and images that shared the forward passes
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A request that cannot run on this model; the ingress turns it into a 422 naming ``field``."""
-
-    field: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """An immutable snapshot of what a replica serves: replaced as a whole, never modified."""
-
-    loaded: checkpoint.LoadedModel  # EMA weights, eval mode, on ``device``
-    device: torch.device
-    name: str | None
-    version: str | None
-    alias: str | None
-
-    def identity(self) -> dict:
-        return {"name": self.name, "version": self.version, "alias": self.alias}
-
-    def describe(self) -> dict:
-        c = self.loaded.config
-        classes = self.loaded.class_names or [str(i) for i in range(c.num_classes)]
-        return self.identity() | {
-            "resolution": c.image_size, "channels": c.in_channels, "num_classes": c.num_classes, "classes": classes,
-            "samplers": list(SAMPLERS), "default_steps": dict(DEFAULT_STEPS),
-            "num_timesteps": self.loaded.schedule.num_timesteps, "prediction_type": self.loaded.prediction_type,
-            "max_num_images": MAX_IMAGES, "device": str(self.device),
-        }
-
-
-# -- the engine: pure PyTorch, no Ray -------------------------------------------------------------------------------
-def load_served(uri: str, tracking_uri: str | None, device: torch.device) -> ServedModel:
-    """Resolve ``uri`` (registry alias or version, or a checkpoint folder) and load its EMA weights onto ``device``."""
-    from pipelines.registry import resolve_model  # MLflow is imported only when a replica loads a model
-
-    resolved = resolve_model(uri, tracking_uri=tracking_uri)
-    loaded = checkpoint.load(resolved.path, device=device, weights="ema")
-    return ServedModel(loaded, device, resolved.name, resolved.version, resolved.alias)
-
-
-def fixed_size_forward(model: torch.nn.Module, size: int):
-    """``model`` as a callable that always runs exactly ``size`` rows at a time, padding the last chunk.
-
-    This is what makes batching invisible in the output (see the module docstring, point 1): with the shape fixed,
-    each row goes through the same kernels whatever the other rows are, so it comes out bit-identical.
-    """
-
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        outputs = []
-        for start in range(0, x.shape[0], size):
-            n = min(size, x.shape[0] - start)
-            # Fresh, padded buffers every time: same shape, same strides, same alignment for every chunk.
-            xs = x.new_zeros((size, *x.shape[1:]))
-            xs[:n] = x[start:start + n]
-            ts = t.new_full((size,), int(t[start]))  # samplers run one timestep for the whole batch
-            ts[:n] = t[start:start + n]
-            if y is None:
-                out = model(xs, ts)
-            else:
-                ys = y.new_full((size,), -1)  # padding rows take the null class
-                ys[:n] = y[start:start + n]
-                out = model(xs, ts, ys)
-            outputs.append(out[:n])
-        return torch.cat(outputs)
-
-    return forward
-
-
-def check(job: Job, served: ServedModel) -> Rejected | None:
-    """What a valid body can still get wrong about this particular model."""
-    cfg, T = served.loaded.config, served.loaded.schedule.num_timesteps
-    if job.steps > T:
-        return Rejected("steps", f"steps must be at most {T}, this model's number of timesteps; got {job.steps}")
-    if job.class_label is None:
-        if job.guidance_scale != 1.0:
-            return Rejected("guidance_scale", "guidance_scale applies only with a class_label")
-        return None
-    if cfg.num_classes == 0:
-        return Rejected("class_label", "this model is unconditional: send class_label null or leave it out")
-    if not 0 <= job.class_label < cfg.num_classes:
-        return Rejected("class_label", f"unknown class {job.class_label}; this model has classes "
-                                       f"0..{cfg.num_classes - 1} (see GET /v1/model)")
-    return None
-
-
-def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | None) -> list[np.ndarray]:
-    """Sample every job's images, one ``ddpm.sample`` call per group of jobs that share settings.
-
-    Returns one (num_images, H, W, C) uint8 array per job, in order.
-    """
-    loaded = served.loaded
-    model = loaded.model if micro_batch is None else fixed_size_forward(loaded.model, micro_batch)
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(job.batch_key(), []).append(i)
-
-    results: list[np.ndarray] = [None] * len(jobs)  # type: ignore[list-item]
-    for members in groups.values():
-        group = [jobs[i] for i in members]
-        settings = group[0]
-        # Noise: one CPU generator per image, seeded from the image's own seed.
-        seeds = [s for job in group for s in job.seeds()]
-        x_T, generators = noise_from_seeds(seeds, loaded.image_shape, served.device)  # (N, C, H, W)
-        labels = None
-        if settings.class_label is not None:
-            labels = torch.tensor([job.class_label for job in group for _ in range(job.num_images)], device=served.device)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if served.device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
-            x_0 = sample(model, loaded.schedule, x_T, sampler=settings.sampler, steps=settings.steps,
-                         eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
-                         guidance_scale=settings.guidance_scale, generator=generators)
-        images = to_uint8(x_0)  # (N, H, W, C)
-        offset = 0
-        for i, job in zip(members, group):
-            results[i] = images[offset:offset + job.num_images]
-            offset += job.num_images
-    return results
-
-
-def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None) -> list[Generated | Rejected]:
-    """Check each queued job against ``served``, then sample all the valid ones together."""
-    started = time.monotonic()
-    outcomes: list[Generated | Rejected | None] = [check(item.job, served) for item in items]
-    valid = [i for i, outcome in enumerate(outcomes) if outcome is None]
-    images = generate_images(served, [items[i].job for i in valid], micro_batch)
-    sample_ms = (time.monotonic() - started) * 1000
-    batch = {"requests": len(valid), "images": sum(items[i].job.num_images for i in valid)}
-    for i, imgs in zip(valid, images):
-        outcomes[i] = Generated(imgs, items[i].job.seeds(), served.identity(),
-                                {"queue": (started - items[i].received) * 1000, "sample": sample_ms}, batch)
-    return outcomes  # type: ignore[return-value]
+# -- the sampler deployment ---------------------------------------------------------------------------------------
+Outcome = Generated | Rejected
 
 
 def _count_images(items: list[Queued]) -> int:
-    """The size of a batch for @serve.batch: images, not requests (a request carries up to 64)."""
+    """The size of a batch: images, not requests (a request carries up to 64)."""
     return sum(item.job.num_images for item in items)
 
 
-# -- the sampler deployment ---------------------------------------------------------------------------------------
+class MergingRunner:
+    """Runs batches one at a time and merges every batch that queued up while the previous one ran.
+
+    ``@serve.batch`` gathers concurrent requests into batches, but in Ray 2.60 it closes each batch
+    ``batch_wait_timeout_s`` after its first request even while the previous batch is still running. Under load
+    that makes a row of small batches waiting their turn, and with a fixed forward size a small batch costs as much
+    as a full one. So batches are handed to this runner instead, which starts the next run the moment the last one
+    ends, with everything that waited meanwhile (whole batches, in arrival order, up to ``max_images``).
+    """
+
+    def __init__(self, run: Callable[[list[Queued]], Awaitable[list[Outcome]]], max_images: int):
+        self.run = run
+        self.max_images = max_images
+        self._waiting: deque[tuple[list[Queued], asyncio.Future]] = deque()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, batch: list[Queued]) -> list[Outcome]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((batch, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            taken, images = [], 0
+            while self._waiting:
+                batch, future = self._waiting[0]
+                if future.done():  # cancelled: its client went away while it waited
+                    self._waiting.popleft()
+                    continue
+                if taken and images + _count_images(batch) > self.max_images:
+                    break
+                taken.append(self._waiting.popleft())
+                images += _count_images(batch)
+            if not taken:
+                return
+            try:
+                outcomes = await self.run([item for batch, _ in taken for item in batch])
+            except Exception as exc:  # a failed run fails its own requests, not the runner
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for batch, future in taken:
+                if not future.done():
+                    future.set_result(outcomes[start:start + len(batch)])
+                start += len(batch)
+
+
 @serve.deployment(name="Sampler", max_ongoing_requests=64)
 class Sampler:
     """Holds one model on its device and samples for the ingress; configured through ``user_config``.
@@ -255,14 +124,12 @@ class Sampler:
     """
 
     def __init__(self):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels run to run
-            torch.backends.cudnn.deterministic = True
+        self.device = pick_device()
         self.config: SamplerConfig | None = None
         self._served: ServedModel | None = None
         self._load_lock = asyncio.Lock()  # one load at a time, so an older load never overwrites a newer one
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")  # keeps the event loop free
+        self._runner = MergingRunner(self._run, max_images=64)
         self._watcher: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -273,6 +140,7 @@ class Sampler:
         self.config = config
         self._batched.set_max_batch_size(config.max_batch_images)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._runner.max_images = config.max_batch_images
         if self._watcher is not None:
             self._watcher.cancel()
         served = self._served
@@ -306,17 +174,20 @@ class Sampler:
     async def model_info(self) -> dict:
         return self._served.describe()
 
-    async def generate(self, job: Job) -> Generated | Rejected:
+    async def generate(self, job: Job) -> Outcome:
         item = Queued(job, time.monotonic())
         if self.config.batching:
             return await self._batched(item)
         return (await self._run([item]))[0]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_count_images)
-    async def _batched(self, items: list[Queued]) -> list[Generated | Rejected]:
-        return await self._run(items)
+    # Up to 64 batches may be open at once (max_ongoing_requests bounds the requests anyway): they must reach the
+    # runner while it is busy, to be merged, instead of waiting in @serve.batch's own queue one at a time. (Serve
+    # logs a warning that 64 * 64 exceeds max_ongoing_requests; it counts max_batch_size in requests, here images.)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, max_concurrent_batches=64, batch_size_fn=_count_images)
+    async def _batched(self, items: list[Queued]) -> list[Outcome]:
+        return await self._runner.submit(items)
 
-    async def _run(self, items: list[Queued]) -> list[Generated | Rejected]:
+    async def _run(self, items: list[Queued]) -> list[Outcome]:
         served = self._served  # the snapshot this batch runs on to the end, whatever swaps happen meanwhile
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, run_batch, served, items, self.config.micro_batch)
@@ -332,12 +203,15 @@ api = FastAPI(
 def _route_path(request: Request) -> str:
     """The request's path inside the application, without the Serve route prefix."""
     path, root = request.scope["path"], request.scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 @api.middleware("http")
 async def require_api_key(request: Request, call_next):
-    """With an API key set, every route but /healthz needs ``Authorization: Bearer <key>`` (compared in constant time)."""
+    """With an API key set, every route but /healthz needs ``Authorization: Bearer <key>``, compared in constant
+    time so that response times leak nothing about the key."""
     key: SecretStr | None = getattr(request.app.state, "api_key", None)
     if key is not None and _route_path(request) not in PUBLIC_PATHS:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -347,9 +221,9 @@ async def require_api_key(request: Request, call_next):
     return await call_next(request)
 
 
-def _reject(field: str, message: str, status: int = 422) -> HTTPException:
-    """An error shaped like FastAPI's own validation errors, so clients parse one format."""
-    return HTTPException(status, detail=[{"type": "value_error", "loc": ["body", field], "msg": message}])
+def _reject(field: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, so clients parse one format."""
+    return HTTPException(422, detail=[{"type": "value_error", "loc": ["body", field], "msg": message}])
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -370,7 +244,7 @@ class Ingress:
 
     @api.get("/v1/model")
     async def model(self) -> dict:
-        return await self.sampler.model_info.remote() | {"max_cost": self.max_cost}
+        return await self.sampler.model_info.remote() | {"max_num_images": MAX_IMAGES, "max_cost": self.max_cost}
 
     @api.post("/generate")
     async def generate(self, body: GenerateRequest = Body(default_factory=GenerateRequest)) -> Response:
@@ -385,20 +259,17 @@ class Ingress:
         if isinstance(outcome, Rejected):
             raise _reject(outcome.field, outcome.message)
 
-        encode_started = time.monotonic()
         if body.output == "png":
-            content = encode_png(make_grid(outcome.images))
-        else:
-            encoded = [base64.b64encode(encode_png(image)).decode("ascii") for image in outcome.images]
+            headers = {"X-Seed": str(seed), "X-Batch-Requests": str(outcome.batch["requests"]),
+                       "X-Batch-Images": str(outcome.batch["images"])}
+            if outcome.model["version"] is not None:  # a checkpoint folder has no name or version
+                headers |= {"X-Model-Name": outcome.model["name"], "X-Model-Version": outcome.model["version"]}
+            return Response(encode_png(make_grid(outcome.images)), media_type="image/png", headers=headers)
+        encode_started = time.monotonic()
+        images = [base64.b64encode(encode_png(image)).decode("ascii") for image in outcome.images]
         done = time.monotonic()
         timings = outcome.timings_ms | {"encode": (done - encode_started) * 1000, "total": (done - started) * 1000}
-        if body.output == "png":
-            headers = {"X-Seed": str(seed), "X-Model-Name": str(outcome.model["name"]),
-                       "X-Model-Version": str(outcome.model["version"]),
-                       "X-Batch-Requests": str(outcome.batch["requests"]),
-                       "X-Batch-Images": str(outcome.batch["images"])}
-            return Response(content, media_type="image/png", headers=headers)
-        return JSONResponse({"images": encoded, "seeds": outcome.seeds, "model": outcome.model,
+        return JSONResponse({"images": images, "seeds": outcome.seeds, "model": outcome.model,
                              "timings_ms": {k: round(v, 2) for k, v in timings.items()}, "batch": outcome.batch})
 
 

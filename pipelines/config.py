@@ -1,10 +1,11 @@
 """Run configuration: YAML presets in ``configs/`` loaded into typed, frozen dataclasses.
 
-A file has three sections, each mapped onto one dataclass; an unknown key anywhere is an error that names it::
+A file has four sections, each mapped onto one dataclass; an unknown key anywhere is an error that names it::
 
     model:    {preset: digits, base_channels: 32, ...}     # -> ddpm.UNetConfig (preset first, then the fields)
     schedule: {kind: linear, num_timesteps: 1000, ...}     # -> ScheduleConfig
     train:    {batch_size: 128, lr: 2.0e-4, ...}           # -> TrainConfig
+    pipeline: {processed: s3://bucket/digits, ...}         # -> PipelineConfig (used by ddpm pipeline)
 
 Overrides use dotted keys, ``--set train.lr=1e-3 model.base_channels=64``, values parsed as YAML scalars.
 Lengths carry their unit in the name: ``total_images``, ``warmup_images``, ``checkpoint_every_images``.
@@ -78,17 +79,53 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """Where ``ddpm pipeline`` reads and writes (URIs: ``s3://bucket/prefix`` or local folders) and how it decides.
+
+    Relative local paths are taken from the current directory. ``raw`` may be ``digits``: the built-in dataset is
+    written to ``raw_output`` first (what the quickstart does).
+    """
+
+    raw: str = "digits"
+    raw_output: str = ".ddpm/data/digits-raw"
+    processed: str = ".ddpm/data/digits"
+    storage: str = ".ddpm/runs"
+    run_name: str = "digits"
+    register_as: str = "digits"
+    resolution: int = 16
+    channels: int = 1
+    small: str = "upscale"                # images below the resolution: "skip" or "upscale"
+    num_workers: int = 2
+    use_gpu: bool = False
+    experiment: str = "ddpm"
+    promote_to: str = "production"
+    gate_metric: str = "fd_cls"           # "fd_cls", or "fid" with inception_weights
+    inception_weights: str | None = None
+    eval_samples: int = 500
+    eval_sampler: str = "ddim"
+    eval_steps: int = 50
+    eval_seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     model: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "schedule": asdict(self.schedule), "train": asdict(self.train)}
+        return {"model": self.model.to_dict(), "schedule": asdict(self.schedule), "train": asdict(self.train),
+                "pipeline": asdict(self.pipeline)}
 
     def hash(self) -> str:
-        """A short, stable hash of the resolved config (for registry tags)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A short, stable hash of what defines the model (model, schedule, train), for registry tags.
+
+        The pipeline section (where data and runs live) is left out: the same recipe on a copy of the data in
+        another bucket is the same model.
+        """
+        recipe = {k: v for k, v in self.to_dict().items() if k != "pipeline"}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_num_classes(self, num_classes: int) -> "Config":
         return replace(self, model=replace(self.model, num_classes=num_classes))
@@ -128,9 +165,9 @@ def _strict(cls, values: dict, where: str):
 
 def from_dict(raw: dict, source: str = "config") -> Config:
     raw = dict(raw or {})
-    unknown = sorted(set(raw) - {"model", "schedule", "train"})
+    unknown = sorted(set(raw) - {"model", "schedule", "train", "pipeline"})
     if unknown:
-        raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, schedule, train")
+        raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, schedule, train, pipeline")
     model = dict(raw.get("model") or {})
     preset = model.pop("preset", None)
     base = UNetConfig.preset(preset).to_dict() if preset else {}
@@ -138,6 +175,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         model=_strict(UNetConfig, {**base, **model}, f"{source}: model"),
         schedule=_strict(ScheduleConfig, dict(raw.get("schedule") or {}), f"{source}: schedule"),
         train=_strict(TrainConfig, dict(raw.get("train") or {}), f"{source}: train"),
+        pipeline=_strict(PipelineConfig, dict(raw.get("pipeline") or {}), f"{source}: pipeline"),
     )
 
 

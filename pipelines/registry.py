@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,7 @@ def find_checkpoint(root: Path) -> Path:
     """The shallowest folder under ``root`` (``root`` included) holding a ``ddpm-checkpoint`` config.json.
 
     Covers a checkpoint folder itself, a training checkpoint (``model/`` inside) and a downloaded pyfunc model
-    (``artifacts/checkpoint/`` inside). Only JSON is read.
+    (``artifacts/<the logged folder's name>/`` inside). Only JSON is read.
     """
     from ddpm.checkpoint import CONFIG_FILE, FORMAT
 
@@ -116,15 +116,15 @@ def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> 
 
     import ddpm
 
+    _quiet()
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints.*")  # predict takes a dict of settings, not rows
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(_PYFUNC_MODEL),  # a model from code: MLflow copies the file, nothing is pickled
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
             code_paths=[str(Path(ddpm.__file__).parent)],  # the core travels with the model
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pydantic",
                               f"mlflow=={mlflow.__version__}"],
         )
     return info.model_uri
@@ -142,13 +142,7 @@ def register(model_uri: str, name: str, *, tags: dict[str, str], tracking_uri: s
 
 def find_version(name: str, tags: dict[str, str], tracking_uri: str) -> str | None:
     """The version of ``name`` carrying all of ``tags``, if one exists (makes registration idempotent)."""
-    from mlflow.exceptions import MlflowException
-
-    client = tracking.client(tracking_uri)
-    try:
-        versions = client.search_model_versions(f"name = '{_quote(name)}'")
-    except MlflowException:
-        return None
+    versions = tracking.client(tracking_uri).search_model_versions(f"name = '{_quote(name)}'")
     for v in versions:
         if all(v.tags.get(k) == str(val) for k, val in tags.items()):
             return str(v.version)
@@ -203,17 +197,17 @@ def _cache_dir(tracking_uri: str, name: str, version: str) -> Path:
 
 def _download(name: str, version: str, tracking_uri: str, cache: Path) -> None:
     """Download the version's artifacts into ``cache``, atomically: a temporary folder renamed into place."""
-    import os
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in CLI and Serve logs
+    _quiet()
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(staging),
-                                            tracking_uri=tracking_uri)
+        # The version's storage location, asked of this server: a models:/ URI would be resolved against
+        # MLflow's process-wide registry URI instead of ``tracking_uri``.
+        location = tracking.client(tracking_uri).get_model_version_download_uri(name, version)
+        mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging), tracking_uri=tracking_uri)
         find_checkpoint(staging)  # fail here, not in the caller, if the version holds no checkpoint
         staging.rename(cache)
     except MlflowException as exc:
@@ -223,6 +217,11 @@ def _download(name: str, version: str, tracking_uri: str, cache: Path) -> None:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quiet() -> None:
+    """No artifact progress bars: they fill CLI output, training logs and Serve logs with carriage returns."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _quote(name: str) -> str:
@@ -235,8 +234,6 @@ def _first_line(exc: Exception) -> str:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None, metavar="URI",
-                        help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     listing = actions.add_parser("list", help="registered models, or the versions of MODEL")
     listing.add_argument("model", nargs="?", help="a registered model's name")
@@ -244,6 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     promoting.add_argument("model", help="a registered model's name")
     promoting.add_argument("version", help="the version number to promote")
     promoting.add_argument("--alias", required=True, choices=ALIASES, help="the alias to set")
+    for action in (listing, promoting):
+        action.add_argument("--tracking-uri", default=None, metavar="URI",
+                            help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
 
 
 def main(args: argparse.Namespace) -> int:

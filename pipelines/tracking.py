@@ -44,7 +44,7 @@ def tracking_uri() -> str:
 
 
 def client(uri: str | None = None):
-    """An ``MlflowClient`` for ``uri`` (default: :func:`tracking_uri`); creates the embedded store's folder if needed."""
+    """An ``MlflowClient`` for ``uri`` (default: :func:`tracking_uri`); creates the embedded store's folder."""
     from mlflow import MlflowClient
 
     uri = uri or tracking_uri()
@@ -83,15 +83,13 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 def redact_uri(uri: str) -> str:
     """``uri`` without user info, query or fragment: where credentials and signed tokens hide in a URI.
 
-    ``s3://key:secret@bucket/x?X-Amz-Signature=...`` -> ``s3://bucket/x``. Plain paths come back unchanged.
+    ``https://user:secret@host/x?X-Amz-Signature=...`` -> ``https://host/x``; anything without them (a local path,
+    ``sqlite:///abs/path``) comes back unchanged.
     """
     parts = urlsplit(uri)
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
         return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, str]:
@@ -143,6 +141,7 @@ class RunLogger:
         self._outage_since: float | None = None
         self._closing = False  # close() called: deliver what is left, then stop
         self._abandoned = False  # close() gave up waiting: stop after the call in flight
+        self._in_flight: _Item | None = None  # taken off the queue, not yet delivered
         self._file_count = itertools.count()
         self._files = tempfile.TemporaryDirectory(prefix="ddpm-tracking-")
         self._cond = threading.Condition()
@@ -169,7 +168,12 @@ class RunLogger:
         self._put(_Item("file", local, directory, description=f"artifact {artifact_path}"))
 
     def close(self, timeout_s: float = 60.0) -> list[str]:
-        """Deliver what is queued (waiting at most ``timeout_s``), stop the thread; returns what was not logged."""
+        """Deliver what is queued (waiting at most ``timeout_s``), stop the thread; returns what was not logged.
+
+        A second call returns an empty list.
+        """
+        if self._abandoned:  # closed before
+            return []
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -177,7 +181,8 @@ class RunLogger:
         with self._cond:
             self._abandoned = True
             self._cond.notify()
-            lost = list(self._lost) + [f"{item.description} (server unreachable)" for item in self._pending]
+            unsent = list(self._pending) + ([self._in_flight] if self._in_flight is not None else [])
+            lost = list(self._lost) + [f"{item.description} (server unreachable)" for item in unsent]
             self._pending.clear()
         if self._dropped_metrics:
             lost.append(f"{self._dropped_metrics} metric batches dropped while the buffer was full")
@@ -204,12 +209,13 @@ class RunLogger:
                     self._cond.wait()
                 if not self._pending:
                     return
-                batch = self._take_batch()
+                batch = self._in_flight = self._take_batch()
             try:
                 self._send(batch)
             except Exception as exc:  # noqa: BLE001 - any failure of the client is handled the same way
                 if _rejected(exc):
                     self._lost.append(f"{batch.description} (rejected: {str(exc).splitlines()[0][:200]})")
+                    self._in_flight = None
                     continue
                 self._requeue(batch, exc)
                 with self._cond:
@@ -218,6 +224,7 @@ class RunLogger:
                     if self._abandoned:
                         return
                 continue
+            self._in_flight = None
             if self._outage_since is not None:
                 log.warning("MLflow: tracking server reachable again after %.0f s; delivering buffered logs",
                             time.monotonic() - self._outage_since)
@@ -229,7 +236,8 @@ class RunLogger:
         if item.kind != "metrics":
             return item
         metrics, steps = list(item.payload), [item.description]
-        while self._pending and self._pending[0].kind == "metrics" and len(metrics) + len(self._pending[0].payload) <= 1000:
+        while (self._pending and self._pending[0].kind == "metrics"
+               and len(metrics) + len(self._pending[0].payload) <= 1000):
             nxt = self._pending.popleft()
             metrics += nxt.payload
             steps.append(nxt.description)
@@ -238,7 +246,9 @@ class RunLogger:
 
     def _requeue(self, item: _Item, exc: Exception) -> None:
         with self._cond:
-            self._pending.appendleft(item)
+            if not self._abandoned:  # else close() has already counted it as lost
+                self._pending.appendleft(item)
+            self._in_flight = None
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warning("MLflow: cannot reach the tracking server at %s (%s); training goes on, logs are buffered "

@@ -1,0 +1,178 @@
+"""Quality ablation on scikit-learn's digits (16x16 grey): what gets FD-cls closest to its floor in 5 minutes?
+
+    python benchmarks/quality.py --threads 1                      # every run (skips runs already measured)
+    python benchmarks/quality.py --runs base,cosine --threads 1   # some of them
+    python benchmarks/quality.py --table                          # print the table from the saved results
+
+Each run trains with ``pipelines.train_local.train_local`` (one process, the step function the Ray loop uses) on
+the digits exactly as ``ddpm train-local`` reads them, then scores the EMA weights with ``pipelines.evaluate``:
+DDIM-50 (trailing spacing), n = 500 samples (seeds 0..499) against 500 train-half images, beside the floor of 500
+held-out images against the same 500 (FD-cls in the cached digits classifier's features).
+
+Fair under a shared, noisy CPU: a run's length is a fixed *compute budget*, not minutes. "5 minutes on the 2-core
+machine" is 300 s x 432 images/s x 0.38 GFLOP/image (FACTS.md: a 1.1M U-Net's training step measured at 432
+images/s on the quiet machine, 0.38 GFLOP/image by ``torch.utils.flop_counter``) = 49.2 TFLOP; a run trains on
+49.2 TFLOP / (its own model's GFLOP per image) images, rounded to whole batches. Wall-clock and CPU seconds are
+printed too, but they depend on what else the machine was doing.
+
+Results (and checkpoints) go to ``--out`` (default ``.ddpm/quality``), one folder per run; a run whose
+``result.json`` exists is not trained again unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+BUDGET_GFLOP = 300 * 432 * 0.38  # 5 minutes of the quiet 2-core machine, in training FLOPs
+NUM_SAMPLES = 500
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+# The textbook recipe: the project's digits U-Net, DDPM's linear schedule, eps-prediction with L_simple,
+# AdamW at 1e-3 after a 50-step warm-up, constant, batch 128, EMA 0.999 with the (1+k)/(10+k) warm-up.
+TEXTBOOK = {
+    "model": {"preset": "digits"},
+    "schedule": {"kind": "linear", "num_timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02},
+    "train": {"batch_size": 128, "lr": 1.0e-3, "lr_decay": "constant", "warmup_images": 6400, "optimizer": "adamw",
+              "grad_clip": 1.0, "ema_decay": 0.999, "ema_warmup": True, "prediction_type": "epsilon",
+              "min_snr_gamma": None, "class_conditional": False, "random_flip": False, "log_every_steps": 100},
+}
+
+# name -> (what changes, overrides on TEXTBOOK). Each run keeps the best changes before it (a greedy forward
+# selection: with one run per idea there is no budget for a full grid) and lists all of its overrides, so it
+# reproduces on its own. "digits.yaml" is the tuned preset as shipped (TEXTBOOK is not applied to it).
+COSINE = ["train.lr_decay=cosine"]
+COND = COSINE + ["train.class_conditional=true"]
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "base": ("textbook recipe", []),
+    "cosine": ("+ cosine LR decay to 0", COSINE),
+    "cond": ("+ class-conditional (label dropout 0.1)", COND),
+    "minsnr": ("+ min-SNR-5 loss weighting", COND + ["train.min_snr_gamma=5"]),
+    "vpred": ("+ v-prediction", COND + ["train.prediction_type=v_prediction"]),
+    "small": ("+ 1 residual block per level (1.11M): 1.47x the images", COND + ["model.num_res_blocks=1"]),
+    "batch256": ("+ batch 256 at lr 2e-3", COND + ["train.batch_size=256", "train.lr=2e-3"]),
+    "digits.yaml": ("configs/digits.yaml as shipped", []),
+}
+GUIDANCE = (1.0, 2.0)  # evaluated for class-conditional runs; 1 is the plain conditional model
+
+
+def build_config(name: str, overrides: list[str]):
+    """(the run's Config with its compute-matched ``total_images``, its GFLOP per training image)."""
+    import yaml
+
+    from pipelines.config import apply_overrides, from_dict
+
+    raw = yaml.safe_load(CONFIG.read_text()) if name == "digits.yaml" else TEXTBOOK
+    raw = apply_overrides(raw, overrides)
+    config = from_dict(raw, name)
+    batch = config.train.batch_size
+    gflop = gflop_per_image(config)
+    total = int(BUDGET_GFLOP / gflop // batch * batch)
+    return from_dict(apply_overrides(raw, [f"train.total_images={total}"]), name), gflop
+
+
+def gflop_per_image(config) -> float:
+    """Training FLOPs (forward + backward) per image of one L_simple step, by torch.utils.flop_counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm import UNet, diffusion_loss
+
+    model_cfg = config.with_num_classes(10).model if config.train.class_conditional else config.model
+    net, schedule = UNet(model_cfg), config.schedule.build()
+    x = torch.zeros(8, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    y = torch.zeros(8, dtype=torch.long) if config.train.class_conditional else None
+    with FlopCounterMode(display=False) as counter:
+        diffusion_loss(net, schedule, x, class_labels=y, prediction_type=config.train.prediction_type).backward()
+    return counter.get_total_flops() / 8 / 1e9
+
+
+def run(name: str, out: Path, reference, images, labels) -> dict:
+    import torch
+
+    from ddpm import checkpoint, count_parameters
+    from pipelines.evaluate import EvalSettings, evaluate_model
+    from pipelines.train_local import train_local
+
+    description, overrides = RUNS[name]
+    config, gflop = build_config(name, overrides)
+    print(f"== {name}: {description}; {config.train.total_images:,} images", flush=True)
+    cpu, wall = time.process_time(), time.monotonic()
+    trained = train_local(config, images, labels, out_dir=out / name / "checkpoint",
+                          class_names=[str(i) for i in range(10)], log=lambda line: print(f"  {line}", flush=True))
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    result = {"name": name, "description": description, "overrides": overrides,
+              "total_images": config.train.total_images, "gflop_per_image": gflop,
+              "train_cpu_s": cpu, "train_wall_s": wall, "threads": torch.get_num_threads(),
+              "last_loss": trained.last_loss, "evaluations": []}
+    for weights in ("ema", "model") if name == "base" else ("ema",):
+        loaded = checkpoint.load(trained.checkpoint, weights=weights)
+        result["params"] = count_parameters(loaded.model)
+        for w in GUIDANCE if loaded.config.num_classes else (1.0,):
+            settings = EvalSettings(num_samples=NUM_SAMPLES, sampler="ddim", steps=50, guidance_scale=w,
+                                    weights=weights)
+            e = evaluate_model(loaded, reference, settings, log=lambda line: print(f"  {line}", flush=True))
+            result["evaluations"].append({"weights": weights, "guidance_scale": w, **e.metrics})
+    (out / name / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| run | change | params | GFLOP/img | images | weights, guidance | FD-cls | ratio to floor | "
+             "precision | recall | train CPU s | train wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for e in r["evaluations"]:
+            lines.append(
+                f"| {r['name']} | {r['description']} | {r['params'] / 1e6:.2f}M | {r['gflop_per_image']:.3f} | "
+                f"{r['total_images']:,} | {e['weights'].upper()}, w={e['guidance_scale']:g} | {e['fd_cls']:.3f} | "
+                f"{e['fd_cls_ratio']:.2f} | {e['precision']:.3f} | {e['recall']:.3f} | {r['train_cpu_s']:.0f} | "
+                f"{r['train_wall_s']:.0f} |")
+    if results:
+        e = results[0]["evaluations"][0]
+        lines.append(f"\nFloor (held-out vs train, n={NUM_SAMPLES}): FD-cls {e['fd_cls_floor']:.3f}, precision "
+                     f"{e['precision_floor']:.3f}, recall {e['recall_floor']:.3f}; classifier held-out accuracy "
+                     f"{e['classifier_accuracy']:.3f}.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    parser.add_argument("--out", default=".ddpm/quality", help="results and checkpoints (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="train runs again even if they have results")
+    parser.add_argument("--table", action="store_true", help="only print the table of saved results")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    out = Path(args.out)
+    saved = {n: json.loads((out / n / "result.json").read_text()) for n in names
+             if (out / n / "result.json").is_file()}
+    if not args.table:
+        import torch
+
+        from pipelines.evaluate import load_data, prepare_reference
+        from pipelines.train_local import digits_dataset
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        reference = prepare_reference(*load_data("digits", 16), num_samples=NUM_SAMPLES)
+        images, labels = digits_dataset(16)  # float, as train-local trains on them
+        for n in names:
+            if n not in saved or args.force:
+                saved[n] = run(n, out, reference, images, labels)
+    print(table([saved[n] for n in names if n in saved]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

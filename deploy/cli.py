@@ -1,0 +1,140 @@
+"""``ddpm serve``: run the sampling endpoint (``deploy.serve_app``) on Ray Serve, locally or on the cluster in
+``RAY_ADDRESS``.
+
+Every flag maps to one argument of ``deploy.serve_app:build_app``, so this command and ``serve deploy
+deploy/serve_config.yaml`` build the same application. Ray and Serve are imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+HELP = "serve a model over HTTP with Ray Serve (POST /generate: PNG grid or JSON of base64 PNGs)"
+EXAMPLE = """example:
+  ddpm serve --model models:/digits@production --blocking
+  ddpm serve --model .ddpm/local/digits --port 8080 --max-replicas 2 --blocking
+  DDPM_API_KEY=change-me ddpm serve --model models:/digits/3 --num-gpus 1 --blocking
+
+  curl -s -X POST http://127.0.0.1:8000/generate -H 'Content-Type: application/json' \\
+       -d '{"num_images": 16, "sampler": "ddim", "steps": 50, "seed": 0}' -o grid.png
+
+With a local Ray (RAY_ADDRESS unset) the server lives as long as this command. On a cluster, leave out
+--blocking to deploy and return; the application keeps running until `serve shutdown`.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="URI",
+                       help="models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, or a checkpoint folder")
+    model.add_argument("--tracking-uri", default=None, metavar="URI",
+                       help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
+    model.add_argument("--poll-interval-s", type=float, default=30.0,
+                       help="how often replicas check where the alias points (0: never) [%(default)s]")
+
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind [%(default)s]")
+    http.add_argument("--port", type=int, default=8000, help="[%(default)s]")
+    http.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' on every route but /healthz (default: $DDPM_API_KEY)")
+    http.add_argument("--max-cost", type=int, default=20_000,
+                      help="the largest num_images * steps one request may ask for [%(default)s]")
+    http.add_argument("--name", default="ddpm", help="the Serve application's name [%(default)s]")
+
+    batching = parser.add_argument_group("batching")
+    batching.add_argument("--no-batching", dest="batching", action="store_false",
+                          help="run each request on its own (no @serve.batch)")
+    batching.add_argument("--max-batch-images", type=int, default=64,
+                          help="images per batch, across requests [%(default)s]")
+    batching.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+                          help="how long a batch waits to fill up [%(default)s]")
+    batching.add_argument("--micro-batch", type=int, default=16,
+                          help="images per forward pass, fixed so that batching never changes an image; "
+                               "0: each request's own size, only with --no-batching [%(default)s]")
+
+    scaling = parser.add_argument_group("sampler replicas")
+    scaling.add_argument("--min-replicas", type=int, default=1, help="[%(default)s]")
+    scaling.add_argument("--max-replicas", type=int, default=1, help="[%(default)s]")
+    scaling.add_argument("--target-ongoing-requests", type=float, default=16,
+                         help="queued + running requests per replica that autoscaling aims for [%(default)s]")
+    scaling.add_argument("--upscale-delay-s", type=float, default=10.0, help="[%(default)s]")
+    scaling.add_argument("--downscale-delay-s", type=float, default=300.0, help="[%(default)s]")
+    scaling.add_argument("--max-ongoing-requests", type=int, default=64,
+                         help="requests a replica accepts at once; at least what one batch holds [%(default)s]")
+    scaling.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica [%(default)s]")
+    scaling.add_argument("--num-gpus", type=float, default=0.0,
+                         help="GPUs per replica; > 0 samples on the GPU in bf16 [%(default)s]")
+
+    parser.add_argument("--blocking", action="store_true",
+                        help="stay in the foreground until Ctrl-C, then shut Serve down")
+
+
+def app_args(args: argparse.Namespace) -> dict:
+    """The ``build_app`` arguments for these flags (the API key only when one was given)."""
+    out = {
+        "model_uri": args.model, "tracking_uri": args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        "poll_interval_s": args.poll_interval_s, "max_cost": args.max_cost,
+        "batching": args.batching, "max_batch_images": args.max_batch_images,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s, "micro_batch": args.micro_batch or None,
+        "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests, "upscale_delay_s": args.upscale_delay_s,
+        "downscale_delay_s": args.downscale_delay_s, "max_ongoing_requests": args.max_ongoing_requests,
+        "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+    }
+    api_key = args.api_key or os.environ.get("DDPM_API_KEY")
+    if api_key:
+        out["api_key"] = api_key
+    return out
+
+
+def _connect_ray() -> bool:
+    """Join ``RAY_ADDRESS``, or start a local Ray on 127.0.0.1; True when this process started Ray itself.
+
+    ``address="local"`` keeps ``ray.init`` from silently joining a cluster that ``ray start`` left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return False
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from ray import serve
+
+    from deploy.serve_app import build_app
+
+    try:
+        app = build_app(app_args(args))  # validates every argument before Ray starts
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
+                                   for e in exc.errors())) from None
+    if not os.environ.get("RAY_ADDRESS"):
+        # Local replicas share this machine's model cache: resolving here first turns a bad URI into one clear line
+        # (Serve would only report that the deployment failed) and leaves the download in the cache for them.
+        from pipelines.registry import resolve_model
+
+        resolve_model(args.model, tracking_uri=args.tracking_uri)
+    started_ray = _connect_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name=args.name, route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {args.model} at {url}  (POST {url}/generate, GET {url}/v1/model, GET {url}/healthz)")
+    if not (args.blocking or started_ray):
+        return 0
+    if not args.blocking:
+        print("Ray was started by this command, so the server stops with it; press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("shutting down")
+        serve.shutdown()
+    return 0

@@ -1,0 +1,239 @@
+"""Evaluation: FD-cls and its floor, precision/recall in classifier features, FID's extractor contract, the sampler
+report, the CLI, and the promotion gate (as a pure rule and against a real MLflow server).
+
+Everything runs at 8x8 (scikit-learn's digits at their native size) with a tiny U-Net and a few dozen samples: what
+is under test is the measurement, not the quality of an untrained model. The FD formula itself is tested in
+test_core_parts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
+from ddpm.metrics import frechet_distance_features, precision_recall
+from pipelines import cli
+from pipelines.evaluate import (REPORT_ROWS, EvalSettings, InceptionFeatures, evaluate_model, load_data,
+                                prepare_reference, sampler_report)
+from pipelines.gate import decide_promotion, evaluate_and_gate
+
+N = 50  # samples per set: small, yet enough for FD to separate what it must
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ddpm_home(tmp_path_factory):
+    """One private DDPM_HOME for the module: the classifier is trained once, then read from its cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("ddpm-home")
+        mp.setenv("DDPM_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors here are tiny: a thread pool's synchronisation would cost more than the work (far more on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", 8)  # (1797, 8, 8, 1) uint8, (1797,) labels
+
+
+@pytest.fixture(scope="module")
+def reference(digits):
+    return prepare_reference(*digits, num_samples=N, log=lambda _: None)
+
+
+def tiny_checkpoint(path: Path, seed: int, num_classes: int = 0) -> Path:
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig.preset("tiny", num_classes=num_classes))
+    return checkpoint.save(path, net, NoiseSchedule.linear(1000), class_names=[str(i) for i in range(num_classes)])
+
+
+# -- FD-cls and precision/recall --------------------------------------------------------------------------------
+def test_fd_cls_separates_noise_from_digits_and_real_from_real_by_little(digits, reference, ddpm_home):
+    images, _ = digits
+    extract = reference.extractors["fd_cls"]
+    assert list((ddpm_home / "classifiers").glob("*.safetensors")) and reference.classifier_accuracy > 0.9
+
+    noise = np.random.default_rng(0).integers(0, 256, size=(N, 8, 8, 1), dtype=np.uint8)
+    fd_noise = frechet_distance_features(extract(noise), reference.reference["fd_cls"])
+    # Real vs real, other images than the floor's: held-out rows N..2N against the same train reference.
+    from pipelines.classifier import split
+
+    _, held_out = split(len(images))
+    fd_real = frechet_distance_features(extract(images[held_out[N:2 * N]]), reference.reference["fd_cls"])
+    floor = reference.floors["fd_cls"]
+    assert fd_noise > 10 * floor
+    assert 0.5 * floor < fd_real < 2 * floor
+
+
+def test_precision_recall_in_classifier_features_see_mode_collapse(digits, reference):
+    images, labels = digits
+    extract, real = reference.extractors["fd_cls"], reference.reference["fd_cls"]
+    zeros_only = extract(images[labels == 0][:N])  # a generator that draws one class: precise, little recall
+    p, r = precision_recall(real, zeros_only)
+    assert p > 0.7 and r < 0.3
+    assert reference.floor_precision > 0.7 and reference.floor_recall > 0.7  # fresh real images: both high
+
+
+def test_classifier_cache_is_reused_and_needs_labels(digits):
+    from pipelines import classifier
+    from pipelines.errors import UserError
+
+    images, labels = digits
+    logged = []
+    again = classifier.load_or_train(images, labels, log=logged.append)
+    assert logged and logged[0].startswith("[classifier] cached")
+    assert again.key.endswith(classifier.recipe_hash())
+    with pytest.raises(UserError, match="label for every image"):
+        classifier.load_or_train(images[:100], np.full(100, -1))
+
+
+# -- evaluating a model -------------------------------------------------------------------------------------------
+def test_evaluate_model_names_its_numbers_and_depends_only_on_seeds(tmp_path, reference):
+    loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0, num_classes=10))
+    settings = EvalSettings(num_samples=N, sampler="ddim", steps=5)
+    e = evaluate_model(loaded, reference, settings, batch_size=N, log=lambda _: None)
+    assert e.images.shape == (N, 8, 8, 1) and e.images.dtype == np.uint8
+    assert {"fd_cls", "fd_cls_floor", "fd_cls_ratio", "precision", "recall", "images_per_s"} <= e.metrics.keys()
+    assert e.metrics["fd_cls_ratio"] == pytest.approx(e.metrics["fd_cls"] / e.metrics["fd_cls_floor"])
+    assert settings.row == "ddim5" and EvalSettings(sampler="dpm++", steps=20).row == "dpmpp20"
+    json.dumps(e.to_dict())  # everything recorded is plain JSON
+    again = evaluate_model(loaded, reference, settings, batch_size=7, log=lambda _: None)
+    assert np.array_equal(e.images, again.images)  # batch size does not change any image
+    with pytest.raises(ValueError, match="samples"):
+        evaluate_model(loaded, reference, EvalSettings(num_samples=N + 1), log=lambda _: None)
+
+
+def test_sampler_report_has_every_row_a_table_and_a_plot(tmp_path, reference):
+    loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0))
+    report = sampler_report(loaded, reference, EvalSettings(num_samples=N), log=lambda _: None)
+    assert [(e.settings.sampler, e.settings.steps) for e in report.evaluations] == list(REPORT_ROWS)
+    for sampler, steps in REPORT_ROWS:
+        assert f"| {sampler} | {steps} |" in report.markdown
+    assert "DDPM-1000" in report.markdown.splitlines()[-1]  # the answer line
+    assert report.plot_png.startswith(b"\x89PNG")
+    first_images = {e.images[0].tobytes() for e in report.evaluations}
+    assert len(first_images) > 1  # the rows really sampled differently
+
+
+# -- FID's extractor ----------------------------------------------------------------------------------------------
+class StandIn(torch.nn.Module):
+    """NVIDIA's Inception file's contract: (N, 3, 299, 299) in [0, 255] -> logits, or 2048-d with return_features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Linear(3 * 4 * 4, 2048)
+        self.logits = torch.nn.Linear(2048, 1008)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.shape[1:] == (3, 299, 299)
+        f = torch.relu(self.features(torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)))
+        return f if return_features else self.logits(f)
+
+
+def test_fid_with_a_torchscript_stand_in(tmp_path, digits):
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pt"
+    torch.jit.script(StandIn()).save(str(path))
+    reference = prepare_reference(*digits, num_samples=N, inception=InceptionFeatures(path), log=lambda _: None)
+    assert reference.reference["fid"].shape == (N, 2048) and reference.floors["fid"] > 0
+    loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0))
+    e = evaluate_model(loaded, reference, EvalSettings(num_samples=N, steps=5), log=lambda _: None)
+    assert {"fid", "fid_floor", "fid_ratio", "fd_cls"} <= e.metrics.keys() and e.metrics["fid_ratio"] > 1
+
+
+@pytest.mark.parametrize("flags", [["--inception-weights", "/nonexistent/inception.pt"], ["--metric", "fid"]])
+def test_missing_inception_weights_is_a_one_line_error(flags, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(tmp_path / "none"),
+                           "--data", "digits", *flags], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--inception-weights" in lines[0], proc.stderr
+
+
+# -- the gate -----------------------------------------------------------------------------------------------------
+def test_decide_promotion_both_ways():
+    first = decide_promotion({"fd_cls": 3.0}, None)
+    assert first.promote and first.incumbent_value is None and "no incumbent" in first.reason
+    better = decide_promotion({"fd_cls": 2.0}, {"fd_cls": 3.0})
+    assert better.promote and (better.candidate_value, better.incumbent_value) == (2.0, 3.0)
+    worse = decide_promotion({"fd_cls": 3.5}, {"fd_cls": 3.0})
+    assert not worse.promote and "3.5" in worse.reason and "3" in worse.reason
+    assert not decide_promotion({"fd_cls": 3.0}, {"fd_cls": 3.0}).promote  # a tie keeps the incumbent
+    assert not decide_promotion({"fd_cls": float("nan")}, None).promote
+    assert decide_promotion({"fd_cls": 9.0, "fid": 10.0}, {"fd_cls": 1.0, "fid": 12.0}, metric="fid").promote
+    with pytest.raises(ValueError, match="fid"):
+        decide_promotion({"fd_cls": 1.0}, None, metric="fid")
+
+
+@pytest.mark.slow
+def test_gate_against_mlflow_records_the_decision_on_the_version(tmp_path, mlflow_server):
+    from pipelines import registry, tracking
+
+    uri, name = mlflow_server.uri, f"gate-{uuid.uuid4().hex[:6]}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment("test-gate", uri)
+    versions = []
+    for seed in (0, 1):
+        run_id = client.create_run(experiment).info.run_id
+        model_uri = registry.log_model(tiny_checkpoint(tmp_path / f"m{seed}", seed), run_id=run_id, tracking_uri=uri)
+        versions.append(registry.register(model_uri, name, tags={"run_id": run_id}, tracking_uri=uri))
+
+    kwargs = dict(data="digits", num_samples=N, steps=5, tracking_uri=uri, log=lambda _: None)
+    first = evaluate_and_gate(name, versions[0], **kwargs)
+    assert first.promote and first.incumbent_value is None
+    tags = client.get_model_version(name, versions[0]).tags
+    assert tags["gate.decision"] == "promote" and tags["gate.incumbent_version"] == "none"
+    assert json.loads(tags["gate.settings"])["settings"]["num_samples"] == N
+    run = client.get_run(client.get_model_version(name, versions[0]).run_id)
+    assert "ddim5/fd_cls" in run.data.metrics  # the evaluation joined the training run
+    registry.promote(name, versions[0], "production", tracking_uri=uri)
+
+    second = evaluate_and_gate(name, versions[1], **kwargs)
+    assert second.incumbent_value is not None
+    assert second.promote == (second.candidate_value < second.incumbent_value)
+    tags = client.get_model_version(name, versions[1]).tags
+    assert tags["gate.incumbent_version"] == versions[0]
+    assert float(tags["gate.candidate_value"]) == pytest.approx(second.candidate_value, rel=1e-5)
+    assert float(tags["gate.incumbent_value"]) == pytest.approx(second.incumbent_value, rel=1e-5)
+    assert tags["gate.decision"] == ("promote" if second.promote else "keep")
+    # The incumbent evaluated under the candidate's settings gives the number it got when it was the candidate.
+    assert second.incumbent_value == pytest.approx(first.candidate_value, rel=1e-6)
+    assert not evaluate_and_gate(name, versions[0], **kwargs).promote  # already production
+
+
+@pytest.mark.slow
+def test_cli_writes_files_and_logs_to_mlflow(tmp_path, mlflow_server, capsys):
+    from pipelines import tracking
+
+    model = tiny_checkpoint(tmp_path / "m", seed=0, num_classes=10)
+    out = tmp_path / "out"
+    experiment = f"eval-{uuid.uuid4().hex[:6]}"
+    assert cli.main(["evaluate", "--model", str(model), "--data", "digits", "--num-samples", str(N), "--steps", "5",
+                     "--out", str(out), "--tracking-uri", mlflow_server.uri, "--experiment", experiment]) == 0
+    assert "ddim5: fd_cls" in capsys.readouterr().out
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record[0]["settings"] == {"num_samples": N, "sampler": "ddim", "steps": 5, "guidance_scale": 1.0,
+                                     "seed": 0, "weights": "ema"}
+    assert (out / "samples_ddim5.png").read_bytes().startswith(b"\x89PNG")
+    client = tracking.client(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.data.metrics["ddim5/fd_cls"] == pytest.approx(record[0]["metrics"]["fd_cls"])
+    assert run.data.tags["eval.rows"] == "ddim5" and run.data.tags["eval.num_samples"] == str(N)
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.json", "evaluation/samples_ddim5.png"} <= artifacts

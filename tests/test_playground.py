@@ -1,0 +1,114 @@
+"""The playground page at GET /, driven in a real headless Chromium (Debian's package) by Playwright.
+
+Serve runs a tiny class-conditional checkpoint on 127.0.0.1. The browser loads the page, sets a seed, presses
+Generate, waits for the images and checks they decoded; an out-of-range value shows the server's message next to
+its field; with an API key, the page asks for it once. A screenshot is saved under the test's output folder
+(``tests/output/playground.png``, also used by README).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port, wait_http
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OUTPUT = Path(__file__).resolve().parent / "output"
+# Flags for a sandboxed, offline CI machine: no GPU, no background network traffic to Google's services.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+API_KEY = "playground-key-7c1e"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (make test installs it as root)")
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, request):
+    ray = request.getfixturevalue("ray_local")
+    from ray import serve
+
+    from deploy.serve_app import build_app
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("playground") / "ckpt"
+    checkpoint.save(path, UNet(UNetConfig.preset("tiny", num_classes=3)), NoiseSchedule.linear(),
+                    prediction_type="sample", class_names=["cat", "dog", "owl"])
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model_uri": str(path), "max_cost": 2000}), name="open", route_prefix="/")
+    serve.run(build_app({"model_uri": str(path), "api_key": API_KEY}), name="locked", route_prefix="/locked")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", timeout=120)
+    yield url
+    serve.shutdown()
+    assert ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_page_generates_images(endpoint, browser):
+    page = browser.new_page()
+    page.goto(endpoint + "/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
+    assert page.locator("#class_label option").count() == 4  # "none" + the three class names
+    page.fill("#seed", "1234")
+    page.fill("#num_images", "6")
+    page.fill("#steps", "5")
+    page.select_option("#class_label", "1")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=30_000)
+    widths = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert widths == [8] * 6  # six images, each decoded at the model's 8x8
+    titles = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.title)")
+    assert titles[0] == "seed 1234" and titles[5] == "seed 1239"  # image i has seed + i, shown on hover
+    assert "6 images in" in page.text_content("#status")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
+    page.close()
+
+
+def test_out_of_range_value_shows_the_servers_message(endpoint, browser):
+    page = browser.new_page()
+    page.goto(endpoint + "/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('version') || "
+                           "document.getElementById('model').textContent.includes('8×8')", timeout=60_000)
+    page.fill("#steps", "5000")
+    page.click("#generate")
+    error = page.locator('.error[data-for="steps"]')
+    error.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("document.querySelector('.error[data-for=\"steps\"]').textContent.length > 0",
+                           timeout=60_000)
+    assert "1000" in error.text_content()  # the server's own message, next to the field
+    assert page.locator("#gallery img").count() == 0
+    page.close()
+
+
+def test_page_asks_for_the_api_key_once(endpoint, browser):
+    page = browser.new_page()
+    page.goto(endpoint + "/locked/", timeout=60_000)
+    page.locator("#apikey-box").wait_for(state="visible", timeout=60_000)
+    page.fill("#apikey", API_KEY)
+    page.click("#apikey-save")
+    page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
+    assert page.evaluate("sessionStorage.getItem('ddpm-api-key')") == API_KEY
+    page.fill("#num_images", "2")
+    page.fill("#steps", "3")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    assert page.locator("#apikey-box").is_hidden()
+    page.close()

@@ -1,0 +1,381 @@
+"""Serving: batch invariance in the engine, the configs against their schemas, and the application over real HTTP.
+
+The HTTP tests share one Serve instance on 127.0.0.1 (module fixture) running two applications:
+
+- ``/reg``: a class-conditional tiny model registered in a real MLflow server and followed through
+  ``models:/serve-test@production`` (alias poll every 0.5 s), with autoscaling delays of a second or two;
+- ``/plain``: an unconditional tiny checkpoint folder behind an API key.
+
+The tiny models predict x_0 (``prediction_type="sample"``): with random weights an epsilon model drives every pixel
+to 0 or 255, which would make "identical bytes" hold trivially; an x_0 model gives images with ~170 grey levels.
+Serve is shut down at the end; the session's Ray stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures as cf
+import io
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from conftest import free_port, wait_http
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, make_grid, noise_from_seeds, sample
+from deploy.engine import fixed_size_forward
+from deploy.schemas import AppArgs, GenerateRequest, SamplerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "serve-test"
+API_KEY = "test-key-3f9a"
+TIMEOUT = 60  # seconds, for any single HTTP call
+
+
+def save_tiny(path: Path, seed: int, num_classes: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig.preset("tiny", num_classes=num_classes))
+    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    return checkpoint.save(path, model, schedule, prediction_type="sample", class_names=["a", "b", "c"][:num_classes])
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+# -- the engine, without Ray ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_fixed_size_forward_makes_an_image_independent_of_its_batch(guidance_scale):
+    """At a fixed forward size, an image's float output is bit-identical alone and among 18 other images.
+
+    The plain model is not: on this machine's CPU the same image differs by about 2e-4 after four DDIM steps.
+    """
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("tiny", num_classes=3)).eval()
+    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    forward = fixed_size_forward(model, 8)
+
+    def run(seeds, labels):
+        x_T, generators = noise_from_seeds(seeds, (1, 8, 8))
+        return sample(forward, schedule, x_T, sampler="ddim", steps=4, class_labels=torch.tensor(labels),
+                      guidance_scale=guidance_scale, generator=generators)
+
+    alone = run([6], [1])
+    among_others = run([1, 2, 5, 6, 7, *range(100, 114)], [0, 0, 0, 1, 2, *[1] * 14])[3:4]
+    assert torch.equal(alone, among_others)
+
+
+def test_merging_runner_merges_the_batches_that_waited_while_it_ran():
+    """A run starts as soon as the last one ends, with every batch that queued meanwhile, up to max_images."""
+    from deploy.engine import Job, Queued
+    from deploy.serve_app import MergingRunner
+
+    def batch(seed: int, num_images: int) -> list[Queued]:
+        return [Queued(Job(num_images, "ddim", 2, 0.0, seed, None, 1.0), 0.0)]
+
+    runs, release_first = [], asyncio.Event()
+
+    async def run(items: list[Queued]) -> list[int]:
+        runs.append([item.job.seed for item in items])
+        if len(runs) == 1:
+            await release_first.wait()
+        return [item.job.seed for item in items]
+
+    async def scenario():
+        runner = MergingRunner(run, max_images=8)
+        first = asyncio.create_task(runner.submit(batch(0, 1)))
+        await asyncio.sleep(0.01)  # the first run is under way
+        later = [asyncio.create_task(runner.submit(batch(seed, 3))) for seed in (1, 2, 3, 4)]
+        await asyncio.sleep(0.01)
+        later[1].cancel()  # a client went away while its batch waited
+        release_first.set()
+        return await asyncio.gather(first, later[0], later[2], later[3])
+
+    results = asyncio.run(scenario())
+    assert runs == [[0], [1, 3], [4]]  # 1 + 2 (cancelled) fill 6 of 8 images, batch 3 would make 9: it waits
+    assert results == [[0], [1], [3], [4]]
+
+
+# -- configs against their owners' schemas --------------------------------------------------------------------------
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "deploy.serve_app:build_app"
+    AppArgs(**app.args)  # the builder accepts the arguments
+    assert {d.name for d in app.deployments} == {"Ingress", "Sampler"}, "overrides name real deployments"
+    for deployment in app.deployments:
+        if isinstance(deployment.user_config, dict):
+            SamplerConfig(**deployment.user_config)
+    assert schema.http_options.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("args, complaint", [
+    ({"model_uri": "m", "min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+    ({"model_uri": "m", "batching": True, "micro_batch": None}, "micro_batch"),
+    ({"model_uri": "m", "max_batch_images": 8}, "max_batch_images"),
+    ({"model_uri": "m", "replicas": 2}, "replicas"),
+    ({}, "model_uri"),
+])
+def test_bad_app_args_are_rejected_by_name(args, complaint):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=complaint):
+        AppArgs(**args)
+
+
+def test_request_defaults():
+    body = GenerateRequest()
+    assert (body.num_images, body.sampler, body.steps, body.output) == (4, "ddim", None, "png")
+
+
+# -- the application over HTTP --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registry(mlflow_server, tmp_path_factory):
+    """``serve-test`` versions 1 and 2 (conditional, different weights) in the MLflow server; production -> 1."""
+    from pipelines import registry, tracking
+
+    root = tmp_path_factory.mktemp("models")
+    client = tracking.client(mlflow_server.uri)
+    experiment = tracking.ensure_experiment("serve-test", mlflow_server.uri)
+    versions = []
+    for seed in (1, 2):
+        run_id = client.create_run(experiment).info.run_id
+        uri = registry.log_model(save_tiny(root / f"v{seed}", seed, num_classes=3), run_id=run_id,
+                                 tracking_uri=mlflow_server.uri)
+        versions.append(registry.register(uri, MODEL, tags={"weights_seed": str(seed)}, tracking_uri=mlflow_server.uri))
+    registry.promote(MODEL, versions[0], "production", mlflow_server.uri)
+    yield mlflow_server.uri, versions
+    # The replicas cached the downloads under the data folder they share with this process; remove them.
+    cached = registry.resolve_model(f"models:/{MODEL}/{versions[0]}", tracking_uri=mlflow_server.uri).path
+    models_root = tracking.home() / "models"
+    shutil.rmtree(models_root / cached.relative_to(models_root).parts[0], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    """Serve on a free port with the /reg and /plain applications; shut down after the module."""
+    import ray
+    from ray import serve
+
+    from deploy.serve_app import build_app
+
+    tracking_uri, _ = registry
+    if not ray.is_initialized():  # the session's Ray (conftest's ray_local), started here if no test needed it yet
+        # address="local": never join a cluster that `ray start` left running on this machine.
+        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"num_cpus": 0.25, "batch_wait_timeout_s": 0.1, "max_cost": 5000}
+    with warnings.catch_warnings():
+        # Serve 2.60 warns that a look-back window under its (deprecated) 10 s metrics interval will be an error
+        # one day; today a 1 s window is what lets this test see the replica count rise and fall within seconds.
+        warnings.filterwarnings("ignore", message="`look_back_period_s`", category=FutureWarning)
+        serve.run(build_app(common | {
+            "model_uri": f"models:/{MODEL}@production", "tracking_uri": tracking_uri, "poll_interval_s": 0.5,
+            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2, "look_back_period_s": 1,
+        }), name="reg", route_prefix="/reg")
+    plain = save_tiny(tmp_path_factory.mktemp("plain") / "ckpt", seed=3)
+    serve.run(build_app(common | {"model_uri": str(plain), "api_key": API_KEY}), name="plain", route_prefix="/plain")
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/reg/healthz")
+    yield base
+    serve.shutdown()
+
+
+def generate(url: str, headers: dict | None = None, **body) -> requests.Response:
+    return requests.post(url, json=body, headers=headers, timeout=TIMEOUT)
+
+
+def test_png_and_json_decode_to_the_models_shape(server):
+    info = requests.get(f"{server}/reg/v1/model", timeout=TIMEOUT).json()
+    assert (info["name"], info["alias"], info["resolution"], info["channels"]) == (MODEL, "production", 8, 1)
+    assert info["classes"] == ["a", "b", "c"] and set(info["samplers"]) == {"ddpm", "ddim", "dpm++"}
+
+    r = generate(f"{server}/reg/generate", num_images=5, steps=4, seed=11, class_label=1)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["X-Seed"] == "11" and r.headers["X-Model-Version"] == info["version"]
+    expected = make_grid(np.zeros((5, 8, 8, 1), np.uint8)).shape[:2]  # 3 x 2 tiles with 1-pixel borders
+    assert png_array(r.content).shape == expected
+
+    r = generate(f"{server}/reg/generate", num_images=3, steps=4, seed=2**32 - 2, output="json", sampler="dpm++")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["seeds"] == [2**32 - 2, 2**32 - 1, 0], "seeds wrap around mod 2^32"
+    assert body["model"] == {"name": MODEL, "version": info["version"], "alias": "production"}
+    assert {"queue", "sample", "encode", "total"} <= set(body["timings_ms"])
+    for image in body["images"]:
+        assert png_array(base64.b64decode(image)).shape == (8, 8)
+
+
+def test_random_seed_is_returned_and_reproduces(server):
+    first = generate(f"{server}/reg/generate", num_images=2, steps=3)
+    again = generate(f"{server}/reg/generate", num_images=2, steps=3, seed=int(first.headers["X-Seed"]))
+    assert first.content == again.content
+
+
+def test_same_seed_gives_the_same_bytes_alone_and_batched(server):
+    url = f"{server}/reg/generate"
+    settings = {"steps": 6, "class_label": 2, "sampler": "ddim", "eta": 0.5}  # eta > 0: per-step noise too
+    alone = generate(url, num_images=4, seed=1234, **settings)
+    assert alone.status_code == 200
+
+    # The same request among others with the same settings (and one that cannot share their batch), sent at once.
+    others = [dict(num_images=n, seed=s, **settings) for n, s in [(3, 1), (7, 2), (1, 3), (5, 4)]]
+    others.append(dict(num_images=2, seed=5, steps=6))
+    for _ in range(3):  # a burst normally batches at once; retry if the scheduler split this one out
+        with cf.ThreadPoolExecutor(len(others) + 1) as pool:
+            mine = pool.submit(generate, url, num_images=4, seed=1234, **settings)
+            list(pool.map(lambda body: generate(url, **body), others))
+            batched = mine.result()
+        if int(batched.headers["X-Batch-Requests"]) > 1:
+            break
+    assert int(batched.headers["X-Batch-Requests"]) > 1, "the burst was never batched"
+    assert int(batched.headers["X-Batch-Images"]) > 4
+    assert batched.content == alone.content
+
+    # Per-image seeds: image i of a request is the image of seed + i requested on its own.
+    grid = generate(url, num_images=3, seed=500, output="json", **settings).json()["images"]
+    single = generate(url, num_images=1, seed=502, output="json", **settings).json()["images"]
+    assert grid[2] == single[0] and grid[0] != grid[1]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"num_images": "4"}, "num_images"),
+    ({"num_images": 4.0}, "num_images"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": 65}, "num_images"),
+    ({"sampler": "euler"}, "sampler"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 1001}, "steps"),
+    ({"eta": -0.1}, "eta"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"class_label": 3}, "class_label"),
+    ({"class_label": -1}, "class_label"),
+    ({"class_label": "a"}, "class_label"),
+    ({"guidance_scale": -1.0, "class_label": 0}, "guidance_scale"),
+    ({"guidance_scale": 2.0}, "guidance_scale"),
+    ({"output": "gif"}, "output"),
+    ({"colour": "red"}, "colour"),
+    ({"num_images": 64, "steps": 100}, "steps"),  # 6,400 image-steps > the budget of 5,000
+    ({"sampler": "ddpm", "num_images": 6}, "steps"),  # DDPM's default 1,000 steps: 6,000 > 5,000
+])
+def test_bad_input_is_a_422_naming_the_field(server, body, field):
+    r = generate(f"{server}/reg/generate", **body)
+    assert r.status_code == 422, r.text
+    assert field in {str(part) for error in r.json()["detail"] for part in error["loc"]}, r.text
+
+
+@pytest.mark.parametrize("data", ["{not json", "[1, 2]", '"a string"'])
+def test_malformed_json_is_a_422(server, data):
+    r = requests.post(f"{server}/reg/generate", data=data, headers={"Content-Type": "application/json"},
+                      timeout=TIMEOUT)
+    assert r.status_code == 422, r.text
+
+
+def test_class_label_on_an_unconditional_model_is_a_422(server):
+    r = generate(f"{server}/plain/generate", headers={"Authorization": f"Bearer {API_KEY}"}, class_label=0, steps=2)
+    assert r.status_code == 422 and "unconditional" in r.text
+
+
+def test_api_key_guards_every_route_but_healthz(server):
+    plain, good = f"{server}/plain", {"Authorization": f"Bearer {API_KEY}"}
+    assert requests.get(f"{plain}/healthz", timeout=TIMEOUT).status_code == 200
+    for headers in [None, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"X-Api-Key": API_KEY}]:
+        assert requests.get(f"{plain}/v1/model", headers=headers, timeout=TIMEOUT).status_code == 401
+        assert generate(f"{plain}/generate", headers=headers, steps=2).status_code == 401
+        assert requests.get(f"{plain}/openapi.json", headers=headers, timeout=TIMEOUT).status_code == 401
+    assert requests.get(f"{plain}/v1/model", headers=good, timeout=TIMEOUT).json()["num_classes"] == 0
+    r = generate(f"{plain}/generate", headers=good, steps=2, num_images=1)
+    assert r.status_code == 200 and "X-Model-Version" not in r.headers  # a plain folder has no version
+    assert API_KEY not in r.text and all(API_KEY not in v for v in r.headers.values())
+
+
+def sampler_replicas(app: str) -> int:
+    """The Sampler deployment's RUNNING replicas, from ``serve.status()``."""
+    from ray import serve
+
+    states = serve.status().applications[app].deployments["Sampler"].replica_states
+    return states.get("RUNNING", 0)
+
+
+def wait_for_replicas(app: str, count: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and sampler_replicas(app) != count:
+        time.sleep(0.5)
+    return sampler_replicas(app)
+
+
+def test_replicas_scale_up_under_a_burst_and_back_down(server):
+    url = f"{server}/reg/generate"
+    assert wait_for_replicas("reg", 1) == 1, "an earlier burst's replica never went away"
+    deadline = time.monotonic() + 60
+    peak = 1
+
+    def client():  # bounded: stops at the deadline or once the second replica runs
+        sent = 0
+        while time.monotonic() < deadline and peak < 2 and sent < 200:
+            assert generate(url, num_images=4, steps=20, class_label=0).status_code == 200
+            sent += 1
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        clients = [pool.submit(client) for _ in range(12)]
+        while time.monotonic() < deadline and peak < 2:
+            peak = max(peak, sampler_replicas("reg"))
+            time.sleep(0.25)
+        for c in clients:
+            c.result()
+    assert peak == 2, "12 concurrent clients against target_ongoing_requests=2 never added a replica"
+
+    assert wait_for_replicas("reg", 1) == 1, "the idle deployment did not scale back to min_replicas"
+
+
+def test_moving_the_alias_swaps_the_model(server, registry):
+    from pipelines.registry import promote
+
+    tracking_uri, (v1, v2) = registry
+    url = f"{server}/reg"
+    before = generate(f"{url}/generate", num_images=2, steps=4, seed=7, class_label=0)
+    assert before.headers["X-Model-Version"] == v1
+
+    promote(MODEL, v2, "production", tracking_uri)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/v1/model", timeout=TIMEOUT).json()["version"] == v2:
+            break
+        time.sleep(0.5)
+    assert requests.get(f"{url}/v1/model", timeout=TIMEOUT).json()["version"] == v2
+
+    after = generate(f"{url}/generate", num_images=2, steps=4, seed=7, class_label=0)
+    assert after.headers["X-Model-Version"] == v2 and after.content != before.content
+
+
+def test_ddpm_serve_command_deploys_the_same_app(server, tmp_path, capsys):
+    """``ddpm serve`` without --blocking on an already running Ray: deploys, prints the URL, returns."""
+    from ray import serve
+
+    from pipelines.cli import main
+
+    port = int(server.rsplit(":", 1)[1])  # Serve's HTTP options are per cluster: the fixture's port
+    ckpt = save_tiny(tmp_path / "ckpt", seed=4)
+    assert main(["serve", "--model", str(ckpt), "--port", str(port), "--name", "cli", "--num-cpus", "0.25",
+                 "--api-key", API_KEY]) == 0
+    try:
+        assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
+        r = generate(f"{server}/generate", headers={"Authorization": f"Bearer {API_KEY}"}, steps=2, output="json")
+        assert r.status_code == 200 and len(r.json()["images"]) == 4
+    finally:
+        serve.delete("cli")
