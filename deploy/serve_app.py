@@ -37,9 +37,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fastapi import Body, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import SecretStr
 from ray import serve
 from ray.serve import Application
@@ -51,7 +52,9 @@ from deploy.schemas import MAX_IMAGES, AppArgs, GenerateRequest, SamplerConfig
 
 log = logging.getLogger("ray.serve")
 
-PUBLIC_PATHS = frozenset({"/healthz"})  # every other route needs the API key, when one is set
+# Every other route needs the API key, when one is set. The playground page holds no data and must load to ask for it.
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
+PLAYGROUND = Path(__file__).with_name("static") / "index.html"
 
 
 # -- the sampler deployment ---------------------------------------------------------------------------------------
@@ -241,6 +244,11 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (deploy/static/index.html): static, so public; it asks for the API key itself."""
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @api.get("/v1/model")
     async def model(self) -> dict:

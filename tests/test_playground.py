@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, wait_http
+from conftest import _start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory, request):
-    ray = request.getfixturevalue("ray_local")
+def endpoint(tmp_path_factory):
+    ray = _start_local_ray()
     from ray import serve
 
     from deploy.serve_app import build_app

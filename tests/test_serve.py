@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import io
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,14 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import free_port, wait_http
+from conftest import _start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, make_grid, noise_from_seeds, sample
 from deploy.engine import fixed_size_forward
 from deploy.schemas import AppArgs, GenerateRequest, SamplerConfig
+
+# Serve 2.60 warns that a look-back window under its (deprecated) 10 s metrics interval will be an error one day;
+# today the 1 s window of /reg is what lets a test see the replica count rise and fall within seconds.
+pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "serve-test"
@@ -165,28 +168,20 @@ def registry(mlflow_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(registry, tmp_path_factory):
     """Serve on a free port with the /reg and /plain applications; shut down after the module."""
-    import ray
     from ray import serve
 
     from deploy.serve_app import build_app
 
     tracking_uri, _ = registry
-    if not ray.is_initialized():  # the session's Ray (conftest's ray_local), started here if no test needed it yet
-        # address="local": never join a cluster that `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 configure_logging=False)
+    _start_local_ray()  # the session's Ray (what ray_local yields, which a module fixture cannot request)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.25, "batch_wait_timeout_s": 0.1, "max_cost": 5000}
-    with warnings.catch_warnings():
-        # Serve 2.60 warns that a look-back window under its (deprecated) 10 s metrics interval will be an error
-        # one day; today a 1 s window is what lets this test see the replica count rise and fall within seconds.
-        warnings.filterwarnings("ignore", message="`look_back_period_s`", category=FutureWarning)
-        serve.run(build_app(common | {
-            "model_uri": f"models:/{MODEL}@production", "tracking_uri": tracking_uri, "poll_interval_s": 0.5,
-            "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
-            "downscale_delay_s": 2, "look_back_period_s": 1,
-        }), name="reg", route_prefix="/reg")
+    serve.run(build_app(common | {
+        "model_uri": f"models:/{MODEL}@production", "tracking_uri": tracking_uri, "poll_interval_s": 0.5,
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2, "look_back_period_s": 1,
+    }), name="reg", route_prefix="/reg")
     plain = save_tiny(tmp_path_factory.mktemp("plain") / "ckpt", seed=3)
     serve.run(build_app(common | {"model_uri": str(plain), "api_key": API_KEY}), name="plain", route_prefix="/plain")
     base = f"http://127.0.0.1:{port}"
