@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def pytest_configure(config):
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         GIT_PYTHON_REFRESH="quiet",
     )
+    # Registry caches and embedded stores go to a scratch folder, never to the checkout's .ddpm/.
+    os.environ["DDPM_HOME"] = tempfile.mkdtemp(prefix="ddpm-home-")
     # Tests never touch the user's embedded MLflow store: each test that needs tracking gets a server or a tmp dir.
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)
