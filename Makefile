@@ -30,7 +30,7 @@ quickstart: venv
 
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]" "$(TORCH)"
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/core.py
 
 clean:
 	rm -rf $(VENV) .ddpm quickstart-samples.png
