@@ -96,7 +96,7 @@ def gflop_per_image(config) -> float:
 def run(name: str, out: Path, reference, images, labels) -> dict:
     import torch
 
-    from ddpm import checkpoint, count_parameters
+    from ddpm import checkpoint, count_parameters, encode_png, make_grid
     from pipelines.evaluate import EvalSettings, evaluate_model
     from pipelines.train_local import train_local
 
@@ -119,6 +119,8 @@ def run(name: str, out: Path, reference, images, labels) -> dict:
                                     weights=weights)
             e = evaluate_model(loaded, reference, settings, log=lambda line: print(f"  {line}", flush=True))
             result["evaluations"].append({"weights": weights, "guidance_scale": w, **e.metrics})
+            grid = make_grid(e.images[:100], ncols=10)
+            (out / name / f"samples_{weights}_w{w:g}.png").write_bytes(encode_png(grid))
     (out / name / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -444,13 +444,15 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ddpm import SAMPLERS
+
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
     parser.add_argument("--data", required=True, metavar="URI",
                         help="a preprocessed dataset (s3://... or a folder with manifest.json), or 'digits'")
     parser.add_argument("--num-samples", type=int, default=EvalSettings.num_samples, metavar="N",
                         help="samples, reference and held-out images per comparison (default: %(default)s)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=EvalSettings.sampler,
+    parser.add_argument("--sampler", choices=SAMPLERS, default=EvalSettings.sampler,
                         help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=EvalSettings.steps, metavar="S", help="default: %(default)s")
     parser.add_argument("--guidance-scale", type=float, default=EvalSettings.guidance_scale, metavar="W",

@@ -149,10 +149,11 @@ def test_fid_with_a_torchscript_stand_in(tmp_path, digits):
     torch.manual_seed(0)
     path = tmp_path / "inception.pt"
     torch.jit.script(StandIn()).save(str(path))
-    reference = prepare_reference(*digits, num_samples=N, inception=InceptionFeatures(path), log=lambda _: None)
-    assert reference.reference["fid"].shape == (N, 2048) and reference.floors["fid"] > 0
+    n = 10  # the contract is under test, not the statistics: 299x299 inputs are costly
+    reference = prepare_reference(*digits, num_samples=n, inception=InceptionFeatures(path), log=lambda _: None)
+    assert reference.reference["fid"].shape == (n, 2048) and reference.floors["fid"] > 0
     loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0))
-    e = evaluate_model(loaded, reference, EvalSettings(num_samples=N, steps=5), log=lambda _: None)
+    e = evaluate_model(loaded, reference, EvalSettings(num_samples=n, steps=5), log=lambda _: None)
     assert {"fid", "fid_floor", "fid_ratio", "fd_cls"} <= e.metrics.keys() and e.metrics["fid_ratio"] > 1
 
 
