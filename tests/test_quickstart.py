@@ -36,4 +36,4 @@ def test_quickstart_end_to_end(tmp_path):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("digits", "production")
-    assert version.version == "1" and version.tags.get("gate.decision") == "promote"
+    assert str(version.version) == "1" and version.tags.get("gate.decision") == "promote"
