@@ -49,14 +49,14 @@ TEXTBOOK = {
 # reproduces on its own. "digits.yaml" is the tuned preset as shipped (TEXTBOOK is not applied to it).
 COSINE = ["train.lr_decay=cosine"]
 COND = COSINE + ["train.class_conditional=true"]
+VPRED = COND + ["train.prediction_type=v_prediction"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "base": ("textbook recipe", []),
     "cosine": ("+ cosine LR decay to 0", COSINE),
     "cond": ("+ class-conditional (label dropout 0.1)", COND),
-    "minsnr": ("+ min-SNR-5 loss weighting", COND + ["train.min_snr_gamma=5"]),
-    "vpred": ("+ v-prediction", COND + ["train.prediction_type=v_prediction"]),
-    "small": ("+ 1 residual block per level (1.11M): 1.47x the images", COND + ["model.num_res_blocks=1"]),
-    "batch256": ("+ batch 256 at lr 2e-3", COND + ["train.batch_size=256", "train.lr=2e-3"]),
+    "vpred": ("+ v-prediction", VPRED),
+    "minsnr": ("+ min-SNR-5 loss weighting", VPRED + ["train.min_snr_gamma=5"]),
+    "small": ("+ 1 residual block per level (1.11M): 1.47x the images", VPRED + ["model.num_res_blocks=1"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 GUIDANCE = (1.0, 2.0)  # evaluated for class-conditional runs; 1 is the plain conditional model
