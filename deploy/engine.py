@@ -20,10 +20,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm import DEFAULT_STEPS, SAMPLERS, checkpoint, noise_from_seeds, sample, to_uint8
+from ddpm import DEFAULT_STEPS, SAMPLERS, checkpoint, from_uint8, inpaint, noise_from_seeds, sample, to_uint8
+from ddpm.images import EditInputError, decode_edit_inputs
+from deploy.schemas import MAX_EDIT_PIXELS
 
 
 # -- the work, as plain data ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Edit:
+    """What ``POST /inpaint`` adds to a job: the image and mask as sent (encoded, decoded by the replica against the
+    model that runs the job) and RePaint's resampling settings (``ddpm.inpaint``)."""
+
+    image: bytes
+    mask: bytes
+    resize: bool = False
+    resample_jumps: int = 1
+    resample_times: int = 1
+
+
 @dataclass(frozen=True)
 class Job:
     """One request, with its defaults filled in, as the ingress sends it to a sampler replica."""
@@ -35,6 +49,7 @@ class Job:
     seed: int
     class_label: int | None
     guidance_scale: float
+    edit: Edit | None = None  # None: sample; else inpaint ``edit.image``, one result per seed
 
     def seeds(self) -> list[int]:
         """Image i's seed: (seed + i) mod 2^32."""
@@ -48,8 +63,18 @@ class Job:
         normalized away (eta outside DDIM, guidance without labels) so that it does not split batches for nothing.
         """
         conditional = self.class_label is not None
+        resampling = None if self.edit is None else (
+            (self.edit.resample_jumps, self.edit.resample_times) if self.edit.resample_times > 1 else (1, 1))
         return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0,
-                self.guidance_scale if conditional else 1.0, conditional)
+                self.guidance_scale if conditional else 1.0, conditional, resampling)
+
+    def model_calls(self) -> int:
+        """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.repaint_walk``):
+        steps + (r - 1) * j * (number of jump points k = steps - 1, steps - 1 - j, ... >= j)."""
+        if self.edit is None or self.edit.resample_times == 1:
+            return self.steps
+        j, r = self.edit.resample_jumps, self.edit.resample_times
+        return self.steps + (r - 1) * j * len(range(self.steps - 1, j - 1, -j))
 
 
 @dataclass(frozen=True)
@@ -165,8 +190,33 @@ def check(job: Job, served: ServedModel) -> Rejected | None:
     return None
 
 
-def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | None) -> list[np.ndarray]:
-    """Sample every job's images, one ``ddpm.sample`` call per group of jobs that share settings.
+def decode_edit(edit: Edit, served: ServedModel) -> tuple[np.ndarray, np.ndarray] | Rejected:
+    """The job's image (H, W, C) uint8 and mask (H, W) bool (True = generate) at the model's size and channels, or
+    the rejection that names the input at fault (``ddpm.images.decode_edit_inputs``, what ``ddpm inpaint`` uses)."""
+    cfg = served.loaded.config
+    try:
+        return decode_edit_inputs(edit.image, edit.mask, size=cfg.image_size, channels=cfg.in_channels,
+                                  resize=edit.resize, resize_hint="send \"resize\": true to stretch image and mask "
+                                                                  "to it", max_pixels=MAX_EDIT_PIXELS)
+    except EditInputError as exc:
+        return Rejected(exc.field, str(exc))
+
+
+def _edit_batch(jobs: list[Job], edits: list[tuple[np.ndarray, np.ndarray]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The known images (N, C, H, W) in [-1, 1] and masks (N, 1, H, W), 1 = generate: each job's repeated for its
+    ``num_images`` seeds, in the order of ``Job.seeds``."""
+    images = torch.cat([from_uint8(image[None]).expand(job.num_images, -1, -1, -1)
+                        for job, (image, _) in zip(jobs, edits)])
+    masks = torch.cat([torch.as_tensor(generate, dtype=torch.float32)[None, None].expand(job.num_images, -1, -1, -1)
+                       for job, (_, generate) in zip(jobs, edits)])
+    return images.to(device), masks.to(device)
+
+
+def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | None,
+                    edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> list[np.ndarray]:
+    """Sample (or inpaint) every job's images, one ``ddpm.sample`` / ``ddpm.inpaint`` call per group of jobs that
+    share settings. ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``.
 
     Returns one (num_images, H, W, C) uint8 array per job, in order.
     """
@@ -182,16 +232,26 @@ def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | Non
         settings = group[0]
         # Noise: one CPU generator per image, seeded from the image's own seed.
         seeds = [s for job in group for s in job.seeds()]
-        x_T, generators = noise_from_seeds(seeds, loaded.image_shape, served.device)  # (N, C, H, W)
+        if settings.edit is None:
+            x_T, generators = noise_from_seeds(seeds, loaded.image_shape, served.device)  # (N, C, H, W)
+        else:  # inpaint draws x_T itself, first from each generator
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+            known, masks = _edit_batch(group, [edits[i] for i in members], served.device)  # (N, C, H, W), (N, 1, H, W)
         labels = None
         if settings.class_label is not None:
             labels = torch.tensor([job.class_label for job in group for _ in range(job.num_images)])
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if served.device.type == "cuda"
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            x_0 = sample(model, loaded.schedule, x_T, sampler=settings.sampler, steps=settings.steps,
-                         eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
-                         guidance_scale=settings.guidance_scale, generator=generators)
+            if settings.edit is None:
+                x_0 = sample(model, loaded.schedule, x_T, sampler=settings.sampler, steps=settings.steps,
+                             eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
+                             guidance_scale=settings.guidance_scale, generator=generators)
+            else:
+                x_0 = inpaint(model, loaded.schedule, known, masks, sampler=settings.sampler, steps=settings.steps,
+                              eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
+                              guidance_scale=settings.guidance_scale, resample_jumps=settings.edit.resample_jumps,
+                              resample_times=settings.edit.resample_times, generator=generators)
         images = to_uint8(x_0)  # (N, H, W, C)
         offset = 0
         for i, job in zip(members, group):
@@ -201,14 +261,20 @@ def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | Non
 
 
 def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None) -> list[Generated | Rejected]:
-    """Check each queued job against ``served``, then sample all the valid ones together."""
+    """Check each queued job against ``served`` (and decode its edit), then sample all the valid ones together."""
     started = time.monotonic()
     outcomes: dict[int, Generated | Rejected] = {}
+    edits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, item in enumerate(items):
-        if (rejection := check(item.job, served)) is not None:
-            outcomes[i] = rejection
+        checked = check(item.job, served)
+        if checked is None and item.job.edit is not None:
+            checked = decode_edit(item.job.edit, served)
+        if isinstance(checked, Rejected):
+            outcomes[i] = checked
+        elif checked is not None:
+            edits[i] = checked
     valid = [i for i in range(len(items)) if i not in outcomes]
-    images = generate_images(served, [items[i].job for i in valid], micro_batch)
+    images = generate_images(served, [items[i].job for i in valid], micro_batch, [edits.get(i) for i in valid])
     sample_ms = (time.monotonic() - started) * 1000
     batch = {"requests": len(valid), "images": sum(items[i].job.num_images for i in valid)}
     for i, imgs in zip(valid, images):

@@ -2,7 +2,8 @@
 
 Three layers of settings, each validated where it enters:
 
-- :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number).
+- :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number);
+  :class:`InpaintRequest`, that of ``POST /inpaint``, adds the image, the mask and RePaint's settings.
 - :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
   and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
   serving: the model URI and the batching knobs.
@@ -19,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 MAX_IMAGES = 64  # per request
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
+MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
+MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
+MAX_RESAMPLE_TIMES = 100
 Sampler = Literal["ddpm", "ddim", "dpm++"]
 
 
@@ -35,6 +39,19 @@ class GenerateRequest(BaseModel):
     class_label: int | None = Field(None, description="conditional models only; null samples the unconditional model")
     guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="classifier-free guidance weight w")
     output: Literal["png", "json"] = "png"
+
+
+class InpaintRequest(GenerateRequest):
+    """The body of ``POST /inpaint``: ``image`` and ``mask`` plus the settings of ``POST /generate``; each of the
+    ``num_images`` results fills the same image with the next seed."""
+
+    image: str = Field(min_length=1, max_length=MAX_EDIT_BASE64, description="base64 PNG (or JPEG, WebP, BMP, GIF)")
+    mask: str = Field(min_length=1, max_length=MAX_EDIT_BASE64,
+                      description="base64 PNG of the image's size: white (255) = generate, black (0) = keep")
+    resize: bool = Field(False, description="stretch image and mask to the model's size instead of rejecting")
+    resample_jumps: int = Field(1, ge=1, le=MAX_STEPS, description="RePaint's jump length j")
+    resample_times: int = Field(10, ge=1, le=MAX_RESAMPLE_TIMES,
+                                description="RePaint's resampling count r; 1 = plain replacement; ~r x the cost")
 
 
 class SamplerConfig(BaseModel):

@@ -14,15 +14,15 @@ application with :func:`build_app` (import path ``deploy.serve_app:build_app``).
 Three properties the design rests on:
 
 1. **An image depends only on its seed and settings.** Requests that share settings run as one call to the core's
-   pure ``ddpm.sample``, each image with its own noise generator, and the network always runs at one fixed batch
-   shape (``micro_batch``), so a request's PNG bytes are the same whether it ran alone or batched
-   (``deploy.engine`` explains why the fixed shape is needed).
+   pure ``ddpm.sample`` (``ddpm.inpaint`` for ``POST /inpaint``), each image with its own noise generator, and the
+   network always runs at one fixed batch shape (``micro_batch``), so a request's PNG bytes are the same whether it
+   ran alone or batched (``deploy.engine`` explains why the fixed shape is needed).
 2. **A model swap is one reference assignment.** Each batch reads ``self._served`` once and runs to the end on that
    immutable snapshot; a new version is loaded beside it and then assigned. In-flight requests finish on the weights
    they started with, the next batch gets the new ones, and no request waits for a load.
 3. **Bad input never reaches the model.** The ingress validates the body (pydantic, unknown fields rejected) and
-   the cost; the sampler checks what depends on the model (class labels, step count) against the snapshot that
-   will run the batch. Every rejection is a 4xx that names the field.
+   the cost; the sampler checks what depends on the model (class labels, step count, an edit's image size)
+   against the snapshot that will run the batch. Every rejection is a 4xx that names the field.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the deployment classes by value, and FastAPI must
@@ -30,6 +30,7 @@ Three properties the design rests on:
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -40,21 +41,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import Body, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ddpm import DEFAULT_STEPS, encode_png, make_grid
-from deploy.engine import Generated, Job, Queued, Rejected, ServedModel, load_served, pick_device, run_batch
-from deploy.schemas import MAX_IMAGES, AppArgs, GenerateRequest, SamplerConfig
+from deploy.engine import Edit, Generated, Job, Queued, Rejected, ServedModel, load_served, pick_device, run_batch
+from deploy.schemas import MAX_EDIT_BASE64, MAX_IMAGES, AppArgs, GenerateRequest, InpaintRequest, SamplerConfig
 
 log = logging.getLogger("ray.serve")
 
 # Every other route needs the API key, when one is set. The playground page holds no data and must load to ask for it.
 PUBLIC_PATHS = frozenset({"/healthz", "/"})
 PLAYGROUND = Path(__file__).with_name("static") / "index.html"
+# The largest request body a route reads, refused (413) before anything parses it: /generate's JSON is a few hundred
+# bytes, /inpaint's carries two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
+MAX_BODY_BYTES = 64 * 2**10
+MAX_BODY_BYTES_BY_PATH = {"/inpaint": 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES}
 
 
 # -- the sampler deployment ---------------------------------------------------------------------------------------
@@ -117,7 +125,9 @@ class MergingRunner:
                 start += len(batch)
 
 
-@serve.deployment(name="Sampler", max_ongoing_requests=64)
+# A health check every 2 s instead of Serve's 10: a dead replica is noticed and replaced that much sooner (5 to 8 s
+# from SIGKILL to serving again on the 2-core machine, against 12 s; tests/reliability/test_serve_faults.py).
+@serve.deployment(name="Sampler", max_ongoing_requests=64, health_check_period_s=2)
 class Sampler:
     """Holds one model on its device and samples for the ingress; configured through ``user_config``.
 
@@ -134,12 +144,23 @@ class Sampler:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")  # keeps the event loop free
         self._runner = MergingRunner(self._run, max_images=64)
         self._watcher: asyncio.Task | None = None
+        self.load_error: str | None = None  # why the last model swap was refused (GET /v1/model shows it)
 
     async def reconfigure(self, user_config: dict) -> None:
         config = SamplerConfig(**user_config)
         old = self.config
-        if old is None or (old.model_uri, old.tracking_uri) != (config.model_uri, config.tracking_uri):
-            await self._load(config)  # raises on failure: a new replica fails to start, a live one keeps its model
+        if old is None:
+            await self._load(config)  # raises on failure: a replica without a model must not start
+        elif (old.model_uri, old.tracking_uri) != (config.model_uri, config.tracking_uri):
+            try:
+                await self._load(config)
+            except Exception as exc:
+                # Raising here would make Serve stop this live replica, and the endpoint with it. Refuse the new
+                # model instead: keep serving the old one, say why in the log and in GET /v1/model, and keep the
+                # old URI so that deploying the same URI again (once its files are fixed) retries the load.
+                self.load_error = f"{config.model_uri}: {exc}"
+                log.error("refused to swap in %s; still serving %s", self.load_error, old.model_uri)
+                config = config.model_copy(update={"model_uri": old.model_uri, "tracking_uri": old.tracking_uri})
         self.config = config
         self._batched.set_max_batch_size(config.max_batch_images)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -154,6 +175,7 @@ class Sampler:
         async with self._load_lock:
             served = await asyncio.to_thread(load_served, config.model_uri, config.tracking_uri, self.device)
             self._served = served  # the swap: batches already running keep the snapshot they read
+            self.load_error = None
         log.info("serving %s version %s (alias %s) on %s", served.name or config.model_uri, served.version,
                  served.alias, served.device)
 
@@ -171,11 +193,12 @@ class Sampler:
                              served.version, version)
                     await self._load(config)
             except Exception as exc:  # an unreachable registry must not take the model down: retry next time
+                self.load_error = f"models:/{served.name}@{served.alias}: {exc}"
                 log.warning("could not follow models:/%s@%s (still serving version %s): %s", served.name,
                             served.alias, served.version, exc)
 
     async def model_info(self) -> dict:
-        return self._served.describe()
+        return self._served.describe() | {"load_error": self.load_error}
 
     async def generate(self, job: Job) -> Outcome:
         item = Queued(job, time.monotonic())
@@ -199,7 +222,8 @@ class Sampler:
 # -- the HTTP ingress -----------------------------------------------------------------------------------------------
 api = FastAPI(
     title="DDPM sampler",
-    description="POST /generate samples images from the served diffusion model; GET /v1/model describes it.",
+    description="POST /generate samples images from the served diffusion model; POST /inpaint fills the white part "
+                "of a mask in an image with it; GET /v1/model describes it.",
 )
 
 
@@ -209,6 +233,20 @@ def _route_path(request: Request) -> str:
     if root and path.startswith(root):
         path = path[len(root):] or "/"
     return path
+
+
+@api.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    """A body over its route's limit is a 413. Registered before (so run after) the API key check: a client
+    without the key learns nothing, and a chunked body (no Content-Length) is read only for a client with it."""
+    limit = MAX_BODY_BYTES_BY_PATH.get(_route_path(request), MAX_BODY_BYTES)
+    length = request.headers.get("content-length")
+    if length is None and request.method in ("POST", "PUT", "PATCH"):
+        length = str(len(await request.body()))  # Starlette keeps the body for the route
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse({"detail": f"request body too large: {length} bytes, this route reads at most {limit}"},
+                            status_code=413)
+    return await call_next(request)
 
 
 @api.middleware("http")
@@ -224,9 +262,45 @@ async def require_api_key(request: Request, call_next):
     return await call_next(request)
 
 
+def _echo(value, limit: int = 200):
+    """What a 422 shows of an offending input: the value itself when it is small, plain JSON, else a clipped repr."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+        if len(text) <= limit:
+            return value
+    except (TypeError, ValueError):  # bytes, NaN, infinity
+        text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, except for each error's ``input``: the default handler echoes a large body back whole, and
+    fails with a 500 on an input it cannot encode (a body that is not UTF-8, a NaN)."""
+    errors = [error | {"input": _echo(error["input"])} if "input" in error else error for error in exc.errors()]
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
 def _reject(field: str, message: str) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors, so clients parse one format."""
     return HTTPException(422, detail=[{"type": "value_error", "loc": ["body", field], "msg": message}])
+
+
+def _base64(field: str, text: str) -> bytes:
+    """The bytes of a base64 field; a ``data:image/png;base64,`` prefix (a browser canvas's URL) is allowed."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, or characters outside ASCII
+        raise _reject(field, "not valid base64 (standard alphabet, with padding)") from None
+
+
+def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
+    """The body's job with its defaults filled in: the sampler's step count, a random seed when none is given."""
+    seed = body.seed if body.seed is not None else secrets.randbits(32)
+    return Job(body.num_images, body.sampler, body.steps or DEFAULT_STEPS[body.sampler], body.eta, seed,
+               body.class_label, body.guidance_scale, edit)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -240,6 +314,18 @@ class Ingress:
         if api_key is None and os.environ.get("DDPM_API_KEY"):
             api_key = SecretStr(os.environ["DDPM_API_KEY"])
         api.state.api_key = api_key  # read by require_api_key; one app per replica process
+
+    async def _sample(self, job: Job) -> Outcome:
+        """The sampler's outcome for ``job``. A replica that dies mid-request (killed, out of memory) costs one retry
+        on another replica, not the request: a job is a pure function of its seed, so the retry gives the same
+        images. A second loss is a 503 that says to retry."""
+        for attempt in (1, 2):
+            try:
+                return await self.sampler.generate.remote(job)
+            except RayActorError as exc:
+                log.warning("sampler replica lost during a request (attempt %d of 2): %s", attempt, exc)
+        raise HTTPException(503, "the sampler replica was lost while sampling; retry in a few seconds",
+                            headers={"Retry-After": "5"})
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -257,18 +343,36 @@ class Ingress:
     @api.post("/generate")
     async def generate(self, body: GenerateRequest = Body(default_factory=GenerateRequest)) -> Response:
         started = time.monotonic()
-        steps = body.steps or DEFAULT_STEPS[body.sampler]
-        if body.num_images * steps > self.max_cost:
-            raise _reject("steps", f"num_images * steps = {body.num_images} * {steps} = {body.num_images * steps} "
-                                   f"exceeds this server's budget of {self.max_cost} image-steps per request")
-        seed = body.seed if body.seed is not None else secrets.randbits(32)
-        job = Job(body.num_images, body.sampler, steps, body.eta, seed, body.class_label, body.guidance_scale)
-        outcome = await self.sampler.generate.remote(job)
+        return await self._answer(_job(body), body.output, started)
+
+    @api.post("/inpaint")
+    async def inpaint(self, body: InpaintRequest) -> Response:
+        """Fill the white part of ``mask`` in ``image``; answers like ``/generate``, one image per seed."""
+        started = time.monotonic()
+        edit = Edit(_base64("image", body.image), _base64("mask", body.mask), body.resize, body.resample_jumps,
+                    body.resample_times)
+        job = _job(body, edit)
+        if edit.resample_times > 1 and not edit.resample_jumps < job.steps:
+            raise _reject("resample_jumps", f"resample_jumps must be in [1, steps - 1] = [1, {job.steps - 1}] to "
+                                            f"resample (or send resample_times 1); got {edit.resample_jumps}")
+        return await self._answer(job, body.output, started)
+
+    async def _answer(self, job: Job, output: str, started: float) -> Response:
+        """Check the job's cost, run it on the sampler, and encode its images as one PNG grid or as JSON."""
+        calls = job.model_calls()
+        if job.num_images * calls > self.max_cost:
+            if calls == job.steps:
+                raise _reject("steps", f"num_images * steps = {job.num_images} * {calls} = {job.num_images * calls} "
+                                       f"exceeds this server's budget of {self.max_cost} image-steps per request")
+            raise _reject("resample_times", f"num_images * model calls = {job.num_images} * {calls} = "
+                                            f"{job.num_images * calls} (steps plus RePaint's resampling) exceeds "
+                                            f"this server's budget of {self.max_cost} image-steps per request")
+        outcome = await self._sample(job)
         if isinstance(outcome, Rejected):
             raise _reject(outcome.field, outcome.message)
 
-        if body.output == "png":
-            headers = {"X-Seed": str(seed), "X-Batch-Requests": str(outcome.batch["requests"]),
+        if output == "png":
+            headers = {"X-Seed": str(job.seed), "X-Batch-Requests": str(outcome.batch["requests"]),
                        "X-Batch-Images": str(outcome.batch["images"])}
             if outcome.model["version"] is not None:  # a checkpoint folder has no name or version
                 headers |= {"X-Model-Name": outcome.model["name"], "X-Model-Version": outcome.model["version"]}

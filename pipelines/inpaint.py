@@ -26,47 +26,25 @@ More resampling (--resample-times) harmonises the filled region with the kept on
 """
 
 
-def read_image(path: str, mode: str):
-    """A PNG/JPEG/... file -> (H, W, C) uint8 in ``mode`` ("L" or "RGB"); transparency flattened onto white."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+def read_inputs(image_path: str, mask_path: str, size: int, channels: int, resize: bool):
+    """The two files -> (image (size, size, C) uint8, generate (size, size) bool), checked by
+    ``ddpm.images.decode_edit_inputs`` (what ``POST /inpaint`` uses too); errors name the file at fault."""
+    from ddpm.images import EditInputError, decode_edit_inputs
 
-    from pipelines.preprocess import to_mode
-
+    paths = {"image": image_path, "mask": mask_path}
+    data = {}
+    for field, path in paths.items():
+        try:
+            data[field] = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        with Image.open(path) as img:
-            img.load()
-            pixels = np.array(to_mode(img, mode), dtype=np.uint8)  # a writable copy
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
-    return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
-
-
-def read_mask(path: str):
-    """A mask file -> (H, W) bool, True = generate. Must be black (0) and white (255) only, with some white."""
-    import numpy as np
-
-    levels = read_image(path, "L")[..., 0]  # (H, W) uint8
-    other = np.unique(levels[(levels != 0) & (levels != 255)])
-    if other.size:
-        raise UserError(f"{path}: the mask must be black (0 = keep) and white (255 = generate) only; found "
-                        f"{other.size} other grey level{'s' if other.size > 1 else ''} (e.g. {int(other[0])})")
-    generate = levels == 255
-    if not generate.any():
-        raise UserError(f"{path}: the mask is all black, so there is nothing to generate (white = generate)")
-    return generate
-
-
-def _fit(pixels, size: int, resample):
-    """(H, W, C) uint8 -> (size, size, C), stretched with PIL's ``resample`` filter."""
-    import numpy as np
-    from PIL import Image
-
-    channels = pixels.shape[2]
-    img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels).resize((size, size), resample)
-    return np.array(img, dtype=np.uint8).reshape(size, size, channels)
+        return decode_edit_inputs(data["image"], data["mask"], size=size, channels=channels, resize=resize,
+                                  resize_hint="pass --resize to stretch image and mask to it")
+    except EditInputError as exc:
+        raise UserError(f"{paths[exc.field]}: {exc}") from None
 
 
 def inpaint_image(loaded, image, generate, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
@@ -120,8 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from ddpm import checkpoint, encode_png
 
     from pipelines.registry import resolve_model
@@ -139,19 +115,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--class-label {args.class_label}: the model has "
                         f"{f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'}")
 
-    image = read_image(args.image, "L" if channels == 1 else "RGB")  # (H, W, C) uint8
-    generate = read_mask(args.mask)  # (H, W) bool
-    (h, w), (mh, mw) = image.shape[:2], generate.shape
-    if (mh, mw) != (h, w):
-        raise UserError(f"{args.mask}: the mask is {mw}x{mh} but the image {args.image} is {w}x{h}; they must match")
-    if (h, w) != (size, size):
-        if not args.resize:
-            raise UserError(f"{args.image}: the image is {w}x{h} but the model expects {size}x{size} "
-                            f"(pass --resize to stretch image and mask to it)")
-        image = _fit(image, size, Image.Resampling.LANCZOS)
-        generate = _fit(generate[..., None].astype("uint8") * 255, size, Image.Resampling.NEAREST)[..., 0] == 255
-        if not generate.any():
-            raise UserError(f"{args.mask}: no white pixel is left after resizing the mask to {size}x{size}")
+    image, generate = read_inputs(args.image, args.mask, size, channels, args.resize)
 
     try:
         filled = inpaint_image(loaded, image, generate, sampler=args.sampler, steps=args.steps, eta=args.eta,

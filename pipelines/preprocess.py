@@ -55,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from ddpm.images import to_mode  # shared with ddpm inpaint and POST /inpaint
 from pipelines import storage
 from pipelines.errors import UserError
 
@@ -123,20 +124,6 @@ def prepare_image(data: bytes, resolution: int, channels: int, *, upscale: bool 
         detail = (str(exc) or type(exc).__name__).splitlines()[0]
         raise UnusableImage(f"corrupt image ({detail})") from None
     return pixels.reshape(resolution, resolution, channels)
-
-
-def to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert to ``mode`` (L or RGB) without the two silent losses of a bare ``convert``.
-
-    16-bit grey would be clipped at 255 (almost all white), so its top 8 bits are kept instead; transparent pixels
-    would show whatever colour they happen to store, so transparency is flattened onto white, as a viewer shows it.
-    """
-    if img.mode in ("I", "I;16", "I;16L", "I;16B"):
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img if img.mode == mode else img.convert(mode)
 
 
 # ---------------------------------------------------------------------------------------------------------------

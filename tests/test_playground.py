@@ -1,8 +1,9 @@
 """The playground page at GET /, driven in a real headless Chromium (Debian's package) by Playwright.
 
 Serve runs a tiny class-conditional checkpoint on 127.0.0.1. The browser loads the page, sets a seed, presses
-Generate, waits for the images and checks they decoded; an out-of-range value shows the server's message next to
-its field; with an API key, the page asks for it once. A screenshot is saved under the test's output folder
+Generate, waits for the images and checks they decoded; in Edit mode it uploads a PNG, paints a mask stroke and
+inpaints; an out-of-range value shows the server's message next to its field; with an API key, the page asks for it
+once. A screenshot is saved under the test's output folder
 (``tests/output/playground.png``, also used by README).
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import _start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
@@ -79,6 +82,34 @@ def test_page_generates_images(endpoint, browser):
     assert "6 images in" in page.text_content("#status")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "playground.png"), full_page=True)
+    page.close()
+
+
+def test_edit_mode_inpaints_a_painted_stroke(endpoint, browser, tmp_path):
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(upload)
+    page = browser.new_page()
+    page.goto(endpoint + "/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
+    page.click("#mode-edit")
+    page.set_input_files("#edit-file", str(upload))  # 16x16 RGB: the page stretches it to the model's 8x8
+    page.wait_for_function("edit.hasImage", timeout=30_000)
+    box = page.locator("#edit-mask").bounding_box()
+    page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 5)  # a vertical stroke down the right side
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + box["height"] - 5, steps=10)
+    page.mouse.up()
+    assert 0 < page.evaluate("edit.mask.reduce((a, b) => a + b, 0)") < 64
+    page.fill("#num_images", "2")
+    page.fill("#steps", "5")
+    page.fill("#resample_times", "2")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=30_000)
+    assert page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)") == [8, 8]
+    assert page.text_content(".error[data-for='mask']") == "" and "2 images in" in page.text_content("#status")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "playground-edit.png"), full_page=True)
     page.close()
 
 

@@ -299,6 +299,89 @@ def test_api_key_guards_every_route_but_healthz(server):
     assert API_KEY not in r.text and all(API_KEY not in v for v in r.headers.values())
 
 
+# -- POST /inpaint ------------------------------------------------------------------------------------------------
+def b64png(pixels) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+PIXELS = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)  # the served models' 8x8 grey
+RIGHT_HALF = np.zeros((8, 8), np.uint8)
+RIGHT_HALF[:, 4:] = 255  # white = generate
+
+
+def inpaint(url: str, headers: dict | None = None, **body) -> requests.Response:
+    body = {"image": b64png(PIXELS), "mask": b64png(RIGHT_HALF), "steps": 4, "resample_times": 2} | body
+    return requests.post(f"{url}/inpaint", json=body, headers=headers, timeout=TIMEOUT)
+
+
+def test_inpaint_keeps_the_known_pixels_as_png_and_json(server):
+    keep = RIGHT_HALF == 0
+    r = inpaint(f"{server}/reg", num_images=3, seed=5, class_label=1, sampler="ddpm", output="json")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [5, 6, 7] and body["model"]["alias"] == "production"
+    results = [png_array(base64.b64decode(image)) for image in body["images"]]
+    for result in results:
+        assert result.shape == (8, 8)
+        assert np.array_equal(result[keep], PIXELS[keep])  # kept pixels come back bit for bit (uint8 in, uint8 out)
+        assert not np.array_equal(result[~keep], PIXELS[~keep])
+    assert not np.array_equal(results[0], results[1])  # one result per seed
+
+    r = inpaint(f"{server}/reg", num_images=3, seed=5, class_label=1, sampler="ddpm")  # output png: one grid
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["X-Seed"] == "5"
+    grid = png_array(r.content)
+    assert np.array_equal(grid, make_grid(np.stack(results)[..., None])[..., 0])  # the same images, tiled
+
+
+def test_inpaint_resizes_only_when_asked(server):
+    big = np.full((16, 16, 3), 200, np.uint8)  # RGB, converted to the model's grey
+    mask = np.kron(RIGHT_HALF, np.ones((2, 2), np.uint8))  # (16, 16)
+    r = inpaint(f"{server}/reg", image=b64png(big), mask=b64png(mask))
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "image"] and "16x16 but the model expects 8x8" in error["msg"]
+    assert "resize" in error["msg"]
+
+    r = inpaint(f"{server}/reg", image=b64png(big), mask=b64png(mask), resize=True, num_images=1, output="json")
+    assert r.status_code == 200, r.text
+    result = png_array(base64.b64decode(r.json()["images"][0]))
+    assert result.shape == (8, 8) and (result[:, :4] == 200).all()
+
+
+def _png_bytes_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"mask": b64png(np.full((8, 6), 255))}, "mask"),  # not the image's size
+    ({"mask": b64png(RIGHT_HALF // 2)}, "mask"),  # grey levels, not black and white
+    ({"mask": b64png(np.zeros((8, 8)))}, "mask"),  # all black: nothing to generate
+    ({"mask": None}, "mask"),
+    ({"image": b64png(np.zeros((6, 6)))}, "mask"),  # a mismatch names the mask, as `ddpm inpaint` does
+    ({"image": "not base64!"}, "image"),
+    ({"image": _png_bytes_b64(b"GIF89a, or is it?")}, "image"),
+    ({"image": b64png(np.zeros((12, 12))), "mask": b64png(np.full((12, 12), 255))}, "image"),  # not the model's size
+    ({"resample_times": 0}, "resample_times"),
+    ({"resample_times": 2, "resample_jumps": 4}, "resample_jumps"),  # j must be < steps = 4
+    ({"num_images": 16, "steps": 50, "resample_times": 10}, "resample_times"),  # 16 * 491 > the budget of 5,000
+    ({"class_label": 3}, "class_label"),
+    ({"resize": "yes"}, "resize"),
+    ({"colour": "red"}, "colour"),
+])
+def test_inpaint_bad_input_is_a_422_naming_the_field(server, body, field):
+    r = inpaint(f"{server}/reg", **body)
+    assert r.status_code == 422, r.text
+    assert field in {str(part) for error in r.json()["detail"] for part in error["loc"]}, r.text
+
+
+def test_inpaint_needs_the_api_key(server):
+    assert inpaint(f"{server}/plain").status_code == 401
+    r = inpaint(f"{server}/plain", headers={"Authorization": f"Bearer {API_KEY}"}, num_images=1)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
 def sampler_replicas(app: str) -> int:
     """The Sampler deployment's RUNNING replicas, from ``serve.status()``."""
     from ray import serve
