@@ -96,7 +96,10 @@ def filesystem_for(uri: str, endpoint_url: str | None = None) -> tuple[pafs.File
 
 @contextlib.contextmanager
 def user_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
-    """Re-raise the store's errors inside the block as one-line UserErrors that name ``uri``."""
+    """Re-raise the store's errors inside the block as one-line UserErrors that name ``uri``.
+
+    Also the store's errors raised in Ray tasks (a Ray Data read or write), which reach the driver wrapped.
+    """
     try:
         yield
     except UserError:
@@ -104,15 +107,28 @@ def user_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
     except FileNotFoundError as exc:
         reason = "the bucket does not exist" if _bucket_missing(uri, endpoint_url) else "not found"
         raise UserError(f"{uri}: {reason}") from exc
-    except OSError as exc:
+    except Exception as exc:
         text = str(exc)
-        endpoint = resolve_endpoint(endpoint_url)
-        shown = "{}://{}".format(*_endpoint_parts(endpoint)) if endpoint else "of AWS"
-        reason = next(
-            (meaning for code, meaning in _AWS_ERRORS.items() if code in text),
-            text.strip().splitlines()[0] if text.strip() else type(exc).__name__,
-        )
-        raise UserError(f"{uri}: {reason.format(endpoint=shown)}") from exc
+        # A Ray task's failure comes back as a RayTaskError, not an OSError: its text quotes the store's error (and a
+        # traceback). Only the store's errors are translated; anything else is not this module's to explain.
+        reason = explain(text, endpoint_url)
+        if reason is None and not isinstance(exc, OSError):
+            raise
+        if reason is None:
+            reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise UserError(f"{uri}: {reason}") from exc
+
+
+def explain(message: str, endpoint_url: str | None = None) -> str | None:
+    """What a store error quoted in ``message`` means to the user; None if it quotes none that this module knows.
+
+    E.g. "... AWS Error NETWORK_CONNECTION during HeadObject ..." -> "cannot connect to the S3 endpoint http://...".
+    """
+    meaning = next((meaning for code, meaning in _AWS_ERRORS.items() if code in message), None)
+    if meaning is None:
+        return None
+    endpoint = resolve_endpoint(endpoint_url)
+    return meaning.format(endpoint="{}://{}".format(*_endpoint_parts(endpoint)) if endpoint else "of AWS")
 
 
 def _bucket_missing(uri: str, endpoint_url: str | None) -> bool:
@@ -141,6 +157,13 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem_for(uri, endpoint_url)
     with user_errors(uri, endpoint_url), fs.open_input_stream(path) as f:
         return f.read()
+
+
+def read_head(uri: str, length: int, endpoint_url: str | None = None) -> bytes:
+    """The first ``length`` bytes of the object at ``uri`` (fewer if it is shorter): one ranged read on S3."""
+    fs, path = filesystem_for(uri, endpoint_url)
+    with user_errors(uri, endpoint_url), fs.open_input_file(path) as f:
+        return f.read_at(min(length, f.size()), 0)
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:

@@ -25,9 +25,14 @@ workers (rank r gets its contiguous part of the global batch); DDP's gradient av
 share (see :func:`_weighted_allreduce`), so a short last batch or a batch that does not divide by the number of
 workers still gets the gradient of the mean loss over exactly those images.
 
-Failures: a worker that dies is replaced by Ray Train (``train.max_failures`` times) and the group restarts from the
-last checkpoint; running the same command again with the same ``--name`` resumes the same way, in the same MLflow
-run (its id lives in the checkpoint), with a ``restarts`` metric to show it. Test hook, for the test suite only:
+Failures: a worker (or node) that dies is replaced by Ray Train (``train.max_failures`` times) and the group restarts
+from the last checkpoint, or from a newer complete one in storage that Ray Train had not registered yet (see
+:func:`_resume_from`); running the same command again with the same ``--name`` resumes the same way, in the same
+MLflow run (its id lives in the checkpoint), with ``restarts`` and ``resumed_at_images`` metrics to show it. A
+checkpoint upload waits out about a minute of storage outage (:func:`_upload`), and so does the driver when an outage
+stops Ray Train's controller (:func:`_fit`); a folder cut short by a kill or an outage is never taken for the latest
+checkpoint (:func:`latest_checkpoint`). When the retries run out, the one-line error names the checkpoint the same
+command will resume from. Test hook, for the test suite only:
 ``DDPM_TEST_FAIL_AFTER_IMAGES=N`` makes the last rank raise right after the first checkpoint at or past N images,
 in an attempt that started below N, so the failure happens once and the retry finishes the run.
 """
@@ -65,6 +70,7 @@ STATE_FORMAT = "ddpm-training-state"
 FAIL_AFTER_ENV = "DDPM_TEST_FAIL_AFTER_IMAGES"
 SAMPLE_STEPS = 25  # DDIM steps for the sample grids: enough to judge progress, cheap next to training
 SAMPLE_COLUMNS = 8
+UPLOAD_RETRY_WAITS_S = (1, 2, 4, 8, 15, 30)  # a checkpoint upload waits out about a minute of storage outage
 
 
 @dataclass(frozen=True)
@@ -152,26 +158,58 @@ class SavedCheckpoint(NamedTuple):
     state: dict  # its training_state.json
 
 
-def latest_checkpoint(storage_uri: str, name: str) -> SavedCheckpoint | None:
+def latest_checkpoint(storage_uri: str, name: str, endpoint_url: str | None = None) -> SavedCheckpoint | None:
     """The newest complete checkpoint under STORAGE/NAME, or None for a new run.
 
-    Checkpoint folders are named after the images seen, so the newest sorts last; a folder without all its files
-    (an upload cut short) is passed over, as Ray Train itself would never have registered it.
+    Checkpoint folders are named after the images seen, so the newest sorts last. A folder cut short (a worker killed
+    while writing it, an upload interrupted by an outage) is passed over: it must hold all four files, its JSON files
+    must parse, and each safetensors file must be as long as its own header says.
     """
     from pipelines import storage as store
 
     run_uri = store.join(storage_uri, name)
-    files: dict[str, set[str]] = {}
-    for entry in store.list_files(run_uri):
+    sizes: dict[str, dict[str, int]] = {}
+    for entry in store.list_files(run_uri, endpoint_url):
         folder, _, rest = entry.key.partition("/")
         if folder.startswith("checkpoint_"):
-            files.setdefault(folder, set()).add(rest)
-    required = {STATE_JSON, STATE_TENSORS, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors"}
-    for folder in sorted(files, reverse=True):
-        if required <= files[folder]:
-            uri = store.join(run_uri, folder)
-            return SavedCheckpoint(uri, store.read_json(store.join(uri, STATE_JSON)))
+            sizes.setdefault(folder, {})[rest] = entry.size
+    for folder in sorted(sizes, reverse=True):
+        uri = store.join(run_uri, folder)
+        state = _complete_state(uri, sizes[folder], endpoint_url)
+        if state is not None:
+            return SavedCheckpoint(uri, state)
     return None
+
+
+def complete_checkpoint(uri: str, endpoint_url: str | None = None) -> dict | None:
+    """The training state of the checkpoint folder at ``uri`` if it is whole (see :func:`latest_checkpoint`)."""
+    from pipelines import storage as store
+
+    return _complete_state(uri, {e.key: e.size for e in store.list_files(uri, endpoint_url)}, endpoint_url)
+
+
+def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -> dict | None:
+    """The training state of the checkpoint folder at ``uri`` (file -> size) if all its files are whole, else None."""
+    from pipelines import storage as store
+
+    if not {STATE_JSON, STATE_TENSORS, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors"} <= sizes.keys():
+        return None
+    for tensors in (STATE_TENSORS, f"{MODEL_DIR}/model.safetensors"):
+        # safetensors: an 8-byte header length n, n bytes of JSON header, then the data the header's offsets cover
+        head = store.read_head(store.join(uri, tensors), 8, endpoint_url)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        try:
+            header = json.loads(store.read_head(store.join(uri, tensors), 8 + n, endpoint_url)[8:])
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+        if sizes[tensors] != 8 + n + end:
+            return None
+    try:
+        json.loads(store.read_bytes(store.join(uri, MODEL_DIR, "config.json"), endpoint_url))
+        return json.loads(store.read_bytes(store.join(uri, STATE_JSON), endpoint_url))
+    except ValueError:
+        return None
 
 
 def check_resumable(state: dict, config, name: str) -> None:
@@ -268,10 +306,13 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "fail_after_images": int(fail_after) if fail_after else None,
+        "storage": storage,
+        "name": name,
+        "endpoint_url": store.resolve_endpoint(None),  # the driver's, so every worker reads the same store
     }
     resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker,
+    trainer_args = dict(
+        train_loop_per_worker=_train_worker,
         train_loop_config=job,
         datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -287,15 +328,71 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
     )
     print(f"training on {num_workers} worker(s) x {cpus} CPU{' + 1 GPU' if use_gpu else ''}; "
           f"checkpoints under {store.join(storage, name)}", flush=True)
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        from pipelines import tracking
+    outages = 0
+    while True:
+        try:
+            return TorchTrainer(**trainer_args).fit()
+        except ray.train.TrainingFailedError as exc:
+            # Ray Train's controller writes its own state to the store when it registers a checkpoint, and does not
+            # retry that: a storage outage at that moment ends the run. Wait for the store, then go on from the last
+            # complete checkpoint, as the same command run again would (at most train.max_failures times).
+            if (isinstance(exc, ray.train.ControllerError) and store.explain(str(exc)) is not None
+                    and outages < config.train.max_failures and _store_back(storage, name)):
+                outages += 1
+                print(f"storage came back after an outage that stopped Ray Train's controller; resuming "
+                      f"({outages}/{config.train.max_failures})", flush=True)
+                continue
+            raise UserError(_failure_message(exc, config, storage, name, run_id, tracking_uri)) from None
 
+
+def _store_back(storage: str, name: str, waits_s=UPLOAD_RETRY_WAITS_S) -> bool:
+    """Whether the store answers again within about a minute (the wait of a checkpoint upload, see :func:`_upload`)."""
+    for wait_s in waits_s:
+        time.sleep(wait_s)
+        try:
+            latest_checkpoint(storage, name)
+            return True
+        except UserError:
+            continue
+    return False
+
+
+def _failure_message(exc: Exception, config, storage: str, name: str, run_id: str, tracking_uri: str) -> str:
+    """One line: why training stopped, and where it will resume (the same command resumes from there)."""
+    from pipelines import storage as store
+    from pipelines import tracking
+
+    try:
         tracking.client(tracking_uri).set_terminated(run_id, "FAILED")
-        cause = exc.__cause__ or exc
-        raise UserError(f"training failed after {config.train.max_failures} retries: "
-                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}")
+    except Exception:  # noqa: BLE001 - the tracking server may be what failed; the message matters more
+        pass
+    cause = exc.__cause__ or exc
+    explained = store.explain(str(cause))
+    if explained:
+        reason = f"{storage}: {explained}"
+    elif getattr(cause, "worker_failures", None):  # ray.train.WorkerGroupError: rank -> its error
+        # a rank whose process or node died fails its health check; the others' errors are then only echoes of it
+        lost = {rank: error for rank, error in cause.worker_failures.items() if "health check" in str(error)}
+        reason = "; ".join(f"rank {rank}: {'worker lost: ' if lost else ''}{_one_line(error)[:150]}"
+                           for rank, error in sorted((lost or cause.worker_failures).items()))
+    else:
+        reason = _one_line(getattr(cause, "controller_failure", None) or cause)
+    try:
+        saved = latest_checkpoint(storage, name)
+    except UserError as store_error:  # the store may be what failed
+        resume = f"the checkpoints in {storage} cannot be read now ({store_error})"
+    else:
+        resume = (f"run the same command to resume from {saved.uri} ({saved.state['images_seen']} images)"
+                  if saved is not None else "no checkpoint was written yet")
+    return f"training failed (train.max_failures={config.train.max_failures}): {reason[:300]}; {resume}"
+
+
+def _one_line(error: BaseException) -> str:
+    """An error in one line: its message's first line, or for a quoted traceback its last (the exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if any(line.startswith("Traceback (most recent call last)") for line in lines) else lines[0]
 
 
 def default_cpus_per_worker(num_workers: int) -> int:
@@ -518,7 +615,7 @@ def _train_worker(job: dict) -> None:
     net = UNet(config.model)
     schedule = config.schedule.build()
     state = {"step": 0, "images_seen": 0, "restarts": 0, "ema_updates": 0}
-    restored = ray.train.get_checkpoint()
+    restored = _resume_from(ray.train.get_checkpoint(), job, rank, world)
     if restored is not None:
         with restored.as_directory() as folder:
             state, optimizer_state, raw, ema_state, rng = read_checkpoint(Path(folder))
@@ -602,7 +699,7 @@ def _train_worker(job: dict) -> None:
             unlogged = logger.close() if finished and logger is not None else []
             _report_checkpoint(state, unlogged, net=net, schedule=schedule, ema=ema, optimizer=optimizer,
                                rng_states=_gather_rng(world, device), prediction_type=tc.prediction_type,
-                               class_names=job["class_names"], rank=rank)
+                               class_names=job["class_names"], rank=rank, job=job)
             throughput.restart()
             if armed and seen >= fail_after:
                 raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: injected failure on rank {rank} at {seen} images")
@@ -611,23 +708,82 @@ def _train_worker(job: dict) -> None:
         logger.close()  # already closed after the last step, unless this attempt resumed at the very end
 
 
+def _resume_from(registered, job: dict, rank: int, world: int):
+    """The checkpoint to resume from: Ray Train's latest, or a newer complete one in storage.
+
+    Ray Train registers a reported checkpoint only when its controller next polls the workers; when a worker dies in
+    between, the group restarts from the checkpoint before (or from scratch) although the newer one is complete in
+    storage. Rank 0 looks there and every rank takes its choice, so all resume from the same checkpoint.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    from pipelines import storage as store
+
+    choice = [None]
+    if rank == 0:
+        saved = latest_checkpoint(job["storage"], job["name"], job["endpoint_url"])
+        registered_images = int(Path(registered.path).name.rpartition("_")[2]) if registered is not None else -1
+        if saved is not None and saved.state["images_seen"] > registered_images:
+            choice = [saved.uri]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return registered
+    print(f"resuming from {choice[0]}, newer than Ray Train's latest checkpoint "
+          f"({registered.path if registered is not None else 'none'})", flush=True)
+    fs, path = store.filesystem_for(choice[0], job["endpoint_url"])
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
 def _crossed(seen: int, n: int, every: int) -> bool:
     """Whether the last ``n`` images took the count past a multiple of ``every``."""
     return seen // every > (seen - n) // every
 
 
-def _report_checkpoint(state: dict, unlogged: list[str], *, rank: int, **contents) -> None:
-    """Every rank calls ray.train.report (it is a barrier); rank 0 alone writes and hands over the files."""
+def _report_checkpoint(state: dict, unlogged: list[str], *, rank: int, job: dict, **contents) -> None:
+    """Every rank calls ray.train.report (it is a barrier); rank 0 alone writes and uploads the files."""
     import ray.train
 
+    from pipelines import storage as store
+
     metrics = {**state["metrics"], "images_seen": state["images_seen"], "step": state["step"], "unlogged": unlogged}
+    name = f"checkpoint_{state['images_seen']:012d}"
     with tempfile.TemporaryDirectory(prefix="ddpm-checkpoint-") as folder:
-        checkpoint = None
+        checkpoint, persisted = None, None
         if rank == 0:
             write_checkpoint(Path(folder), state=state, **contents)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{state['images_seen']:012d}")
+            persisted = _upload(Path(folder), store.join(job["storage"], job["name"], name), job["endpoint_url"])
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_fn=lambda *_: persisted)
+
+
+def _upload(folder: Path, uri: str, endpoint_url: str | None, waits_s=UPLOAD_RETRY_WAITS_S):
+    """Copy the checkpoint files to ``uri``, waiting out an outage of the store; returns the stored Checkpoint.
+
+    Ray Train's own upload tries three times within seconds, and a failed upload restarts the worker group, which
+    needs the store too. Retrying here for about a minute lets training go on through a short outage. A copy cut
+    short leaves a folder that :func:`latest_checkpoint` passes over; the retry rewrites every file.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from pipelines import storage as store
+
+    fs, path = store.filesystem_for(uri, endpoint_url)
+    for attempt, wait_s in enumerate([*waits_s, None], start=1):
+        try:
+            fs.create_dir(path)
+            pafs.copy_files(str(folder), path, destination_filesystem=fs, use_threads=False)  # threads: arrow#32372
+            return ray.train.Checkpoint(path, filesystem=fs)
+        except OSError as exc:
+            if wait_s is None:
+                raise
+            reason = str(exc).strip().splitlines()[0][:200]
+            print(f"checkpoint upload to {uri} failed (attempt {attempt}: {reason}); retrying in {wait_s} s",
+                  flush=True)
+            time.sleep(wait_s)
 
 
 def _sample_grid(sampler_net, ema, schedule, config, device) -> bytes:
