@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -82,6 +83,27 @@ def start_ray(keep: bool, log) -> str:
     return address
 
 
+def ensure_auth_token() -> None:
+    """Run the cluster and every client of it (this driver, ``ddpm serve``) with Ray's token authentication on.
+
+    Ray 2.60's ``ray start`` turns token authentication on by itself once ``~/.ray/auth_token`` exists, while its
+    clients stay in ``RAY_AUTH_MODE=disabled`` unless told, and are then refused ("InvalidAuthToken"). Saying
+    ``token`` for all of them, in this process's environment (which ``ray start`` and ``ddpm serve`` inherit), makes
+    both sides agree; a token is generated into ``~/.ray/auth_token`` (mode 600) when none exists. Must run before
+    ``ray`` is imported in this process: Ray reads the mode once, at import.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return  # the user chose no authentication
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.is_file() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+
+
 def free_port(preferred: int) -> int:
     with socket.socket() as s:
         try:
@@ -141,6 +163,8 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
 
 def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_serving: bool,
                eval_samples: int = 500, log=print) -> dict:
+    if keep_serving and not os.environ.get("RAY_ADDRESS"):
+        ensure_auth_token()  # before the first ``import ray``: Ray reads RAY_AUTH_MODE once, at import
     import ray
 
     from ddpm import encode_png

@@ -2,24 +2,65 @@
 register -> promote -> Serve -> POST /generate -> quickstart-samples.png, in a subprocess like `make quickstart`."""
 
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import psutil
+import pytest
+import requests
 from PIL import Image
 
 from conftest import free_port
+from pipelines.quickstart import RAY_PORT
 
 
-def test_quickstart_end_to_end(tmp_path):
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def stop_kept_cluster(port: int) -> None:
+    """Kill the ``ray start`` cluster whose GCS listens on ``port``, and only it (``ray stop`` would also take down
+    the other Ray instances of this test session): its session's processes and everything they started."""
+    gcs = [p for p in psutil.process_iter() if f"--gcs_server_port={port}" in _cmdline(p)]
+    if not gcs:
+        return
+    session = re.search(r"--session-name=(\S+)", _cmdline(gcs[0])).group(1)
+    members = [p for p in psutil.process_iter() if session in _cmdline(p)]
+    for process in members + [c for p in members for c in p.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def kept_cluster():
+    if any(f"--gcs_server_port={RAY_PORT}" in _cmdline(p) for p in psutil.process_iter()):
+        pytest.fail(f"a Ray cluster already listens on {RAY_PORT}; stop it (`ray stop`) before running this test")
+    yield
+    stop_kept_cluster(RAY_PORT)
+
+
+def test_quickstart_end_to_end(tmp_path, kept_cluster):
+    """As `make quickstart` runs it on a fresh machine: `ray start` keeps the cluster (and Serve) after the command,
+    with a home folder that holds no Ray token yet (Ray's token authentication must still let our clients in)."""
     workdir, samples = tmp_path / "home", tmp_path / "samples.png"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH"))}
     env["DDPM_HOME"] = str(workdir)
+    env["HOME"] = str(tmp_path / "user")
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "quickstart", "--minutes", "1", "--eval-samples", "100", "--stop-when-done",
-         "--workdir", str(workdir), "--samples", str(samples), "--port", str(free_port())],
+        [sys.executable, "-m", "pipelines.cli", "quickstart", "--minutes", "1", "--eval-samples", "100",
+         "--workdir", str(workdir), "--samples", str(samples), "--port", str(port := free_port())],
         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "user" / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the token is the user's alone
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200  # Serve outlived it
+    assert "ray stop" in done.stdout
     out = done.stdout
     for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in out  # every stage reports progress
