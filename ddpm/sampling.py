@@ -172,8 +172,8 @@ def _plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str
     """Validate the shared settings; return the timesteps (descending) and alpha_bar as Python floats (float64)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # beyond 1, sigma^2 can exceed 1 - ab_prev and the eps term's sqrt has nothing left
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
     ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
@@ -205,7 +205,7 @@ def sample(
     """Denoise x_T (B, C, H, W) into x_0 (B, C, H, W), float32, roughly in [-1, 1].
 
     sampler: "ddpm" (ancestral; ``variance`` "fixed_small" = beta_tilde or "fixed_large" = beta; with fewer than T
-    steps, the respaced process of Nichol & Dhariwal 2021), "ddim" (Song et al. 2021, ``eta`` >= 0; eta = 0 is
+    steps, the respaced process of Nichol & Dhariwal 2021), "ddim" (Song et al. 2021, ``eta`` in [0, 1]; eta = 0 is
     deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
     steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
     """

@@ -34,7 +34,8 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(4, ge=1, le=MAX_IMAGES)
     sampler: Sampler = "ddim"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: 1000 ddpm, 50 ddim, 20 dpm++")
-    eta: float = Field(0.0, ge=0, allow_inf_nan=False, description="DDIM noise scale: 0 deterministic, 1 DDPM-like")
+    eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                       description="DDIM noise scale in [0, 1]: 0 deterministic, 1 DDPM-like")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses (seed + i) mod 2^32; random if absent")
     class_label: int | None = Field(None, description="conditional models only; null samples the unconditional model")
     guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="classifier-free guidance weight w")
