@@ -11,17 +11,14 @@ server to ask.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from conftest import _start_local_ray, free_port
 
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
-T = TypeVar("T")
+from .conftest import wait_for  # one polling helper for the whole suite
 
 
 def save_tiny(path: Path, seed: int) -> Path:
@@ -30,17 +27,6 @@ def save_tiny(path: Path, seed: int) -> Path:
     model = UNet(UNetConfig.preset("tiny"))
     schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     return checkpoint.save(path, model, schedule, prediction_type="sample")
-
-
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll ``condition`` until it returns something truthy, at most ``timeout`` seconds; returns that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
 def start_serve() -> int:

@@ -157,7 +157,7 @@ def test_corrupt_model_in_a_hot_reload_is_refused_and_the_old_one_keeps_serving(
         started = time.monotonic()
         redeploy(str(bad))
         error = wait_for(lambda bad=bad: (_model_info(base)["load_error"] or "").startswith(str(bad)) and
-                         _model_info(base)["load_error"], timeout=60, what=f"the refusal of {bad.name}")
+                         _model_info(base)["load_error"], timeout=60, what=f"the refusal of {bad.name}", interval=0.2)
         print(f"\n{bad.name}: refused in {time.monotonic() - started:.1f} s: {error}")
         assert complaint in error
         assert replica_pids(APP, "Sampler") == [pid], "the live replica was replaced"
@@ -168,6 +168,6 @@ def test_corrupt_model_in_a_hot_reload_is_refused_and_the_old_one_keeps_serving(
     started = time.monotonic()
     redeploy(str(v2))
     wait_for(lambda: _model_info(base)["load_error"] is None and _image(base) != v1_image, timeout=60,
-             what="the swap to version 2")
+             what="the swap to version 2", interval=0.2)
     record_property("swap_after_refusal_s", round(time.monotonic() - started, 2))
     assert replica_pids(APP, "Sampler") == [pid]
