@@ -3,17 +3,24 @@
     python benchmarks/quality.py --threads 1                      # every run (skips runs already measured)
     python benchmarks/quality.py --runs base,cosine --threads 1   # some of them
     python benchmarks/quality.py --table                          # print the table from the saved results
+    python benchmarks/quality.py --speed --runs base,patch2_narrow --threads 1   # training images/s, no training
+    python benchmarks/quality.py --threads 1 --data .ddpm/data/digits --out .ddpm/quality-pipeline \
+        --runs minsnr,patch2_narrow                               # on the pipeline's own processed digits
 
 Each run trains with ``pipelines.train_local.train_local`` (one process, the step function the Ray loop uses) on
-the digits exactly as ``ddpm train-local`` reads them, then scores the EMA weights with ``pipelines.evaluate``:
-DDIM-50 (trailing spacing), n = 500 samples (seeds 0..499) against 500 train-half images, beside the floor of 500
-held-out images against the same 500 (FD-cls in the cached digits classifier's features).
+the digits exactly as ``ddpm train-local`` reads them (bilinear 8 -> 16 resize), or with ``--data`` on a processed
+dataset such as the one ``make quickstart`` writes to ``.ddpm/data/digits`` (LANCZOS resize, what the pipeline trains
+on; its own classifier, so its ratios are comparable only with each other), then scores the EMA weights with
+``pipelines.evaluate``: DDIM-50 (trailing spacing), n = 500 samples (seeds 0..499) against 500 train-half images,
+beside the floor of 500 held-out images against the same 500 (FD-cls in the cached digits classifier's features).
 
 Fair under a shared, noisy CPU: a run's length is a fixed *compute budget*, not minutes. "5 minutes on the 2-core
 machine" is 300 s x 432 images/s x 0.38 GFLOP/image (FACTS.md: a 1.1M U-Net's training step measured at 432
 images/s on the quiet machine, 0.38 GFLOP/image by ``torch.utils.flop_counter``) = 49.2 TFLOP; a run trains on
 49.2 TFLOP / (its own model's GFLOP per image) images, rounded to whole batches. Wall-clock and CPU seconds are
-printed too, but they depend on what else the machine was doing.
+printed too, but they depend on what else the machine was doing. FLOPs are not seconds: a narrow network runs at
+fewer FLOP/s on this CPU (the 32-channel 2x2-patch U-Net: about 0.7x the digits U-Net's), so the FLOP budget gives it
+more CPU time than the others; the CPU-seconds column shows how much.
 
 Results (and checkpoints) go to ``--out`` (default ``.ddpm/quality``), one folder per run; a run whose
 ``result.json`` exists is not trained again unless ``--force``.
@@ -51,6 +58,9 @@ COSINE = ["train.lr_decay=cosine"]
 COND = COSINE + ["train.class_conditional=true"]
 VPRED = COND + ["train.prediction_type=v_prediction"]
 MINSNR = VPRED + ["train.min_snr_gamma=5"]
+# The U-Net on 2x2 patches (8x8 grid, 4 channels): levels at 8, 4, 2 with attention at 4x4; 64 base channels keep
+# the FLOPs per image of the 16x16 digits U-Net.
+PATCH2 = ["model.patch_size=2", "model.base_channels=64", "model.attention_resolutions=[4]"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "base": ("textbook recipe", []),
     "cosine": ("+ cosine LR decay to 0", COSINE),
@@ -61,8 +71,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "batch64": ("+ batch 64: twice the optimizer steps", MINSNR + ["train.batch_size=64"]),
     "cosine_schedule": ("+ cosine noise schedule (instead of batch 64)", MINSNR + ["schedule.kind=cosine"]),
     "lr2e-3": ("+ lr 2e-3 (instead of batch 64)", MINSNR + ["train.lr=2e-3"]),
+    "patch2": ("+ 2x2 patches, 64 channels (6.5M): the same FLOPs on an 8x8 grid", MINSNR + PATCH2),
+    "patch2_narrow": ("+ 2x2 patches, 32 channels (1.6M): 4x the images", MINSNR + PATCH2 + ["model.base_channels=32"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
+
 # Guidance 2 is scored once, on the first conditional run (it raised FD-cls there); later runs score w = 1 only.
 GUIDANCE = {"cond": (1.0, 2.0)}
 
@@ -130,6 +143,41 @@ def run(name: str, out: Path, reference, images, labels) -> dict:
     return result
 
 
+def speed(names: list[str], steps: int = 10) -> str:
+    """Training images/s of each run's model and batch (forward, backward, AdamW), against ``base`` in this process.
+
+    The runs take turns, one step each, so a busy machine slows them alike and the ratio to ``base`` stays fair.
+    """
+    import torch
+
+    from ddpm import UNet, diffusion_loss
+
+    names = ["base"] + [n for n in names if n != "base"]
+    jobs = {}
+    for n in names:
+        config, _ = build_config(n, RUNS[n][1])
+        tc, model_cfg = config.train, (config.with_num_classes(10) if config.train.class_conditional else config).model
+        net = UNet(model_cfg)
+        x = torch.randn(tc.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+        y = torch.randint(0, 10, (tc.batch_size,)) if tc.class_conditional else None
+        jobs[n] = (net, torch.optim.AdamW(net.parameters(), lr=tc.lr), config.schedule.build(), x, y, tc)
+    seconds = dict.fromkeys(names, 0.0)
+    for i in range(steps + 2):  # the first two steps warm up
+        for n, (net, optimizer, schedule, x, y, tc) in jobs.items():
+            start = time.perf_counter()
+            loss = diffusion_loss(net, schedule, x, class_labels=y, prediction_type=tc.prediction_type,
+                                  min_snr_gamma=tc.min_snr_gamma)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if i >= 2:
+                seconds[n] += time.perf_counter() - start
+    rate = {n: steps * jobs[n][5].batch_size / seconds[n] for n in names}
+    lines = ["| run | training images/s | ratio to base |", "|---|---|---|"]
+    lines += [f"| {n} | {rate[n]:.0f} | {rate[n] / rate['base']:.2f} |" for n in names]
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| run | change | params | GFLOP/img | images | weights, guidance | FD-cls | ratio to floor | "
              "precision | recall | train CPU s | train wall s |",
@@ -153,14 +201,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     parser.add_argument("--out", default=".ddpm/quality", help="results and checkpoints (default: %(default)s)")
+    parser.add_argument("--data", default="digits",
+                        help="`digits` (as `ddpm train-local` reads them) or a processed dataset, such as the "
+                             "quickstart's .ddpm/data/digits (LANCZOS-resized PNGs, as the pipeline trains on them)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--force", action="store_true", help="train runs again even if they have results")
     parser.add_argument("--table", action="store_true", help="only print the table of saved results")
+    parser.add_argument("--speed", action="store_true", help="only time the runs' training steps (no training)")
     args = parser.parse_args()
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    if args.speed:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(speed(names))
+        return 0
     out = Path(args.out)
     saved = {n: json.loads((out / n / "result.json").read_text()) for n in names
              if (out / n / "result.json").is_file()}
@@ -172,8 +231,13 @@ def main() -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        reference = prepare_reference(*load_data("digits", 16), num_samples=NUM_SAMPLES)
-        images, labels = digits_dataset(16)  # float, as train-local trains on them
+        reference = prepare_reference(*load_data(args.data, 16), num_samples=NUM_SAMPLES)
+        if args.data == "digits":
+            images, labels = digits_dataset(16)  # float, as train-local trains on them
+        else:
+            pixels, labels = load_data(args.data)  # (N, H, W, C) uint8, as the pipeline's workers read them
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+            labels = torch.from_numpy(labels).long()
         for n in names:
             if n not in saved or args.force:
                 saved[n] = run(n, out, reference, images, labels)

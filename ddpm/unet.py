@@ -6,6 +6,10 @@ time embedding added in between), self-attention at the resolutions listed in ``
 down block to its mirror up block. The timestep enters through a sinusoidal embedding (Transformer-style) and a
 two-layer MLP. With ``num_classes > 0`` a learned class embedding is added to the time embedding; index
 ``num_classes`` is the learned *null* class used for classifier-free guidance, and a label of -1 selects it.
+
+With ``patch_size`` p > 1 the image is folded into p x p patches first (``pixel_unshuffle``: (C, H, W) ->
+(C p^2, H/p, W/p)) and unfolded at the end, so the U-Net works on an (H/p)-sized grid at about 1/p^2 of the cost;
+"simple diffusion" (Hoogeboom et al. 2023) does the same for high-resolution images.
 """
 
 from __future__ import annotations
@@ -30,16 +34,25 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional
     num_groups: int = 32
     num_heads: int = 1
+    patch_size: int = 1  # p: the U-Net runs on the (image_size / p)-sized grid; attention_resolutions refer to it
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
         levels = len(self.channel_mults)
-        if self.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{levels - 1} for {levels} levels")
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.grid_size % 2 ** (levels - 1):
+            raise ValueError(f"the U-Net's grid ({self.grid_size} = image_size / patch_size) is not divisible by "
+                             f"2^{levels - 1} for {levels} levels")
         for c in {self.base_channels * m for m in self.channel_mults}:
             if c % min(self.num_groups, c) or c % self.num_heads:
                 raise ValueError(f"{c} channels are not divisible by num_groups/num_heads")
+
+    @property
+    def grid_size(self) -> int:
+        """The side of the grid the U-Net's first level works on."""
+        return self.image_size // self.patch_size
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
@@ -153,12 +166,13 @@ class UNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         # num_classes + 1 rows: the last one is the learned null class for classifier-free guidance.
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes > 0 else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        patch_channels = cfg.in_channels * cfg.patch_size ** 2
+        self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
         # Down path: remember every output's channel count for the skip connections.
         self.down = nn.ModuleList()
         skip_channels = [ch]
-        in_ch, res = ch, cfg.image_size
+        in_ch, res = ch, cfg.grid_size
         for level, mult in enumerate(cfg.channel_mults):
             out_ch = ch * mult
             for _ in range(cfg.num_res_blocks):
@@ -194,7 +208,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = _norm(in_ch, groups)
-        self.conv_out = nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(in_ch, patch_channels, 3, padding=1)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -211,7 +225,8 @@ class UNet(nn.Module):
         elif y is not None and bool((y >= 0).any()):
             raise ValueError("this model is unconditional: class labels must be None or -1")
 
-        h = self.conv_in(x)
+        p = self.config.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # (B, C p^2, H/p, W/p) -> (B, ch, H/p, W/p)
         skips = [h]
         for layers in self.down:
             h = self._run(layers, h, temb)
@@ -221,7 +236,8 @@ class UNet(nn.Module):
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(layers, h, temb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, p) if p > 1 else out  # (B, C, H, W)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -29,6 +29,40 @@ def test_digits_preset_size_and_shapes():
     assert out.shape == (3, 1, 16, 16)
 
 
+def test_patch_size_runs_the_unet_on_a_coarser_grid():
+    """p = 2 folds 2x2 patches into channels: same image in and out, a quarter of the FLOPs at equal width."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flat, patched = UNetConfig.preset("digits"), UNetConfig.preset("digits", patch_size=2, attention_resolutions=(4,))
+    assert patched.grid_size == 8
+    old = {k: v for k, v in flat.to_dict().items() if k != "patch_size"}  # a checkpoint saved before patch_size
+    assert UNetConfig.from_dict(old) == flat
+    flops = []
+    for cfg in (flat, patched):
+        model = UNet(cfg)
+        assert model.conv_in.in_channels == cfg.patch_size ** 2 and model.conv_out.out_channels == cfg.patch_size ** 2
+        with FlopCounterMode(display=False) as counter:
+            out = model(torch.randn(2, 1, 16, 16), torch.tensor([3, 900]))
+        assert out.shape == (2, 1, 16, 16)
+        flops.append(counter.get_total_flops())
+    assert 0.2 < flops[1] / flops[0] < 0.3
+
+
+def test_patch_model_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("tiny", patch_size=2, attention_resolutions=(2,))).eval()
+    path = checkpoint.save(tmp_path / "ckpt", model, NoiseSchedule.linear(100))
+    loaded = checkpoint.load(path, weights="model")
+    assert loaded.model.config.patch_size == 2 and loaded.image_shape == (1, 8, 8)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x, t), model(x, t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch_size 3 does not divide"):
+        UNetConfig.preset("digits", patch_size=3)
+    with pytest.raises(ValueError, match="grid"):
+        UNetConfig.preset("digits", patch_size=8)  # a 2x2 grid cannot go down two levels
+
+
 def test_class_conditioning_and_null_class():
     torch.manual_seed(0)
     model = UNet(UNetConfig.preset("tiny", num_classes=3)).eval()
