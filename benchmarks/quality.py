@@ -73,6 +73,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "lr2e-3": ("+ lr 2e-3 (instead of batch 64)", MINSNR + ["train.lr=2e-3"]),
     "patch2": ("+ 2x2 patches, 64 channels (6.5M): the same FLOPs on an 8x8 grid", MINSNR + PATCH2),
     "patch2_narrow": ("+ 2x2 patches, 32 channels (1.6M): 4x the images", MINSNR + PATCH2 + ["model.base_channels=32"]),
+    "minsnr_seed1": ("minsnr, training seed 1 (the spread of one row)", MINSNR + ["train.seed=1"]),
+    "minsnr_seed2": ("minsnr, training seed 2", MINSNR + ["train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 
