@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TypeVar
 
 import pytest
 from conftest import S3_PORT, free_port
+
+from pipelines import cli
 
 T = TypeVar("T")
 RELAY = Path(__file__).with_name("relay.py")
@@ -33,6 +36,16 @@ def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval:
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def run_cli_beside(fault: Callable[[], None], args: list[str]) -> int:
+    """``ddpm ARGS`` in this process while ``fault`` runs in a thread beside it; the exit code, once both are done."""
+    thread = threading.Thread(target=fault)
+    thread.start()
+    try:
+        return cli.main(args)
+    finally:
+        thread.join()
 
 
 def train_args(data: str, storage: str, name: str, tracking_uri: str, *, total: int, every: int,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from pipelines import cli, storage, tracking
 from pipelines.data import write_digits
 
-from .conftest import log_steps, run_named, train_args, train_worker_pids, wait_for
+from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +53,7 @@ def test_s3_outage_during_ingest(s3, bucket, s3_endpoint, ray_local, capfd):
             s3_endpoint.kill()
             killed["at"] = time.monotonic()
 
-    thread = threading.Thread(target=kill_after_first_shard)
-    thread.start()
-    try:
-        code = cli.main(args)
-    finally:
-        thread.join()
+    code = run_cli_beside(kill_after_first_shard, args)
     failed_in = time.monotonic() - killed["at"]
     err = capfd.readouterr().err
     assert code == 1
@@ -132,12 +126,8 @@ def test_s3_outage_during_checkpoint_upload(digits_8px, ray_local, s3, bucket, s
             s3_endpoint.start()
             events["restarted"] = time.monotonic()
 
-    thread = threading.Thread(target=outage)
-    thread.start()
-    try:
-        code = cli.main(train_args(digits_8px, runs, name, mlflow_server.uri, total=total, every=every, workers=1))
-    finally:
-        thread.join()
+    args = train_args(digits_8px, runs, name, mlflow_server.uri, total=total, every=every, workers=1)
+    code = run_cli_beside(outage, args)
     assert "error" not in events, events["error"]
     assert code == 0
 
@@ -205,12 +195,8 @@ def test_tracking_outage_during_training(digits_8px, ray_local, mlflow_server, t
         except Exception as exc:  # noqa: BLE001
             events["error"] = exc
 
-    thread = threading.Thread(target=outage)
-    thread.start()
-    try:
-        code = cli.main(train_args(digits_8px, runs, name, mlflow_server.uri, total=total, every=every, workers=1))
-    finally:
-        thread.join()
+    args = train_args(digits_8px, runs, name, mlflow_server.uri, total=total, every=every, workers=1)
+    code = run_cli_beside(outage, args)
     assert "error" not in events, events["error"]
     assert code == 0 and events["checkpoint_during_outage"] >= every
     assert "not logged to MLflow" not in capsys.readouterr().out

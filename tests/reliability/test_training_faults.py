@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipelines import cli, tracking
+from pipelines import tracking
 from pipelines.train import latest_checkpoint
 
-from .conftest import log_steps, run_named, train_args, train_worker_pids, wait_for
+from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
 
 @pytest.mark.slow
@@ -39,12 +38,8 @@ def test_worker_killed_after_first_checkpoint(digits_8px, ray_local, mlflow_serv
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
             killed["error"] = exc
 
-    thread = threading.Thread(target=kill_after_first_checkpoint)
-    thread.start()
-    try:
-        code = cli.main(train_args(digits_8px, storage, name, mlflow_server.uri, total=total, every=400))
-    finally:
-        thread.join()
+    args = train_args(digits_8px, storage, name, mlflow_server.uri, total=total, every=400)
+    code = run_cli_beside(kill_after_first_checkpoint, args)
     assert "error" not in killed, killed.get("error")
     assert code == 0 and killed["workers"] == 2
 
@@ -132,13 +127,8 @@ def test_node_lost(digits_8px, head_and_worker_node, mlflow_server, tmp_path, ca
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
             events["error"] = exc
 
-    thread = threading.Thread(target=faults)
-    thread.start()
-    try:
-        code = cli.main(train_args(digits_8px, storage, name, mlflow_server.uri, total=total, every=every,
-                                   max_failures=1))
-    finally:
-        thread.join()
+    args = train_args(digits_8px, storage, name, mlflow_server.uri, total=total, every=every, max_failures=1)
+    code = run_cli_beside(faults, args)
     assert "error" not in events, events["error"]
     failed_in = time.time() - events["killed"]
 
