@@ -97,6 +97,11 @@ def build_config(name: str, overrides: list[str]):
     return from_dict(apply_overrides(raw, [f"train.total_images={total}"]), name), gflop
 
 
+def model_config(config):
+    """The run's UNetConfig, with the digits' 10 classes when the run is class-conditional."""
+    return (config.with_num_classes(10) if config.train.class_conditional else config).model
+
+
 def gflop_per_image(config) -> float:
     """Training FLOPs (forward + backward) per image of one L_simple step, by torch.utils.flop_counter."""
     import torch
@@ -104,7 +109,7 @@ def gflop_per_image(config) -> float:
 
     from ddpm import UNet, diffusion_loss
 
-    model_cfg = config.with_num_classes(10).model if config.train.class_conditional else config.model
+    model_cfg = model_config(config)
     net, schedule = UNet(model_cfg), config.schedule.build()
     x = torch.zeros(8, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     y = torch.zeros(8, dtype=torch.long) if config.train.class_conditional else None
@@ -158,7 +163,7 @@ def speed(names: list[str], steps: int = 10) -> str:
     jobs = {}
     for n in names:
         config, _ = build_config(n, RUNS[n][1])
-        tc, model_cfg = config.train, (config.with_num_classes(10) if config.train.class_conditional else config).model
+        tc, model_cfg = config.train, model_config(config)
         net = UNet(model_cfg)
         x = torch.randn(tc.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
         y = torch.randint(0, 10, (tc.batch_size,)) if tc.class_conditional else None
@@ -215,11 +220,11 @@ def main() -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
-    if args.speed:
+    if args.threads and not args.table:
         import torch
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    if args.speed:
         print(speed(names))
         return 0
     out = Path(args.out)
@@ -228,18 +233,16 @@ def main() -> int:
     if not args.table:
         import torch
 
+        from ddpm import from_uint8
         from pipelines.evaluate import load_data, prepare_reference
         from pipelines.train_local import digits_dataset
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        reference = prepare_reference(*load_data(args.data, 16), num_samples=NUM_SAMPLES)
+        pixels, labels = load_data(args.data, 16)  # (N, H, W, C) uint8, (N,)
+        reference = prepare_reference(pixels, labels, num_samples=NUM_SAMPLES)
         if args.data == "digits":
-            images, labels = digits_dataset(16)  # float, as train-local trains on them
+            images, labels = digits_dataset(16)  # float, as train-local trains on them (not requantised)
         else:
-            pixels, labels = load_data(args.data)  # (N, H, W, C) uint8, as the pipeline's workers read them
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-            labels = torch.from_numpy(labels).long()
+            images, labels = from_uint8(pixels), torch.from_numpy(labels).long()  # as the pipeline's workers
         for n in names:
             if n not in saved or args.force:
                 saved[n] = run(n, out, reference, images, labels)
