@@ -29,6 +29,7 @@ Results (and checkpoints) go to ``--out`` (default ``.ddpm/quality``), one folde
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,7 +49,8 @@ TEXTBOOK = {
     "schedule": {"kind": "linear", "num_timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02},
     "train": {"batch_size": 128, "lr": 1.0e-3, "lr_decay": "constant", "warmup_images": 6400, "optimizer": "adamw",
               "grad_clip": 1.0, "ema_decay": 0.999, "ema_warmup": True, "prediction_type": "epsilon",
-              "min_snr_gamma": None, "class_conditional": False, "random_flip": False, "log_every_steps": 100},
+              "min_snr_gamma": None, "class_conditional": False, "random_flip": False, "log_every_steps": 100,
+              "precision": "fp32"},
 }
 
 # name -> (what changes, overrides on TEXTBOOK). Each run keeps the best changes before it (a greedy forward
@@ -75,6 +77,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "patch2_narrow": ("+ 2x2 patches, 32 channels (1.6M): 4x the images", MINSNR + PATCH2 + ["model.base_channels=32"]),
     "minsnr_seed1": ("minsnr, training seed 1 (the spread of one row)", MINSNR + ["train.seed=1"]),
     "minsnr_seed2": ("minsnr, training seed 2", MINSNR + ["train.seed=2"]),
+    "minsnr_bf16": ("minsnr, bf16 autocast (AMX)", MINSNR + ["train.precision=bf16"]),
+    "minsnr_bf16_seed1": ("minsnr, bf16 autocast, training seed 1", MINSNR + ["train.precision=bf16", "train.seed=1"]),
+    "importance": ("minsnr, bf16, + timesteps drawn by importance", MINSNR + ["train.precision=bf16",
+                                                                           "train.timestep_sampling=importance"]),
+    "importance_seed1": ("importance, training seed 1", MINSNR + ["train.precision=bf16",
+                                                                  "train.timestep_sampling=importance", "train.seed=1"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 
@@ -151,35 +159,36 @@ def run(name: str, out: Path, reference, images, labels) -> dict:
 
 
 def speed(names: list[str], steps: int = 10) -> str:
-    """Training images/s of each run's model and batch (forward, backward, AdamW), against ``base`` in this process.
+    """Training images/s of each run's model, batch and precision (``ddpm.training.train_step``), against ``base``.
 
     The runs take turns, one step each, so a busy machine slows them alike and the ratio to ``base`` stays fair.
     """
     import torch
 
-    from ddpm import UNet, diffusion_loss
+    from ddpm import UNet
+    from ddpm.training import autocast_dtype, train_step
 
     names = ["base"] + [n for n in names if n != "base"]
-    jobs = {}
+    steps_of = {}
     for n in names:
         config, _ = build_config(n, RUNS[n][1])
         tc, model_cfg = config.train, model_config(config)
-        net = UNet(model_cfg)
+        net, schedule = UNet(model_cfg), config.schedule.build()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr)
         x = torch.randn(tc.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
         y = torch.randint(0, 10, (tc.batch_size,)) if tc.class_conditional else None
-        jobs[n] = (net, torch.optim.AdamW(net.parameters(), lr=tc.lr), config.schedule.build(), x, y, tc)
+        steps_of[n] = (tc.batch_size, functools.partial(
+            train_step, net, optimizer, schedule, x, lr=tc.lr, class_labels=y, prediction_type=tc.prediction_type,
+            min_snr_gamma=tc.min_snr_gamma, timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
+            autocast_dtype=autocast_dtype(x.device, tc.precision)))
     seconds = dict.fromkeys(names, 0.0)
     for i in range(steps + 2):  # the first two steps warm up
-        for n, (net, optimizer, schedule, x, y, tc) in jobs.items():
+        for n, (_, step) in steps_of.items():
             start = time.perf_counter()
-            loss = diffusion_loss(net, schedule, x, class_labels=y, prediction_type=tc.prediction_type,
-                                  min_snr_gamma=tc.min_snr_gamma)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            step()
             if i >= 2:
                 seconds[n] += time.perf_counter() - start
-    rate = {n: steps * jobs[n][5].batch_size / seconds[n] for n in names}
+    rate = {n: steps * steps_of[n][0] / seconds[n] for n in names}
     lines = ["| run | training images/s | ratio to base |", "|---|---|---|"]
     lines += [f"| {n} | {rate[n]:.0f} | {rate[n] / rate['base']:.2f} |" for n in names]
     return "\n".join(lines)

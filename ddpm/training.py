@@ -24,6 +24,21 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, dec
     raise ValueError(f"unknown lr decay {decay!r}; expected 'constant' or 'cosine'")
 
 
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype to autocast the forward pass to, or None for fp32.
+
+    ``precision`` is "fp32", "bf16" or "auto": bf16 where the hardware runs it faster than fp32, i.e. on CUDA and on
+    CPUs with AMX tiles (Intel Sapphire Rapids and later; oneDNN then runs bf16 convolutions and matmuls on AMX,
+    benchmarks/RESULTS.md "bf16 on the CPU"), fp32 elsewhere. Weights, gradients and the optimizer stay fp32.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+        precision = "bf16" if fast else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image of (B, C, H, W) left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device)
@@ -49,13 +64,15 @@ def train_step(
     class_labels: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     min_snr_gamma: float | None = None,
+    timestep_sampling: str = "uniform",
     grad_clip: float | None = 1.0,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Loss, backward, clip, step. Returns (loss, gradient norm before clipping).
 
     ``model`` may be a DistributedDataParallel wrapper: the backward pass then all-reduces the gradients.
-    ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) runs the forward pass under autocast; the loss is fp32.
+    ``autocast_dtype`` (e.g. torch.bfloat16, see :func:`autocast_dtype`) runs the forward pass under autocast; the
+    loss is fp32.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -63,7 +80,7 @@ def train_step(
                 if autocast_dtype is not None else contextlib.nullcontext())
     with autocast:
         loss = diffusion_loss(model, schedule, x_0, class_labels=class_labels, prediction_type=prediction_type,
-                              min_snr_gamma=min_snr_gamma)
+                              min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = grad_clip if grad_clip else float("inf")

@@ -55,10 +55,12 @@ class TrainConfig:
     ema_warmup: bool = True
     prediction_type: str = "epsilon"      # "epsilon", "sample" or "v_prediction"
     min_snr_gamma: float | None = None
+    timestep_sampling: str = "uniform"    # or "importance": t drawn in proportion to its loss weight (ddpm.losses)
     class_conditional: bool = False       # use the dataset's labels (with label dropout for guidance)
     label_dropout: float = 0.1
     random_flip: bool = True
     seed: int = 0
+    precision: str = "auto"               # "auto" (bf16 on CUDA and on CPUs with AMX, else fp32), "fp32" or "bf16"
     log_every_steps: int = 50
     checkpoint_every_images: int = 50_000
     sample_every_images: int = 100_000
@@ -71,6 +73,10 @@ class TrainConfig:
                             f"got {self.prediction_type!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise UserError(f"train.optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.timestep_sampling not in ("uniform", "importance"):
+            raise UserError(f"train.timestep_sampling must be uniform or importance, got {self.timestep_sampling!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr_decay not in ("constant", "cosine"):
             raise UserError(f"train.lr_decay must be constant or cosine, got {self.lr_decay!r}")
         for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images"):

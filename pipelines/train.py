@@ -7,7 +7,7 @@ Who does what::
              checkpoint names), read the dataset into Ray's object store, start the TorchTrainer
     workers  N processes, DDP over gloo (CPU) or NCCL (GPU); each streams its shard of the dataset with
              ray.train.get_dataset_shard, normalises to [-1, 1] and flips on the worker, and runs
-             ddpm.training.train_step (warm-up, clipping, bf16 autocast on GPU) and the EMA update
+             ddpm.training.train_step (warm-up, clipping, bf16 autocast on GPUs and AMX CPUs) and the EMA update
     rank 0   metrics, sample grids and tags to MLflow from a background thread (pipelines.tracking.RunLogger),
              and the checkpoint files every train.checkpoint_every_images images
     driver   log the final checkpoint's model folder into the run as a pyfunc model, register it as a new
@@ -600,7 +600,7 @@ def _train_worker(job: dict) -> None:
     import torch
 
     from ddpm import EMA, UNet, from_uint8
-    from ddpm.training import drop_labels, lr_at, random_flip, train_step
+    from ddpm.training import autocast_dtype, drop_labels, lr_at, random_flip, train_step
     from pipelines.config import from_dict
     from pipelines.tracking import RunLogger
 
@@ -639,7 +639,7 @@ def _train_worker(job: dict) -> None:
     stream = _RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
                         row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
     total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(device, tc.precision)
     fail_after = job["fail_after_images"]
     armed = fail_after is not None and seen < fail_after and rank == world - 1
 
@@ -648,6 +648,7 @@ def _train_worker(job: dict) -> None:
     if logger is not None:
         logger.set_tag("ray.num_workers", world)
         logger.set_tag("ray.num_nodes", len(set(nodes)))
+        logger.set_tag("train.autocast", "bf16" if autocast is not None else "fp32")  # what precision=auto chose
         if restored is not None:
             logger.set_tag("restarts", state["restarts"])
             logger.log_metrics({"restarts": state["restarts"], "resumed_at_images": seen}, step)
@@ -671,6 +672,7 @@ def _train_worker(job: dict) -> None:
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay)
         loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y,
                                      prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
+                                     timestep_sampling=tc.timestep_sampling,
                                      grad_clip=tc.grad_clip, autocast_dtype=autocast)
         ema.update(net)
         step, seen = step + 1, seen + n
@@ -871,7 +873,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.total_images=20000; repeatable")
     parser.add_argument("--num-workers", type=int, default=1, metavar="N", help="Ray Train workers (default: 1)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--cpus-per-worker", type=int, default=None, metavar="K",
                         help="CPUs reserved per worker, which also sets its thread count "
                              "(default: the cluster's CPUs / N, at most one node's)")

@@ -48,3 +48,13 @@ def test_unknown_command_exits_2(capsys):
     assert main(["no-such-command"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "unknown command 'no-such-command'" in error
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.precision=fp16", "train.precision must be auto, fp32 or bf16, got 'fp16'"),
+    ("train.timestep_sampling=lognormal", "train.timestep_sampling must be uniform or importance, got 'lognormal'"),
+])
+def test_an_invalid_train_setting_is_one_line_naming_it(setting, message, capsys, tmp_path):
+    assert main(["train-local", "--set", setting, "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error

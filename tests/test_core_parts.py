@@ -12,7 +12,8 @@ from torch import nn
 from ddpm import (EMA, NoiseSchedule, UNet, UNetConfig, checkpoint, count_parameters, diffusion_loss,
                   frechet_distance, frechet_distance_features, make_grid, noise_from_seeds, precision_recall,
                   sample, to_uint8)
-from ddpm.training import drop_labels, lr_at, random_flip
+from ddpm.losses import loss_weights
+from ddpm.training import autocast_dtype, drop_labels, lr_at, random_flip, train_step
 
 
 # -- U-Net ---------------------------------------------------------------------------------------------------------
@@ -126,6 +127,32 @@ def test_min_snr_weighting(prediction_type):
         torch.testing.assert_close(huge, plain)
 
 
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_importance_sampled_timesteps_estimate_the_same_loss_with_less_variance(prediction_type):
+    """With t ~ w/sum(w) and each draw weighted by mean(w), the loss is unbiased for sum_t w(t) L_t / T.
+
+    The predictor outputs t/T everywhere and the data are ones, so (x_0 target) L_t = (1 - t/T)^2 exactly; for a v
+    target L_t also has eps in it, and the means are checked against each other. 64 batches of 4,096 draws each.
+    """
+    schedule = NoiseSchedule.linear()
+    ramp = lambda x, t, y=None: (t.float() / 1000)[:, None, None, None].expand_as(x)  # noqa: E731
+    x0 = torch.ones(4096, 1, 1, 1)
+    weights = loss_weights(schedule, prediction_type, 5.0)
+    g = torch.Generator().manual_seed(0)
+    draws = {how: torch.stack([diffusion_loss(ramp, schedule, x0, prediction_type=prediction_type, min_snr_gamma=5.0,
+                                              timestep_sampling=how, generator=g) for _ in range(64)])
+             for how in ("uniform", "importance")}
+    means = {how: d.mean().item() for how, d in draws.items()}
+    if prediction_type == "sample":
+        exact = (weights * (1 - torch.arange(1000) / 1000) ** 2).mean().item()
+        assert means["uniform"] == pytest.approx(exact, rel=0.02)
+        assert means["importance"] == pytest.approx(exact, rel=0.02)
+        assert draws["importance"].std() < 0.7 * draws["uniform"].std()  # (for v, eps's own variance dominates)
+    assert means["importance"] == pytest.approx(means["uniform"], rel=0.03)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        diffusion_loss(ramp, schedule, x0, timestep_sampling="lognormal")
+
+
 def test_training_helpers():
     assert lr_at(0, base_lr=1.0, warmup_steps=10, total_steps=100) == pytest.approx(0.1)
     assert lr_at(50, base_lr=1.0, warmup_steps=10, total_steps=100) == 1.0
@@ -136,6 +163,25 @@ def test_training_helpers():
     assert 16 < n_flipped < 48 and torch.equal(flipped.sort(-1).values, x)
     y = drop_labels(torch.zeros(1000, dtype=torch.long), 0.1, torch.Generator().manual_seed(0))
     assert 60 < int((y == -1).sum()) < 140
+
+
+def test_autocast_precision_choice_and_a_bf16_step_on_the_cpu():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16  # no GPU needed to decide
+    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if torch.cpu._is_amx_tile_supported() else None)
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        autocast_dtype(cpu, "fp16")
+    # A bf16 step trains the fp32 weights: the loss is fp32, the gradients and the updated weights stay fp32.
+    torch.manual_seed(0)
+    net = UNet(UNetConfig.preset("tiny"))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, grad_norm = train_step(net, optimizer, NoiseSchedule.linear(1000), torch.rand(8, 1, 8, 8) * 2 - 1, lr=1e-3,
+                                 autocast_dtype=torch.bfloat16)
+    assert np.isfinite(loss) and grad_norm > 0
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
 
 
 # -- EMA -----------------------------------------------------------------------------------------------------------
