@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import os
@@ -47,7 +48,7 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     import torch
 
     from ddpm import UNet
-    from ddpm.training import train_step
+    from ddpm.training import autocast_dtype, train_step
 
     tc = config.train
     model = UNet(config.model)
@@ -55,10 +56,14 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     schedule = config.schedule.build()
     x = torch.randn(tc.batch_size, config.model.in_channels, config.model.image_size, config.model.image_size)
     y = torch.zeros(tc.batch_size, dtype=torch.long) if config.model.num_classes else None
-    train_step(model, optimizer, schedule, x, lr=tc.lr, class_labels=y)  # warm-up
+    step = functools.partial(train_step, model, optimizer, schedule, x, lr=tc.lr, class_labels=y,
+                             prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
+                             timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
+                             autocast_dtype=autocast_dtype(x.device, tc.precision))  # the workers' step
+    step()  # warm-up
     start, steps = time.monotonic(), 3
     for _ in range(steps):
-        train_step(model, optimizer, schedule, x, lr=tc.lr, class_labels=y)
+        step()
     rate = steps * tc.batch_size / (time.monotonic() - start)
     budget = int(DDP_SHARE * rate * minutes * 60)
     return max(tc.batch_size, budget - budget % tc.batch_size)
