@@ -83,6 +83,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                                                            "train.timestep_sampling=importance"]),
     "importance_seed1": ("importance, training seed 1", MINSNR + ["train.precision=bf16",
                                                                   "train.timestep_sampling=importance", "train.seed=1"]),
+    "importance_seed2": ("importance, training seed 2", MINSNR + ["train.precision=bf16",
+                                                                  "train.timestep_sampling=importance", "train.seed=2"]),
+    "minsnr_bf16_seed2": ("minsnr, bf16 autocast, training seed 2", MINSNR + ["train.precision=bf16", "train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 

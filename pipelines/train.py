@@ -523,45 +523,26 @@ class _RowStream:
     read; this varies the order from pass to pass), and steps are cut from the chunks, the tail of one pass carrying
     into the next. Every rank takes the same number of rows per step, so the ranks' shards (equal in size,
     ``streaming_split(equal=True)``) run out together and start the next pass together.
-
-    A shard of at most ``CACHE_BYTES`` is kept after its first pass, and later passes are permutations of it in
-    memory: every pass through Ray Data starts a new execution of the split (coordinator, stats and scheduling work
-    in several processes), which for a small dataset such as the digits (1,797 rows, one pass per 14 steps) took
-    CPU from the training step on a 2-core machine (benchmarks/RESULTS.md, "Quality").
     """
 
     FETCH_BYTES = 4 << 20  # image bytes per chunk, when a step's rows are fewer
-    CACHE_BYTES = 256 << 20  # a shard up to this size is read through Ray Data once, then kept
 
     def __init__(self, shard, rows_per_step: int, row_bytes: int, seed: list[int]):
         import numpy as np
 
         self._rng = np.random.default_rng(seed)
-        self._chunks = self._passes(shard, max(rows_per_step, self.FETCH_BYTES // row_bytes), row_bytes)
+        self._chunks = self._passes(shard, max(rows_per_step, self.FETCH_BYTES // row_bytes))
         self._images, self._labels, self._offset = None, None, 0
 
-    def _passes(self, shard, rows_per_fetch: int, row_bytes: int):
-        import numpy as np
-
-        kept = []  # the first pass's chunks while the shard may fit in CACHE_BYTES; None once it does not
+    def _passes(self, shard, rows_per_fetch: int):
         while True:
-            rows = 0
+            empty = True
             for batch in shard.iter_batches(batch_size=rows_per_fetch, batch_format="numpy"):
-                images, labels = batch["image"], batch["label"]  # (k, H, W, C) uint8, (k,) int64
-                rows += len(labels)
-                if kept is not None:
-                    kept.append((images, labels))
-                    kept = kept if rows * row_bytes <= self.CACHE_BYTES else None
-                order = self._rng.permutation(len(labels))
-                yield images[order], labels[order]  # fresh arrays
-            if rows == 0:
+                empty = False
+                order = self._rng.permutation(len(batch["label"]))
+                yield batch["image"][order], batch["label"][order]  # (k, H, W, C) uint8, (k,) int64: fresh arrays
+            if empty:
                 raise RuntimeError("this worker's shard of the dataset is empty: use fewer workers than images")
-            if kept is not None:
-                break
-        images, labels = np.concatenate([i for i, _ in kept]), np.concatenate([y for _, y in kept])
-        while True:
-            order = self._rng.permutation(len(labels))
-            yield images[order], labels[order]
 
     def take(self, n: int):
         """(n, H, W, C) uint8 images and (n,) int64 labels (views of fresh, writable arrays)."""
