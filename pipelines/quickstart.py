@@ -32,10 +32,11 @@ EXAMPLE = """example:
   ddpm quickstart --minutes 1 --stop-when-done
 """
 
-# Two Ray Train workers on the 2-core machine trained the digits preset at 171 images/s where this calibration timed
-# 242 in one process (0.71; a `make quickstart` on 2026-11-26 at load average 2): gradient all-reduce, data feeding
-# and the two processes sharing the cores. Without it, "5 minutes" trained for 6 min 23 s.
-DDP_SHARE = 0.7
+# Two Ray Train workers on the 2-core machine train the digits preset at a share of the rate this calibration times in
+# one process (gradient all-reduce, data feeding, two processes sharing the cores). fp32: 171 images/s against 242
+# (0.71). bf16 (what `train.precision: auto` picks on an AMX CPU): 151-181 images/s against 311, and with 0.7 here
+# "5 minutes" trained for 404 s (`ddpm quickstart --stop-when-done`, 2026-11-27, load ~1); 0.7 x 300 / 404 = 0.52.
+DDP_SHARE = 0.52
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
 
 
