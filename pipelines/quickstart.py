@@ -63,10 +63,12 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
                              timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
                              autocast_dtype=autocast)  # the workers' step
     step()  # warm-up
-    start, steps = time.monotonic(), 3
-    for _ in range(steps):
+    seconds = []
+    for _ in range(9):  # the median step: one stalled step (a busy neighbour) does not move it
+        start = time.monotonic()
         step()
-    rate = steps * tc.batch_size / (time.monotonic() - start)
+        seconds.append(time.monotonic() - start)
+    rate = tc.batch_size / sorted(seconds)[len(seconds) // 2]
     budget = int(DDP_SHARE["bf16" if autocast is not None else "fp32"] * rate * minutes * 60)
     return max(tc.batch_size, budget - budget % tc.batch_size)
 
