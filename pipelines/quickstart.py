@@ -32,11 +32,12 @@ EXAMPLE = """example:
   ddpm quickstart --minutes 1 --stop-when-done
 """
 
-# Two Ray Train workers on the 2-core machine train the digits preset at a share of the rate this calibration times in
-# one process (gradient all-reduce, data feeding, two processes sharing the cores). fp32: 171 images/s against 242
-# (0.71). bf16 (what `train.precision: auto` picks on an AMX CPU): 151-181 images/s against 311, and with 0.7 here
-# "5 minutes" trained for 404 s (`ddpm quickstart --stop-when-done`, 2026-11-27, load ~1); 0.7 x 300 / 404 = 0.52.
-DDP_SHARE = {"fp32": 0.7, "bf16": 0.52}
+# Two Ray Train workers on the 2-core machine train the digits preset at about 0.7 of the rate this calibration times
+# in one process (gradient all-reduce, data feeding, two processes sharing the cores): fp32, 171 images/s against 242
+# (2026-11-26); bf16 on this AMX CPU, 156 against 211 (0.74; `ddpm quickstart --stop-when-done` on 2026-11-27, 32,896
+# images, the training phase 236 s with Ray Train's start). One earlier bf16 calibration, over three steps, timed 311
+# and its run trained for 404 s; the calibration now takes the median of nine steps.
+DDP_SHARE = 0.7
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
 
 
@@ -44,7 +45,7 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     """How many training images fit in ``minutes``: time a few steps of the real model and batch here.
 
     The single-process rate, times the share of it that two DDP workers reach here with Ray Data feeding them
-    (``DDP_SHARE``, by the precision the workers will train in), is the estimate.
+    (``DDP_SHARE``), is the estimate.
     """
     import torch
 
@@ -57,11 +58,10 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     schedule = config.schedule.build()
     x = torch.randn(tc.batch_size, config.model.in_channels, config.model.image_size, config.model.image_size)
     y = torch.zeros(tc.batch_size, dtype=torch.long) if config.model.num_classes else None
-    autocast = autocast_dtype(x.device, tc.precision)
     step = functools.partial(train_step, model, optimizer, schedule, x, lr=tc.lr, class_labels=y,
                              prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
                              timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
-                             autocast_dtype=autocast)  # the workers' step
+                             autocast_dtype=autocast_dtype(x.device, tc.precision))  # the workers' step
     step()  # warm-up
     seconds = []
     for _ in range(9):  # the median step: one stalled step (a busy neighbour) does not move it
@@ -69,7 +69,7 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
         step()
         seconds.append(time.monotonic() - start)
     rate = tc.batch_size / sorted(seconds)[len(seconds) // 2]
-    budget = int(DDP_SHARE["bf16" if autocast is not None else "fp32"] * rate * minutes * 60)
+    budget = int(DDP_SHARE * rate * minutes * 60)
     return max(tc.batch_size, budget - budget % tc.batch_size)
 
 
