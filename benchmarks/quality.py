@@ -60,6 +60,8 @@ COSINE = ["train.lr_decay=cosine"]
 COND = COSINE + ["train.class_conditional=true"]
 VPRED = COND + ["train.prediction_type=v_prediction"]
 MINSNR = VPRED + ["train.min_snr_gamma=5"]
+BF16 = MINSNR + ["train.precision=bf16"]
+IMPORTANCE = BF16 + ["train.timestep_sampling=importance"]
 # The U-Net on 2x2 patches (8x8 grid, 4 channels): levels at 8, 4, 2 with attention at 4x4; 64 base channels keep
 # the FLOPs per image of the 16x16 digits U-Net.
 PATCH2 = ["model.patch_size=2", "model.base_channels=64", "model.attention_resolutions=[4]"]
@@ -77,15 +79,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "patch2_narrow": ("+ 2x2 patches, 32 channels (1.6M): 4x the images", MINSNR + PATCH2 + ["model.base_channels=32"]),
     "minsnr_seed1": ("minsnr, training seed 1 (the spread of one row)", MINSNR + ["train.seed=1"]),
     "minsnr_seed2": ("minsnr, training seed 2", MINSNR + ["train.seed=2"]),
-    "minsnr_bf16": ("minsnr, bf16 autocast (AMX)", MINSNR + ["train.precision=bf16"]),
-    "minsnr_bf16_seed1": ("minsnr, bf16 autocast, training seed 1", MINSNR + ["train.precision=bf16", "train.seed=1"]),
-    "importance": ("minsnr, bf16, + timesteps drawn by importance", MINSNR + ["train.precision=bf16",
-                                                                           "train.timestep_sampling=importance"]),
-    "importance_seed1": ("importance, training seed 1", MINSNR + ["train.precision=bf16",
-                                                                  "train.timestep_sampling=importance", "train.seed=1"]),
-    "importance_seed2": ("importance, training seed 2", MINSNR + ["train.precision=bf16",
-                                                                  "train.timestep_sampling=importance", "train.seed=2"]),
-    "minsnr_bf16_seed2": ("minsnr, bf16 autocast, training seed 2", MINSNR + ["train.precision=bf16", "train.seed=2"]),
+    "minsnr_bf16": ("minsnr, bf16 autocast (AMX)", BF16),
+    "minsnr_bf16_seed1": ("minsnr, bf16 autocast, training seed 1", BF16 + ["train.seed=1"]),
+    "minsnr_bf16_seed2": ("minsnr, bf16 autocast, training seed 2", BF16 + ["train.seed=2"]),
+    "importance": ("minsnr, bf16, + timesteps drawn by importance", IMPORTANCE),
+    "importance_seed1": ("importance, training seed 1", IMPORTANCE + ["train.seed=1"]),
+    "importance_seed2": ("importance, training seed 2", IMPORTANCE + ["train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 
@@ -169,7 +168,7 @@ def speed(names: list[str], steps: int = 10) -> str:
     import torch
 
     from ddpm import UNet
-    from ddpm.training import autocast_dtype, train_step
+    from ddpm.training import train_step
 
     names = ["base"] + [n for n in names if n != "base"]
     steps_of = {}
@@ -180,10 +179,8 @@ def speed(names: list[str], steps: int = 10) -> str:
         optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr)
         x = torch.randn(tc.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
         y = torch.randint(0, 10, (tc.batch_size,)) if tc.class_conditional else None
-        steps_of[n] = (tc.batch_size, functools.partial(
-            train_step, net, optimizer, schedule, x, lr=tc.lr, class_labels=y, prediction_type=tc.prediction_type,
-            min_snr_gamma=tc.min_snr_gamma, timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
-            autocast_dtype=autocast_dtype(x.device, tc.precision)))
+        steps_of[n] = (tc.batch_size, functools.partial(train_step, net, optimizer, schedule, x, lr=tc.lr,
+                                                        class_labels=y, **tc.step_options(x.device)))
     seconds = dict.fromkeys(names, 0.0)
     for i in range(steps + 2):  # the first two steps warm up
         for n, (_, step) in steps_of.items():

@@ -47,7 +47,7 @@ def diffusion_loss(
         weight = w.mean().expand(b)
     else:
         t = torch.randint(0, schedule.num_timesteps, (b,), device=x_0.device, generator=generator)
-        weight = w[t.cpu()]
+        weight = w.to(x_0.device, torch.float32)[t]  # indexed where t is: no device-to-host copy per step
     eps = torch.randn(x_0.shape, device=x_0.device, dtype=x_0.dtype, generator=generator)
     x_t = schedule.q_sample(x_0, t, eps)
     pred = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)

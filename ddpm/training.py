@@ -24,6 +24,9 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, dec
     raise ValueError(f"unknown lr decay {decay!r}; expected 'constant' or 'cosine'")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The dtype to autocast the forward pass to, or None for fp32.
 
@@ -31,7 +34,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     CPUs with AMX tiles (Intel Sapphire Rapids and later; oneDNN then runs bf16 convolutions and matmuls on AMX,
     benchmarks/RESULTS.md "bf16 on the CPU"), fp32 elsewhere. Weights, gradients and the optimizer stay fp32.
     """
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
         fast = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())

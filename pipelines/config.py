@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 
 from ddpm import NoiseSchedule, UNetConfig
+from ddpm.losses import TIMESTEP_SAMPLING
+from ddpm.training import PRECISIONS, autocast_dtype
 
 from .errors import UserError
 
@@ -73,15 +75,21 @@ class TrainConfig:
                             f"got {self.prediction_type!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise UserError(f"train.optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.timestep_sampling not in ("uniform", "importance"):
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise UserError(f"train.timestep_sampling must be uniform or importance, got {self.timestep_sampling!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr_decay not in ("constant", "cosine"):
             raise UserError(f"train.lr_decay must be constant or cosine, got {self.lr_decay!r}")
         for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+    def step_options(self, device) -> dict:
+        """The keyword arguments of ``ddpm.training.train_step`` this config sets (all but lr and the labels)."""
+        return {"prediction_type": self.prediction_type, "min_snr_gamma": self.min_snr_gamma,
+                "timestep_sampling": self.timestep_sampling, "grad_clip": self.grad_clip,
+                "autocast_dtype": autocast_dtype(device, self.precision)}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     import torch
 
     from ddpm import UNet
-    from ddpm.training import autocast_dtype, train_step
+    from ddpm.training import train_step
 
     tc = config.train
     model = UNet(config.model)
@@ -59,9 +59,7 @@ def calibrate(config, minutes: float, num_workers: int) -> int:
     x = torch.randn(tc.batch_size, config.model.in_channels, config.model.image_size, config.model.image_size)
     y = torch.zeros(tc.batch_size, dtype=torch.long) if config.model.num_classes else None
     step = functools.partial(train_step, model, optimizer, schedule, x, lr=tc.lr, class_labels=y,
-                             prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
-                             timestep_sampling=tc.timestep_sampling, grad_clip=tc.grad_clip,
-                             autocast_dtype=autocast_dtype(x.device, tc.precision))  # the workers' step
+                             **tc.step_options(x.device))  # the workers' step
     step()  # warm-up
     seconds = []
     for _ in range(9):  # the median step: one stalled step (a busy neighbour) does not move it

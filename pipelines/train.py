@@ -600,7 +600,7 @@ def _train_worker(job: dict) -> None:
     import torch
 
     from ddpm import EMA, UNet, from_uint8
-    from ddpm.training import autocast_dtype, drop_labels, lr_at, random_flip, train_step
+    from ddpm.training import drop_labels, lr_at, random_flip, train_step
     from pipelines.config import from_dict
     from pipelines.tracking import RunLogger
 
@@ -639,7 +639,7 @@ def _train_worker(job: dict) -> None:
     stream = _RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
                         row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
     total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size
-    autocast = autocast_dtype(device, tc.precision)
+    step_options = tc.step_options(device)
     fail_after = job["fail_after_images"]
     armed = fail_after is not None and seen < fail_after and rank == world - 1
 
@@ -648,7 +648,8 @@ def _train_worker(job: dict) -> None:
     if logger is not None:
         logger.set_tag("ray.num_workers", world)
         logger.set_tag("ray.num_nodes", len(set(nodes)))
-        logger.set_tag("train.autocast", "bf16" if autocast is not None else "fp32")  # what precision=auto chose
+        logger.set_tag("train.autocast",  # what precision=auto chose
+                       "bf16" if step_options["autocast_dtype"] is not None else "fp32")
         if restored is not None:
             logger.set_tag("restarts", state["restarts"])
             logger.log_metrics({"restarts": state["restarts"], "resumed_at_images": seen}, step)
@@ -670,10 +671,7 @@ def _train_worker(job: dict) -> None:
             y = drop_labels(torch.from_numpy(labels[:used]).to(device), tc.label_dropout)
         share.weight = rows / n
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay)
-        loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y,
-                                     prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
-                                     timestep_sampling=tc.timestep_sampling,
-                                     grad_clip=tc.grad_clip, autocast_dtype=autocast)
+        loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y, **step_options)
         ema.update(net)
         step, seen = step + 1, seen + n
         loss_sum, loss_rows = loss_sum + loss * rows, loss_rows + rows

@@ -56,7 +56,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, minutes: float |
     import torch
 
     from ddpm import EMA, UNet, checkpoint
-    from ddpm.training import autocast_dtype, drop_labels, lr_at, random_flip, train_step
+    from ddpm.training import drop_labels, lr_at, random_flip, train_step
 
     tc = config.train
     if tc.class_conditional:
@@ -71,7 +71,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, minutes: float |
     warmup_steps = tc.warmup_images // tc.batch_size
     deadline = time.monotonic() + minutes * 60 if minutes else float("inf")
     g = torch.Generator().manual_seed(tc.seed)
-    autocast = autocast_dtype(images.device, tc.precision)
+    step_options = tc.step_options(images.device)
 
     start, step, seen, losses = time.monotonic(), 0, 0, []
     model.train()
@@ -81,10 +81,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, minutes: float |
         x0 = random_flip(images[idx], g) if tc.random_flip else images[idx]
         y = drop_labels(labels[idx], tc.label_dropout, g) if tc.class_conditional else None
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay)
-        loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, class_labels=y,
-                                     prediction_type=tc.prediction_type, min_snr_gamma=tc.min_snr_gamma,
-                                     timestep_sampling=tc.timestep_sampling,
-                                     grad_clip=tc.grad_clip, autocast_dtype=autocast)
+        loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, class_labels=y, **step_options)
         ema.update(model)
         losses.append(loss)
         step, seen = step + 1, seen + n
