@@ -62,6 +62,8 @@ VPRED = COND + ["train.prediction_type=v_prediction"]
 MINSNR = VPRED + ["train.min_snr_gamma=5"]
 BF16 = MINSNR + ["train.precision=bf16"]
 IMPORTANCE = BF16 + ["train.timestep_sampling=importance"]
+STRATIFIED = BF16 + ["train.timestep_sampling=stratified"]
+SHORT = ["train.total_images=64000"]  # about what 5 minutes through the pipeline train on a busy day
 # The U-Net on 2x2 patches (8x8 grid, 4 channels): levels at 8, 4, 2 with attention at 4x4; 64 base channels keep
 # the FLOPs per image of the 16x16 digits U-Net.
 PATCH2 = ["model.patch_size=2", "model.base_channels=64", "model.attention_resolutions=[4]"]
@@ -85,6 +87,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "importance": ("minsnr, bf16, + timesteps drawn by importance", IMPORTANCE),
     "importance_seed1": ("importance, training seed 1", IMPORTANCE + ["train.seed=1"]),
     "importance_seed2": ("importance, training seed 2", IMPORTANCE + ["train.seed=2"]),
+    "importance_64k": ("importance, 64,000 images", IMPORTANCE + SHORT),
+    "importance_64k_seed1": ("importance, 64,000 images, training seed 1", IMPORTANCE + SHORT + ["train.seed=1"]),
+    "importance_64k_seed2": ("importance, 64,000 images, training seed 2", IMPORTANCE + SHORT + ["train.seed=2"]),
+    "stratified_64k": ("+ stratified importance draws, 64,000 images", STRATIFIED + SHORT),
+    "stratified_64k_seed1": ("stratified, 64,000 images, training seed 1", STRATIFIED + SHORT + ["train.seed=1"]),
+    "stratified_64k_seed2": ("stratified, 64,000 images, training seed 2", STRATIFIED + SHORT + ["train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 
@@ -103,6 +111,8 @@ def build_config(name: str, overrides: list[str]):
     config = from_dict(raw, name)
     batch = config.train.batch_size
     gflop = gflop_per_image(config)
+    if any(o.startswith("train.total_images=") for o in overrides):  # a run that fixes its images keeps them
+        return config, gflop
     total = int(BUDGET_GFLOP / gflop // batch * batch)
     return from_dict(apply_overrides(raw, [f"train.total_images={total}"]), name), gflop
 

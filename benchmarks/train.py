@@ -46,6 +46,7 @@ def plain_loop(config, images, labels, steps: int, window: int) -> list[float]:
     optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
+    options = tc.step_options(torch.device("cpu"))  # what a worker runs: precision, loss, timestep sampling
     rng = np.random.default_rng(tc.seed)
     order, position, rates = rng.permutation(len(images)), 0, []
     start = time.perf_counter()
@@ -60,8 +61,7 @@ def plain_loop(config, images, labels, steps: int, window: int) -> list[float]:
         y = drop_labels(torch.from_numpy(labels[index]), tc.label_dropout) if tc.class_conditional else None
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=tc.warmup_images // tc.batch_size, total_steps=steps,
                    decay=tc.lr_decay)
-        train_step(net, optimizer, schedule, x_0, lr=lr, class_labels=y, prediction_type=tc.prediction_type,
-                   min_snr_gamma=tc.min_snr_gamma, grad_clip=tc.grad_clip)
+        train_step(net, optimizer, schedule, x_0, lr=lr, class_labels=y, **options)
         ema.update(net)
         if (step + 1) % window == 0:
             now = time.perf_counter()
@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement (default: 60)")
     parser.add_argument("--window", type=int, default=5, help="steps per timing window (default: 5)")
+    parser.add_argument("--worker-niceness", type=int, default=0,
+                        help="niceness of the Ray workers (default: 0, the plain loop's; Ray's own default is 15)")
     args = parser.parse_args()
 
     import os
@@ -110,9 +112,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ddpm-bench-train-"))
     os.environ["DDPM_HOME"] = str(work / "home")
-    # Ray starts its workers at niceness 15; on a machine shared with other work that alone would slow the Ray rows
-    # down. Same priority as the plain loop, so that only the framework differs.
-    os.environ["RAY_worker_niceness"] = "0"
+    # Ray starts its workers at niceness 15: every process at the default priority, Ray's own included, then takes
+    # the CPU first. By default the same priority as the plain loop, so that only the framework differs.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     tracking_uri = f"sqlite:///{work / 'home' / 'mlflow.db'}"
     config = load_config(args.config, args.set)
     size, channels = config.model.image_size, config.model.in_channels

@@ -12,15 +12,20 @@ from .losses import diffusion_loss
 from .schedule import NoiseSchedule
 
 
-def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, decay: str = "constant") -> float:
-    """Linear warm-up over ``warmup_steps``, then constant (DDPM) or cosine decay to 0 at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, decay: str = "constant",
+          time_spent: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant (DDPM) or cosine decay to 0 at ``total_steps``.
+
+    A run with a time budget as well passes ``time_spent``, the fraction of it used so far: the cosine then runs on
+    whichever is further along, steps after the warm-up or time (from the start), and reaches 0 when either runs out,
+    even within the warm-up.
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if decay == "constant":
-        return base_lr
+        return base_lr * warm
     if decay == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps), time_spent))
+        return base_lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr decay {decay!r}; expected 'constant' or 'cosine'")
 
 

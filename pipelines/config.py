@@ -45,7 +45,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_images: int = 200_000           # the run ends after exactly this many training images
+    total_images: int = 200_000           # the run ends after exactly this many training images ...
+    max_minutes: float | None = None      # ... or this many minutes of training, if sooner (the LR decays over both)
     batch_size: int = 128                 # global batch, split evenly across workers
     lr: float = 2e-4
     lr_decay: str = "constant"            # "constant" (DDPM) or "cosine"
@@ -76,7 +77,7 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamw"):
             raise UserError(f"train.optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise UserError(f"train.timestep_sampling must be uniform or importance, got {self.timestep_sampling!r}")
+            raise UserError(f"train.timestep_sampling must be uniform, importance or stratified, got {self.timestep_sampling!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr_decay not in ("constant", "cosine"):
@@ -84,6 +85,12 @@ class TrainConfig:
         for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
+
+    def finished(self, images_seen: int, seconds: float) -> bool:
+        """Whether a run that trained ``images_seen`` images in ``seconds`` of training is done."""
+        return images_seen >= self.total_images or (self.max_minutes is not None and seconds >= self.max_minutes * 60)
 
     def step_options(self, device) -> dict:
         """The keyword arguments of ``ddpm.training.train_step`` this config sets (all but lr and the labels)."""
@@ -145,8 +152,14 @@ class Config:
         return replace(self, model=replace(self.model, num_classes=num_classes))
 
 
+# Fields whose default is None, by the type a value must have: "float | None" carries no default to check against.
+OPTIONAL_NUMBERS = {"min_snr_gamma": float, "max_minutes": float}
+
+
 def _coerce(value, default, key: str):
     """Check ``value`` against the type of the field's default; YAML's "1e-3" (a string in YAML 1.1) -> 1e-3."""
+    if default is None and key.rsplit(".", 1)[-1] in OPTIONAL_NUMBERS:
+        default = OPTIONAL_NUMBERS[key.rsplit(".", 1)[-1]]()
     if default is None or value is None or isinstance(default, (tuple, list, str)):
         return value
     kind = type(default)

@@ -82,7 +82,8 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
     seconds["ingest"] = time.monotonic() - start
 
     start = time.monotonic()
-    log(f"[train] {p.num_workers} workers, {config.train.total_images:,} images, run {p.run_name!r}")
+    limit = f" or {config.train.max_minutes:g} minutes" if config.train.max_minutes is not None else ""
+    log(f"[train] {p.num_workers} workers, {config.train.total_images:,} images{limit}, run {p.run_name!r}")
     result = train(processed, config, storage=absolute(p.storage), name=p.run_name, num_workers=p.num_workers,
                    use_gpu=p.use_gpu, register_as=p.register_as, tracking_uri=uri, experiment=p.experiment)
     seconds["train"] = time.monotonic() - start

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import io
 import json
 import os
@@ -32,43 +31,7 @@ EXAMPLE = """example:
   ddpm quickstart --minutes 1 --stop-when-done
 """
 
-# Two Ray Train workers on the 2-core machine train the digits preset at about 0.7 of the rate this calibration times
-# in one process (gradient all-reduce, data feeding, two processes sharing the cores): fp32, 171 images/s against 242
-# (2026-11-26); bf16 on this AMX CPU, 156 against 211 (0.74; `ddpm quickstart --stop-when-done` on 2026-11-27, 32,896
-# images, the training phase 236 s with Ray Train's start). One earlier bf16 calibration, over three steps, timed 311
-# and its run trained for 404 s; the calibration now takes the median of nine steps.
-DDP_SHARE = 0.7
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
-
-
-def calibrate(config, minutes: float, num_workers: int) -> int:
-    """How many training images fit in ``minutes``: time a few steps of the real model and batch here.
-
-    The single-process rate, times the share of it that two DDP workers reach here with Ray Data feeding them
-    (``DDP_SHARE``), is the estimate.
-    """
-    import torch
-
-    from ddpm import UNet
-    from ddpm.training import train_step
-
-    tc = config.train
-    model = UNet(config.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    schedule = config.schedule.build()
-    x = torch.randn(tc.batch_size, config.model.in_channels, config.model.image_size, config.model.image_size)
-    y = torch.zeros(tc.batch_size, dtype=torch.long) if config.model.num_classes else None
-    step = functools.partial(train_step, model, optimizer, schedule, x, lr=tc.lr, class_labels=y,
-                             **tc.step_options(x.device))  # the workers' step
-    step()  # warm-up
-    seconds = []
-    for _ in range(9):  # the median step: one stalled step (a busy neighbour) does not move it
-        start = time.monotonic()
-        step()
-        seconds.append(time.monotonic() - start)
-    rate = tc.batch_size / sorted(seconds)[len(seconds) // 2]
-    budget = int(DDP_SHARE * rate * minutes * 60)
-    return max(tc.batch_size, budget - budget % tc.batch_size)
 
 
 def start_ray(keep: bool, log) -> str:
@@ -188,17 +151,16 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     os.environ.setdefault("DDPM_HOME", str(workdir))
     uri = tracking.tracking_uri()
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-    log(f"[1/6] Ray: local, on 127.0.0.1")
+    log("[1/6] Ray: local, on 127.0.0.1")
     address = start_ray(keep_serving, log)
 
-    log(f"[2/6] calibrating a {minutes:g}-minute training budget on this machine")
-    total = calibrate(config, minutes, num_workers=2)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    config = replace(config, train=replace(config.train, total_images=total), pipeline=replace(
+    config = replace(config, train=replace(config.train, max_minutes=minutes), pipeline=replace(
         config.pipeline, raw="digits", raw_output=str(workdir / "data" / "digits-raw"),
         processed=str(workdir / "data" / "digits"), storage=str(workdir / "runs"), run_name=f"digits-{stamp}",
         register_as="digits", num_workers=2, eval_samples=eval_samples))
-    log(f"      {total:,} images at batch {config.train.batch_size} (about {minutes:g} minutes)")
+    log(f"[2/6] training budget: {minutes:g} minutes (train.max_minutes; the learning rate decays over it), "
+        f"at most {config.train.total_images:,} images")
 
     log("[3/6] pipeline: data -> ingest -> train -> evaluate -> register -> gate")
     result = run_pipeline(config, tracking_uri=uri, log=lambda msg: log("      " + msg))

@@ -20,7 +20,8 @@ A checkpoint is one folder under STORAGE/NAME/checkpoint_<images seen>/, written
                                   the optimizer's param groups and non-tensor state
     training_state.safetensors    the optimizer's tensors ("optimizer.<param>.<name>"), every rank's RNG states
 
-Exactly ``train.total_images`` images: every step takes min(batch_size, images left) images, split across the
+Exactly ``train.total_images`` images, or fewer when ``train.max_minutes`` of training run out first (counted over
+resumed attempts, on rank 0's clock): every step takes min(batch_size, images left) images, split across the
 workers (rank r gets its contiguous part of the global batch); DDP's gradient average is weighted by each rank's
 share (see :func:`_weighted_allreduce`), so a short last batch or a batch that does not divide by the number of
 workers still gets the gradient of the mean loss over exactly those images.
@@ -121,10 +122,11 @@ def train(
     run_id = _open_run(uri, experiment, name, config, manifest, data, previous)
     print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
 
-    total = config.train.total_images
     unlogged: list[str] = []
-    if previous is not None and previous.state["images_seen"] == total:
-        print(f"run {name} already holds a checkpoint at {total} images; skipping to registration", flush=True)
+    if previous is not None and config.train.finished(previous.state["images_seen"],
+                                                      previous.state.get("train_seconds", 0.0)):
+        print(f"run {name} already holds its final checkpoint ({previous.state['images_seen']} images); "
+              f"skipping to registration", flush=True)
         final_uri = previous.uri
     else:
         result = _fit(data, config, manifest, storage=storage, name=name, num_workers=num_workers,
@@ -579,6 +581,35 @@ def _weighted_allreduce(share: _BatchShare, bucket):
     return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+class _TrainingClock:
+    """Seconds of training (this attempt's plus those of the attempts before it) against ``train.max_minutes``.
+
+    Every rank takes rank 0's reading, so all of them set the same learning rate and stop after the same step.
+    """
+
+    def __init__(self, carried_s: float, max_minutes: float | None, world: int, device):
+        self.carried_s, self.start = carried_s, time.monotonic()
+        self.budget_s = max_minutes * 60 if max_minutes is not None else None
+        self.world, self.device = world, device
+
+    def seconds(self) -> float:
+        return self.carried_s + time.monotonic() - self.start
+
+    def spent(self) -> float:
+        """The fraction of the time budget used so far, rank 0's on every rank; 0 without a budget."""
+        if self.budget_s is None:
+            return 0.0
+        fraction = self.seconds() / self.budget_s
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            reading = torch.tensor([fraction], dtype=torch.float64, device=self.device)
+            dist.broadcast(reading, src=0)
+            fraction = reading.item()
+        return fraction
+
+
 class _Throughput:
     """Images per second over training steps only (sampling and checkpointing restart the clock)."""
 
@@ -636,6 +667,7 @@ def _train_worker(job: dict) -> None:
         model.register_comm_hook(share, _weighted_allreduce)
 
     step, seen, total = state["step"], state["images_seen"], tc.total_images
+    clock = _TrainingClock(state.get("train_seconds", 0.0), tc.max_minutes, world, device)
     stream = _RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
                         row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
     total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size
@@ -655,8 +687,9 @@ def _train_worker(job: dict) -> None:
             logger.log_metrics({"restarts": state["restarts"], "resumed_at_images": seen}, step)
     sampler_net = UNet(config.model).to(device) if rank == 0 else None
     throughput, loss_sum, loss_rows, last = _Throughput(), 0.0, 0, {}
+    time_spent = clock.spent()
 
-    while seen < total:
+    while seen < total and time_spent < 1:
         # This step's images: n of them, rank r trains on rows [r*m, r*m + m) of the global batch.
         n = min(tc.batch_size, total - seen)
         m = math.ceil(n / world)
@@ -670,13 +703,15 @@ def _train_worker(job: dict) -> None:
         if tc.class_conditional:
             y = drop_labels(torch.from_numpy(labels[:used]).to(device), tc.label_dropout)
         share.weight = rows / n
-        lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay)
+        lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
+                   time_spent=time_spent)
         loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y, **step_options)
         ema.update(net)
         step, seen = step + 1, seen + n
         loss_sum, loss_rows = loss_sum + loss * rows, loss_rows + rows
         throughput.images += n
-        finished = seen == total
+        time_spent = clock.spent()
+        finished = seen == total or time_spent >= 1
 
         if step % tc.log_every_steps == 0 or finished:
             loss_sum, loss_rows = _sum_over_ranks([loss_sum, loss_rows], world, device)
@@ -693,7 +728,8 @@ def _train_worker(job: dict) -> None:
             throughput.restart()
 
         if _crossed(seen, n, tc.checkpoint_every_images) or finished:
-            state = {"step": step, "images_seen": seen, "restarts": state["restarts"], "ema_updates": ema.num_updates,
+            state = {"step": step, "images_seen": seen, "train_seconds": clock.seconds(), "restarts": state["restarts"],
+                     "ema_updates": ema.num_updates,
                      "mlflow_run_id": job["run_id"], "world_size": world, "config": config.to_dict(),
                      "dataset_fingerprint": job["fingerprint"], "metrics": last}
             unlogged = logger.close() if finished and logger is not None else []

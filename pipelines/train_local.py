@@ -47,9 +47,9 @@ def digits_dataset(resolution: int = 16):
     return x.clamp(-1, 1), torch.from_numpy(digits.target).long()
 
 
-def train_local(config, images, labels, *, out_dir: str | Path, minutes: float | None = None,
-                class_names: list[str] | None = None, log=print) -> LocalRun:
-    """Train ``config`` on ``images`` (N, C, H, W) in [-1, 1] until ``total_images`` or ``minutes`` run out.
+def train_local(config, images, labels, *, out_dir: str | Path, class_names: list[str] | None = None,
+                log=print) -> LocalRun:
+    """Train ``config`` on ``images`` (N, C, H, W) in [-1, 1] until ``total_images`` or ``max_minutes`` run out.
 
     Saves the checkpoint (raw + EMA weights, ddpm.checkpoint format) to ``out_dir`` and returns a summary.
     """
@@ -69,18 +69,20 @@ def train_local(config, images, labels, *, out_dir: str | Path, minutes: float |
     optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     total_steps = -(-tc.total_images // tc.batch_size)
     warmup_steps = tc.warmup_images // tc.batch_size
-    deadline = time.monotonic() + minutes * 60 if minutes else float("inf")
     g = torch.Generator().manual_seed(tc.seed)
     step_options = tc.step_options(images.device)
 
+    budget_s = tc.max_minutes * 60 if tc.max_minutes is not None else float("inf")
+
     start, step, seen, losses = time.monotonic(), 0, 0, []
     model.train()
-    while seen < tc.total_images and time.monotonic() < deadline:
+    while not tc.finished(seen, time.monotonic() - start):
         n = min(tc.batch_size, tc.total_images - seen)
         idx = torch.randint(0, images.shape[0], (n,), generator=g)
         x0 = random_flip(images[idx], g) if tc.random_flip else images[idx]
         y = drop_labels(labels[idx], tc.label_dropout, g) if tc.class_conditional else None
-        lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay)
+        lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
+                   time_spent=(time.monotonic() - start) / budget_s)
         loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, class_labels=y, **step_options)
         ema.update(model)
         losses.append(loss)
@@ -117,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/digits.yaml", help="YAML preset (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value; repeatable")
-    parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes of training")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this many minutes of training (sets train.max_minutes)")
     parser.add_argument("--out", default=".ddpm/local/digits", help="checkpoint folder (default: %(default)s)")
     parser.add_argument("--samples", default="quickstart-samples.png", help="where to write the sample grid")
 
@@ -127,11 +130,10 @@ def main(args: argparse.Namespace) -> int:
 
     from .config import load_config
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
     print(f"config: {config.to_dict()}")
     images, labels = digits_dataset(config.model.image_size)
-    run = train_local(config, images, labels, out_dir=args.out, minutes=args.minutes,
-                      class_names=[str(i) for i in range(10)])
+    run = train_local(config, images, labels, out_dir=args.out, class_names=[str(i) for i in range(10)])
     print(f"trained {run.steps} steps, {run.images_seen} images in {run.seconds:.0f} s; "
           f"loss {run.first_loss:.4f} -> {run.last_loss:.4f}; checkpoint {run.checkpoint}")
     Path(args.samples).write_bytes(encode_png(sample_grid(run.checkpoint)))

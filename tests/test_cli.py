@@ -52,7 +52,10 @@ def test_unknown_command_exits_2(capsys):
 
 @pytest.mark.parametrize("setting, message", [
     ("train.precision=fp16", "train.precision must be auto, fp32 or bf16, got 'fp16'"),
-    ("train.timestep_sampling=lognormal", "train.timestep_sampling must be uniform or importance, got 'lognormal'"),
+    ("train.timestep_sampling=lognormal",
+     "train.timestep_sampling must be uniform, importance or stratified, got 'lognormal'"),
+    ("train.max_minutes=0", "train.max_minutes must be positive (or null for no time limit), got 0.0"),
+    ("train.max_minutes=soon", "train.max_minutes must be a float, got 'soon'"),
 ])
 def test_an_invalid_train_setting_is_one_line_naming_it(setting, message, capsys, tmp_path):
     assert main(["train-local", "--set", setting, "--out", str(tmp_path)]) == 1

@@ -1,10 +1,12 @@
 """The quickstart end to end with a one-minute training budget: data -> ingest -> train (2 workers) -> evaluate ->
 register -> promote -> Serve -> POST /generate -> quickstart-samples.png, in a subprocess like `make quickstart`."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -13,6 +15,7 @@ import requests
 from PIL import Image
 
 from conftest import free_port
+from pipelines.config import load_config
 from pipelines.quickstart import RAY_PORT
 
 
@@ -78,3 +81,12 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("digits", "production")
     assert str(version.version) == "1" and version.tags.get("gate.decision") == "promote"
+
+    # Training ran for its one minute (train.max_minutes), not to the preset's image count, and the learning rate's
+    # cosine reached about 0 with the time.
+    preset = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml").train
+    (final,) = sorted((workdir / "runs").glob("digits-*/checkpoint_*"))[-1:]
+    state = json.loads((final / "training_state.json").read_text())
+    assert 60 <= state["train_seconds"] < 180 and 0 < state["images_seen"] < preset.total_images
+    lrs = [m.value for m in sorted(client.get_metric_history(version.run_id, "lr"), key=lambda m: m.step)]
+    assert lrs[-1] < 0.02 * preset.lr < max(lrs)

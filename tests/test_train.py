@@ -8,7 +8,8 @@ share runs):
    ``total_images`` (the last batch is truncated and split 5/4), metrics and sample grids reach the server, and
    the model is registered with its lineage tags;
 2. the same command again with a larger ``total_images``: it resumes in the same MLflow run, and while it trains
-   the MLflow server is stopped and started again; training goes on and the buffered metrics arrive afterwards.
+   the MLflow server is stopped and started again; training goes on and the buffered metrics arrive afterwards;
+3. the same command with a ``train.max_minutes`` the run has already used up: it is finished, nothing trains.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def digits_on_s3(ray_two_nodes, s3, bucket):
     return f"s3://{bucket}/processed", manifest
 
 
-def _train(data: str, bucket: str, tracking_uri: str, total_images: int, fewer_files: bool = False) -> int:
+def _train(data: str, bucket: str, tracking_uri: str, total_images: int, fewer_files: bool = False,
+           extra: tuple[str, ...] = ()) -> int:
     """``ddpm train`` in this process; ``fewer_files``: a checkpoint and a grid every 1,600 images, not 96."""
     later = ["--set", "train.checkpoint_every_images=1600", "--set", "train.sample_every_images=1600"]
     return cli.main([
-        "train", "--data", data, "--config", CONFIG, *TINY, *(later if fewer_files else []),
+        "train", "--data", data, "--config", CONFIG, *TINY, *(later if fewer_files else []), *extra,
         "--set", f"train.total_images={total_images}",
         "--num-workers", "2", "--storage", f"s3://{bucket}/runs", "--name", "digits-run",
         "--register-as", "tiny-digits", "--tracking-uri", tracking_uri, "--experiment", "test-train",
@@ -140,6 +142,18 @@ def test_two_nodes_failure_resume_and_tracking_outage(digits_on_s3, bucket, mlfl
     during = [m for m in history if outage["stop"] * 1000 < m.timestamp < outage["start"] * 1000]
     assert during, "no step was logged while the server was down: the outage did not overlap training"
     assert {v.version for v in client.search_model_versions("name = 'tiny-digits'")} == {"1", "2"}
+    # The training clock (train.max_minutes counts it) went on from the first run's: at least its seconds plus the
+    # resumed run's first to last logged step.
+    resumed = storage.read_json(f"s3://{bucket}/runs/digits-run/checkpoint_000000003201/training_state.json")
+    logged = [m.timestamp for m in history if m.step > 13]
+    assert resumed["train_seconds"] >= final["train_seconds"] + (max(logged) - min(logged)) / 1000
+
+    # -- 3. a time limit that the run has already used up: nothing more to train, nothing new to register --------
+    spent = resumed["train_seconds"] / 60
+    limit = ("--set", f"train.max_minutes={spent / 2}")
+    assert _train(data, bucket, mlflow_server.uri, total_images=6401, extra=limit) == 0
+    assert {v.version for v in client.search_model_versions("name = 'tiny-digits'")} == {"1", "2"}
+    assert storage.read_json(f"s3://{bucket}/runs/digits-run/checkpoint_000000003201/training_state.json") == resumed
 
 
 def test_bad_config_key_is_one_line(capsys, tmp_path):
