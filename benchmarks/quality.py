@@ -62,7 +62,6 @@ VPRED = COND + ["train.prediction_type=v_prediction"]
 MINSNR = VPRED + ["train.min_snr_gamma=5"]
 BF16 = MINSNR + ["train.precision=bf16"]
 IMPORTANCE = BF16 + ["train.timestep_sampling=importance"]
-STRATIFIED = BF16 + ["train.timestep_sampling=stratified"]
 SHORT = ["train.total_images=64000"]  # about what 5 minutes through the pipeline train on a busy day
 # The U-Net on 2x2 patches (8x8 grid, 4 channels): levels at 8, 4, 2 with attention at 4x4; 64 base channels keep
 # the FLOPs per image of the 16x16 digits U-Net.
@@ -90,9 +89,6 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "importance_64k": ("importance, 64,000 images", IMPORTANCE + SHORT),
     "importance_64k_seed1": ("importance, 64,000 images, training seed 1", IMPORTANCE + SHORT + ["train.seed=1"]),
     "importance_64k_seed2": ("importance, 64,000 images, training seed 2", IMPORTANCE + SHORT + ["train.seed=2"]),
-    "stratified_64k": ("+ stratified importance draws, 64,000 images", STRATIFIED + SHORT),
-    "stratified_64k_seed1": ("stratified, 64,000 images, training seed 1", STRATIFIED + SHORT + ["train.seed=1"]),
-    "stratified_64k_seed2": ("stratified, 64,000 images, training seed 2", STRATIFIED + SHORT + ["train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 

@@ -4,9 +4,6 @@ Timesteps are drawn uniformly, or by importance: in proportion to their weight w
 mean_t w(t). Both estimate the same loss, sum_t w(t) L_t / T; importance sampling spends no compute on timesteps the
 weighting nearly ignores. With v-prediction and min-SNR-5 on the linear schedule, w(t) averages 0.19 and the 400
 noisiest of the 1000 timesteps (w < 0.03) carry 1% of the total weight while taking 40% of uniform draws.
-"stratified" draws from the same distribution, but the batch's B timesteps come one from each of B slices of equal
-probability under w (t_i = F^-1((u + i) / B), F the cumulative of w / sum w, one u ~ U[0, 1) per batch: the
-low-discrepancy sampler of Kingma et al. 2021), so a batch never bunches its timesteps by chance.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import torch
 
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 
-TIMESTEP_SAMPLING = ("uniform", "importance", "stratified")
+TIMESTEP_SAMPLING = ("uniform", "importance")
 
 
 def diffusion_loss(
@@ -36,8 +33,7 @@ def diffusion_loss(
     min(SNR, gamma), which is min(SNR, gamma)/SNR for an eps target and min(SNR, gamma)/(SNR + 1) for v.
     Without it, w = 1: plain L_simple in the chosen parameterisation.
     ``timestep_sampling`` "importance" draws t with probability w(t) / sum w and weighs each draw by mean w: the
-    same expected loss as "uniform", with less variance; "stratified" draws one t per equal-probability slice of
-    that distribution (see the module docstring).
+    same expected loss as "uniform", with less variance (see the module docstring).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
@@ -48,13 +44,6 @@ def diffusion_loss(
     if timestep_sampling == "importance":
         where = generator.device if generator is not None else x_0.device  # draw where the generator lives
         t = torch.multinomial(w.to(where), b, replacement=True, generator=generator).to(x_0.device)  # t ~ w/sum(w)
-        weight = w.mean().expand(b)
-    elif timestep_sampling == "stratified":
-        where = generator.device if generator is not None else x_0.device
-        u = (torch.rand(1, device=where, dtype=torch.float64, generator=generator)
-             + torch.arange(b, device=where, dtype=torch.float64)) / b  # one u in each [i/B, (i+1)/B)
-        cdf = torch.cumsum(w, 0).to(where) / w.sum()
-        t = torch.searchsorted(cdf, u, right=True).clamp_(max=schedule.num_timesteps - 1).to(x_0.device)
         weight = w.mean().expand(b)
     else:
         t = torch.randint(0, schedule.num_timesteps, (b,), device=x_0.device, generator=generator)

@@ -77,7 +77,7 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamw"):
             raise UserError(f"train.optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise UserError(f"train.timestep_sampling must be uniform, importance or stratified, got {self.timestep_sampling!r}")
+            raise UserError(f"train.timestep_sampling must be uniform or importance, got {self.timestep_sampling!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.lr_decay not in ("constant", "cosine"):

@@ -52,8 +52,7 @@ def test_unknown_command_exits_2(capsys):
 
 @pytest.mark.parametrize("setting, message", [
     ("train.precision=fp16", "train.precision must be auto, fp32 or bf16, got 'fp16'"),
-    ("train.timestep_sampling=lognormal",
-     "train.timestep_sampling must be uniform, importance or stratified, got 'lognormal'"),
+    ("train.timestep_sampling=lognormal", "train.timestep_sampling must be uniform or importance, got 'lognormal'"),
     ("train.max_minutes=0", "train.max_minutes must be positive (or null for no time limit), got 0.0"),
     ("train.max_minutes=soon", "train.max_minutes must be a float, got 'soon'"),
 ])
