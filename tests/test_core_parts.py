@@ -1,5 +1,6 @@
 """The U-Net, the loss, EMA, the checkpoint format and the metric math."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -158,10 +159,11 @@ def test_training_helpers():
     assert lr_at(50, base_lr=1.0, warmup_steps=10, total_steps=100) == 1.0
     assert lr_at(100, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine") == pytest.approx(0.0)
     # With a time budget the cosine follows whichever of steps and time is further along.
-    assert lr_at(55, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine", time_spent=0.1) == pytest.approx(0.5)
-    assert lr_at(20, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine", time_spent=0.5) == pytest.approx(0.5)
-    assert lr_at(20, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine", time_spent=1.2) == 0.0
-    assert lr_at(5, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine", time_spent=0.5) == pytest.approx(0.3)
+    timed = functools.partial(lr_at, base_lr=1.0, warmup_steps=10, total_steps=100, decay="cosine")
+    assert timed(55, time_spent=0.1) == pytest.approx(0.5)  # steps ahead: half-way through the decay
+    assert timed(20, time_spent=0.5) == pytest.approx(0.5)  # time ahead
+    assert timed(20, time_spent=1.2) == 0.0
+    assert timed(5, time_spent=0.5) == pytest.approx(0.3)  # 0.6 of the warm-up, times the decay
     x = torch.arange(8.0).reshape(1, 1, 1, 8).repeat(64, 1, 1, 1)
     flipped = random_flip(x, torch.Generator().manual_seed(0))
     n_flipped = int((flipped[:, 0, 0, 0] == 7).sum())
