@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -88,9 +89,13 @@ class TrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
 
+    def time_spent(self, seconds: float) -> float:
+        """The fraction of ``max_minutes`` that ``seconds`` of training used; 0 without a time limit."""
+        return seconds / (self.max_minutes * 60) if self.max_minutes is not None else 0.0
+
     def finished(self, images_seen: int, seconds: float) -> bool:
         """Whether a run that trained ``images_seen`` images in ``seconds`` of training is done."""
-        return images_seen >= self.total_images or (self.max_minutes is not None and seconds >= self.max_minutes * 60)
+        return images_seen >= self.total_images or self.time_spent(seconds) >= 1
 
     def step_options(self, device) -> dict:
         """The keyword arguments of ``ddpm.training.train_step`` this config sets (all but lr and the labels)."""
@@ -152,14 +157,8 @@ class Config:
         return replace(self, model=replace(self.model, num_classes=num_classes))
 
 
-# Fields whose default is None, by the type a value must have: "float | None" carries no default to check against.
-OPTIONAL_NUMBERS = {"min_snr_gamma": float, "max_minutes": float}
-
-
 def _coerce(value, default, key: str):
     """Check ``value`` against the type of the field's default; YAML's "1e-3" (a string in YAML 1.1) -> 1e-3."""
-    if default is None and key.rsplit(".", 1)[-1] in OPTIONAL_NUMBERS:
-        default = OPTIONAL_NUMBERS[key.rsplit(".", 1)[-1]]()
     if default is None or value is None or isinstance(default, (tuple, list, str)):
         return value
     kind = type(default)
@@ -180,6 +179,10 @@ def _coerce(value, default, key: str):
 
 def _strict(cls, values: dict, where: str):
     defaults = {f.name: f.default for f in fields(cls)}
+    for name, hint in typing.get_type_hints(cls).items():
+        kinds = [t for t in typing.get_args(hint) if t is not type(None)]
+        if defaults.get(name) is None and len(kinds) == 1:  # "float | None": check a value against float
+            defaults[name] = kinds[0]()
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise UserError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(defaults))}")

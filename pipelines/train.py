@@ -587,19 +587,18 @@ class _TrainingClock:
     Every rank takes rank 0's reading, so all of them set the same learning rate and stop after the same step.
     """
 
-    def __init__(self, carried_s: float, max_minutes: float | None, world: int, device):
+    def __init__(self, carried_s: float, train_config, world: int, device):
         self.carried_s, self.start = carried_s, time.monotonic()
-        self.budget_s = max_minutes * 60 if max_minutes is not None else None
-        self.world, self.device = world, device
+        self.train_config, self.world, self.device = train_config, world, device
 
     def seconds(self) -> float:
         return self.carried_s + time.monotonic() - self.start
 
     def spent(self) -> float:
         """The fraction of the time budget used so far, rank 0's on every rank; 0 without a budget."""
-        if self.budget_s is None:
-            return 0.0
-        fraction = self.seconds() / self.budget_s
+        if self.train_config.max_minutes is None:
+            return 0.0  # nothing to agree on
+        fraction = self.train_config.time_spent(self.seconds())
         if self.world > 1:
             import torch
             import torch.distributed as dist
@@ -667,7 +666,7 @@ def _train_worker(job: dict) -> None:
         model.register_comm_hook(share, _weighted_allreduce)
 
     step, seen, total = state["step"], state["images_seen"], tc.total_images
-    clock = _TrainingClock(state.get("train_seconds", 0.0), tc.max_minutes, world, device)
+    clock = _TrainingClock(state.get("train_seconds", 0.0), tc, world, device)
     stream = _RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
                         row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
     total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size

@@ -72,8 +72,6 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
     g = torch.Generator().manual_seed(tc.seed)
     step_options = tc.step_options(images.device)
 
-    budget_s = tc.max_minutes * 60 if tc.max_minutes is not None else float("inf")
-
     start, step, seen, losses = time.monotonic(), 0, 0, []
     model.train()
     while not tc.finished(seen, time.monotonic() - start):
@@ -82,7 +80,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
         x0 = random_flip(images[idx], g) if tc.random_flip else images[idx]
         y = drop_labels(labels[idx], tc.label_dropout, g) if tc.class_conditional else None
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
-                   time_spent=(time.monotonic() - start) / budget_s)
+                   time_spent=tc.time_spent(time.monotonic() - start))
         loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, class_labels=y, **step_options)
         ema.update(model)
         losses.append(loss)
