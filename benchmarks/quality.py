@@ -99,6 +99,28 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "small_85k": ("importance, 1 residual block per level (1.11M), 85,120 images", IMPORTANCE + SMALL_85K),
     "small_85k_seed1": ("small, 85,120 images, training seed 1", IMPORTANCE + SMALL_85K + ["train.seed=1"]),
     "small_85k_seed2": ("small, 85,120 images, training seed 2", IMPORTANCE + SMALL_85K + ["train.seed=2"]),
+    # Where the importance-sampled draws go: min-SNR-2 moves them toward noisier timesteps (the SNR at which
+    # min(SNR, gamma)/(SNR + 1) peaks is gamma).
+    "gamma2_64k": ("importance, min-SNR-2, 64,000 images", IMPORTANCE + SHORT + ["train.min_snr_gamma=2"]),
+    "gamma2_64k_seed1": ("min-SNR-2, 64,000 images, training seed 1",
+                         IMPORTANCE + SHORT + ["train.min_snr_gamma=2", "train.seed=1"]),
+    "gamma2_64k_seed2": ("min-SNR-2, 64,000 images, training seed 2",
+                         IMPORTANCE + SHORT + ["train.min_snr_gamma=2", "train.seed=2"]),
+    # Label dropout trains the unconditional branch, which only guidance (w != 1) uses; without it every image
+    # trains the conditional model that the evaluation samples.
+    "nodrop_64k": ("importance, no label dropout, 64,000 images", IMPORTANCE + SHORT + ["train.label_dropout=0"]),
+    # DDPM's and ADM's initialisation: the last layer of every residual and attention branch, and the output, at 0.
+    "zeroinit_64k": ("importance, zero-initialised branches, 64,000 images",
+                     IMPORTANCE + SHORT + ["model.zero_init=true"]),
+    "zeroinit_64k_seed1": ("zero-init, 64,000 images, training seed 1",
+                           IMPORTANCE + SHORT + ["model.zero_init=true", "train.seed=1"]),
+    "zeroinit_64k_seed2": ("zero-init, 64,000 images, training seed 2",
+                           IMPORTANCE + SHORT + ["model.zero_init=true", "train.seed=2"]),
+    "zeroinit_lr2e-3_64k": ("zero-init, lr 2e-3, 64,000 images", IMPORTANCE + LR2_64K + ["model.zero_init=true"]),
+    "zeroinit_lr2e-3_64k_seed1": ("zero-init, lr 2e-3, 64,000 images, training seed 1",
+                                  IMPORTANCE + LR2_64K + ["model.zero_init=true", "train.seed=1"]),
+    "zeroinit_lr2e-3_64k_seed2": ("zero-init, lr 2e-3, 64,000 images, training seed 2",
+                                  IMPORTANCE + LR2_64K + ["model.zero_init=true", "train.seed=2"]),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 

@@ -35,6 +35,7 @@ class UNetConfig:
     num_groups: int = 32
     num_heads: int = 1
     patch_size: int = 1  # p: the U-Net runs on the (image_size / p)-sized grid; attention_resolutions refer to it
+    zero_init: bool = False  # start every residual branch and the output at 0, as DDPM's own code does
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -209,6 +210,14 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, patch_channels, 3, padding=1)
+        if cfg.zero_init:
+            # Ho et al.'s diffusion_tf (init_scale=0.) and ADM (zero_module): each residual block and attention block
+            # starts as the identity and the network's output as 0, so early training shapes a shallow network.
+            last_layers = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+            last_layers += [m.proj for m in self.modules() if isinstance(m, AttnBlock)]
+            for layer in last_layers + [self.conv_out]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,6 @@ ab s^2 + 1 - ab per pixel, and Cov(eps, x_t) = sqrt(1 - ab), so the minimiser of
 A sampler driven by it must return samples with mean mu and standard deviation s.
 """
 
-import torch
-
 
 class GaussianEps:
     def __init__(self, schedule, mu: float, s: float):

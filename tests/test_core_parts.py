@@ -31,6 +31,25 @@ def test_digits_preset_size_and_shapes():
     assert out.shape == (3, 1, 16, 16)
 
 
+def test_zero_init_starts_every_branch_at_zero_and_still_trains():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("tiny", zero_init=True, num_classes=3))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    assert torch.count_nonzero(model(x, t, torch.tensor([0, 1, 2, -1]))) == 0  # the output layer starts at 0
+    block = model.down[0][0]
+    h = torch.randn(2, block.conv1.in_channels, 8, 8)
+    torch.testing.assert_close(block(h, torch.randn(2, 4 * 16)), h, rtol=0, atol=0)  # a residual block: identity
+    # The zeroed layers get gradients: the first step moves the output layer, the next reach the blocks behind it.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        train_step(model, optimizer, NoiseSchedule.linear(1000), x.clamp(-1, 1), lr=1e-3,
+                   class_labels=torch.tensor([0, 1, 2, 0]))
+    assert torch.count_nonzero(model(x, t)) > 0 and torch.count_nonzero(block(h, torch.randn(2, 64)) - h) > 0
+    default = UNetConfig.preset("tiny")
+    assert not default.zero_init and UNetConfig.from_dict(  # checkpoints saved before the option load as before
+        {k: v for k, v in default.to_dict().items() if k != "zero_init"}) == default
+
+
 def test_patch_size_runs_the_unet_on_a_coarser_grid():
     """p = 2 folds 2x2 patches into channels: same image in and out, a quarter of the FLOPs at equal width."""
     from torch.utils.flop_counter import FlopCounterMode
