@@ -68,6 +68,16 @@ SMALL_85K = ["model.num_res_blocks=1", "train.total_images=85120"]
 # The U-Net on 2x2 patches (8x8 grid, 4 channels): levels at 8, 4, 2 with attention at 4x4; 64 base channels keep
 # the FLOPs per image of the 16x16 digits U-Net.
 PATCH2 = ["model.patch_size=2", "model.base_channels=64", "model.attention_resolutions=[4]"]
+
+
+def seeds(name: str, description: str, overrides: list[str], short: str) -> dict[str, tuple[str, list[str]]]:
+    """A run and its repeats with training seeds 1 and 2 (``NAME_seed1``, ``NAME_seed2``): the spread of one row."""
+    runs = {name: (description, overrides)}
+    for seed in (1, 2):
+        runs[f"{name}_seed{seed}"] = (f"{short}, training seed {seed}", overrides + [f"train.seed={seed}"])
+    return runs
+
+
 RUNS: dict[str, tuple[str, list[str]]] = {
     "base": ("textbook recipe", []),
     "cosine": ("+ cosine LR decay to 0", COSINE),
@@ -82,45 +92,26 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "patch2_narrow": ("+ 2x2 patches, 32 channels (1.6M): 4x the images", MINSNR + PATCH2 + ["model.base_channels=32"]),
     "minsnr_seed1": ("minsnr, training seed 1 (the spread of one row)", MINSNR + ["train.seed=1"]),
     "minsnr_seed2": ("minsnr, training seed 2", MINSNR + ["train.seed=2"]),
-    "minsnr_bf16": ("minsnr, bf16 autocast (AMX)", BF16),
-    "minsnr_bf16_seed1": ("minsnr, bf16 autocast, training seed 1", BF16 + ["train.seed=1"]),
-    "minsnr_bf16_seed2": ("minsnr, bf16 autocast, training seed 2", BF16 + ["train.seed=2"]),
-    "importance": ("minsnr, bf16, + timesteps drawn by importance", IMPORTANCE),
-    "importance_seed1": ("importance, training seed 1", IMPORTANCE + ["train.seed=1"]),
-    "importance_seed2": ("importance, training seed 2", IMPORTANCE + ["train.seed=2"]),
-    "importance_64k": ("importance, 64,000 images", IMPORTANCE + SHORT),
-    "importance_64k_seed1": ("importance, 64,000 images, training seed 1", IMPORTANCE + SHORT + ["train.seed=1"]),
-    "importance_64k_seed2": ("importance, 64,000 images, training seed 2", IMPORTANCE + SHORT + ["train.seed=2"]),
-    "lr2e-3_64k": ("importance, lr 2e-3, 64,000 images", IMPORTANCE + LR2_64K),
-    "lr2e-3_64k_seed1": ("lr 2e-3, 64,000 images, training seed 1", IMPORTANCE + LR2_64K + ["train.seed=1"]),
-    "lr2e-3_64k_seed2": ("lr 2e-3, 64,000 images, training seed 2", IMPORTANCE + LR2_64K + ["train.seed=2"]),
+    **seeds("minsnr_bf16", "minsnr, bf16 autocast (AMX)", BF16, "minsnr, bf16 autocast"),
+    **seeds("importance", "minsnr, bf16, + timesteps drawn by importance", IMPORTANCE, "importance"),
+    **seeds("importance_64k", "importance, 64,000 images", IMPORTANCE + SHORT, "importance, 64,000 images"),
+    **seeds("lr2e-3_64k", "importance, lr 2e-3, 64,000 images", IMPORTANCE + LR2_64K, "lr 2e-3, 64,000 images"),
     # One residual block per level trains 1.33x the images per second in bf16 (1 thread, alternating): the same
     # compute as the 64,000-image runs.
-    "small_85k": ("importance, 1 residual block per level (1.11M), 85,120 images", IMPORTANCE + SMALL_85K),
-    "small_85k_seed1": ("small, 85,120 images, training seed 1", IMPORTANCE + SMALL_85K + ["train.seed=1"]),
-    "small_85k_seed2": ("small, 85,120 images, training seed 2", IMPORTANCE + SMALL_85K + ["train.seed=2"]),
+    **seeds("small_85k", "importance, 1 residual block per level (1.11M), 85,120 images", IMPORTANCE + SMALL_85K,
+            "small, 85,120 images"),
     # Where the importance-sampled draws go: min-SNR-2 moves them toward noisier timesteps (the SNR at which
     # min(SNR, gamma)/(SNR + 1) peaks is gamma).
-    "gamma2_64k": ("importance, min-SNR-2, 64,000 images", IMPORTANCE + SHORT + ["train.min_snr_gamma=2"]),
-    "gamma2_64k_seed1": ("min-SNR-2, 64,000 images, training seed 1",
-                         IMPORTANCE + SHORT + ["train.min_snr_gamma=2", "train.seed=1"]),
-    "gamma2_64k_seed2": ("min-SNR-2, 64,000 images, training seed 2",
-                         IMPORTANCE + SHORT + ["train.min_snr_gamma=2", "train.seed=2"]),
+    **seeds("gamma2_64k", "importance, min-SNR-2, 64,000 images", IMPORTANCE + SHORT + ["train.min_snr_gamma=2"],
+            "min-SNR-2, 64,000 images"),
     # Label dropout trains the unconditional branch, which only guidance (w != 1) uses; without it every image
     # trains the conditional model that the evaluation samples.
     "nodrop_64k": ("importance, no label dropout, 64,000 images", IMPORTANCE + SHORT + ["train.label_dropout=0"]),
     # DDPM's and ADM's initialisation: the last layer of every residual and attention branch, and the output, at 0.
-    "zeroinit_64k": ("importance, zero-initialised branches, 64,000 images",
-                     IMPORTANCE + SHORT + ["model.zero_init=true"]),
-    "zeroinit_64k_seed1": ("zero-init, 64,000 images, training seed 1",
-                           IMPORTANCE + SHORT + ["model.zero_init=true", "train.seed=1"]),
-    "zeroinit_64k_seed2": ("zero-init, 64,000 images, training seed 2",
-                           IMPORTANCE + SHORT + ["model.zero_init=true", "train.seed=2"]),
-    "zeroinit_lr2e-3_64k": ("zero-init, lr 2e-3, 64,000 images", IMPORTANCE + LR2_64K + ["model.zero_init=true"]),
-    "zeroinit_lr2e-3_64k_seed1": ("zero-init, lr 2e-3, 64,000 images, training seed 1",
-                                  IMPORTANCE + LR2_64K + ["model.zero_init=true", "train.seed=1"]),
-    "zeroinit_lr2e-3_64k_seed2": ("zero-init, lr 2e-3, 64,000 images, training seed 2",
-                                  IMPORTANCE + LR2_64K + ["model.zero_init=true", "train.seed=2"]),
+    **seeds("zeroinit_64k", "importance, zero-initialised branches, 64,000 images",
+            IMPORTANCE + SHORT + ["model.zero_init=true"], "zero-init, 64,000 images"),
+    **seeds("zeroinit_lr2e-3_64k", "zero-init, lr 2e-3, 64,000 images", IMPORTANCE + LR2_64K + ["model.zero_init=true"],
+            "zero-init, lr 2e-3, 64,000 images"),
     "digits.yaml": ("configs/digits.yaml as shipped", []),
 }
 
