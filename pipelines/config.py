@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -130,7 +131,16 @@ class PipelineConfig:
     eval_samples: int = 500
     eval_sampler: str = "ddim"
     eval_steps: int = 50
+    eval_guidance_scale: float = 1.0      # classifier-free guidance w for class-conditional models (1: none)
     eval_seed: int = 0
+
+    def __post_init__(self):
+        if self.eval_samples <= 0 or self.eval_steps <= 0:
+            raise UserError(f"pipeline.eval_samples and pipeline.eval_steps must be positive, "
+                            f"got {self.eval_samples} and {self.eval_steps}")
+        if not math.isfinite(self.eval_guidance_scale) or self.eval_guidance_scale < 0:
+            raise UserError(f"pipeline.eval_guidance_scale must be a finite number >= 0, "
+                            f"got {self.eval_guidance_scale}")
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
     start = time.monotonic()
     decision = evaluate_and_gate(p.register_as, result.model_version, data=processed, alias=p.promote_to,
                                  metric=p.gate_metric, num_samples=p.eval_samples, sampler=p.eval_sampler,
-                                 steps=p.eval_steps, seed=p.eval_seed, inception_weights=p.inception_weights,
+                                 steps=p.eval_steps, guidance_scale=p.eval_guidance_scale,
+                                 seed=p.eval_seed, inception_weights=p.inception_weights,
                                  tracking_uri=uri, log=log)
     seconds["evaluate"] = time.monotonic() - start
     if decision.promote:

@@ -114,8 +114,12 @@ def serve_model(model_uri: str, *, port: int, ray_address: str, tracking_uri: st
     raise RuntimeError(f"the endpoint at {url} did not become healthy in 120 s")
 
 
-def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: int = 50):
-    """One request per class (or 10 unconditional ones): rows of ``per_class`` images, as an (H, W, C) uint8 grid."""
+def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: int = 50,
+                  guidance_scale: float = 1.0):
+    """One request per class (or 10 unconditional ones): rows of ``per_class`` images, as an (H, W, C) uint8 grid.
+
+    ``guidance_scale`` applies to the class rows (the server refuses it without a class).
+    """
     import numpy as np
     import requests
     from PIL import Image
@@ -127,6 +131,8 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
     for row, label in enumerate(labels):
         body = {"num_images": per_class, "sampler": "ddim", "steps": steps, "seed": 1000 * row,
                 "class_label": label, "output": "json"}
+        if label is not None:
+            body["guidance_scale"] = guidance_scale
         response = requests.post(f"{url}/generate", json=body, timeout=300)
         response.raise_for_status()
         for png in response.json()["images"]:
@@ -173,7 +179,10 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     from pipelines.preprocess import read_manifest
 
     class_names = read_manifest(result.processed).get("class_names") or []
-    samples.write_bytes(encode_png(generate_grid(url, class_names)))
+    # The images the gate scored: DDIM-50 with the preset's guidance.
+    grid = generate_grid(url, class_names, steps=config.pipeline.eval_steps,
+                         guidance_scale=config.pipeline.eval_guidance_scale)
+    samples.write_bytes(encode_png(grid))
 
     summary = {
         "model": f"digits version {result.version}", "promoted": result.promoted, "gate": result.gate_reason,
@@ -186,7 +195,8 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     log(f"  samples    {samples}")
     log(f"  MLflow UI  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri} "
         f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
-    body = json.dumps({"num_images": 16, "sampler": "ddim", "steps": 50, "seed": 0, "class_label": 3})
+    body = json.dumps({"num_images": 16, "sampler": "ddim", "steps": 50, "seed": 0, "class_label": 3,
+                       "guidance_scale": config.pipeline.eval_guidance_scale})
     if keep_serving:
         log(f"  try it     curl -s -X POST {url}/generate -H 'Content-Type: application/json' -d '{body}' "
             f"-o digits.png")

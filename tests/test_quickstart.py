@@ -81,10 +81,16 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("digits", "production")
     assert str(version.version) == "1" and version.tags.get("gate.decision") == "promote"
+    # The gate scored it with the preset's evaluation settings, classifier-free guidance included.
+    preset = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    scored = json.loads(version.tags["gate.settings"])["settings"]
+    assert (scored["guidance_scale"], scored["steps"], scored["num_samples"]) == (
+        preset.pipeline.eval_guidance_scale, preset.pipeline.eval_steps, 100)
+    assert client.get_run(version.run_id).data.tags["eval.guidance_scale"] == str(preset.pipeline.eval_guidance_scale)
 
     # Training ran for its one minute (train.max_minutes), not to the preset's image count, and the learning rate's
     # cosine reached about 0 with the time.
-    preset = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml").train
+    preset = preset.train
     final = max((workdir / "runs").glob("digits-*/checkpoint_[0-9]*"))  # the most images
     state = json.loads((final / "training_state.json").read_text())
     assert 60 <= state["train_seconds"] < 180 and 0 < state["images_seen"] < preset.total_images
