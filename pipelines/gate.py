@@ -94,7 +94,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
                  if incumbent_version is not None else None)
     images, labels = ev.load_data(data, candidate.config.image_size)
     reference = ev.prepare_reference(images, labels, num_samples=num_samples, inception=inception, log=log)
-    log(f"[gate] evaluating {name} version {version} ({settings.row}, n={num_samples})")
+    log(f"[gate] evaluating {name} version {version} ({settings.row}, guidance {guidance_scale:g}, n={num_samples})")
     evaluated = ev.evaluate_model(candidate, reference, settings, device=device, log=log)
     _log_evaluation(client, name, version, evaluated, uri)
 
