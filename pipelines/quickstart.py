@@ -195,8 +195,8 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     log(f"  samples    {samples}")
     log(f"  MLflow UI  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri} "
         f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
-    body = json.dumps({"num_images": 16, "sampler": "ddim", "steps": 50, "seed": 0, "class_label": 3,
-                       "guidance_scale": config.pipeline.eval_guidance_scale})
+    body = json.dumps({"num_images": 16, "sampler": "ddim", "steps": config.pipeline.eval_steps, "seed": 0,
+                       "class_label": 3, "guidance_scale": config.pipeline.eval_guidance_scale})
     if keep_serving:
         log(f"  try it     curl -s -X POST {url}/generate -H 'Content-Type: application/json' -d '{body}' "
             f"-o digits.png")

@@ -90,9 +90,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
 
     # Training ran for its one minute (train.max_minutes), not to the preset's image count, and the learning rate's
     # cosine reached about 0 with the time.
-    preset = preset.train
     final = max((workdir / "runs").glob("digits-*/checkpoint_[0-9]*"))  # the most images
     state = json.loads((final / "training_state.json").read_text())
-    assert 60 <= state["train_seconds"] < 180 and 0 < state["images_seen"] < preset.total_images
+    assert 60 <= state["train_seconds"] < 180 and 0 < state["images_seen"] < preset.train.total_images
     lrs = [m.value for m in sorted(client.get_metric_history(version.run_id, "lr"), key=lambda m: m.step)]
-    assert lrs[-1] < 0.02 * preset.lr < max(lrs)
+    assert lrs[-1] < 0.02 * preset.train.lr < max(lrs)
