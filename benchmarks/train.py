@@ -43,8 +43,7 @@ def plain_loop(config, images, labels, steps: int, window: int) -> list[float]:
     torch.manual_seed(tc.seed)
     net = UNet(config.model)
     schedule = config.schedule.build()
-    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = tc.build_optimizer(net.parameters())
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     options = tc.step_options(torch.device("cpu"))  # what a worker runs: precision, loss, timestep sampling
     rng = np.random.default_rng(tc.seed)

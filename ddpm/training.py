@@ -92,6 +92,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = grad_clip if grad_clip else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)  # CPUs too (default: GPUs)
     optimizer.step()
     return loss.item(), float(grad_norm)

@@ -55,6 +55,7 @@ class TrainConfig:
     warmup_images: int = 640_000          # DDPM: 5,000 steps x 128
     optimizer: str = "adam"               # "adam" or "adamw"
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999             # Adam's second-moment decay: it averages squared gradients over ~1/(1-b2) steps
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True
@@ -87,8 +88,24 @@ class TrainConfig:
         for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise UserError(f"train.adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
+
+    def build_optimizer(self, params):
+        """Adam or AdamW over ``params`` with this config's lr, weight decay and beta2 (beta1 stays 0.9).
+
+        The fused implementation where torch has one (CPU, CUDA): one kernel for all parameters instead of torch's
+        CPU default, a Python loop of small ops per tensor (benchmarks/step.py: together with foreach clipping and
+        the foreach EMA update, a digits step on the 2-core CPU runs 1.04-1.07x faster on two threads, 1.15x on one).
+        """
+        import torch
+
+        params = list(params)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+        cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=self.lr, betas=(0.9, self.adam_beta2), weight_decay=self.weight_decay, fused=fused)
 
     def time_spent(self, seconds: float) -> float:
         """The fraction of ``max_minutes`` that ``seconds`` of training used; 0 without a time limit."""

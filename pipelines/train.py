@@ -652,8 +652,7 @@ def _train_worker(job: dict) -> None:
         net.load_state_dict(raw)
         state["restarts"] += 1
     model = ray.train.torch.prepare_model(net)  # on the device; wrapped in DDP when world > 1
-    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = tc.build_optimizer(net.parameters())
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     if restored is not None:
         optimizer.load_state_dict(optimizer_state)

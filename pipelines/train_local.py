@@ -65,8 +65,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
     model = UNet(config.model)
     schedule = config.schedule.build()
     ema = EMA(model, decay=tc.ema_decay, warmup=tc.ema_warmup)
-    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = tc.build_optimizer(model.parameters())
     total_steps = -(-tc.total_images // tc.batch_size)
     warmup_steps = tc.warmup_images // tc.batch_size
     g = torch.Generator().manual_seed(tc.seed)

@@ -55,6 +55,7 @@ def test_unknown_command_exits_2(capsys):
     ("train.timestep_sampling=lognormal", "train.timestep_sampling must be uniform or importance, got 'lognormal'"),
     ("train.max_minutes=0", "train.max_minutes must be positive (or null for no time limit), got 0.0"),
     ("train.max_minutes=soon", "train.max_minutes must be a float, got 'soon'"),
+    ("train.adam_beta2=1", "train.adam_beta2 must be in [0, 1), got 1.0"),
     ("pipeline.eval_guidance_scale=-1", "pipeline.eval_guidance_scale must be a finite number >= 0, got -1.0"),
     ("pipeline.eval_guidance_scale=.inf", "pipeline.eval_guidance_scale must be a finite number >= 0, got inf"),
     ("pipeline.eval_steps=0", "pipeline.eval_samples and pipeline.eval_steps must be positive, got 500 and 0"),

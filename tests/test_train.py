@@ -174,16 +174,18 @@ def test_data_without_manifest_is_one_line(capsys, tmp_path):
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
-    """Optimizer moments, RNG states and counters survive write_checkpoint/read_checkpoint exactly."""
+    """Optimizer moments and settings, RNG states and counters survive write_checkpoint/read_checkpoint exactly."""
     import torch
 
     from ddpm import EMA, NoiseSchedule, UNet, UNetConfig
     from ddpm.training import train_step
+    from pipelines.config import TrainConfig
     from pipelines.train import read_checkpoint, write_checkpoint
 
     torch.manual_seed(0)
     net = UNet(UNetConfig.preset("tiny"))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    optimizer = TrainConfig(optimizer="adamw", lr=1e-3, adam_beta2=0.99).build_optimizer(net.parameters())
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"] == (0.9, 0.99)
     ema = EMA(net, decay=0.9)
     schedule = NoiseSchedule.linear(100)
     for _ in range(2):
@@ -196,8 +198,9 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
 
     saved, optimizer_state, raw, ema_state, rng_back = read_checkpoint(tmp_path)
     assert {k: saved[k] for k in state} == state
-    fresh = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    fresh = TrainConfig(optimizer="adamw").build_optimizer(net.parameters())  # beta2 0.999, as a resumed run builds it
     fresh.load_state_dict(optimizer_state)
+    assert tuple(fresh.param_groups[0]["betas"]) == (0.9, 0.99), "the checkpoint's beta2 wins on resume"
     for p in net.parameters():
         assert all(torch.equal(optimizer.state[p][k], fresh.state[p][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert all(torch.equal(raw[k], p) for k, p in net.state_dict().items())
