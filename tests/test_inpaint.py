@@ -120,7 +120,9 @@ def test_per_image_seeds_are_batch_invariant(tiny, schedule):
     kw = dict(sampler="ddpm", steps=8, resample_jumps=2, resample_times=2)
     batch = inpaint(tiny, schedule, image, mask, generator=_generators([5, 6, 7]), **kw)
     alone = inpaint(tiny, schedule, image[1:2], mask[1:2], generator=_generators([6]), **kw)
-    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+    # A batch of 3 and a batch of 1 may run different convolution kernels (another summation order), so the two
+    # agree to rounding amplified over the steps (7e-5 seen on an AMD EPYC); a seed mix-up differs by O(1).
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
 # -- the generated region against closed forms --------------------------------------------------------------------

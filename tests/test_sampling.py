@@ -125,7 +125,9 @@ def test_per_image_seeds_are_batch_invariant(schedule, tiny, sampler):
     batch = sample(tiny, schedule, x_T, generator=gens, **kw)
     x_T1, gens1 = noise_from_seeds([6], (1, 8, 8))
     alone = sample(tiny, schedule, x_T1, generator=gens1, **kw)
-    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+    # A batch of 3 and a batch of 1 may run different convolution kernels (another summation order), so the two
+    # agree to rounding amplified over the steps (7e-5 seen on an AMD EPYC); a seed mix-up differs by O(1).
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_fixed_generator_is_deterministic(schedule, tiny):
