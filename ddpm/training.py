@@ -32,17 +32,24 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, dec
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions that oneDNN runs convolutions and matmuls on: AMX tiles (Intel Sapphire
+    Rapids and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). A digits training step in bf16
+    autocast runs 1.38-1.50x as many images per second as in fp32 on both kinds (benchmarks/RESULTS.md, "bf16 on the
+    CPU")."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The dtype to autocast the forward pass to, or None for fp32.
 
     ``precision`` is "fp32", "bf16" or "auto": bf16 where the hardware runs it faster than fp32, i.e. on CUDA and on
-    CPUs with AMX tiles (Intel Sapphire Rapids and later; oneDNN then runs bf16 convolutions and matmuls on AMX,
-    benchmarks/RESULTS.md "bf16 on the CPU"), fp32 elsewhere. Weights, gradients and the optimizer stay fp32.
+    CPUs with bf16 instructions, fp32 elsewhere. Weights, gradients and the optimizer stay fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_amx_tile_supported())
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
         precision = "bf16" if fast else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 

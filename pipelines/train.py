@@ -7,7 +7,7 @@ Who does what::
              checkpoint names), read the dataset into Ray's object store, start the TorchTrainer
     workers  N processes, DDP over gloo (CPU) or NCCL (GPU); each streams its shard of the dataset with
              ray.train.get_dataset_shard, normalises to [-1, 1] and flips on the worker, and runs
-             ddpm.training.train_step (warm-up, clipping, bf16 autocast on GPUs and AMX CPUs) and the EMA update
+             ddpm.training.train_step (warm-up, clipping, bf16 autocast on GPUs and bf16 CPUs) and the EMA update
     rank 0   metrics, sample grids and tags to MLflow from a background thread (pipelines.tracking.RunLogger),
              and the checkpoint files every train.checkpoint_every_images images
     driver   log the final checkpoint's model folder into the run as a pyfunc model, register it as a new
