@@ -66,7 +66,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     random_flip: bool = True
     seed: int = 0
-    precision: str = "auto"               # "auto" (bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32), "fp32" or "bf16"
+    precision: str = "auto"               # "auto" (bf16 on CUDA and bf16 CPUs, else fp32), "fp32" or "bf16"
     log_every_steps: int = 50
     checkpoint_every_images: int = 50_000
     sample_every_images: int = 100_000
