@@ -40,7 +40,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.preprocess import prepare_image, preprocess, shard_schema  # noqa: E402
+from pipelines.data.preprocess import prepare_image, preprocess, shard_schema  # noqa: E402
 from pipelines.ray_utils import init_ray  # noqa: E402
 
 SOURCE, RESOLUTION = 256, 64

@@ -7,11 +7,11 @@
     python benchmarks/quality.py --threads 1 --data .ddpm/data/digits --out .ddpm/quality-pipeline \
         --runs minsnr,patch2_narrow                               # on the pipeline's own processed digits
 
-Each run trains with ``pipelines.train_local.train_local`` (one process, the step function the Ray loop uses) on
+Each run trains with ``pipelines.train.local.train_local`` (one process, the step function the Ray loop uses) on
 the digits exactly as ``ddpm train-local`` reads them (bilinear 8 -> 16 resize), or with ``--data`` on a processed
 dataset such as the one ``make quickstart`` writes to ``.ddpm/data/digits`` (LANCZOS resize, what the pipeline trains
 on; its own classifier, so its ratios are comparable only with each other), then scores the EMA weights with
-``pipelines.evaluate``: DDIM-50 (trailing spacing), n = 500 samples (seeds 0..499) against 500 train-half images,
+``pipelines.evaluate.quality``: DDIM-50 (trailing spacing), n = 500 samples (seeds 0..499) against 500 train-half images,
 beside the floor of 500 held-out images against the same 500 (FD-cls in the cached digits classifier's features).
 
 Fair under a shared, noisy CPU: a run's length is a fixed *compute budget*, not minutes. "5 minutes on the 2-core
@@ -167,8 +167,8 @@ def run(name: str, out: Path, reference, images, labels) -> dict:
     import torch
 
     from ddpm import checkpoint, count_parameters, encode_png, make_grid
-    from pipelines.evaluate import EvalSettings, evaluate_model
-    from pipelines.train_local import train_local
+    from pipelines.evaluate.quality import EvalSettings, evaluate_model
+    from pipelines.train.local import train_local
 
     description, overrides = RUNS[name]
     config, gflop = build_config(name, overrides)
@@ -278,8 +278,8 @@ def main() -> int:
         import torch
 
         from ddpm import from_uint8
-        from pipelines.evaluate import load_data, prepare_reference
-        from pipelines.train_local import digits_dataset
+        from pipelines.evaluate.quality import load_data, prepare_reference
+        from pipelines.train.local import digits_dataset
 
         pixels, labels = load_data(args.data, 16)  # (N, H, W, C) uint8, (N,)
         reference = prepare_reference(pixels, labels, num_samples=NUM_SAMPLES)

@@ -74,7 +74,7 @@ def ray_loop(data: str, config, workers: int, steps: int, window: int, storage: 
     from dataclasses import replace
 
     from pipelines import tracking
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     config = replace(config, train=replace(config.train, total_images=steps * config.train.batch_size,
                                            log_every_steps=window, checkpoint_every_images=10**9,
@@ -105,9 +105,10 @@ def main() -> int:
     import ray
 
     from pipelines.config import load_config
-    from pipelines.data import write_digits
-    from pipelines.preprocess import load_numpy, preprocess, read_manifest
-    from pipelines.train import fit_to_dataset
+    from pipelines.data.digits import write_digits
+    from pipelines.data.dataset import load_numpy, read_manifest
+    from pipelines.data.preprocess import preprocess
+    from pipelines.train.driver import fit_to_dataset
 
     work = Path(tempfile.mkdtemp(prefix="ddpm-bench-train-"))
     os.environ["DDPM_HOME"] = str(work / "home")

@@ -22,18 +22,18 @@ import traceback
 
 # subcommand -> module that implements it
 SUBCOMMANDS: dict[str, str] = {
-    "data": "pipelines.data",
-    "preprocess": "pipelines.preprocess",
-    "train": "pipelines.train",
-    "train-local": "pipelines.train_local",
+    "data": "pipelines.data.digits",
+    "preprocess": "pipelines.data.preprocess",
+    "train": "pipelines.train.driver",
+    "train-local": "pipelines.train.local",
     "models": "pipelines.registry",
-    "generate": "pipelines.generate",
-    "inpaint": "pipelines.inpaint",
-    "evaluate": "pipelines.evaluate",
+    "generate": "pipelines.commands.generate",
+    "inpaint": "pipelines.commands.inpaint",
+    "evaluate": "pipelines.evaluate.quality",
     "serve": "deploy.cli",
-    "pipeline": "pipelines.pipeline",
-    "submit": "pipelines.submit",
-    "quickstart": "pipelines.quickstart",
+    "pipeline": "pipelines.commands.pipeline",
+    "submit": "pipelines.commands.submit",
+    "quickstart": "pipelines.commands.quickstart",
 }
 
 

@@ -12,23 +12,11 @@ and the (fake) credentials exactly as they would inherit a real cluster's enviro
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = free_port()
+from tests.support import S3_PORT, MlflowServer, start_local_ray
 
 
 def pytest_configure(config):
@@ -73,25 +61,10 @@ def bucket(s3, request):
     return name
 
 
-def _start_local_ray():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # never join a cluster that `ray start` (the quickstart) left on this machine
-            num_cpus=2,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    return ray
-
-
 @pytest.fixture
 def ray_local():
     """A local single-node Ray on 127.0.0.1 (started on first use, shared by later tests)."""
-    yield _start_local_ray()
+    yield start_local_ray()
 
 
 @pytest.fixture
@@ -111,52 +84,6 @@ def ray_two_nodes():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    """Poll ``url`` until it answers 200, at most ``timeout`` seconds."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException as exc:  # not up yet
-            last = exc
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not come up in {timeout}s: {last}")
-
-
-class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; ``stop``/``start`` simulate an outage."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-        ]
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(f"{self.uri}/health", timeout=120)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from conftest import S3_PORT, free_port
+from tests.support import S3_PORT, free_port
 
 from pipelines import cli
 
@@ -91,12 +91,12 @@ def run_named(client, name: str, experiment: str = "reliability"):
 @pytest.fixture(scope="session")
 def digits_8px(tmp_path_factory):
     """200 of scikit-learn's digits, preprocessed to 8x8x1 Parquet shards in a local folder (all nodes share it)."""
-    from conftest import _start_local_ray
+    from tests.support import start_local_ray
 
-    from pipelines.data import write_digits
-    from pipelines.preprocess import preprocess
+    from pipelines.data.digits import write_digits
+    from pipelines.data.preprocess import preprocess
 
-    _start_local_ray()
+    start_local_ray()
     root = tmp_path_factory.mktemp("digits")
     write_digits(str(root / "raw"), limit=200)
     preprocess(str(root / "raw"), str(root / "processed"), resolution=8, channels=1)

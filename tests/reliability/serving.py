@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from conftest import _start_local_ray, free_port
+from tests.support import start_local_ray, free_port
 
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
@@ -33,7 +33,7 @@ def start_serve() -> int:
     """Serve's HTTP proxy on a free port of 127.0.0.1, in the session's Ray; returns the port."""
     from ray import serve
 
-    _start_local_ray()
+    start_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port

@@ -274,7 +274,7 @@ def test_credentials_from_the_environment_never_reach_logs_params_or_artifacts(e
 
     from pipelines import tracking
     from pipelines.config import load_config
-    from pipelines.train import _open_run
+    from pipelines.train.driver import _open_run
 
     base, secret, mlflow_server = endpoint["base"], endpoint["secret"], endpoint["mlflow"]
     # Traffic that logs: a wrong key, a good key, a rejected body, alias polls (every 2 s).
@@ -282,7 +282,7 @@ def test_credentials_from_the_environment_never_reach_logs_params_or_artifacts(e
     requests.post(f"{base}/generate", json={"steps": 2, "seed": 1}, headers=endpoint["auth"], timeout=TIMEOUT)
     requests.post(f"{base}/generate", json={"steps": 0}, headers=endpoint["auth"], timeout=TIMEOUT)
     # A training run's params and tags, opened with the token in the environment (the run the pipeline would log).
-    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
+    config = load_config(Path(__file__).resolve().parents[3] / "configs" / "digits.yaml")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_TOKEN", secret["mlflow_token"])
         run_id = _open_run(mlflow_server.uri, MODEL, "secrets-run", config, {"fingerprint": "f" * 16},

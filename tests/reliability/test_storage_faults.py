@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli, storage, tracking
-from pipelines.data import write_digits
+from pipelines.data.digits import write_digits
 
 from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
@@ -92,10 +92,10 @@ def test_s3_outage_during_checkpoint_upload(digits_8px, ray_local, s3, bucket, s
     on from the last complete checkpoint (``restarts`` 1). Every checkpoint folder in the store is whole, the final
     one loads. Lost: nothing but, on the second path, the steps since the checkpoint.
     """
-    from conftest import S3_PORT
+    from tests.support import S3_PORT
 
     from ddpm import checkpoint
-    from pipelines.train import complete_checkpoint, latest_checkpoint
+    from pipelines.train.driver import complete_checkpoint, latest_checkpoint
 
     direct = f"http://127.0.0.1:{S3_PORT}"  # the store itself, for the test's own looks: never down
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint.url)  # what the training driver and its workers use
@@ -164,7 +164,7 @@ def test_tracking_outage_during_training(digits_8px, ray_local, mlflow_server, t
     ``total_images``); the metrics logged during the outage are buffered and delivered after the server returns,
     so every log step is in the run's history; the run is FINISHED and nothing is reported as unlogged. Lost: nothing.
     """
-    from pipelines.train import latest_checkpoint
+    from pipelines.train.driver import latest_checkpoint
 
     runs, name, total, every = str(tmp_path / "runs"), "tracking-outage", 801, 400
     client = tracking.client(mlflow_server.uri)

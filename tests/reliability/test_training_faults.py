@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import tracking
-from pipelines.train import latest_checkpoint
+from pipelines.train.driver import latest_checkpoint
 
 from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
@@ -157,7 +157,7 @@ def _tiny_training_checkpoint(folder: Path, images_seen: int) -> None:
     import torch
 
     from ddpm import EMA, NoiseSchedule, UNet, UNetConfig
-    from pipelines.train import write_checkpoint
+    from pipelines.train.driver import write_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a busy two-core machine stall at every barrier (seconds, not ms)

@@ -14,9 +14,9 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port
+from tests.support import free_port
 from pipelines.config import load_config
-from pipelines.quickstart import RAY_PORT
+from pipelines.commands.quickstart import RAY_PORT
 
 
 def _cmdline(process: psutil.Process) -> str:
@@ -82,7 +82,7 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     version = client.get_model_version_by_alias("digits", "production")
     assert str(version.version) == "1" and version.tags.get("gate.decision") == "promote"
     # The gate scored it with the preset's evaluation settings, classifier-free guidance included.
-    preset = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
     scored = json.loads(version.tags["gate.settings"])["settings"]
     assert (scored["guidance_scale"], scored["steps"], scored["num_samples"]) == (
         preset.pipeline.eval_guidance_scale, preset.pipeline.eval_steps, 100)

@@ -2,7 +2,7 @@
 
 The measurement, for a model and a labelled dataset::
 
-    real data   split once (pipelines.classifier.split): a train half and a held-out half
+    real data   split once (pipelines.evaluate.classifier.split): a train half and a held-out half
     extractor   FD-cls: a small CNN classifier trained on the train half (cached per dataset); FID: Inception-v3
                 pool features (2048-d) from a TorchScript file the user provides (--inception-weights)
     reference   n images of the train half                                       -> features R
@@ -173,11 +173,11 @@ def load_data(data: str, resolution: int | None = None) -> tuple["np.ndarray", "
     """
     if data == "digits":
         from ddpm import to_uint8
-        from pipelines.train_local import digits_dataset
+        from pipelines.train.local import digits_dataset
 
         x, y = digits_dataset(resolution or 16)
         return to_uint8(x), y.numpy()
-    from pipelines.preprocess import load_numpy
+    from pipelines.data.dataset import load_numpy
 
     return load_numpy(data)
 
@@ -186,7 +186,7 @@ def prepare_reference(images: "np.ndarray", labels: "np.ndarray", *, num_samples
                       inception: InceptionFeatures | None = None, log=print) -> Reference:
     """Train (or load) the classifier, pick the reference and held-out images, compute features and floors."""
     from ddpm.metrics import frechet_distance_features, precision_recall
-    from pipelines import classifier as cls
+    from pipelines.evaluate import classifier as cls
 
     clf = cls.load_or_train(images, labels, log=log)
     available = min(len(clf.train_index), len(clf.held_out_index))

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from conftest import free_port
+from tests.support import free_port
 
 from pipelines.errors import UserError
-from pipelines.submit import WORKING_DIR_EXCLUDES, build_entrypoint, build_runtime_env
+from pipelines.commands.submit import WORKING_DIR_EXCLUDES, build_entrypoint, build_runtime_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class JobsApi(NamedTuple):

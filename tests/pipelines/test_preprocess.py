@@ -18,16 +18,10 @@ import ray
 from PIL import Image
 
 from pipelines import cli, storage
-from pipelines.data import digits, write_images
+from pipelines.data.dataset import load_dataset, load_numpy, read_manifest
+from pipelines.data.digits import digits, write_images
+from pipelines.data.preprocess import UnusableImage, prepare_image, preprocess
 from pipelines.errors import UserError
-from pipelines.preprocess import (
-    UnusableImage,
-    load_dataset,
-    load_numpy,
-    prepare_image,
-    preprocess,
-    read_manifest,
-)
 
 EXPECTED_SKIPS = {
     "3/corrupt.png": "corrupt image",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import free_port
+from tests.support import free_port
 
 from pipelines import tracking
 

@@ -7,7 +7,7 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import free_port
+from tests.support import free_port
 from pipelines import storage
 from pipelines.errors import UserError
 

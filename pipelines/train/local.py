@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ddpm import encode_png
 
-    from .config import load_config
+    from pipelines.config import load_config
 
     config = load_config(args.config, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
     print(f"config: {config.to_dict()}")

@@ -42,8 +42,9 @@ def absolute(uri: str) -> str:
 def ingest(config, *, log=print) -> tuple[str, dict]:
     """Write the built-in digits if asked, then preprocess, reusing an output whose manifest matches the settings."""
     from pipelines import storage
-    from pipelines.data import write_digits
-    from pipelines.preprocess import preprocess, read_manifest
+    from pipelines.data.digits import write_digits
+    from pipelines.data.dataset import read_manifest
+    from pipelines.data.preprocess import preprocess
 
     p = config.pipeline
     raw = absolute(p.raw_output) if p.raw == "digits" else absolute(p.raw)
@@ -67,10 +68,10 @@ def ingest(config, *, log=print) -> tuple[str, dict]:
 def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> PipelineResult:
     """Run every stage for ``config`` (a :class:`pipelines.config.Config`); returns what happened."""
     from pipelines import tracking
-    from pipelines.gate import evaluate_and_gate
+    from pipelines.evaluate.gate import evaluate_and_gate
     from pipelines.ray_utils import init_ray
     from pipelines.registry import promote
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     p = config.pipeline
     uri = tracking_uri or tracking.tracking_uri()
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from pipelines.config import load_config
 
     config = load_config(args.config, args.set)
     result = run_pipeline(config, tracking_uri=args.tracking_uri)

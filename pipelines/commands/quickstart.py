@@ -150,13 +150,13 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     from ddpm import encode_png
     from pipelines import tracking
     from pipelines.config import load_config
-    from pipelines.pipeline import run_pipeline
+    from pipelines.commands.pipeline import run_pipeline
 
     t0 = time.monotonic()
     workdir = workdir.resolve()
     os.environ.setdefault("DDPM_HOME", str(workdir))
     uri = tracking.tracking_uri()
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
     log("[1/6] Ray: local, on 127.0.0.1")
     address = start_ray(keep_serving, log)
 
@@ -176,7 +176,7 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     url = serve_model("models:/digits@production", port=port, ray_address=address, tracking_uri=uri, log=log)
 
     log(f"[5/6] generating one row per class through POST {url}/generate")
-    from pipelines.preprocess import read_manifest
+    from pipelines.data.dataset import read_manifest
 
     class_names = read_manifest(result.processed).get("class_names") or []
     # The images the gate scored: DDIM-50 with the preset's guidance.

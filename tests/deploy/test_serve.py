@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import _start_local_ray, free_port, wait_http
+from tests.support import start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, make_grid, noise_from_seeds, sample
 from deploy.engine import fixed_size_forward
 from deploy.schemas import AppArgs, GenerateRequest, SamplerConfig
@@ -37,7 +37,7 @@ from deploy.schemas import AppArgs, GenerateRequest, SamplerConfig
 # today the 1 s window of /reg is what lets a test see the replica count rise and fall within seconds.
 pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "serve-test"
 API_KEY = "test-key-3f9a"
 TIMEOUT = 60  # seconds, for any single HTTP call
@@ -173,7 +173,7 @@ def server(registry, tmp_path_factory):
     from deploy.serve_app import build_app
 
     tracking_uri, _ = registry
-    _start_local_ray()  # the session's Ray (what ray_local yields, which a module fixture cannot request)
+    start_local_ray()  # the session's Ray (what ray_local yields, which a module fixture cannot request)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.25, "batch_wait_timeout_s": 0.1, "max_cost": 5000}

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+REPO = Path(__file__).resolve().parents[2]
+CRDS = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 KUBERAY = {
     "RayJob": REPO / "deploy" / "kuberay" / "rayjob.yaml",
     "RayService": REPO / "deploy" / "kuberay" / "rayservice.yaml",

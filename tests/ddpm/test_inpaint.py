@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from analytic import GaussianEps
+from tests.ddpm.analytic import GaussianEps
 from ddpm import (NoiseSchedule, UNet, UNetConfig, checkpoint, from_uint8, inpaint, noise_from_seeds, outpaint_canvas,
                   sample, to_uint8)
 from ddpm.inpainting import repaint_walk
@@ -363,7 +363,7 @@ def test_cli_resize_stretches_image_and_mask(tiny_checkpoint, tmp_path, capsys):
 
 # -- a trained digits model ---------------------------------------------------------------------------------------
 # The right half of held-out digits, inpainted by a digits model trained here, read back by the evaluation's
-# classifier (pipelines.classifier, 98% held-out accuracy at 8x8; it never saw these digits, nor did the model).
+# classifier (pipelines.evaluate.classifier, 98% held-out accuracy at 8x8; it never saw these digits, nor did the model).
 # Baselines from the same digits: the right half filled with the train images' mean, or with uniform noise: what the
 # classifier makes of the left half alone. A rate p over n digits has binomial standard error sqrt(p (1 - p) / n):
 # for n = 300, 0.017 at chance (p = 0.1), 0.028 at 0.35, 0.029 at 0.5; a difference of two rates near 0.5 and 0.35,
@@ -377,10 +377,10 @@ N_DIGITS = 300
 
 @pytest.mark.slow
 def test_digits_model_completes_right_halves_as_the_right_digit(tmp_path):
-    from pipelines.classifier import load_or_train
+    from pipelines.evaluate.classifier import load_or_train
     from pipelines.config import load_config
-    from pipelines.evaluate import load_data
-    from pipelines.train_local import train_local
+    from pipelines.evaluate.quality import load_data
+    from pipelines.train.local import train_local
 
     images, labels = load_data("digits", 8)  # (1797, 8, 8, 1) uint8, (1797,): scikit-learn's digits at native size
     clf = load_or_train(images, labels, log=lambda _: None)  # cached under DDPM_HOME, as ``ddpm evaluate`` does

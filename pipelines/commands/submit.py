@@ -150,7 +150,7 @@ def build_runtime_env(working_dir: Path, pip: list[str], environ: dict[str, str]
 
 def _project_root() -> Path:
     """The checkout this module was loaded from, or the current folder when the package is installed elsewhere."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 

@@ -113,7 +113,7 @@ def test_invalid_unet_config():
 # -- loss ----------------------------------------------------------------------------------------------------------
 def test_loss_of_the_optimal_predictor_is_lower_than_a_wrong_one():
     """For Gaussian data the closed-form E[eps | x_t] minimises L_simple: any other predictor scores worse."""
-    from analytic import GaussianEps
+    from tests.ddpm.analytic import GaussianEps
 
     schedule = NoiseSchedule.linear()
     x0 = 0.3 + 0.5 * torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))

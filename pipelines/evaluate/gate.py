@@ -6,7 +6,7 @@ Two parts, so that the rule can be read and tested without a server:
   incumbent, or when the candidate's metric (FD-cls, or FID when configured; lower is better) is strictly lower.
   A tie keeps the incumbent: a new version has to earn the switch.
 - :func:`evaluate_and_gate` makes the comparison fair and leaves a trace: it evaluates the candidate and the
-  incumbent *in the same call*, with one :class:`~pipelines.evaluate.EvalSettings` (sample count, seeds, sampler,
+  incumbent *in the same call*, with one :class:`~pipelines.evaluate.quality.EvalSettings` (sample count, seeds, sampler,
   steps, guidance, EMA weights) and one prepared reference (same data, same classifier, same floor), logs the
   candidate's evaluation into its training run, and records the decision and both numbers as tags on the candidate
   version. Re-evaluating the incumbent rather than trusting a number stored earlier is what makes "same settings"
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.errors import UserError
-from pipelines.evaluate import METRICS  # lower is better for both
+from pipelines.evaluate.quality import METRICS  # lower is better for both
 TAG_PREFIX = "gate."
 
 
@@ -70,7 +70,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
     ``gate.alias`` and ``gate.settings`` (JSON: the evaluation settings, dataset fingerprint and classifier).
     """
     from ddpm import checkpoint
-    from pipelines import evaluate as ev
+    from pipelines.evaluate import quality as ev
     from pipelines import tracking
     from pipelines.registry import resolve_model
 
@@ -114,7 +114,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
 
 def _log_evaluation(client, name: str, version: str, evaluated, uri: str) -> None:
     """The candidate's numbers, settings and sample grid into the run that trained it (if the version names one)."""
-    from pipelines.evaluate import log_to_mlflow, write_outputs
+    from pipelines.evaluate.quality import log_to_mlflow, write_outputs
 
     run_id = client.get_model_version(name, version).run_id
     if not run_id:

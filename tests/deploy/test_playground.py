@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import _start_local_ray, free_port, wait_http
+from tests.support import start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-OUTPUT = Path(__file__).resolve().parent / "output"
+OUTPUT = Path(__file__).resolve().parents[1] / "output"
 # Flags for a sandboxed, offline CI machine: no GPU, no background network traffic to Google's services.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    ray = _start_local_ray()
+    ray = start_local_ray()
     from ray import serve
 
     from deploy.serve_app import build_app

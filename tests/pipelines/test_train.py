@@ -24,7 +24,7 @@ from pipelines import cli
 
 pytestmark = pytest.mark.slow
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
 TINY = [
     "--set", "model.preset=tiny",             # 8x8x1, 16 base channels
     "--set", "train.batch_size=16",
@@ -52,8 +52,8 @@ def _connect_over_loopback(monkeypatch):
 @pytest.fixture
 def digits_on_s3(ray_two_nodes, s3, bucket):
     """200 of scikit-learn's digits as PNGs on S3, preprocessed to 8x8x1 Parquet shards: the real ingest path."""
-    from pipelines.data import write_digits
-    from pipelines.preprocess import preprocess
+    from pipelines.data.digits import write_digits
+    from pipelines.data.preprocess import preprocess
 
     write_digits(f"s3://{bucket}/raw", limit=200)
     manifest = preprocess(f"s3://{bucket}/raw", f"s3://{bucket}/processed", resolution=8, channels=1)
@@ -180,7 +180,7 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
     from ddpm import EMA, NoiseSchedule, UNet, UNetConfig
     from ddpm.training import train_step
     from pipelines.config import TrainConfig
-    from pipelines.train import read_checkpoint, write_checkpoint
+    from pipelines.train.driver import read_checkpoint, write_checkpoint
 
     torch.manual_seed(0)
     net = UNet(UNetConfig.preset("tiny"))
@@ -215,7 +215,7 @@ def test_row_stream_cuts_steps_from_passes_and_gives_every_row_once_per_pass(ray
     and a step that straddles two passes takes the tail of one and the head of the next."""
     import numpy as np
 
-    from pipelines.train import _RowStream
+    from pipelines.train.driver import _RowStream
 
     rows = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(50)]
     stream = _RowStream(ray_local.data.from_items(rows), rows_per_step=7, row_bytes=4, seed=[0, 0, 0])

@@ -6,7 +6,7 @@ classifier trained on the dataset's own labels has features that encode what dis
 shape, for digits), so the Fréchet distance in them (FD-cls, the "FD in a domain classifier's features" of the
 diffusion literature on small datasets) responds to what a viewer sees. Its numbers only compare models evaluated
 with the same classifier on the same data, which is why every FD-cls is reported next to its real-versus-real floor
-(see :mod:`pipelines.evaluate`).
+(see :mod:`pipelines.evaluate.quality`).
 
 The data is split once, by a seeded permutation, into a *train* half (the classifier learns from it; the evaluation
 takes its reference images from it) and a *held-out* half (the classifier's accuracy is measured on it; the

@@ -21,9 +21,9 @@ import torch
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 from ddpm.metrics import frechet_distance_features, precision_recall
 from pipelines import cli
-from pipelines.evaluate import (REPORT_ROWS, EvalSettings, InceptionFeatures, evaluate_model, load_data,
+from pipelines.evaluate.quality import (REPORT_ROWS, EvalSettings, InceptionFeatures, evaluate_model, load_data,
                                 prepare_reference, sampler_report)
-from pipelines.gate import decide_promotion, evaluate_and_gate
+from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
 
 N = 50  # samples per set: small, yet enough for FD to separate what it must
 
@@ -71,7 +71,7 @@ def test_fd_cls_separates_noise_from_digits_and_real_from_real_by_little(digits,
     noise = np.random.default_rng(0).integers(0, 256, size=(N, 8, 8, 1), dtype=np.uint8)
     fd_noise = frechet_distance_features(extract(noise), reference.reference["fd_cls"])
     # Real vs real, other images than the floor's: held-out rows N..2N against the same train reference.
-    from pipelines.classifier import split
+    from pipelines.evaluate.classifier import split
 
     _, held_out = split(len(images))
     fd_real = frechet_distance_features(extract(images[held_out[N:2 * N]]), reference.reference["fd_cls"])
@@ -90,7 +90,7 @@ def test_precision_recall_in_classifier_features_see_mode_collapse(digits, refer
 
 
 def test_classifier_cache_is_reused_and_needs_labels(digits):
-    from pipelines import classifier
+    from pipelines.evaluate import classifier as classifier
     from pipelines.errors import UserError
 
     images, labels = digits
@@ -161,7 +161,7 @@ def test_fid_with_a_torchscript_stand_in(tmp_path, digits):
 def test_missing_inception_weights_is_a_one_line_error(flags, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(tmp_path / "none"),
                            "--data", "digits", *flags], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--inception-weights" in lines[0], proc.stderr

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipelines.cli import main as cli_main
 from pipelines.config import load_config
-from pipelines.train_local import digits_dataset, train_local
+from pipelines.train.local import digits_dataset, train_local
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from analytic import GaussianEps
+from tests.ddpm.analytic import GaussianEps
 from ddpm import NoiseSchedule, UNet, UNetConfig, noise_from_seeds, sample, score, timesteps
 
 MU, S = 0.3, 0.5

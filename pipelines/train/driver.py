@@ -110,7 +110,7 @@ def train(
     """
     from pipelines import storage as store
     from pipelines import tracking
-    from pipelines.preprocess import read_manifest
+    from pipelines.data.dataset import read_manifest
 
     manifest = read_manifest(data)
     config = fit_to_dataset(config, manifest, data)
@@ -274,7 +274,7 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -289,7 +289,7 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
     from ray.train.torch import TorchTrainer
 
     from pipelines import storage as store
-    from pipelines.preprocess import load_dataset
+    from pipelines.data.dataset import load_dataset
     from pipelines.ray_utils import init_ray
 
     init_ray()

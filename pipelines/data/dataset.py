@@ -1,0 +1,91 @@
+"""The reader of preprocessed datasets: the manifest, the shards as a Ray Dataset, or a small one in memory.
+
+A dataset written by ``ddpm preprocess`` (:mod:`pipelines.data.preprocess`) is a folder or prefix with Parquet
+shards and ``manifest.json``; each row holds ``image`` (fixed_size_binary of H*W*C uint8), ``label``, ``key`` and
+``sha256``. Training and evaluation read it through this module only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import storage
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def images_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
+    """A fixed_size_binary(H*W*C) column -> (N, H, W, C) uint8, a read-only view of the column's buffer."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    size = math.prod(shape)
+    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return flat[array.offset * size : (array.offset + len(array)) * size].reshape(len(array), *shape)
+
+
+def read_columns(output_uri: str, shards: list[str], columns: list[str], endpoint_url: str | None) -> pa.Table:
+    """Some columns of the listed shards (paths relative to ``output_uri``), read with pyarrow on this machine."""
+    import pyarrow.dataset as pads
+
+    fs, root = storage.filesystem_for(output_uri, endpoint_url)
+    with storage.user_errors(output_uri, endpoint_url):
+        dataset = pads.dataset([f"{root}/{s}" for s in shards], filesystem=fs, format="parquet")
+        return dataset.to_table(columns=columns)
+
+
+def read_manifest(uri: str, *, endpoint_url: str | None = None) -> dict:
+    """The manifest of the preprocessed dataset at ``uri``; a UserError if there is none or its format is unknown."""
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path, endpoint_url):
+        raise UserError(f"no {MANIFEST} at {uri}: run ddpm preprocess first")
+    manifest = storage.read_json(path, endpoint_url)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+                        f"run ddpm preprocess again")
+    return manifest
+
+
+def load_dataset(
+    uri: str, *, columns: Sequence[str] | None = None, endpoint_url: str | None = None
+) -> "ray.data.Dataset":
+    """The dataset at ``uri`` as a Ray Dataset, reading only the shards its manifest lists.
+
+    Columns: ``image`` as (H, W, C) uint8 tensors (batches come out as (B, H, W, C)), ``label`` int64, ``key`` and
+    ``sha256`` strings. Pass ``columns`` to read fewer, e.g. ``["image", "label"]`` for training.
+    """
+    import ray
+
+    from pipelines.ray_utils import init_ray
+
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    fs, root = storage.filesystem_for(uri, endpoint_url)
+    init_ray()
+    ds = ray.data.read_parquet(
+        [f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs, columns=list(columns) if columns else None
+    )
+    if columns is None or "image" in columns:
+        ds = ds.map_batches(_image_tensors, batch_format="pyarrow", fn_kwargs={"shape": manifest["image_shape"]})
+    return ds
+
+
+def _image_tensors(batch: pa.Table, shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Ray Data map: the ``image`` column's bytes -> (B, H, W, C) uint8; other columns unchanged."""
+    out = {name: batch.column(name).to_numpy() for name in batch.column_names if name != "image"}
+    out["image"] = images_from_arrow(batch.column("image"), shape)
+    return out
+
+
+def load_numpy(uri: str, *, endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A small dataset in memory without Ray: images (N, H, W, C) uint8 and labels (N,) int64, in shard order."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    table = read_columns(uri, manifest["shards"], ["image", "label"], endpoint_url)
+    images = images_from_arrow(table.column("image"), manifest["image_shape"]).copy()  # writable, own memory
+    return images, table.column("label").to_numpy()

@@ -1,0 +1,86 @@
+"""Helpers the tests share: plain functions and classes, imported as ``tests.support``.
+
+Fixtures live in the ``conftest.py`` files and are never imported; what a test calls directly lives here.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+
+
+S3_PORT = free_port()  # chosen once per test session, before pytest_configure sets AWS_ENDPOINT_URL
+
+
+def start_local_ray():
+    """A local single-node Ray on 127.0.0.1 with 2 CPUs, started once per process and reused."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",  # never join a cluster that `ray start` (the quickstart) left on this machine
+            num_cpus=2,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    return ray
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200, at most ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException as exc:  # not up yet
+            last = exc
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not come up in {timeout}s: {last}")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend; ``stop``/``start`` simulate an outage."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_http(f"{self.uri}/health", timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
