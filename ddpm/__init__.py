@@ -1,6 +1,7 @@
 """The DDPM core: pure PyTorch (plus NumPy and safetensors). No Ray, MLflow, boto3, pyarrow or FastAPI here.
 
-    from ddpm import NoiseSchedule, UNet, sample
+    from ddpm import NoiseSchedule, UNet, checkpoint, generate_images, sample
+    images = generate_images(checkpoint.load(path), seeds=[0, 1, 2], sampler="ddim", steps=50)  # (3, H, W, C) uint8
     schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     x_0 = sample(model, schedule, x_T, sampler="ddim", steps=50, eta=0.0, spacing="trailing", generator=g)
     filled = inpaint(model, schedule, image, mask, sampler="ddpm", steps=250, resample_jumps=10, resample_times=10)
@@ -8,6 +9,7 @@
 
 from . import checkpoint
 from .ema import EMA
+from .generation import FORWARD_ROWS, fixed_size_forward, generate_images, image_seeds, inpaint_images
 from .images import encode_png, from_uint8, make_grid, to_uint8
 from .inpainting import inpaint, outpaint_canvas
 from .losses import diffusion_loss
@@ -18,8 +20,9 @@ from .training import lr_at, train_step
 from .unet import UNet, UNetConfig, count_parameters
 
 __all__ = [
-    "EMA", "NoiseSchedule", "UNet", "UNetConfig", "DEFAULT_STEPS", "SAMPLERS", "checkpoint", "count_parameters",
-    "diffusion_loss", "encode_png", "frechet_distance", "frechet_distance_features", "from_uint8", "inpaint", "lr_at",
+    "EMA", "FORWARD_ROWS", "NoiseSchedule", "UNet", "UNetConfig", "DEFAULT_STEPS", "SAMPLERS", "checkpoint",
+    "count_parameters", "diffusion_loss", "encode_png", "fixed_size_forward", "frechet_distance",
+    "frechet_distance_features", "from_uint8", "generate_images", "image_seeds", "inpaint", "inpaint_images", "lr_at",
     "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "timesteps", "to_uint8",
     "train_step",
 ]

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .sampling import Generator, Model, _plan, _predict, _randn, _step, _x0_eps
+from .sampling import Generator, Model, plan, predict, randn, update, x0_eps
 from .schedule import NoiseSchedule
 
 
@@ -130,14 +130,14 @@ def inpaint(
     sampler and jump noise from ``generator[i]`` alone.
 
     Returns x_0 (B, C, H, W), float32, whose known pixels are exactly ``image``'s. The update rules are the
-    samplers' own (``ddpm.sampling._step``); the model is used as an eps/score predictor
+    samplers' own (``ddpm.sampling.update``); the model is used as an eps/score predictor
     (:func:`ddpm.sampling.score`) of the joint distribution, never told about the mask.
     """
     generate = check_mask(image, mask).bool()  # (B, 1 or C, H, W), True = generate
     if image.numel() and not -1.0 - 1e-3 <= float(image.min()) <= float(image.max()) <= 1.0 + 1e-3:
         raise ValueError(f"image must be in [-1, 1], got values in [{float(image.min()):.3g}, "
                          f"{float(image.max()):.3g}] (use ddpm.from_uint8 for 0..255 pixels)")
-    ts, ab = _plan(schedule, sampler, steps, spacing, eta, "fixed_small", prediction_type)
+    ts, ab = plan(schedule, sampler, steps, spacing, eta, "fixed_small", prediction_type)
     n = len(ts)
     if resample_times > 1 and n == 1:
         raise ValueError("resampling needs at least 2 steps")
@@ -149,7 +149,7 @@ def inpaint(
     device = x0_known.device
 
     # 1. x_T ~ N(0, I)
-    x = _randn(x0_known.shape, generator, device)  # (B, C, H, W)
+    x = randn(x0_known.shape, generator, device)  # (B, C, H, W)
     history = None  # DPM-Solver++'s previous (x_0, lambda)
 
     # RePaint's Algorithm 1 replaces the known region at the output of each step (x_{t-1}); here it is replaced at
@@ -159,19 +159,19 @@ def inpaint(
         if k_next == k + 1:  # a reverse step t_k -> t_{k+1}
             t = ts[k]
             # 4-5. known region: x_t^known = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, a fresh sample of q(x_t | x_0)
-            eps_known = _randn(x.shape, generator, device)  # (B, C, H, W)
+            eps_known = randn(x.shape, generator, device)  # (B, C, H, W)
             x_known = schedule.q_sample(x0_known, torch.full((x.shape[0],), t, device=device), eps_known)
             x = torch.where(generate, x, x_known)
             # 6-8. unknown region: one step of the sampler on the combined x_t (it predicts both regions; the
             #      known part of the result is replaced again before the next step, and pasted back at the end)
-            out = _predict(model, x, t, class_labels, guidance_scale)
-            x0, eps = _x0_eps(out, x, alpha_bar[k], prediction_type, clip_x0)
-            x, history = _step(sampler, x, x0, eps, alpha_bar[k], alpha_bar[k + 1], final=k + 1 == n, eta=eta,
+            out = predict(model, x, t, class_labels, guidance_scale)
+            x0, eps = x0_eps(out, x, alpha_bar[k], prediction_type, clip_x0)
+            x, history = update(sampler, x, x0, eps, alpha_bar[k], alpha_bar[k + 1], final=k + 1 == n, eta=eta,
                                generator=generator, history=history)
         else:  # 9-10. resample: go forward t_k -> t_{k_next} (j listed steps back up) in one draw of q(x_t' | x_t):
             #          x_t' = sqrt(ab_t' / ab_t) x_t + sqrt(1 - ab_t' / ab_t) z
             ratio = alpha_bar[k_next] / alpha_bar[k]
-            x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * _randn(x.shape, generator, device)
+            x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * randn(x.shape, generator, device)
             history = None  # the solver's trajectory restarts here
 
     # 14. return x_0, with the known pixels exactly the input's

@@ -62,3 +62,49 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     precision = float((d <= real_r[None, :]).any(axis=1).mean())
     recall = float((d.T <= fake_r[None, :]).any(axis=1).mean())
     return precision, recall
+
+
+class FeatureStats:
+    """The mean and covariance of a feature set, kept as (n, mean, scatter) so that parts computed apart merge exactly.
+
+    ``scatter`` is sum_i (f_i - mean)(f_i - mean)^T, (D, D) float64. Merging two parts uses the pairwise update of
+    Chan, Golub & LeVeque (1979): centred sums never subtract two large numbers, so the merged covariance is as
+    accurate as one computed in one pass, in any order of merging. ``cov`` is the unbiased estimate (divides by n - 1,
+    as ``numpy.cov`` and :func:`gaussian_stats` do).
+    """
+
+    def __init__(self, n: int, mean: np.ndarray, scatter: np.ndarray):
+        self.n, self.mean, self.scatter = int(n), np.asarray(mean, np.float64), np.asarray(scatter, np.float64)
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureStats":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2:
+            raise ValueError(f"features must be (N, D), got {f.shape}")
+        if f.shape[0] == 0:
+            return cls(0, np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1])))
+        mean = f.mean(axis=0)
+        centred = f - mean
+        return cls(f.shape[0], mean, centred.T @ centred)
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean  # (D,)
+        mean = self.mean + delta * (other.n / n)
+        scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.n * other.n / n)
+        return FeatureStats(n, mean, scatter)
+
+    @property
+    def cov(self) -> np.ndarray:
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 features, got {self.n}")
+        return self.scatter / (self.n - 1)
+
+
+def frechet_distance_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """:func:`frechet_distance` between two :class:`FeatureStats`."""
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)

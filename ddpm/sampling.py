@@ -3,7 +3,7 @@
 All three share one skeleton: walk a descending list of timesteps ``t_0 > t_1 > ... > t_{N-1}``, at each ``t_i``
 turn the model's output into (x_0, eps), then step to the *next timestep in the list* (or to clean data after the
 last one, where alpha_bar_prev = 1). The previous timestep always comes from the list, never from ``t - T // N``,
-so non-uniform spacings are exact. Each sampler's update lives in one place, ``_step``, which inpainting
+so non-uniform spacings are exact. Each sampler's update lives in one place, ``update``, which inpainting
 (:mod:`ddpm.inpainting`) shares.
 
 Randomness: ``generator`` is one ``torch.Generator`` for the whole batch, or a list of generators, one per image.
@@ -51,7 +51,7 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list
     return ts
 
 
-def _randn(shape: Sequence[int], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
+def randn(shape: Sequence[int], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise of ``shape`` (B, ...); with a list of generators, row i comes from generator i."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
@@ -68,11 +68,11 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device="cpu"):
     Generators live on the CPU so a seed gives the same image on any device.
     """
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return _randn((len(seeds), *shape), generators, device), generators
+    return randn((len(seeds), *shape), generators, device), generators
 
 
 # -- the model, with guidance -------------------------------------------------------------------------------------
-def _predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale: float) -> torch.Tensor:
+def predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale: float) -> torch.Tensor:
     """The model's output at timestep t for the batch x (B, C, H, W), with classifier-free guidance.
 
     Guidance (Ho & Salimans 2022): out = out_uncond + w (out_cond - out_uncond), label -1 = the null class;
@@ -89,7 +89,7 @@ def _predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale
     return uncond + guidance_scale * (cond - uncond)
 
 
-def _x0_eps(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str, clip_x0: bool):
+def x0_eps(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str, clip_x0: bool):
     """(x_0, eps) from the model's output at a step with alpha_bar = ``ab`` (one timestep for the whole batch).
 
     The coefficients are Python floats, so a step costs no device-side table lookups or host-device syncs.
@@ -123,7 +123,7 @@ def _lambda(ab: float) -> float:
     return 0.5 * (math.log(ab) - math.log1p(-ab)) if ab > 0 else -math.inf
 
 
-def _step(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float, *,
+def update(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab_t: float, ab_prev: float, *,
           final: bool, eta: float = 0.0, variance: str = "fixed_small", generator: Generator = None,
           history: tuple | None = None) -> tuple[torch.Tensor, tuple | None]:
     """One update of ``sampler`` from x_t (alpha_bar = ab_t) to the next listed timestep (alpha_bar = ab_prev).
@@ -140,7 +140,7 @@ def _step(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab
         mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + (
             math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * x
         var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
-        return (mean if final else mean + math.sqrt(var) * _randn(x.shape, generator, x.device)), None
+        return (mean if final else mean + math.sqrt(var) * randn(x.shape, generator, x.device)), None
 
     if sampler == "ddim":
         # DDIM eq. 12: x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
@@ -148,7 +148,7 @@ def _step(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * _randn(x.shape, generator, x.device)
+            x = x + sigma * randn(x.shape, generator, x.device)
         return x, None
 
     # dpm++: DPM-Solver++(2M), data prediction, in lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab).
@@ -167,7 +167,7 @@ def _step(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, ab
     return sigma_ratio * x + math.sqrt(ab_prev) * (1 - exp_neg_h) * d, (x0, lam)
 
 
-def _plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str, eta: float, variance: str,
+def plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str, eta: float, variance: str,
           prediction_type: str) -> tuple[list[int], list[float]]:
     """Validate the shared settings; return the timesteps (descending) and alpha_bar as Python floats (float64)."""
     if sampler not in SAMPLERS:
@@ -176,7 +176,7 @@ def _plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
-    ts = timesteps(schedule.num_timesteps, steps or DEFAULT_STEPS[sampler], spacing)
+    ts = timesteps(schedule.num_timesteps, DEFAULT_STEPS[sampler] if steps is None else steps, spacing)
     ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
     if ab[ts[0]] == 0.0 and prediction_type == "epsilon":
         raise ValueError("alpha_bar = 0 at the first step (zero terminal SNR): x_0 cannot be recovered from an "
@@ -209,16 +209,16 @@ def sample(
     deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
     steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
     """
-    ts, ab = _plan(schedule, sampler, steps, spacing, eta, variance, prediction_type)
+    ts, ab = plan(schedule, sampler, steps, spacing, eta, variance, prediction_type)
     x = x_T.float()
     history = None  # DPM-Solver++'s previous (x_0, lambda)
 
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
-        out = _predict(model, x, t, class_labels, guidance_scale)
-        x0, eps = _x0_eps(out, x, ab_t, prediction_type, clip_x0)
-        x, history = _step(sampler, x, x0, eps, ab_t, ab_prev, final=t_prev < 0, eta=eta, variance=variance,
+        out = predict(model, x, t, class_labels, guidance_scale)
+        x0, eps = x0_eps(out, x, ab_t, prediction_type, clip_x0)
+        x, history = update(sampler, x, x0, eps, ab_t, ab_prev, final=t_prev < 0, eta=eta, variance=variance,
                            generator=generator, history=history)
         if callback is not None:
             callback(i, t, x)

@@ -34,9 +34,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions that oneDNN runs convolutions and matmuls on: AMX tiles (Intel Sapphire
-    Rapids and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). A digits training step in bf16
-    autocast runs 1.38-1.50x as many images per second as in fp32 on both kinds (benchmarks/RESULTS.md, "bf16 on the
-    CPU")."""
+    Rapids and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). On either, a bf16 autocast step is
+    faster than fp32 (benchmarks/RESULTS.md, "bf16 on the CPU")."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 

@@ -25,13 +25,29 @@ With a local Ray (RAY_ADDRESS unset) the server lives as long as this command. O
 """
 
 
+# (AppArgs field, flag type, help); the flag is --field-name.
+REPLICA_FLAGS = (
+    ("min_replicas", int, ""),
+    ("max_replicas", int, ""),
+    ("target_ongoing_requests", float, "queued + running requests per replica that autoscaling aims for"),
+    ("upscale_delay_s", float, ""),
+    ("downscale_delay_s", float, ""),
+    ("max_ongoing_requests", int, "requests a replica accepts at once; at least what one batch holds"),
+    ("num_cpus", float, "CPUs per replica"),
+    ("num_gpus", float, "GPUs per replica; > 0 samples on the GPU in bf16"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deploy.schemas import AppArgs
+
+    defaults = {name: field.default for name, field in AppArgs.model_fields.items()}
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, metavar="URI",
                        help="models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION, or a checkpoint folder")
     model.add_argument("--tracking-uri", default=None, metavar="URI",
                        help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
-    model.add_argument("--poll-interval-s", type=float, default=30.0,
+    model.add_argument("--poll-interval-s", type=float, default=defaults["poll_interval_s"],
                        help="how often replicas check where the alias points (0: never) [%(default)s]")
 
     http = parser.add_argument_group("HTTP")
@@ -39,33 +55,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--port", type=int, default=8000, help="[%(default)s]")
     http.add_argument("--api-key", default=None,
                       help="require 'Authorization: Bearer KEY' on every route but /healthz (default: $DDPM_API_KEY)")
-    http.add_argument("--max-cost", type=int, default=20_000,
+    http.add_argument("--max-cost", type=int, default=defaults["max_cost"],
                       help="the largest num_images * steps one request may ask for [%(default)s]")
     http.add_argument("--name", default="ddpm", help="the Serve application's name [%(default)s]")
 
     batching = parser.add_argument_group("batching")
     batching.add_argument("--no-batching", dest="batching", action="store_false",
                           help="run each request on its own (no @serve.batch)")
-    batching.add_argument("--max-batch-images", type=int, default=64,
+    batching.add_argument("--max-batch-images", type=int, default=defaults["max_batch_images"],
                           help="images per batch, across requests [%(default)s]")
-    batching.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+    batching.add_argument("--batch-wait-timeout-s", type=float, default=defaults["batch_wait_timeout_s"],
                           help="how long a batch waits to fill up [%(default)s]")
-    batching.add_argument("--micro-batch", type=int, default=16,
-                          help="images per forward pass, fixed so that batching never changes an image; "
+    batching.add_argument("--micro-batch", type=int, default=defaults["micro_batch"],
+                          help="rows per forward pass, fixed so that batching never changes an image (the same "
+                               "pixels as ddpm generate --batch-size at the same value); "
                                "0: each request's own size, only with --no-batching [%(default)s]")
 
+    # One flag per replica setting of AppArgs, with its default (and description) from there: one source of truth.
     scaling = parser.add_argument_group("sampler replicas")
-    scaling.add_argument("--min-replicas", type=int, default=1, help="[%(default)s]")
-    scaling.add_argument("--max-replicas", type=int, default=1, help="[%(default)s]")
-    scaling.add_argument("--target-ongoing-requests", type=float, default=16,
-                         help="queued + running requests per replica that autoscaling aims for [%(default)s]")
-    scaling.add_argument("--upscale-delay-s", type=float, default=10.0, help="[%(default)s]")
-    scaling.add_argument("--downscale-delay-s", type=float, default=300.0, help="[%(default)s]")
-    scaling.add_argument("--max-ongoing-requests", type=int, default=64,
-                         help="requests a replica accepts at once; at least what one batch holds [%(default)s]")
-    scaling.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica [%(default)s]")
-    scaling.add_argument("--num-gpus", type=float, default=0.0,
-                         help="GPUs per replica; > 0 samples on the GPU in bf16 [%(default)s]")
+    for name, kind, help_text in REPLICA_FLAGS:
+        scaling.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
+                             help=f"{help_text or AppArgs.model_fields[name].description or ''} [%(default)s]".lstrip())
 
     parser.add_argument("--blocking", action="store_true",
                         help="stay in the foreground until Ctrl-C, then shut Serve down")

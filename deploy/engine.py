@@ -3,25 +3,23 @@
 Kept apart from ``deploy.serve_app`` so that it runs, and is tested, without Ray or FastAPI, on any machine the
 core runs on (a GPU box included).
 
-Batching rests on one fact about kernels: CPU (oneDNN, MKL) and GPU libraries pick different algorithms for
-different batch sizes, so the same image computed in a batch of 1 and in a batch of 5 differs in its last bits,
-and once in a while in a pixel. :func:`fixed_size_forward` runs the network on exactly ``micro_batch`` rows at a
-time, padding the last chunk; at one fixed shape a row's result does not depend on the other rows. Together with one
-noise generator per image (``ddpm.noise_from_seeds``), an image depends only on its seed and settings, never on
-which requests shared its batch: the PNG bytes match whether a request ran alone or batched.
+Images come from the core's one path (:func:`ddpm.generate_images`, :func:`ddpm.inpaint_images`): per-image seeds
+and a fixed-shape forward of ``micro_batch`` rows make an image independent of the requests that shared its batch,
+so the PNG bytes match whether a request ran alone or batched, and match ``ddpm generate`` at the same rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ddpm import DEFAULT_STEPS, SAMPLERS, checkpoint, from_uint8, inpaint, noise_from_seeds, sample, to_uint8
+from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_uint8, generate_images, image_seeds,
+                  inpaint_images)
 from ddpm.images import EditInputError, decode_edit_inputs
+from ddpm.settings import SettingError, check_for_model
 from deploy.schemas import MAX_EDIT_PIXELS
 
 
@@ -52,8 +50,8 @@ class Job:
     edit: Edit | None = None  # None: sample; else inpaint ``edit.image``, one result per seed
 
     def seeds(self) -> list[int]:
-        """Image i's seed: (seed + i) mod 2^32."""
-        return [(self.seed + i) % 2**32 for i in range(self.num_images)]
+        """Image i's seed: (seed + i) mod 2^32 (``ddpm.image_seeds``)."""
+        return image_seeds(self.seed, self.num_images)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one call to ``ddpm.sample``.
@@ -145,48 +143,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda")
 
 
-def fixed_size_forward(model: torch.nn.Module, size: int):
-    """``model`` as a callable that always runs exactly ``size`` rows at a time, padding the last chunk.
-
-    This is what makes batching invisible in the output (see the module docstring): with the shape fixed, each row
-    goes through the same kernels whatever the other rows are, so it comes out bit-identical.
-    """
-
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        outputs = []
-        for start in range(0, x.shape[0], size):
-            n = min(size, x.shape[0] - start)
-            # Fresh, padded buffers every time: same shape, same strides, same alignment for every chunk.
-            xs = x.new_zeros((size, *x.shape[1:]))
-            xs[:n] = x[start:start + n]
-            ts = t.new_full((size,), int(t[start]))  # samplers run one timestep for the whole batch
-            ts[:n] = t[start:start + n]
-            if y is None:
-                out = model(xs, ts)
-            else:
-                ys = y.new_full((size,), -1)  # padding rows take the null class
-                ys[:n] = y[start:start + n]
-                out = model(xs, ts, ys)
-            outputs.append(out[:n])
-        return torch.cat(outputs)
-
-    return forward
-
-
 def check(job: Job, served: ServedModel) -> Rejected | None:
-    """What a valid body can still get wrong about this particular model."""
-    cfg, T = served.loaded.config, served.loaded.schedule.num_timesteps
-    if job.steps > T:
-        return Rejected("steps", f"steps must be at most {T}, this model's number of timesteps; got {job.steps}")
-    if job.class_label is None:
-        if job.guidance_scale != 1.0:
-            return Rejected("guidance_scale", "guidance_scale applies only with a class_label")
-        return None
-    if cfg.num_classes == 0:
-        return Rejected("class_label", "this model is unconditional: send class_label null or leave it out")
-    if not 0 <= job.class_label < cfg.num_classes:
-        return Rejected("class_label", f"unknown class {job.class_label}; this model has classes "
-                                       f"0..{cfg.num_classes - 1} (see GET /v1/model)")
+    """What a valid body can still get wrong about this particular model (``ddpm.settings.check_for_model``, the
+    rules ``ddpm generate`` applies too)."""
+    cfg = served.loaded.config
+    try:
+        check_for_model(steps=job.steps, class_label=job.class_label, num_classes=cfg.num_classes,
+                        num_timesteps=served.loaded.schedule.num_timesteps)
+    except SettingError as exc:
+        hint = " (see GET /v1/model)" if exc.field == "class_label" else ""
+        return Rejected(exc.field, exc.reason + hint)
     return None
 
 
@@ -213,15 +179,28 @@ def _edit_batch(jobs: list[Job], edits: list[tuple[np.ndarray, np.ndarray]],
     return images.to(device), masks.to(device)
 
 
-def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | None,
-                    edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> list[np.ndarray]:
-    """Sample (or inpaint) every job's images, one ``ddpm.sample`` / ``ddpm.inpaint`` call per group of jobs that
-    share settings. ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``.
+def network_call(served: ServedModel, micro_batch: int | None):
+    """The network as the samplers call it: ``micro_batch`` rows at a time, or the bare network at each batch's own
+    size when ``micro_batch`` is None (batching off). On a GPU the fixed-shape forward replays a captured CUDA graph
+    (``ddpm.graphs.graphed_forward``, kept per model and micro-batch across batches); on the CPU it is
+    ``ddpm.fixed_size_forward``."""
+    if micro_batch is None:
+        return served.loaded.model
+    if served.device.type != "cuda":
+        return fixed_size_forward(served.loaded.model, micro_batch)
+    from ddpm.graphs import graphed_forward
+
+    return graphed_forward(served.loaded.model, micro_batch)
+
+
+def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
+             edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> list[np.ndarray]:
+    """Sample (or inpaint) every job's images, one core call per group of jobs that share settings.
+    ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``.
 
     Returns one (num_images, H, W, C) uint8 array per job, in order.
     """
-    loaded = served.loaded
-    model = loaded.model if micro_batch is None else fixed_size_forward(loaded.model, micro_batch)
+    forward = network_call(served, micro_batch)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.batch_key(), []).append(i)
@@ -230,29 +209,18 @@ def generate_images(served: ServedModel, jobs: list[Job], micro_batch: int | Non
     for members in groups.values():
         group = [jobs[i] for i in members]
         settings = group[0]
-        # Noise: one CPU generator per image, seeded from the image's own seed.
         seeds = [s for job in group for s in job.seeds()]
-        if settings.edit is None:
-            x_T, generators = noise_from_seeds(seeds, loaded.image_shape, served.device)  # (N, C, H, W)
-        else:  # inpaint draws x_T itself, first from each generator
-            generators = [torch.Generator().manual_seed(s) for s in seeds]
-            known, masks = _edit_batch(group, [edits[i] for i in members], served.device)  # (N, C, H, W), (N, 1, H, W)
         labels = None
         if settings.class_label is not None:
-            labels = torch.tensor([job.class_label for job in group for _ in range(job.num_images)])
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if served.device.type == "cuda"
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
-            if settings.edit is None:
-                x_0 = sample(model, loaded.schedule, x_T, sampler=settings.sampler, steps=settings.steps,
-                             eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
-                             guidance_scale=settings.guidance_scale, generator=generators)
-            else:
-                x_0 = inpaint(model, loaded.schedule, known, masks, sampler=settings.sampler, steps=settings.steps,
-                              eta=settings.eta, prediction_type=loaded.prediction_type, class_labels=labels,
-                              guidance_scale=settings.guidance_scale, resample_jumps=settings.edit.resample_jumps,
-                              resample_times=settings.edit.resample_times, generator=generators)
-        images = to_uint8(x_0)  # (N, H, W, C)
+            labels = [job.class_label for job in group for _ in range(job.num_images)]
+        common = dict(class_labels=labels, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                      guidance_scale=settings.guidance_scale, forward=forward)
+        if settings.edit is None:
+            images = generate_images(served.loaded, seeds, batch_size=len(seeds), **common)  # (N, H, W, C)
+        else:
+            known, masks = _edit_batch(group, [edits[i] for i in members], served.device)  # (N, C, H, W), (N, 1, H, W)
+            images = inpaint_images(served.loaded, seeds, known, masks, resample_jumps=settings.edit.resample_jumps,
+                                    resample_times=settings.edit.resample_times, **common)
         offset = 0
         for i, job in zip(members, group):
             results[i] = images[offset:offset + job.num_images]
@@ -274,7 +242,7 @@ def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None)
         elif checked is not None:
             edits[i] = checked
     valid = [i for i in range(len(items)) if i not in outcomes]
-    images = generate_images(served, [items[i].job for i in valid], micro_batch, [edits.get(i) for i in valid])
+    images = run_jobs(served, [items[i].job for i in valid], micro_batch, [edits.get(i) for i in valid])
     sample_ms = (time.monotonic() - started) * 1000
     batch = {"requests": len(valid), "images": sum(items[i].job.num_images for i in valid)}
     for i, imgs in zip(valid, images):

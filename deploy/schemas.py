@@ -3,7 +3,8 @@
 Three layers of settings, each validated where it enters:
 
 - :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number);
-  :class:`InpaintRequest`, that of ``POST /inpaint``, adds the image, the mask and RePaint's settings.
+  :class:`InpaintRequest`, that of ``POST /inpaint``, adds the image, the mask and RePaint's settings. Their bounds
+  come from ``ddpm.settings``, whose ``check_settings`` the ingress also applies: the rules of ``ddpm generate``.
 - :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
   and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
   serving: the model URI and the batching knobs.
@@ -17,13 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from ddpm.generation import FORWARD_ROWS
+from ddpm.settings import MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
+
 MAX_IMAGES = 64  # per request
-MAX_STEPS = 1000
-MAX_SEED = 2**32 - 1
 MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
 MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
-MAX_RESAMPLE_TIMES = 100
-Sampler = Literal["ddpm", "ddim", "dpm++"]
+SamplerName = Literal["ddpm", "ddim", "dpm++"]
 
 
 class GenerateRequest(BaseModel):
@@ -32,7 +33,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     num_images: int = Field(4, ge=1, le=MAX_IMAGES)
-    sampler: Sampler = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="default: 1000 ddpm, 50 ddim, 20 dpm++")
     eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                        description="DDIM noise scale in [0, 1]: 0 deterministic, 1 DDPM-like")
@@ -67,7 +68,8 @@ class SamplerConfig(BaseModel):
     max_batch_images: int = Field(64, ge=MAX_IMAGES, description="images per batch, across requests")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
     micro_batch: int | None = Field(
-        16, ge=1, description="images per forward pass (padded); null: the batch's own size, only without batching")
+        FORWARD_ROWS, ge=1, description="rows per forward pass (padded; ddpm.FORWARD_ROWS, what ddpm generate uses); "
+                                         "null: the batch's own size, only without batching")
 
     @model_validator(mode="after")
     def _seeds_must_reproduce(self):

@@ -14,9 +14,10 @@ application with :func:`build_app` (import path ``deploy.serve_app:build_app``).
 Three properties the design rests on:
 
 1. **An image depends only on its seed and settings.** Requests that share settings run as one call to the core's
-   pure ``ddpm.sample`` (``ddpm.inpaint`` for ``POST /inpaint``), each image with its own noise generator, and the
-   network always runs at one fixed batch shape (``micro_batch``), so a request's PNG bytes are the same whether it
-   ran alone or batched (``deploy.engine`` explains why the fixed shape is needed).
+   one generation path (``ddpm.generate_images``; ``ddpm.inpaint_images`` for ``POST /inpaint``), each image with its
+   own noise generator, and the network always runs at one fixed batch shape (``micro_batch``), so a request's PNG
+   bytes are the same whether it ran alone or batched, and the same as ``ddpm generate`` returns (``ddpm.generation``
+   explains why the fixed shape is needed).
 2. **A model swap is one reference assignment.** Each batch reads ``self._served`` once and runs to the end on that
    immutable snapshot; a new version is loaded beside it and then assigned. In-flight requests finish on the weights
    they started with, the next batch gets the new ones, and no request waits for a load.
@@ -51,6 +52,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ddpm import DEFAULT_STEPS, encode_png, make_grid
+from ddpm.settings import SettingError, check_settings
 from deploy.engine import Edit, Generated, Job, Queued, Rejected, ServedModel, load_served, pick_device, run_batch
 from deploy.schemas import MAX_EDIT_BASE64, MAX_IMAGES, AppArgs, GenerateRequest, InpaintRequest, SamplerConfig
 
@@ -125,8 +127,8 @@ class MergingRunner:
                 start += len(batch)
 
 
-# A health check every 2 s instead of Serve's 10: a dead replica is noticed and replaced that much sooner (5 to 8 s
-# from SIGKILL to serving again on the 2-core machine, against 12 s; tests/reliability/test_serve_faults.py).
+# A health check every 2 s instead of Serve's 10: a dead replica is noticed and replaced that much sooner
+# (tests/reliability/test_serve_faults.py; the recovery times are in benchmarks/RESULTS.md).
 @serve.deployment(name="Sampler", max_ongoing_requests=64, health_check_period_s=2)
 class Sampler:
     """Holds one model on its device and samples for the ingress; configured through ``user_config``.
@@ -240,12 +242,23 @@ async def limit_body_size(request: Request, call_next):
     """A body over its route's limit is a 413. Registered before (so run after) the API key check: a client
     without the key learns nothing, and a chunked body (no Content-Length) is read only for a client with it."""
     limit = MAX_BODY_BYTES_BY_PATH.get(_route_path(request), MAX_BODY_BYTES)
+    too_large = f"request body too large: this route reads at most {limit} bytes"
     length = request.headers.get("content-length")
-    if length is None and request.method in ("POST", "PUT", "PATCH"):
-        length = str(len(await request.body()))  # Starlette keeps the body for the route
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse({"detail": f"request body too large: {length} bytes, this route reads at most {limit}"},
-                            status_code=413)
+    if length is not None:
+        if not length.isdigit() or int(length) > limit:
+            return JSONResponse({"detail": f"{too_large}, Content-Length says {length}"}, status_code=413)
+    elif request.method in ("POST", "PUT", "PATCH"):
+        # A chunked body has no length up front: read it chunk by chunk and stop at the limit, so that a client
+        # streaming gigabytes costs at most ``limit`` bytes of memory here.
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return JSONResponse({"detail": f"{too_large}; stopped reading a chunked body there"},
+                                    status_code=413)
+            chunks.append(chunk)
+        # Starlette's middleware hands a cached ``_body`` to the route (starlette.middleware.base._CachedRequest).
+        request._body = b"".join(chunks)
     return await call_next(request)
 
 
@@ -297,10 +310,17 @@ def _base64(field: str, text: str) -> bytes:
 
 
 def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
-    """The body's job with its defaults filled in: the sampler's step count, a random seed when none is given."""
+    """The body's job with its defaults filled in (the sampler's step count, a random seed when none is given), after
+    the rules every door applies (``ddpm.settings.check_settings``, what ``ddpm generate`` and the pyfunc model use)."""
+    resample = {} if edit is None else {"resample_jumps": edit.resample_jumps, "resample_times": edit.resample_times}
+    try:
+        check_settings(sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
+                       class_label=body.class_label, guidance_scale=body.guidance_scale, **resample)
+    except SettingError as exc:
+        raise _reject(exc.field, exc.reason) from None
     seed = body.seed if body.seed is not None else secrets.randbits(32)
-    return Job(body.num_images, body.sampler, body.steps or DEFAULT_STEPS[body.sampler], body.eta, seed,
-               body.class_label, body.guidance_scale, edit)
+    steps = body.steps if body.steps is not None else DEFAULT_STEPS[body.sampler]
+    return Job(body.num_images, body.sampler, steps, body.eta, seed, body.class_label, body.guidance_scale, edit)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -351,11 +371,7 @@ class Ingress:
         started = time.monotonic()
         edit = Edit(_base64("image", body.image), _base64("mask", body.mask), body.resize, body.resample_jumps,
                     body.resample_times)
-        job = _job(body, edit)
-        if edit.resample_times > 1 and not edit.resample_jumps < job.steps:
-            raise _reject("resample_jumps", f"resample_jumps must be in [1, steps - 1] = [1, {job.steps - 1}] to "
-                                            f"resample (or send resample_times 1); got {edit.resample_jumps}")
-        return await self._answer(job, body.output, started)
+        return await self._answer(_job(body, edit), body.output, started)
 
     async def _answer(self, job: Job, output: str, started: float) -> Response:
         """Check the job's cost, run it on the sampler, and encode its images as one PNG grid or as JSON."""

@@ -24,7 +24,7 @@ import traceback
 SUBCOMMANDS: dict[str, str] = {
     "data": "pipelines.data.digits",
     "preprocess": "pipelines.data.preprocess",
-    "train": "pipelines.train.driver",
+    "train": "pipelines.train.command",
     "train-local": "pipelines.train.local",
     "models": "pipelines.registry",
     "generate": "pipelines.commands.generate",
@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"ddpm: error: unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
+    # --verbose is accepted anywhere before a "--" (after it, the words belong to the command that submit sends).
+    cut = argv.index("--") if "--" in argv else len(argv)
+    verbose = "--verbose" in argv[:cut]
+    argv = [a for a in argv[:cut] if a != "--verbose"] + argv[cut:]
     args = build_parser(only=command).parse_args(argv)
+    args.verbose = verbose
     try:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:

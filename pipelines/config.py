@@ -17,12 +17,12 @@ import hashlib
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
-from ddpm import NoiseSchedule, UNetConfig
+from ddpm import SAMPLERS, NoiseSchedule, UNetConfig
 from ddpm.losses import TIMESTEP_SAMPLING
 from ddpm.training import PRECISIONS, autocast_dtype
 
@@ -97,8 +97,8 @@ class TrainConfig:
         """Adam or AdamW over ``params`` with this config's lr, weight decay and beta2 (beta1 stays 0.9).
 
         The fused implementation where torch has one (CPU, CUDA): one kernel for all parameters instead of torch's
-        CPU default, a Python loop of small ops per tensor (benchmarks/step.py: together with foreach clipping and
-        the foreach EMA update, a digits step on the 2-core CPU runs 1.04-1.07x faster on two threads, 1.15x on one).
+        CPU default, a Python loop of small ops per tensor (with foreach clipping and the foreach EMA update:
+        benchmarks/step.py, figures in benchmarks/RESULTS.md).
         """
         import torch
 
@@ -152,6 +152,19 @@ class PipelineConfig:
     eval_seed: int = 0
 
     def __post_init__(self):
+        if self.num_workers < 1:
+            raise UserError(f"pipeline.num_workers must be at least 1, got {self.num_workers}")
+        if self.resolution < 1 or self.channels not in (1, 3):
+            raise UserError(f"pipeline.resolution must be positive and pipeline.channels 1 or 3, "
+                            f"got {self.resolution} and {self.channels}")
+        if self.small not in ("skip", "upscale"):
+            raise UserError(f"pipeline.small must be skip or upscale, got {self.small!r}")
+        if self.gate_metric not in ("fd_cls", "fid"):
+            raise UserError(f"pipeline.gate_metric must be fd_cls or fid, got {self.gate_metric!r}")
+        if self.gate_metric == "fid" and not self.inception_weights:
+            raise UserError("pipeline.gate_metric fid needs pipeline.inception_weights (a TorchScript Inception file)")
+        if self.eval_sampler not in SAMPLERS:
+            raise UserError(f"pipeline.eval_sampler must be one of {', '.join(SAMPLERS)}, got {self.eval_sampler!r}")
         if self.eval_samples <= 0 or self.eval_steps <= 0:
             raise UserError(f"pipeline.eval_samples and pipeline.eval_steps must be positive, "
                             f"got {self.eval_samples} and {self.eval_steps}")
@@ -184,9 +197,22 @@ class Config:
         return replace(self, model=replace(self.model, num_classes=num_classes))
 
 
-def _coerce(value, default, key: str):
-    """Check ``value`` against the type of the field's default; YAML's "1e-3" (a string in YAML 1.1) -> 1e-3."""
-    if default is None or value is None or isinstance(default, (tuple, list, str)):
+def _coerce(value, default, key: str, optional: bool = False):
+    """Check ``value`` against the type of the field's default; YAML's "1e-3" (a string in YAML 1.1) -> 1e-3.
+
+    null is accepted only where the field is optional (``float | None``); a tuple field takes a list whose items
+    have the type of the default's items (``channel_mults: [1, 2, 2]``)."""
+    if value is None:
+        if optional or default is None:
+            return None
+        raise UserError(f"{key} must be {_kind_name(default)}, got an empty value (null)")
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list like {list(default)}, got {value!r}")
+        if default:
+            return type(default)(_coerce(v, default[0], f"{key}[{i}]") for i, v in enumerate(value))
+        return type(default)(value)
+    if default is None or isinstance(default, str):
         return value
     kind = type(default)
     if kind is bool:
@@ -201,19 +227,29 @@ def _coerce(value, default, key: str):
             raise ValueError
         return converted
     except (TypeError, ValueError):
-        raise UserError(f"{key} must be a {kind.__name__}, got {value!r}") from None
+        raise UserError(f"{key} must be {_kind_name(default)}, got {value!r}") from None
+
+
+def _kind_name(default) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(default), f"a {type(default).__name__}")
 
 
 def _strict(cls, values: dict, where: str):
-    defaults = {f.name: f.default for f in fields(cls)}
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of keys to values, got {values!r}")
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
+    optional = set()
     for name, hint in typing.get_type_hints(cls).items():
         kinds = [t for t in typing.get_args(hint) if t is not type(None)]
+        if type(None) in typing.get_args(hint):
+            optional.add(name)
         if defaults.get(name) is None and len(kinds) == 1:  # "float | None": check a value against float
             defaults[name] = kinds[0]()
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise UserError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(defaults))}")
-    values = {k: _coerce(v, defaults[k], f"{where}.{k}") for k, v in values.items()}
+    values = {k: _coerce(v, defaults[k], f"{where}.{k}", k in optional) for k, v in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -221,10 +257,16 @@ def _strict(cls, values: dict, where: str):
 
 
 def from_dict(raw: dict, source: str = "config") -> Config:
-    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections (model, schedule, train, "
+                        f"pipeline), got {type(raw).__name__}")
+    raw = dict(raw)
     unknown = sorted(set(raw) - {"model", "schedule", "train", "pipeline"})
     if unknown:
         raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, schedule, train, pipeline")
+    for section in ("model", "schedule", "train", "pipeline"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
     model = dict(raw.get("model") or {})
     preset = model.pop("preset", None)
     base = UNetConfig.preset(preset).to_dict() if preset else {}
@@ -244,7 +286,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or "." not in key:
             raise UserError(f"override {item!r} must look like section.key=value")
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        if not value.strip():
+            raise UserError(f"--set {item}: no value after '='; write null to clear an optional key")
+        try:
+            raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {item}: not a YAML value ({str(exc).splitlines()[0]})") from None
     return raw
 
 
@@ -256,7 +303,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: invalid YAML ({exc})") from None
+        if raw is None:
+            raise UserError(f"{path}: the file is empty; start from a preset such as configs/digits.yaml")
     return from_dict(apply_overrides(raw, overrides or []), str(path or "config"))

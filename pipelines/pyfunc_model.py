@@ -10,7 +10,8 @@ safetensors, pydantic and MLflow can load it::
     images = model.predict([{"seeds": [0, 1, 2, 3], "sampler": "ddim", "steps": 50}])   # (4, H, W, C) uint8
 
 Each request names its images by ``seeds`` (a list of ints) or by ``seed`` and ``num_images`` (seeds ``seed,
-seed+1, ...``). Image ``i`` depends only on its own seed and the settings, as in ``ddpm generate``. The answer is the
+seed+1, ...``, mod 2^32). Image ``i`` depends only on its own seed and the settings, through the core's one
+path ``ddpm.generate_images``: the same pixels as ``ddpm generate`` and ``POST /generate``. The answer is the
 images of all requests, in order, stacked into one (N, H, W, C) uint8 array.
 """
 
@@ -21,7 +22,7 @@ from mlflow.pyfunc import PythonModel
 from pydantic import BaseModel
 
 
-class GenerateRequest(BaseModel):
+class PredictRequest(BaseModel):
     """One request; MLflow checks incoming dicts against these fields (the type hint of ``predict`` below)."""
 
     seeds: list[int] | None = None
@@ -41,26 +42,17 @@ class DDPMGenerator(PythonModel):
 
         self.loaded = checkpoint.load(context.artifacts["checkpoint"])  # EMA weights, eval mode, CPU
 
-    def predict(self, context, model_input: list[GenerateRequest], params=None):
+    def predict(self, context, model_input: list[PredictRequest], params=None):
         import numpy as np
 
         return np.concatenate([self._generate(request) for request in model_input])
 
-    def _generate(self, request: GenerateRequest):
-        import torch
+    def _generate(self, request: PredictRequest):
+        from ddpm import generate_images, image_seeds
 
-        from ddpm import noise_from_seeds, sample, to_uint8
-
-        seeds = request.seeds if request.seeds is not None else range(request.seed, request.seed + request.num_images)
-        loaded = self.loaded
-        x_T, generators = noise_from_seeds(list(seeds), loaded.image_shape)  # (N, C, H, W), one generator per image
-        labels = None
-        if request.class_label is not None:
-            labels = torch.full((x_T.shape[0],), request.class_label, dtype=torch.long)
-        x_0 = sample(loaded.model, loaded.schedule, x_T, sampler=request.sampler, steps=request.steps,
-                     prediction_type=loaded.prediction_type, class_labels=labels,
-                     guidance_scale=request.guidance_scale, generator=generators)
-        return to_uint8(x_0)  # (N, H, W, C) uint8
+        seeds = request.seeds if request.seeds is not None else image_seeds(request.seed, request.num_images)
+        return generate_images(self.loaded, seeds, class_labels=request.class_label, sampler=request.sampler,
+                               steps=request.steps, guidance_scale=request.guidance_scale)  # (N, H, W, C) uint8
 
 
 mlflow.models.set_model(DDPMGenerator())

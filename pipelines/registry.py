@@ -100,12 +100,18 @@ def find_checkpoint(root: Path) -> Path:
     from ddpm.checkpoint import CONFIG_FILE, FORMAT
 
     candidates = sorted(root.rglob(CONFIG_FILE), key=lambda p: (len(p.parts), str(p)))
+    unreadable = []  # (path, why): said when no candidate is a checkpoint, since one of them may be a broken one
     for config in candidates:
         try:
-            if json.loads(config.read_text()).get("format") == FORMAT:
-                return config.parent
-        except (OSError, ValueError):
+            found = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            unreadable.append((config, f"invalid JSON ({exc})" if isinstance(exc, ValueError) else str(exc)))
             continue
+        if isinstance(found, dict) and found.get("format") == FORMAT:
+            return config.parent
+    if unreadable:
+        path, why = unreadable[0]
+        raise UserError(f"{path}: {why}; is this a damaged ddpm checkpoint?")
     raise UserError(f"{root}: no ddpm checkpoint (config.json with format {FORMAT!r}) in this folder")
 
 

@@ -5,6 +5,7 @@ Fixtures live in the ``conftest.py`` files and are never imported; what a test c
 
 from __future__ import annotations
 
+import pickle
 import socket
 import subprocess
 import sys
@@ -16,9 +17,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-S3_PORT = free_port()
 
 
 S3_PORT = free_port()  # chosen once per test session, before pytest_configure sets AWS_ENDPOINT_URL
@@ -84,3 +82,21 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
             self.proc = None
+
+
+class _WritesSentinel:
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return Path.write_text, (self.sentinel, "unpickled\n")
+
+
+def planted_pickle(sentinel: Path) -> bytes:
+    """A well-formed pickle whose unpickling writes the file ``sentinel`` (it calls ``pathlib.Path.write_text``).
+
+    Plant it where a pickle-based loader would look, load, then assert that ``sentinel`` does not exist: a loader that
+    ran the pickle, in this process or another one on this machine, leaves the file behind. Unpickling it needs nothing
+    from the tests, so any process can run it.
+    """
+    return pickle.dumps(_WritesSentinel(Path(sentinel)), protocol=4)

@@ -1,16 +1,19 @@
 """``ddpm generate``: images from a registered model (or a checkpoint folder), one seed per image.
 
-Image ``i`` is drawn from seed ``K + i`` alone (``ddpm.noise_from_seeds``: one generator per image), so the same
-command gives the same images on any machine and whatever the batch size, and ``--seed 5 --num-images 1`` is
-image 5 of ``--seed 0 --num-images 8``.
+Image ``i`` is drawn from seed ``(K + i) mod 2^32`` alone, through the core's one path (``ddpm.generate_images``), so
+the same command gives the same images whatever the batch, ``--seed 5 --num-images 1`` is image 5 of ``--seed 0
+--num-images 8``, and ``POST /generate`` returns the same pixels for the same seed and settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 from pathlib import Path
 
-from pipelines.errors import UserError
+from pipelines.errors import UserError, flag_error
 
 HELP = "generate images from a model (models:/NAME@ALIAS, models:/NAME/VERSION or a folder) into a PNG grid or .npz"
 EXAMPLE = """example:
@@ -24,34 +27,43 @@ EXAMPLE = """example:
 OUTPUT_SUFFIXES = (".png", ".npz")
 
 
-def generate_images(loaded, seeds: list[int], *, sampler: str = "ddim", steps: int | None = None,
-                    class_label: int | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
-                    device: str = "cpu"):
-    """(len(seeds), H, W, C) uint8 images from a ``ddpm.checkpoint.LoadedModel``, ``batch_size`` at a time.
+MAX_GRID_IMAGES = 4096  # a 64 x 64 grid; more is no longer a picture anyone looks at
+MEMORY_SHARE = 0.25  # the largest share of this machine's memory one output file may need
 
-    Batching only bounds memory: every image has its own generator, so the result does not depend on it.
-    """
-    import numpy as np
-    import torch
 
-    from ddpm import noise_from_seeds, sample, to_uint8
+def check_fits_in_memory(num_images: int, image_shape: tuple[int, int, int], out: Path) -> None:
+    """Refuse, before sampling, an output that cannot be held: one file holds every image in memory at once."""
+    c, h, w = image_shape
+    if out.suffix == ".png" and num_images > MAX_GRID_IMAGES:
+        raise UserError(f"--num-images {num_images}: a PNG grid holds at most {MAX_GRID_IMAGES} images; "
+                        f"write an .npz, or several grids with --seed")
+    need = num_images * c * h * w
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > MEMORY_SHARE * have:
+        raise UserError(f"--num-images {num_images}: {need / 2**30:.1f} GiB of pixels in one file, more than "
+                        f"{MEMORY_SHARE:.0%} of this machine's {have / 2**30:.0f} GiB; generate in parts with --seed")
 
-    model = loaded.model.to(device)
-    chunks = []
-    for start in range(0, len(seeds), batch_size):
-        part = seeds[start:start + batch_size]
-        x_T, generators = noise_from_seeds(part, loaded.image_shape, device)  # (B, C, H, W)
-        labels = None
-        if class_label is not None:
-            labels = torch.full((len(part),), class_label, dtype=torch.long, device=device)
-        x_0 = sample(model, loaded.schedule, x_T, sampler=sampler, steps=steps, prediction_type=loaded.prediction_type,
-                     class_labels=labels, guidance_scale=guidance_scale, generator=generators)
-        chunks.append(to_uint8(x_0))  # (B, H, W, C)
-    return np.concatenate(chunks)
+
+class ProgressLine:
+    """``progress`` for ``ddpm.generate_images``: a line on stderr at most every few seconds, with the rate and the
+    time left, and one at the end."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.every_s = total, every_s
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"generated {done:,}/{self.total:,} images ({rate:.1f} images/s, {left:.0f} s left)", file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ddpm import SAMPLERS
+    from ddpm import FORWARD_ROWS, SAMPLERS
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -64,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class id for a class-conditional model (default: unconditional)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=FORWARD_ROWS, metavar="B",
+                        help="rows per forward pass (the endpoint's micro_batch); the same pixels at the same value "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--out", required=True, metavar="FILE", help="grid.png or images.npz")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
@@ -72,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ddpm import checkpoint, encode_png, make_grid
+    from ddpm import checkpoint, encode_png, generate_images, image_seeds, make_grid
+    from ddpm.settings import SettingError, check_for_model, check_settings
     from pipelines.registry import resolve_model
 
     out = Path(args.out)
@@ -80,16 +95,24 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: must end in .png (a grid) or .npz (an array)")
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
+    settings = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, class_label=args.class_label,
+                    guidance_scale=args.guidance_scale)
+    try:
+        check_settings(**settings)  # the rules of POST /generate and the pyfunc model, before anything is loaded
+    except SettingError as exc:
+        raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
     loaded = checkpoint.load(resolved.path, device=args.device)
-    num_classes = loaded.config.num_classes
-    if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        raise UserError(f"--class-label {args.class_label}: the model has "
-                        f"{f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'}")
-    seeds = list(range(args.seed, args.seed + args.num_images))
     try:
-        images = generate_images(loaded, seeds, sampler=args.sampler, steps=args.steps, class_label=args.class_label,
-                                 guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device)
+        check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
+                        num_timesteps=loaded.schedule.num_timesteps)
+    except SettingError as exc:
+        raise flag_error(exc) from None
+    check_fits_in_memory(args.num_images, loaded.image_shape, out)
+    try:
+        images = generate_images(loaded, image_seeds(args.seed, args.num_images), class_labels=args.class_label,
+                                 sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                                 forward_rows=args.batch_size, progress=ProgressLine(args.num_images))
     except ValueError as exc:  # e.g. steps outside [1, T]
         raise UserError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """``ddpm inpaint``: fill the white part of a mask with a model (RePaint), keeping every other pixel exactly.
 
-The library function is :func:`ddpm.inpaint`; this command reads the two images, checks them against the model
-and each other, and writes the result. Image and mask must have the model's size (``--resize`` stretches both to
+The library function is :func:`ddpm.inpaint_images` (RePaint, :func:`ddpm.inpaint`); this command reads the two
+images, checks them against the model and each other, and writes the result. Image and mask must have the model's size (``--resize`` stretches both to
 it, the mask with nearest-neighbour so it stays black and white); the image is converted to the model's channels
-(grey or RGB). One seed gives one result, the same on any machine.
+(grey or RGB). One seed gives one result, the same as ``POST /inpaint`` returns for that seed and settings.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.errors import UserError
+from pipelines.errors import UserError, flag_error
 
 HELP = "fill the white part of a mask in an image with a model (RePaint inpainting/outpainting); the rest is kept"
 EXAMPLE = """example:
@@ -47,25 +47,6 @@ def read_inputs(image_path: str, mask_path: str, size: int, channels: int, resiz
         raise UserError(f"{paths[exc.field]}: {exc}") from None
 
 
-def inpaint_image(loaded, image, generate, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
-                  seed: int = 0, class_label: int | None = None, guidance_scale: float = 1.0,
-                  resample_jumps: int = 1, resample_times: int = 1, device: str = "cpu"):
-    """(H, W, C) uint8 image and (H, W) bool mask (True = generate) -> (H, W, C) uint8, with a
-    ``ddpm.checkpoint.LoadedModel``. The kept pixels come back bit for bit; ``seed`` alone decides the rest."""
-    import torch
-
-    from ddpm import from_uint8, inpaint, to_uint8
-
-    x = from_uint8(image[None]).to(device)  # (1, C, H, W) in [-1, 1]
-    mask = torch.as_tensor(generate, dtype=torch.float32, device=device)[None, None]  # (1, 1, H, W)
-    labels = torch.tensor([class_label], device=device) if class_label is not None else None
-    x_0 = inpaint(loaded.model.to(device), loaded.schedule, x, mask, sampler=sampler, steps=steps, eta=eta,
-                  prediction_type=loaded.prediction_type, class_labels=labels, guidance_scale=guidance_scale,
-                  resample_jumps=resample_jumps, resample_times=resample_times,
-                  generator=[torch.Generator().manual_seed(seed)])
-    return to_uint8(x_0)[0]  # (H, W, C)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import SAMPLERS
 
@@ -98,30 +79,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ddpm import checkpoint, encode_png
+    import torch
+
+    from ddpm import checkpoint, encode_png, from_uint8, inpaint_images
+    from ddpm.settings import SettingError, check_for_model, check_settings
 
     from pipelines.registry import resolve_model
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: must end in .png")
-    if args.resample_jumps < 1 or args.resample_times < 1:
-        raise UserError("--resample-jumps and --resample-times must be at least 1")
+    try:  # the rules of POST /inpaint, before anything is loaded
+        check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                       class_label=args.class_label, guidance_scale=args.guidance_scale,
+                       resample_jumps=args.resample_jumps, resample_times=args.resample_times)
+    except SettingError as exc:
+        raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
     loaded = checkpoint.load(resolved.path, device=args.device)
     channels, size, _ = loaded.image_shape
-    num_classes = loaded.config.num_classes
-    if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        raise UserError(f"--class-label {args.class_label}: the model has "
-                        f"{f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'}")
+    try:
+        check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
+                        num_timesteps=loaded.schedule.num_timesteps)
+    except SettingError as exc:
+        raise flag_error(exc) from None
 
     image, generate = read_inputs(args.image, args.mask, size, channels, args.resize)
 
     try:
-        filled = inpaint_image(loaded, image, generate, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                               seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
-                               resample_jumps=args.resample_jumps, resample_times=args.resample_times,
-                               device=args.device)
+        known = from_uint8(image[None])  # (1, C, H, W) in [-1, 1]
+        mask = torch.as_tensor(generate, dtype=torch.float32)[None, None]  # (1, 1, H, W), 1 = generate
+        filled = inpaint_images(loaded, [args.seed], known, mask, class_labels=args.class_label, sampler=args.sampler,
+                                steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                                resample_jumps=args.resample_jumps, resample_times=args.resample_times)[0]  # (H, W, C)
     except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps
         raise UserError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ example:
   ray dashboard ray_cluster.yaml &            # forwards http://127.0.0.1:8265 over SSH
   export MLFLOW_TRACKING_URI=http://mlflow.internal:5000
   ddpm submit -- preprocess --input s3://bucket/raw --output s3://bucket/processed
-  ddpm submit --no-wait -- train --config configs/digits.yaml    # prints the job id and returns
+  ddpm submit --no-wait -- train --config configs/digits.yaml --data s3://bucket/processed \\
+      --storage s3://bucket/runs --name digits-1 --register-as digits     # prints the job id and returns
   ddpm submit status raysubmit_XYZ
   ddpm submit logs raysubmit_XYZ
   ddpm submit stop raysubmit_XYZ
@@ -112,7 +113,31 @@ def main(args: argparse.Namespace) -> int:
         return _manage(_client(args.address), command[0], command[1])
     if not command:
         raise UserError("nothing to submit; put the ddpm command after '--', e.g. ddpm submit -- train --config ...")
+    check_command(command)
     return _submit(args, command)
+
+
+def check_command(ddpm_args: list[str]) -> None:
+    """Parse the command to submit here, with the same parser the job will use, so that an unknown command or a
+    missing flag is one line now rather than a failed job later."""
+    import contextlib
+    import io
+
+    from pipelines.cli import SUBCOMMANDS, build_parser
+
+    name = ddpm_args[0]
+    if name in ("-h", "--help"):  # ddpm's own help, as a job: nothing to check
+        return
+    if name not in SUBCOMMANDS:
+        raise UserError(f"{name!r} is not a ddpm command; choose from {', '.join(SUBCOMMANDS)}")
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            build_parser(only=name).parse_args([a for a in ddpm_args if a != "--verbose"])
+    except SystemExit as exc:
+        if exc.code:  # argparse's usage error; --help exits 0 and is the job's business
+            message = said.getvalue().strip().splitlines()[-1] if said.getvalue().strip() else "invalid arguments"
+            raise UserError(f"the command to submit is not valid: {message}") from None
 
 
 def build_entrypoint(ddpm_args: list[str]) -> str:

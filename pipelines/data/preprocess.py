@@ -49,7 +49,8 @@ import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -57,11 +58,8 @@ from PIL import Image, ImageOps
 
 from ddpm.images import to_mode  # shared with ddpm inpaint and POST /inpaint
 from pipelines import storage
-from pipelines.data.dataset import FORMAT_VERSION, MANIFEST, images_from_arrow, read_columns
+from pipelines.data.dataset import FORMAT_VERSION, MANIFEST, read_columns
 from pipelines.errors import UserError
-
-if TYPE_CHECKING:
-    import ray.data
 
 HELP = "decode, crop and resize a bucket of images into Parquet shards with a manifest (Ray Data)"
 EXAMPLE = """example:
@@ -280,6 +278,8 @@ def preprocess(
     # 1. Driver: list, and set aside what cannot be an image without reading it.
     candidates, skipped = _triage(storage.list_files(input_uri, endpoint_url), _nested_prefix(output_uri, input_uri))
     if not candidates:
+        if "://" not in input_uri and not Path(input_uri).is_dir():  # an empty s3:// prefix is not an error to name
+            raise UserError(f"{input_uri}: no such folder")
         raise UserError(f"no image files under {input_uri} ({len(skipped)} other objects)")
     objects = len(candidates) + len(skipped)
     class_names = sorted({key.split("/", 1)[0] for key in candidates if "/" in key}) if labels_from_dirs else []
@@ -348,7 +348,7 @@ def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None,
 
     init_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Few tasks: each leaves its worker idle for 0.1-0.3 s (submission, input fetch, block and file bookkeeping),
+    # Few tasks: each leaves its worker idle for a while (submission, input fetch, block and file bookkeeping),
     # which 4 tasks per CPU keep small while still evening out the last wave (benchmarks/RESULTS.md, Ingest). At
     # most 64 MiB of pixels per task bounds a worker's memory and keeps shards at a size Parquet readers stream well.
     pixels = task_kwargs["resolution"] ** 2 * task_kwargs["channels"]

@@ -214,34 +214,13 @@ def prepare_reference(images: "np.ndarray", labels: "np.ndarray", *, num_samples
 # The model side
 
 
-def generate(loaded, seeds: "np.ndarray", labels: "np.ndarray | None", settings: EvalSettings, *,
-             batch_size: int = 128, device: str = "cpu") -> "np.ndarray":
-    """(len(seeds), H, W, C) uint8 samples: image i from seed ``seeds[i]`` (and label ``labels[i]``) alone."""
-    import numpy as np
-    import torch
-
-    from ddpm import noise_from_seeds, sample, to_uint8
-
-    model = loaded.model.to(device)
-    chunks = []
-    for start in range(0, len(seeds), batch_size):
-        x_T, generators = noise_from_seeds(seeds[start:start + batch_size].tolist(), loaded.image_shape, device)
-        y = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
-        x_0 = sample(model, loaded.schedule, x_T, sampler=settings.sampler, steps=settings.steps,
-                     prediction_type=loaded.prediction_type, class_labels=y,
-                     guidance_scale=settings.guidance_scale, generator=generators)
-        chunks.append(to_uint8(x_0))  # (B, H, W, C)
-    return np.concatenate(chunks)
-
-
 def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batch_size: int = 128,
                    device: str = "cpu", log=print) -> Evaluation:
     """Sample ``reference.num_samples`` images from ``loaded`` (a ``ddpm.checkpoint.LoadedModel``) and score them.
 
     ``settings.num_samples`` must match the reference's n (the floor is only the floor at that n).
     """
-    import numpy as np
-
+    from ddpm import generate_images, image_seeds
     from ddpm.metrics import frechet_distance_features, precision_recall
 
     n = reference.num_samples
@@ -254,9 +233,11 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batc
             raise UserError(f"the data has labels up to {int(reference.labels.max())} but the model knows "
                             f"{num_classes} classes")
         labels = reference.labels
-    seeds = settings.seed + np.arange(n)
+    loaded.model.to(device)
     start = time.perf_counter()
-    images = generate(loaded, seeds, labels, settings, batch_size=batch_size, device=device)
+    # The core's one path: the same pixels as ddpm generate and POST /generate for these seeds and settings.
+    images = generate_images(loaded, image_seeds(settings.seed, n), class_labels=labels, sampler=settings.sampler,
+                             steps=settings.steps, guidance_scale=settings.guidance_scale, batch_size=batch_size)
     seconds = time.perf_counter() - start
 
     metrics: dict[str, float] = {}

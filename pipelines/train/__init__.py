@@ -1,2 +1,15 @@
-"""Training: the Ray Train driver and its worker loop, the MLflow run, checkpoints, the row stream, DDP helpers,
-and ``train-local`` (one process, core only)."""
+"""Training: ``ddpm train`` on Ray Train (DDP), tracked in MLflow, and ``ddpm train-local`` (one process, core only).
+
+Who does what in ``ddpm train``::
+
+    command      the CLI: flags, example, main -> driver.train
+    driver       fit the config to the dataset's manifest, find the run's latest checkpoint (resume), start the
+                 TorchTrainer, wait out storage outages that stop it, then finish the run
+    run          the MLflow run: open (or reopen the one the checkpoint names), register the final model, close
+    worker       the loop each of the N workers runs (gloo on CPU, NCCL on GPU); rank 0 logs and checkpoints
+    rows         exactly a step's rows from the worker's shard of the dataset, pass after pass
+    ddp          collectives: the weighted gradient all-reduce, sums over ranks, RNG states, rank 0's values
+    checkpoints  the checkpoint folder (no pickle) and TrainingState, the latest whole one in storage, upload
+    samples      sample grids from fixed seeds
+    local        ``ddpm train-local``
+"""

@@ -1,7 +1,8 @@
 """``ddpm train-local``: train on scikit-learn's digits in this process, with the core alone (no Ray, no MLflow).
 
 The smallest honest end-to-end run: real data, the real model, the real loop, a grid of samples at the end.
-Useful as a smoke test of a machine and as the reference the Ray Train loop is benchmarked against.
+Useful as a smoke test of a machine and as the reference the Ray Train loop is benchmarked against. Imports sit
+inside the functions: this is the command's module, and ``ddpm train-local --help`` must not load torch.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.errors import UserError
 
 HELP = "train a model on scikit-learn's digits in one process (core only) and write a sample grid"
 EXAMPLE = """example:
@@ -97,19 +100,12 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
 
 def sample_grid(checkpoint_path, *, per_class: int = 10, steps: int = 50, seed: int = 0):
     """A (rows, cols, C) uint8 grid from the EMA weights with DDIM: one row per class (or 10 rows if unconditional)."""
-    import torch
-
-    from ddpm import checkpoint, make_grid, noise_from_seeds, sample, to_uint8
+    from ddpm import checkpoint
+    from pipelines.train import samples
 
     loaded = checkpoint.load(checkpoint_path)
-    num_classes = loaded.config.num_classes
-    rows = num_classes or 10
-    seeds = [seed + i for i in range(rows * per_class)]
-    x_T, gens = noise_from_seeds(seeds, loaded.image_shape)
-    labels = torch.arange(rows).repeat_interleave(per_class) if num_classes else None
-    x0 = sample(loaded.model, loaded.schedule, x_T, sampler="ddim", steps=steps, generator=gens,
-                prediction_type=loaded.prediction_type, class_labels=labels)
-    return make_grid(to_uint8(x0), ncols=per_class)
+    return samples.sample_grid(loaded, rows=loaded.config.num_classes or 10, columns=per_class, steps=steps,
+                               first_seed=seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop after this many minutes of training (sets train.max_minutes)")
     parser.add_argument("--out", default=".ddpm/local/digits", help="checkpoint folder (default: %(default)s)")
-    parser.add_argument("--samples", default="quickstart-samples.png", help="where to write the sample grid")
+    parser.add_argument("--samples", default=None, metavar="FILE.png",
+                        help="where to write the sample grid (default: samples.png in the --out folder)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,12 +124,15 @@ def main(args: argparse.Namespace) -> int:
 
     from pipelines.config import load_config
 
+    if args.minutes is not None and not args.minutes > 0:  # 0 is not "no limit": leave --minutes out for that
+        raise UserError(f"--minutes must be positive, got {args.minutes:g}")
     config = load_config(args.config, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
     print(f"config: {config.to_dict()}")
     images, labels = digits_dataset(config.model.image_size)
     run = train_local(config, images, labels, out_dir=args.out, class_names=[str(i) for i in range(10)])
     print(f"trained {run.steps} steps, {run.images_seen} images in {run.seconds:.0f} s; "
           f"loss {run.first_loss:.4f} -> {run.last_loss:.4f}; checkpoint {run.checkpoint}")
-    Path(args.samples).write_bytes(encode_png(sample_grid(run.checkpoint)))
-    print(f"samples: {args.samples}")
+    samples = Path(args.samples) if args.samples else Path(run.checkpoint) / "samples.png"
+    samples.write_bytes(encode_png(sample_grid(run.checkpoint)))
+    print(f"samples: {samples}")
     return 0

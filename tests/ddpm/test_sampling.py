@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from tests.ddpm.analytic import GaussianEps
-from ddpm import NoiseSchedule, UNet, UNetConfig, noise_from_seeds, sample, score, timesteps
+from ddpm import NoiseSchedule, noise_from_seeds, sample, score, timesteps
 
 MU, S = 0.3, 0.5
 N, SHAPE = 2000, (1, 4, 4)  # 32,000 i.i.d. pixel values per run
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear()
 
 
 def _run(schedule, sampler, steps, seed=0, **kw):
@@ -109,12 +104,6 @@ def test_previous_timestep_comes_from_the_list(schedule):
 
     sample(spy, schedule, torch.zeros(1, *SHAPE), sampler="ddim", steps=7, spacing="linspace")
     assert seen == timesteps(1000, 7, "linspace")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return UNet(UNetConfig.preset("tiny", num_classes=3)).eval()
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])

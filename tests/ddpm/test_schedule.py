@@ -75,8 +75,10 @@ def test_prediction_conversions_round_trip():
     torch.testing.assert_close(s.eps_from_x0(x_t, t, x0), eps, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s.x0_from_v(x_t, t, v), x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.eps_from_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
-    for kind, pred in (("epsilon", eps), ("sample", x0), ("v_prediction", v)):
+    # Each parameterisation gives back the true x_0 (to the tolerance of its conversion above) and eps.
+    for kind, pred, tol in (("epsilon", eps, 2e-3), ("sample", x0, 0.0), ("v_prediction", v, 1e-5)):
         x0_hat, eps_hat = s.to_x0_eps(pred, x_t, t, kind)
+        torch.testing.assert_close(x0_hat, x0, atol=tol, rtol=tol, msg=lambda m: f"{kind}: {m}")
         torch.testing.assert_close(eps_hat, eps, atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="prediction_type"):
         s.to_x0_eps(eps, x_t, t, "score")

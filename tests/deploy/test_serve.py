@@ -1,4 +1,5 @@
-"""Serving: batch invariance in the engine, the configs against their schemas, and the application over real HTTP.
+"""Serve over real HTTP: /generate and /inpaint, bad input, the API key, batching, autoscaling, alias swaps, and
+``ddpm serve``. The engine without Ray is tested in test_engine.py, the configs and schemas in test_schemas.py.
 
 The HTTP tests share one Serve instance on 127.0.0.1 (module fixture) running two applications:
 
@@ -13,7 +14,6 @@ Serve is shut down at the end; the session's Ray stays up.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import concurrent.futures as cf
 import io
@@ -25,19 +25,16 @@ import numpy as np
 import pytest
 import requests
 import torch
-import yaml
 from PIL import Image
 
-from tests.support import start_local_ray, free_port, wait_http
-from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, make_grid, noise_from_seeds, sample
-from deploy.engine import fixed_size_forward
-from deploy.schemas import AppArgs, GenerateRequest, SamplerConfig
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, make_grid
+from pipelines.cli import main as cli_main
+from tests.support import free_port, start_local_ray, wait_http
 
 # Serve 2.60 warns that a look-back window under its (deprecated) 10 s metrics interval will be an error one day;
 # today the 1 s window of /reg is what lets a test see the replica count rise and fall within seconds.
 pytestmark = pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "serve-test"
 API_KEY = "test-key-3f9a"
 TIMEOUT = 60  # seconds, for any single HTTP call
@@ -52,94 +49,6 @@ def save_tiny(path: Path, seed: int, num_classes: int = 0) -> Path:
 
 def png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
-
-
-# -- the engine, without Ray ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_fixed_size_forward_makes_an_image_independent_of_its_batch(guidance_scale):
-    """At a fixed forward size, an image's float output is bit-identical alone and among 18 other images.
-
-    The plain model is not: on this machine's CPU the same image differs by about 2e-4 after four DDIM steps.
-    """
-    torch.manual_seed(0)
-    model = UNet(UNetConfig.preset("tiny", num_classes=3)).eval()
-    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-    forward = fixed_size_forward(model, 8)
-
-    def run(seeds, labels):
-        x_T, generators = noise_from_seeds(seeds, (1, 8, 8))
-        return sample(forward, schedule, x_T, sampler="ddim", steps=4, class_labels=torch.tensor(labels),
-                      guidance_scale=guidance_scale, generator=generators)
-
-    alone = run([6], [1])
-    among_others = run([1, 2, 5, 6, 7, *range(100, 114)], [0, 0, 0, 1, 2, *[1] * 14])[3:4]
-    assert torch.equal(alone, among_others)
-
-
-def test_merging_runner_merges_the_batches_that_waited_while_it_ran():
-    """A run starts as soon as the last one ends, with every batch that queued meanwhile, up to max_images."""
-    from deploy.engine import Job, Queued
-    from deploy.serve_app import MergingRunner
-
-    def batch(seed: int, num_images: int) -> list[Queued]:
-        return [Queued(Job(num_images, "ddim", 2, 0.0, seed, None, 1.0), 0.0)]
-
-    runs, release_first = [], asyncio.Event()
-
-    async def run(items: list[Queued]) -> list[int]:
-        runs.append([item.job.seed for item in items])
-        if len(runs) == 1:
-            await release_first.wait()
-        return [item.job.seed for item in items]
-
-    async def scenario():
-        runner = MergingRunner(run, max_images=8)
-        first = asyncio.create_task(runner.submit(batch(0, 1)))
-        await asyncio.sleep(0.01)  # the first run is under way
-        later = [asyncio.create_task(runner.submit(batch(seed, 3))) for seed in (1, 2, 3, 4)]
-        await asyncio.sleep(0.01)
-        later[1].cancel()  # a client went away while its batch waited
-        release_first.set()
-        return await asyncio.gather(first, later[0], later[2], later[3])
-
-    results = asyncio.run(scenario())
-    assert runs == [[0], [1, 3], [4]]  # 1 + 2 (cancelled) fill 6 of 8 images, batch 3 would make 9: it waits
-    assert results == [[0], [1], [3], [4]]
-
-
-# -- configs against their owners' schemas --------------------------------------------------------------------------
-def test_serve_config_is_a_valid_serve_deploy_config():
-    from ray.serve.schema import ServeDeploySchema
-
-    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(config)
-    (app,) = schema.applications
-    assert app.import_path == "deploy.serve_app:build_app"
-    AppArgs(**app.args)  # the builder accepts the arguments
-    assert {d.name for d in app.deployments} == {"Ingress", "Sampler"}, "overrides name real deployments"
-    for deployment in app.deployments:
-        if isinstance(deployment.user_config, dict):
-            SamplerConfig(**deployment.user_config)
-    assert schema.http_options.host == "127.0.0.1"
-
-
-@pytest.mark.parametrize("args, complaint", [
-    ({"model_uri": "m", "min_replicas": 3, "max_replicas": 2}, "min_replicas"),
-    ({"model_uri": "m", "batching": True, "micro_batch": None}, "micro_batch"),
-    ({"model_uri": "m", "max_batch_images": 8}, "max_batch_images"),
-    ({"model_uri": "m", "replicas": 2}, "replicas"),
-    ({}, "model_uri"),
-])
-def test_bad_app_args_are_rejected_by_name(args, complaint):
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError, match=complaint):
-        AppArgs(**args)
-
-
-def test_request_defaults():
-    body = GenerateRequest()
-    assert (body.num_images, body.sampler, body.steps, body.output) == (4, "ddim", None, "png")
 
 
 # -- the application over HTTP --------------------------------------------------------------------------------------
@@ -213,6 +122,56 @@ def test_png_and_json_decode_to_the_models_shape(server):
     assert {"queue", "sample", "encode", "total"} <= set(body["timings_ms"])
     for image in body["images"]:
         assert png_array(base64.b64decode(image)).shape == (8, 8)
+
+
+def test_every_path_returns_the_same_pixels(server, registry, tmp_path):
+    """One model, seed and settings through the four doors: POST /generate, ``ddpm generate``, the MLflow pyfunc
+    model and ``ddpm evaluate``'s samples give the same uint8 pixels, bit for bit (all four call
+    ``ddpm.generate_images`` with the endpoint's default micro_batch as their forward rows). The seed wraps mod 2^32
+    and guidance is on, so both the seed rule and the doubled forward batch are covered."""
+    import mlflow
+
+    from ddpm import checkpoint
+    from pipelines.evaluate.quality import EvalSettings, Reference, evaluate_model
+    from pipelines.registry import resolve_model
+
+    tracking_uri, _ = registry
+    version = requests.get(f"{server}/reg/v1/model", timeout=TIMEOUT).json()["version"]
+    seed, n, settings = 2**32 - 2, 4, {"steps": 5, "class_label": 1, "guidance_scale": 1.5, "sampler": "ddim"}
+
+    # 1. the endpoint, over HTTP
+    r = generate(f"{server}/reg/generate", num_images=n, seed=seed, output="json", **settings)
+    assert r.status_code == 200, r.text
+    via_http = np.stack([png_array(base64.b64decode(image)) for image in r.json()["images"]])[..., None]
+
+    # 2. the command line
+    out = tmp_path / "images.npz"
+    assert cli_main(["generate", "--model", f"models:/{MODEL}/{version}", "--tracking-uri", tracking_uri,
+                     "--num-images", str(n), "--seed", str(seed), "--steps", "5", "--class-label", "1",
+                     "--guidance-scale", "1.5", "--sampler", "ddim", "--out", str(out)]) == 0
+    via_cli = np.load(out)["images"]
+
+    # 3. the MLflow pyfunc model
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri), mlflow.set_registry_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+        via_pyfunc = model.predict([{"seed": seed, "num_images": n, **settings}])
+    finally:
+        mlflow.set_tracking_uri(previous[0]), mlflow.set_registry_uri(previous[1])
+
+    # 4. the evaluation's samples (a reference whose labels are all class 1; the scores themselves do not matter)
+    loaded = checkpoint.load(resolve_model(f"models:/{MODEL}/{version}", tracking_uri=tracking_uri).path)
+    features = lambda images: images.reshape(len(images), -1)[:, :3].astype(np.float64)  # noqa: E731
+    reference = Reference("fingerprint", "classifier", 1.0, np.ones(n, dtype=np.int64), {"fd_cls": features},
+                          {"fd_cls": np.random.default_rng(0).normal(size=(n, 3))}, {"fd_cls": 1.0})
+    evaluation = evaluate_model(loaded, reference, EvalSettings(num_samples=n, sampler="ddim", steps=5,
+                                                                guidance_scale=1.5, seed=seed), log=lambda _: None)
+
+    assert via_http.shape == (n, 8, 8, 1) and via_http.dtype == np.uint8
+    assert len(np.unique(via_http)) > 20  # real images (an x_0 model with random weights), not a constant
+    for name, images in [("ddpm generate", via_cli), ("pyfunc", via_pyfunc), ("evaluate", evaluation.images)]:
+        np.testing.assert_array_equal(images, via_http, err_msg=f"{name} differs from POST /generate")
 
 
 def test_random_seed_is_returned_and_reproduces(server):

@@ -163,7 +163,7 @@ def test_failing_job_is_reported_and_exits_nonzero(jobs_api, tmp_path):
     done = ddpm_submit(jobs_api, "--address", jobs_api.url, "--",
                        "preprocess", "--input", str(missing), "--output", str(tmp_path / "out"), "--resolution", "16")
     assert done.returncode == 1
-    assert f"ddpm preprocess: error: no image files under {missing}" in done.stdout   # the job's stderr
+    assert f"ddpm preprocess: error: {missing}: no such folder" in done.stdout   # the job's stderr
     job_id = _job_id(done.stderr)
     assert done.stderr.strip().splitlines()[-1] == f"ddpm submit: {job_id} FAILED (exit code 1)"
     status = ddpm_submit(jobs_api, "--address", jobs_api.url, "status", job_id)
@@ -218,6 +218,19 @@ def test_unreachable_address_is_one_line(how):
 
 # ---------------------------------------------------------------------------------------------------------------
 # What goes into the job, checked without a cluster
+
+
+@pytest.mark.parametrize("command, message", [
+    (["frobnicate"], "'frobnicate' is not a ddpm command"),
+    (["train", "--config", "configs/digits.yaml"], "the following arguments are required: --data, --storage, --name"),
+    (["generate", "--model", "m", "--out", "x.png", "--steps", "many"], "argument --steps: invalid int value"),
+])
+def test_a_command_that_cannot_run_is_refused_before_anything_is_sent(command, message):
+    """No cluster is reachable at this address: a refusal that names the command's own error proves the check ran
+    before any connection was tried."""
+    done = ddpm_submit(None, "--address", f"http://127.0.0.1:{free_port()}", "--", *command)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
 def test_entrypoint_quotes_every_argument():

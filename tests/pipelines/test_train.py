@@ -180,7 +180,7 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
     from ddpm import EMA, NoiseSchedule, UNet, UNetConfig
     from ddpm.training import train_step
     from pipelines.config import TrainConfig
-    from pipelines.train.driver import read_checkpoint, write_checkpoint
+    from pipelines.train.checkpoints import TrainingState, read_checkpoint, write_checkpoint
 
     torch.manual_seed(0)
     net = UNet(UNetConfig.preset("tiny"))
@@ -191,13 +191,13 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
     for _ in range(2):
         train_step(net, optimizer, schedule, torch.randn(4, 1, 8, 8), lr=1e-3)
         ema.update(net)
-    state = {"step": 2, "images_seen": 8, "restarts": 0, "ema_updates": 2, "mlflow_run_id": "abc", "world_size": 1}
+    state = TrainingState(step=2, images_seen=8, restarts=0, ema_updates=2, mlflow_run_id="abc", world_size=1)
     rng = {"rng.cpu.0": torch.get_rng_state()}
     write_checkpoint(tmp_path, net=net, schedule=schedule, ema=ema, optimizer=optimizer, state=state,
                      rng_states=rng, prediction_type="epsilon", class_names=[])
 
     saved, optimizer_state, raw, ema_state, rng_back = read_checkpoint(tmp_path)
-    assert {k: saved[k] for k in state} == state
+    assert saved == state
     fresh = TrainConfig(optimizer="adamw").build_optimizer(net.parameters())  # beta2 0.999, as a resumed run builds it
     fresh.load_state_dict(optimizer_state)
     assert tuple(fresh.param_groups[0]["betas"]) == (0.9, 0.99), "the checkpoint's beta2 wins on resume"
@@ -215,10 +215,10 @@ def test_row_stream_cuts_steps_from_passes_and_gives_every_row_once_per_pass(ray
     and a step that straddles two passes takes the tail of one and the head of the next."""
     import numpy as np
 
-    from pipelines.train.driver import _RowStream
+    from pipelines.train.rows import RowStream
 
     rows = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(50)]
-    stream = _RowStream(ray_local.data.from_items(rows), rows_per_step=7, row_bytes=4, seed=[0, 0, 0])
+    stream = RowStream(ray_local.data.from_items(rows), rows_per_step=7, row_bytes=4, seed=[0, 0, 0])
     taken = [stream.take(7) for _ in range(22)]  # 154 rows: three whole passes and 4 rows of a fourth
     images, labels = np.concatenate([i for i, _ in taken]), np.concatenate([y for _, y in taken])
     assert images.shape == (154, 2, 2, 1) and (images[:, 0, 0, 0] == labels).all()

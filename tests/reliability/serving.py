@@ -18,7 +18,7 @@ from tests.support import start_local_ray, free_port
 
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
-from .conftest import wait_for  # one polling helper for the whole suite
+from .support import wait_for  # one polling helper for the whole suite
 
 
 def save_tiny(path: Path, seed: int) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import secrets
 import shutil
 import time
@@ -35,6 +34,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import planted_pickle
+
 from .serving import replica_pids, save_tiny, start_serve
 
 APP = "abuse"
@@ -45,16 +46,8 @@ TIMEOUT = 60  # seconds, any single HTTP call
 RSS_GROWTH_BOUND = 256 * 2**20
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))  # bounded and reproducible: the same 40 cases every run
-
-
-class Planted:
-    """A pickle whose loading runs ``touch <marker>``: if anything ever unpickles it, the marker exists."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+# Where a pickle-based loader would look: torch.save's names, a pickled model, the training state, MLflow's pyfunc.
+PLANTED = ("model.pt", "model.pkl", "training_state.pt", "python_model.pkl")
 
 
 def rss(pids: list[int]) -> list[int]:
@@ -80,8 +73,8 @@ def endpoint(mlflow_server, tmp_path_factory):
               "aws_secret": os.environ["AWS_SECRET_ACCESS_KEY"]}  # the fake AWS credentials of the whole session
     marker = root / "UNPICKLED"
     ckpt = save_tiny(root / "ckpt", seed=5)
-    for name in ("model.pt", "model.pkl", "python_model.pkl"):  # where a pickle-based loader would look
-        (ckpt / name).write_bytes(pickle.dumps(Planted(marker)))
+    for name in PLANTED:
+        (ckpt / name).write_bytes(planted_pickle(marker))  # unpickling it writes the marker file
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_TOKEN", secret["mlflow_token"])  # this process talks to MLflow with it too
@@ -274,7 +267,7 @@ def test_credentials_from_the_environment_never_reach_logs_params_or_artifacts(e
 
     from pipelines import tracking
     from pipelines.config import load_config
-    from pipelines.train.driver import _open_run
+    from pipelines.train.run import open_run
 
     base, secret, mlflow_server = endpoint["base"], endpoint["secret"], endpoint["mlflow"]
     # Traffic that logs: a wrong key, a good key, a rejected body, alias polls (every 2 s).
@@ -282,10 +275,10 @@ def test_credentials_from_the_environment_never_reach_logs_params_or_artifacts(e
     requests.post(f"{base}/generate", json={"steps": 2, "seed": 1}, headers=endpoint["auth"], timeout=TIMEOUT)
     requests.post(f"{base}/generate", json={"steps": 0}, headers=endpoint["auth"], timeout=TIMEOUT)
     # A training run's params and tags, opened with the token in the environment (the run the pipeline would log).
-    config = load_config(Path(__file__).resolve().parents[3] / "configs" / "digits.yaml")
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_TOKEN", secret["mlflow_token"])
-        run_id = _open_run(mlflow_server.uri, MODEL, "secrets-run", config, {"fingerprint": "f" * 16},
+        run_id = open_run(mlflow_server.uri, MODEL, "secrets-run", config, {"fingerprint": "f" * 16},
                            "s3://bucket/processed", None)
     run = MlflowClient(mlflow_server.uri).get_run(run_id)
     assert run.data.params, "the run logged no params to scan"
@@ -310,13 +303,14 @@ def test_credentials_from_the_environment_never_reach_logs_params_or_artifacts(e
 
 
 def test_a_pickle_planted_in_the_model_artifacts_is_never_unpickled(endpoint):
-    """The registered checkpoint carried model.pt, model.pkl and python_model.pkl; the replica downloaded them with
-    the rest of the artifacts, served the model from safetensors + JSON, and never ran the pickles."""
+    """The registered checkpoint carried the pickles in PLANTED; the replica downloaded them with the rest of the
+    artifacts, served the model from safetensors + JSON, and never ran the pickles (any of them would have written
+    the marker file, from whichever process on this machine unpickled it)."""
     from pipelines import registry
 
     info = requests.get(f"{endpoint['base']}/v1/model", headers=endpoint["auth"], timeout=TIMEOUT).json()
     assert (info["name"], info["version"]) == (MODEL, endpoint["version"])
     cached = registry.resolve_model(f"models:/{MODEL}/{endpoint['version']}",
                                     tracking_uri=endpoint["mlflow"].uri).path
-    assert {"model.pt", "model.pkl", "python_model.pkl"} <= {p.name for p in cached.iterdir()}, "nothing was planted"
+    assert set(PLANTED) <= {p.name for p in cached.iterdir()}, "nothing was planted"
     assert not endpoint["marker"].exists(), "a planted pickle was unpickled"

@@ -17,7 +17,7 @@ import pytest
 from pipelines import cli, storage, tracking
 from pipelines.data.digits import write_digits
 
-from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
+from .support import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_s3_outage_during_checkpoint_upload(digits_8px, ray_local, s3, bucket, s
     from tests.support import S3_PORT
 
     from ddpm import checkpoint
-    from pipelines.train.driver import complete_checkpoint, latest_checkpoint
+    from pipelines.train.checkpoints import complete_checkpoint, latest_checkpoint
 
     direct = f"http://127.0.0.1:{S3_PORT}"  # the store itself, for the test's own looks: never down
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint.url)  # what the training driver and its workers use
@@ -119,7 +119,7 @@ def test_s3_outage_during_checkpoint_upload(digits_8px, ray_local, s3, bucket, s
             wait_for(hit, timeout=26, what="the run meeting the outage", interval=0.2)
             time.sleep(2)  # an upload that fails retries after 1 s, then 2 s: it has failed at least twice
             events["blocked_upload"] = upload_blocked()
-            events["stored_before_restart"] = latest_checkpoint(runs, name, direct).state["images_seen"]
+            events["stored_before_restart"] = latest_checkpoint(runs, name, direct).state.images_seen
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
             events["error"] = exc
         finally:
@@ -147,7 +147,7 @@ def test_s3_outage_during_checkpoint_upload(digits_8px, ray_local, s3, bucket, s
     for folder in folders:  # each one whole, none cut short by the outage
         assert complete_checkpoint(storage.join(runs, name, folder), direct) is not None, folder
     final = latest_checkpoint(runs, name, direct)
-    assert final.state["images_seen"] == total
+    assert final.state.images_seen == total
     local = Path(tempfile.mkdtemp()) / "model"
     local.mkdir()
     for entry in storage.list_files(storage.join(final.uri, "model"), direct):
@@ -164,7 +164,7 @@ def test_tracking_outage_during_training(digits_8px, ray_local, mlflow_server, t
     ``total_images``); the metrics logged during the outage are buffered and delivered after the server returns,
     so every log step is in the run's history; the run is FINISHED and nothing is reported as unlogged. Lost: nothing.
     """
-    from pipelines.train.driver import latest_checkpoint
+    from pipelines.train.checkpoints import latest_checkpoint
 
     runs, name, total, every = str(tmp_path / "runs"), "tracking-outage", 801, 400
     client = tracking.client(mlflow_server.uri)
@@ -177,7 +177,7 @@ def test_tracking_outage_during_training(digits_8px, ray_local, mlflow_server, t
             mlflow_server.stop()
             events["stopped"] = time.time()
             first = wait_for(lambda: latest_checkpoint(runs, name), timeout=120, what="a checkpoint during the outage")
-            events["checkpoint_during_outage"] = first.state["images_seen"]
+            events["checkpoint_during_outage"] = first.state.images_seen
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
             events["error"] = exc
         finally:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import tracking
-from pipelines.train.driver import latest_checkpoint
+from pipelines.train.checkpoints import latest_checkpoint
 
-from .conftest import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
+from .support import log_steps, run_cli_beside, run_named, train_args, train_worker_pids, wait_for
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_worker_killed_after_first_checkpoint(digits_8px, ray_local, mlflow_serv
         try:
             first = wait_for(lambda: latest_checkpoint(storage, name), timeout=180, what="the first checkpoint")
             pids = wait_for(train_worker_pids, timeout=10, what="the train workers' pids")
-            killed.update(pid=max(pids), workers=len(pids), checkpoint=first.state["images_seen"], at=time.time())
+            killed.update(pid=max(pids), workers=len(pids), checkpoint=first.state.images_seen, at=time.time())
             os.kill(killed["pid"], signal.SIGKILL)
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
             killed["error"] = exc
@@ -61,7 +61,7 @@ def test_worker_killed_after_first_checkpoint(digits_8px, ray_local, mlflow_serv
     assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {m.step for m in history}
 
     final = latest_checkpoint(storage, name)
-    assert final.state["images_seen"] == total and final.state["restarts"] == 1
+    assert final.state.images_seen == total and final.state.restarts == 1
     loaded = checkpoint.load(Path(final.uri) / "model")
     assert loaded.metadata["images_seen"] == total
     print(f"\nworker killed: pid {killed['pid']} after the checkpoint at {killed['checkpoint']} images; training "
@@ -117,9 +117,9 @@ def test_node_lost(digits_8px, head_and_worker_node, mlflow_server, tmp_path, ca
         try:
             first = wait_for(lambda: latest_checkpoint(storage, name), timeout=300, what="the first checkpoint")
             cluster.remove_node(worker_node, allow_graceful=False)
-            events.update(first=first.state["images_seen"], removed=time.time())
+            events.update(first=first.state.images_seen, removed=time.time())
             at = wait_for(resumed_at, timeout=300, what="the restart on the remaining node", interval=0.2)
-            wait_for(lambda: latest_checkpoint(storage, name).state["images_seen"] > at, timeout=300,
+            wait_for(lambda: latest_checkpoint(storage, name).state.images_seen > at, timeout=300,
                      what="a checkpoint written on the remaining node")
             pids = wait_for(train_worker_pids, timeout=10, what="the train workers' pids")
             os.kill(max(pids), signal.SIGKILL)
@@ -141,15 +141,15 @@ def test_node_lost(digits_8px, head_and_worker_node, mlflow_server, tmp_path, ca
     # Ray's own log lines share stderr (one may even land between print's text and its newline): find ours
     [error] = [line for line in capfd.readouterr().err.splitlines() if line.startswith("ddpm train: error:")]
     saved = latest_checkpoint(storage, name)
-    assert code == 1 and resumed.value < saved.state["images_seen"] < total
+    assert code == 1 and resumed.value < saved.state.images_seen < total
     assert re.match(r"ddpm train: error: training failed \(train.max_failures=1\): rank \d: worker lost: .*; "
                         rf"run the same command to resume from {re.escape(saved.uri)} "
-                        rf"\({saved.state['images_seen']} images\)", error), error
-    assert checkpoint.load(Path(saved.uri) / "model").metadata["images_seen"] == saved.state["images_seen"]
+                        rf"\({saved.state.images_seen} images\)", error), error
+    assert checkpoint.load(Path(saved.uri) / "model").metadata["images_seen"] == saved.state.images_seen
     print(f"\n{error}")
     print(f"node lost after the checkpoint at {events['first']} images: training resumed on the remaining node at "
           f"{resumed.value:.0f} images {resumed.timestamp / 1000 - events['removed']:.1f} s later; a further failure "
-          f"stopped the run {failed_in:.1f} s after it, naming the checkpoint at {saved.state['images_seen']} images")
+          f"stopped the run {failed_in:.1f} s after it, naming the checkpoint at {saved.state.images_seen} images")
 
 
 def _tiny_training_checkpoint(folder: Path, images_seen: int) -> None:
@@ -157,7 +157,7 @@ def _tiny_training_checkpoint(folder: Path, images_seen: int) -> None:
     import torch
 
     from ddpm import EMA, NoiseSchedule, UNet, UNetConfig
-    from pipelines.train.driver import write_checkpoint
+    from pipelines.train.checkpoints import TrainingState, write_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a busy two-core machine stall at every barrier (seconds, not ms)
@@ -169,8 +169,8 @@ def _tiny_training_checkpoint(folder: Path, images_seen: int) -> None:
         optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    state = {"step": images_seen // 16, "images_seen": images_seen, "restarts": 0, "ema_updates": 1,
-             "mlflow_run_id": "r", "world_size": 1, "config": {}, "metrics": {}}
+    state = TrainingState(step=images_seen // 16, images_seen=images_seen, restarts=0, ema_updates=1,
+                          mlflow_run_id="r", world_size=1, config={}, metrics={})
     folder.mkdir(parents=True)
     write_checkpoint(folder, net=net, schedule=NoiseSchedule.linear(100), ema=EMA(net, decay=0.9),
                      optimizer=optimizer, state=state, rng_states={"rng.cpu.0": torch.get_rng_state()},
@@ -239,5 +239,5 @@ def test_interrupted_checkpoint_is_never_the_latest(where, tmp_path, bucket):
             if path.is_file():
                 storage.write_bytes(storage.join(root, str(path.relative_to(local.parent))), path.read_bytes())
     latest = latest_checkpoint(root, "cut")
-    assert latest.uri == storage.join(root, "cut", f"checkpoint_{400:012d}") and latest.state["images_seen"] == 400
+    assert latest.uri == storage.join(root, "cut", f"checkpoint_{400:012d}") and latest.state.images_seen == 400
     assert checkpoint.load(local / f"checkpoint_{400:012d}" / "model").metadata["images_seen"] == 400

@@ -1,0 +1,176 @@
+"""One path from seeds to images: per-image noise, the sampler (or RePaint), uint8 pixels.
+
+Every way of getting images out of a model calls :func:`generate_images` (or :func:`inpaint_images` for edits):
+``ddpm generate``, the MLflow pyfunc model, ``ddpm evaluate``'s samples, the training run's sample grids,
+``ddpm inpaint`` and the Serve endpoint (``deploy.engine``). So a seed gives the same pixels on every path.
+
+Two rules make an image depend only on its seed and settings, never on which images shared its batch:
+
+- **Noise.** Image i draws its x_T and every step's noise from its own CPU generator, seeded with its own seed
+  (:func:`ddpm.sampling.noise_from_seeds`). A request for ``num_images`` from ``seed`` names its images by
+  :func:`image_seeds`: ``(seed + i) mod 2^32`` (what the HTTP API documents).
+- **Kernels.** CPU (oneDNN, MKL) and GPU libraries pick different algorithms for different batch sizes, so the same
+  row computed in a batch of 1 and in a batch of 5 can differ in its last bits, and once in a while in a pixel.
+  :func:`fixed_size_forward` runs the network on exactly ``forward_rows`` rows at a time, padding the last chunk;
+  at one fixed shape a row's result does not depend on the other rows. ``forward_rows`` is therefore a setting
+  like the sampler: two paths give the same bytes at the same ``forward_rows`` (the endpoint's ``micro_batch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel
+from .images import to_uint8
+from .inpainting import inpaint
+from .sampling import Model, noise_from_seeds, sample
+
+SEED_MODULUS = 2**32
+# Rows per network call unless a caller says otherwise: the endpoint's default micro_batch, so that by default every
+# path returns the same bytes (module docstring). Bulk jobs on a GPU pass more (benchmarks/RESULTS.md, 'Forward rows').
+FORWARD_ROWS = 16
+
+Progress = Callable[[int], None]  # called with the number of images finished so far
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of ``count`` images asked for from ``seed``: image i's is ``(seed + i) mod 2^32``."""
+    return [(seed + i) % SEED_MODULUS for i in range(count)]
+
+
+def fixed_size_forward(model: Model, size: int) -> Model:
+    """``model`` as a callable that always runs exactly ``size`` rows at a time, padding the last chunk.
+
+    This is what makes batching invisible in the output (see the module docstring): with the shape fixed, each row
+    goes through the same kernels whatever the other rows are, so it comes out bit-identical.
+    """
+    if size < 1:
+        raise ValueError(f"forward rows must be at least 1, got {size}")
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = []
+        for start in range(0, x.shape[0], size):
+            n = min(size, x.shape[0] - start)
+            # Fresh, padded buffers every time: same shape, same strides, same alignment for every chunk.
+            xs = x.new_zeros((size, *x.shape[1:]))  # (size, C, H, W)
+            xs[:n] = x[start:start + n]
+            ts = t.new_full((size,), int(t[start]))  # samplers run one timestep for the whole batch
+            ts[:n] = t[start:start + n]
+            if y is None:
+                out = model(xs, ts)
+            else:
+                ys = y.new_full((size,), -1)  # padding rows take the null class
+                ys[:n] = y[start:start + n]
+                out = model(xs, ts, ys)
+            outputs.append(out[:n])
+        return torch.cat(outputs)
+
+    return forward
+
+
+def _device_of(loaded: LoadedModel) -> torch.device:
+    return next(loaded.model.parameters()).device
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (what the endpoint serves with); full fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _labels(class_labels: int | Sequence[int] | None, count: int) -> torch.Tensor | None:
+    """None (unconditional), one class for every image, or one per image -> (count,) int64 on the CPU."""
+    if class_labels is None:
+        return None
+    if isinstance(class_labels, (int, np.integer)):
+        return torch.full((count,), int(class_labels), dtype=torch.long)
+    labels = torch.as_tensor(np.asarray(class_labels), dtype=torch.long).reshape(-1)
+    if labels.shape[0] != count:
+        raise ValueError(f"got {labels.shape[0]} class labels for {count} seeds")
+    return labels
+
+
+def generate_images(
+    loaded: LoadedModel,
+    seeds: Sequence[int],
+    *,
+    class_labels: int | Sequence[int] | None = None,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    forward_rows: int | None = FORWARD_ROWS,
+    forward: Model | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Images (len(seeds), H, W, C) uint8 from ``loaded`` (its network on its own device), image i from ``seeds[i]``.
+
+    class_labels: None, one class for all, or one per seed. sampler, steps, eta, guidance_scale: as for
+    :func:`ddpm.sampling.sample`. forward_rows: rows per network call (:func:`fixed_size_forward`); None runs each
+    batch at its own size (faster for one odd-sized request, but then an image can depend on its batch).
+    forward: a ready-made replacement for the network call (x, t, y) -> output, e.g. a captured CUDA graph; it
+    must keep the fixed-shape property itself. batch_size: images per sampler call; it bounds memory only and
+    never changes a pixel. progress(n): called after each batch with the images done so far.
+    """
+    device = _device_of(loaded)
+    if forward is None:
+        forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
+    labels = _labels(class_labels, len(seeds))
+    chunks = []
+    for start in range(0, len(seeds), batch_size):
+        part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
+        x_T, generators = noise_from_seeds(part, loaded.image_shape, device)  # (B, C, H, W)
+        y = None if labels is None else labels[start:start + len(part)].to(device)
+        with torch.inference_mode(), _autocast(device):
+            x_0 = sample(forward, loaded.schedule, x_T, sampler=sampler, steps=steps, eta=eta,
+                         prediction_type=loaded.prediction_type, class_labels=y, guidance_scale=guidance_scale,
+                         generator=generators)
+        chunks.append(to_uint8(x_0))  # (B, H, W, C)
+        if progress is not None:
+            progress(start + len(part))
+    if not chunks:
+        c, h, w = loaded.image_shape
+        return np.zeros((0, h, w, c), dtype=np.uint8)
+    return np.concatenate(chunks)
+
+
+def inpaint_images(
+    loaded: LoadedModel,
+    seeds: Sequence[int],
+    known: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    class_labels: int | Sequence[int] | None = None,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    guidance_scale: float = 1.0,
+    resample_jumps: int = 1,
+    resample_times: int = 1,
+    forward_rows: int | None = FORWARD_ROWS,
+    forward: Model | None = None,
+) -> np.ndarray:
+    """RePaint (:func:`ddpm.inpainting.inpaint`) with the same seed and kernel rules as :func:`generate_images`.
+
+    known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
+    Image i draws all its noise from ``seeds[i]``. Returns (N, H, W, C) uint8 whose kept pixels equal ``known``'s.
+    """
+    device = _device_of(loaded)
+    if forward is None:
+        forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
+    if known.shape[0] != len(seeds):
+        raise ValueError(f"got {known.shape[0]} images for {len(seeds)} seeds")
+    generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
+    labels = _labels(class_labels, len(seeds))
+    with torch.inference_mode(), _autocast(device):
+        x_0 = inpaint(forward, loaded.schedule, known.to(device), masks.to(device), sampler=sampler, steps=steps,
+                      eta=eta, prediction_type=loaded.prediction_type,
+                      class_labels=None if labels is None else labels.to(device), guidance_scale=guidance_scale,
+                      resample_jumps=resample_jumps, resample_times=resample_times, generator=generators)
+    return to_uint8(x_0)  # (N, H, W, C)

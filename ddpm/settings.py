@@ -1,0 +1,85 @@
+"""The rules for a request for images, in one place: the CLI (``ddpm generate``, ``ddpm inpaint``), the MLflow
+pyfunc model and the HTTP endpoint all call these two functions, so they accept and refuse the same settings.
+
+:func:`check_settings` holds what is wrong whatever the model; :func:`check_for_model` what a particular model
+refuses (a class it does not have, more steps than its timesteps). A refusal is a :class:`SettingError` that
+names the field as the HTTP API spells it (``guidance_scale``); the CLI turns that into its flag
+(``--guidance-scale``), the endpoint into a 422 with ``loc: ["body", field]``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+from .sampling import DEFAULT_STEPS, SAMPLERS
+
+MAX_STEPS = 1000  # the longest chain a request may ask for (the schedules here have T = 1000)
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) mod 2^32
+MAX_RESAMPLE_TIMES = 100  # RePaint's r; the cost is about r times the steps
+
+
+class SettingError(ValueError):
+    """A refused setting: ``field`` as the HTTP API names it, ``reason`` without the field's name."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def _int(field: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise SettingError(field, f"must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise SettingError(field, f"must be in [{low}, {high}], got {value}" if high is not None
+                           else f"must be at least {low}, got {value}")
+
+
+def _float(field: str, value, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise SettingError(field, f"must be a finite number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise SettingError(field, f"must be in [{low:g}, {high:g}], got {value:g}" if high is not None
+                           else f"must be at least {low:g}, got {value:g}")
+
+
+def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, seed: int | None = 0,
+                   class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
+                   resample_times: int | None = None) -> None:
+    """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
+    error); ``seed`` None means "draw one"; the resample settings are checked when given (inpainting)."""
+    if sampler not in SAMPLERS:
+        raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if steps is not None:
+        _int("steps", steps, 1, MAX_STEPS)
+    _float("eta", eta, 0.0, 1.0)
+    if seed is not None:
+        _int("seed", seed, 0, MAX_SEED)
+    if class_label is not None:
+        _int("class_label", class_label, 0)
+    _float("guidance_scale", guidance_scale, 0.0)
+    if class_label is None and guidance_scale != 1.0:
+        raise SettingError("guidance_scale", "applies only with a class label (classifier-free guidance mixes the "
+                                             "conditional and unconditional predictions)")
+    if resample_jumps is not None:
+        _int("resample_jumps", resample_jumps, 1, MAX_STEPS)
+    if resample_times is not None:
+        _int("resample_times", resample_times, 1, MAX_RESAMPLE_TIMES)
+    if resample_jumps is not None and resample_times is not None and resample_times > 1:
+        n = steps if steps is not None else DEFAULT_STEPS[sampler]
+        if not resample_jumps < n:  # a jump goes back j listed steps: there must be j steps below the first one
+            raise SettingError("resample_jumps", f"must be in [1, steps - 1] = [1, {n - 1}] to resample (or use "
+                                                 f"resample_times 1); got {resample_jumps}")
+
+
+def check_for_model(*, steps: int | None, class_label: int | None, num_classes: int, num_timesteps: int) -> None:
+    """Refuse what this model cannot do: more steps than its T, a class it does not have, any class when it is
+    unconditional."""
+    if steps is not None and steps > num_timesteps:
+        raise SettingError("steps", f"must be at most {num_timesteps}, this model's number of timesteps; got {steps}")
+    if class_label is None:
+        return
+    if num_classes == 0:
+        raise SettingError("class_label", "this model is unconditional: leave the class label out")
+    if not 0 <= class_label < num_classes:
+        raise SettingError("class_label", f"unknown class {class_label}; this model has classes 0..{num_classes - 1}")

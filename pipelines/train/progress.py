@@ -1,0 +1,123 @@
+"""Training progress a person can follow: one line per progress window, from rank 0, printed by the driver.
+
+::
+
+    [train]  38,400/150,000 images (26%)  472 img/s  loss 0.0412  lr 9.1e-04  1:21 elapsed, 3:39 left (time budget)
+
+Ray Train workers are separate processes (on a cluster, separate machines), and their own output goes to the Ray
+session's log files, not to the terminal (``pipelines.ray_utils.init_ray``). So rank 0 sends each line to a small
+actor the driver created (:func:`printing`), and a thread in the driver prints it: on a terminal, in a log file or in
+a Ray job's log alike, without Ray's ``(RayTrainWorker pid=...)`` prefixes. Rank 0 also prints the line itself, so
+it is in the worker's log file too.
+
+A line is sent at most every ``DDPM_PROGRESS_EVERY_S`` seconds (30 by default; the first one right after the first
+logging window, the last one at the end): MLflow still gets every ``train.log_every_steps`` window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+import ray
+
+EVERY_ENV = "DDPM_PROGRESS_EVERY_S"
+DEFAULT_EVERY_S = 30.0
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``1:15``, ``3725`` -> ``1:02:05``."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def time_left(seen: int, total: int, rate: float, elapsed_s: float, budget_s: float | None) -> tuple[float, str]:
+    """Seconds left and what bounds them: the image count at the current rate, or the time budget if sooner."""
+    by_images = (total - seen) / rate if rate > 0 else float("inf")
+    if budget_s is not None and budget_s - elapsed_s <= by_images:
+        return max(budget_s - elapsed_s, 0.0), "time budget"
+    return by_images, "image count"
+
+
+def format_line(*, seen: int, total: int, rate: float, loss: float, lr: float, elapsed_s: float,
+                budget_s: float | None) -> str:
+    """One progress line (see the module docstring)."""
+    left, bound = time_left(seen, total, rate, elapsed_s, budget_s)
+    left_text = clock(left) if left != float("inf") else "?"
+    width = len(f"{total:,}")
+    return (f"[train] {seen:>{width},}/{total:,} images ({100 * seen / total:3.0f}%)  {rate:,.0f} img/s  "
+            f"loss {loss:.4f}  lr {lr:.1e}  {clock(elapsed_s)} elapsed, {left_text} left ({bound})")
+
+
+class Reporter:
+    """Rank 0's side: formats a line per progress window and sends it to the driver's :class:`_Lines` actor."""
+
+    def __init__(self, sink, *, total: int, budget_s: float | None, every_s: float | None = None):
+        self.sink, self.total, self.budget_s = sink, total, budget_s
+        self.every_s = float(os.environ.get(EVERY_ENV, DEFAULT_EVERY_S)) if every_s is None else every_s
+        self.last: float | None = None
+
+    def due(self, finished: bool) -> bool:
+        return finished or self.last is None or time.monotonic() - self.last >= self.every_s
+
+    def report(self, **values) -> str:
+        line = format_line(total=self.total, budget_s=self.budget_s, **values)
+        self.last = time.monotonic()
+        print(line, flush=True)  # the worker's own log file
+        if self.sink is not None:
+            try:
+                self.sink.put.remote(line)  # fire and forget: a lost line must never stop training
+            except Exception:  # the driver (and its actor) went away: training goes on
+                self.sink = None
+        return line
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _Lines:
+    """The lines rank 0 sent, until the driver takes them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+@contextlib.contextmanager
+def printing(out=None, poll_s: float = 1.0):
+    """An actor handle for :class:`Reporter`; a driver thread prints what arrives there until the block ends."""
+    out = out or sys.stdout
+    sink = _Lines.remote()
+    stop = threading.Event()
+
+    def drain() -> None:
+        for line in ray.get(sink.take.remote(), timeout=30):
+            print(line, file=out, flush=True)
+
+    def loop() -> None:
+        while not stop.wait(poll_s):
+            try:
+                drain()
+            except Exception:  # a slow or lost actor: progress is a convenience, never a failure
+                pass
+
+    thread = threading.Thread(target=loop, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            drain()
+        with contextlib.suppress(Exception):
+            ray.kill(sink)

@@ -1,0 +1,247 @@
+"""The loop every Ray Train worker runs: build or restore the model, stream this worker's rows, train exactly the
+run's images in DDP, and on rank 0 log to MLflow, draw sample grids and write the checkpoints. Its input is one
+:class:`WorkerJob`, from the driver."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ddpm import EMA, UNet, encode_png, from_uint8
+from ddpm.checkpoint import LoadedModel
+from ddpm.training import drop_labels, lr_at, random_flip, train_step
+from pipelines.config import Config, TrainConfig
+from pipelines.tracking import RunLogger
+from pipelines.train import ddp
+from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_checkpoint, resume_from
+from pipelines.train.progress import Reporter
+from pipelines.train.rows import RowStream
+from pipelines.train.samples import sample_grid
+
+# Test hook, for the test suite only: the last rank raises right after the first checkpoint at or past N images, in
+# an attempt that started below N, so the failure happens once and the retry finishes the run.
+FAIL_AFTER_ENV = "DDPM_TEST_FAIL_AFTER_IMAGES"
+SAMPLE_STEPS = 25  # DDIM steps for the sample grids: enough to judge progress, cheap next to training
+SAMPLE_COLUMNS = 8
+SAMPLE_CLASS_ROWS = 10  # a class-conditional grid shows the first 10 classes, one row each
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver hands every worker (inside Ray Train's ``train_loop_config``, which is pickled)."""
+
+    config: Config  # fitted to the dataset
+    class_names: tuple[str, ...]  # the dataset's, empty if it has no labels
+    fingerprint: str  # the dataset's
+    run_id: str  # the MLflow run rank 0 logs to
+    tracking_uri: str
+    storage: str  # checkpoints go to STORAGE/NAME/
+    name: str
+    endpoint_url: str | None  # the driver's S3 endpoint, so every worker reads and writes the same store
+    fail_after_images: int | None = None  # the FAIL_AFTER_ENV test hook
+    progress: object | None = None  # the driver's progress actor (pipelines.train.progress.printing); None: no lines
+
+    def loop_config(self) -> dict:
+        """Ray Train's ``train_loop_config``: it must be a dict (Ray's run-state export validates one)."""
+        return {"job": self}
+
+
+class TrainingClock:
+    """Seconds of training (this attempt's plus those of the attempts before it) against ``train.max_minutes``.
+
+    Every rank takes rank 0's reading, so all of them set the same learning rate and stop after the same step.
+    """
+
+    def __init__(self, carried_s: float, train_config: TrainConfig, world: int, device):
+        self.carried_s, self.start = carried_s, time.monotonic()
+        self.train_config, self.world, self.device = train_config, world, device
+
+    def seconds(self) -> float:
+        return self.carried_s + time.monotonic() - self.start
+
+    def spent(self) -> float:
+        """The fraction of the time budget used so far, rank 0's on every rank; 0 without a budget."""
+        if self.train_config.max_minutes is None:
+            return 0.0  # nothing to agree on
+        return ddp.from_rank0(self.train_config.time_spent(self.seconds()), self.world, self.device)
+
+
+class Throughput:
+    """Images per second over training steps only (sampling and checkpointing restart the clock)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.images, self.start = 0, time.perf_counter()
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def crossed(seen: int, n: int, every: int) -> bool:
+    """Whether the last ``n`` images took the count past a multiple of ``every``."""
+    return seen // every > (seen - n) // every
+
+
+def train_worker(loop_config: dict) -> None:
+    """The loop every Ray Train worker runs (``loop_config``: :meth:`WorkerJob.loop_config`).
+
+    Every step takes min(batch_size, images left) images, split across the workers: rank r trains on its contiguous
+    part of the global batch, and DDP's gradient is weighted by each rank's share (:func:`ddp.weighted_allreduce`),
+    so the run sees exactly ``train.total_images`` images (or stops when ``train.max_minutes`` run out).
+    """
+    job: WorkerJob = loop_config["job"]
+    config = job.config
+    tc = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # Model, optimizer and EMA: fresh, or as the last checkpoint left them.
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = UNet(config.model)
+    schedule = config.schedule.build()
+    state = TrainingState()
+    restored = resume_from(ray.train.get_checkpoint(), storage=job.storage, name=job.name,
+                           endpoint_url=job.endpoint_url, rank=rank, world=world)
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state, optimizer_state, raw, ema_state, rng = read_checkpoint(Path(folder))
+        net.load_state_dict(raw)
+        state = replace(state, restarts=state.restarts + 1)
+    step_options = tc.step_options(device)
+    net.to(device)
+    if world > 1:  # DDP's gradient buckets then take every gradient in place (ddp.match_grad_layout)
+        ddp.match_grad_layout(net, lambda: _probe_step(net, config, device, step_options["autocast_dtype"]))
+    model = ray.train.torch.prepare_model(net)  # on the device; wrapped in DDP when world > 1
+    optimizer = tc.build_optimizer(net.parameters())
+    ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
+    if restored is not None:
+        optimizer.load_state_dict(optimizer_state)
+        ema.load_state_dict({k: v.to(device) for k, v in ema_state.items()}, state.ema_updates)
+        ddp.restore_rng(rng, rank, device)
+    else:
+        torch.manual_seed(tc.seed * 1_000_003 + rank)  # each rank its own noise and timesteps
+    share = ddp.BatchShare()
+    if world > 1:
+        model.register_comm_hook(share, ddp.weighted_allreduce)
+
+    step, seen, total = state.step, state.images_seen, tc.total_images
+    clock = TrainingClock(state.train_seconds, tc, world, device)
+    stream = RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
+                       row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
+    total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size
+    fail_after = job.fail_after_images
+    armed = fail_after is not None and seen < fail_after and rank == world - 1
+
+    nodes = ddp.gather_strings(ray.get_runtime_context().get_node_id(), world)
+    logger = RunLogger(job.run_id, job.tracking_uri) if rank == 0 else None
+    if logger is not None:
+        logger.set_tag("ray.num_workers", world)
+        logger.set_tag("ray.num_nodes", len(set(nodes)))
+        logger.set_tag("train.autocast",  # what precision=auto chose
+                       "bf16" if step_options["autocast_dtype"] is not None else "fp32")
+        if restored is not None:
+            logger.set_tag("restarts", state.restarts)
+            logger.log_metrics({"restarts": state.restarts, "resumed_at_images": seen}, step)
+    sampler_net = UNet(config.model).to(device) if rank == 0 else None
+    reporter = None
+    if rank == 0:
+        reporter = Reporter(job.progress, total=total,
+                            budget_s=tc.max_minutes * 60 if tc.max_minutes is not None else None)
+    throughput, loss_sum, loss_rows, last = Throughput(), 0.0, 0, {}
+    time_spent = clock.spent()
+
+    while seen < total and time_spent < 1:
+        # This step's images: n of them, rank r trains on rows [r*m, r*m + m) of the global batch.
+        n = min(tc.batch_size, total - seen)
+        m = math.ceil(n / world)
+        rows = min(max(n - rank * m, 0), m)
+        images, labels = stream.take(m)  # (m, H, W, C) uint8, (m,) int64; every rank takes m to stay in step
+        used = max(rows, 1)  # a rank with no rows still runs (DDP needs every rank), with weight 0
+        x_0 = from_uint8(images[:used]).to(device)  # (used, C, H, W) in [-1, 1]
+        if tc.random_flip:
+            x_0 = random_flip(x_0)
+        y = None
+        if tc.class_conditional:
+            y = drop_labels(torch.from_numpy(labels[:used]).to(device), tc.label_dropout)
+        share.weight = rows / n
+        lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
+                   time_spent=time_spent)
+        loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y, **step_options)
+        ema.update(net)
+        step, seen = step + 1, seen + n
+        loss_sum, loss_rows = loss_sum + loss * rows, loss_rows + rows
+        throughput.images += n
+        time_spent = clock.spent()
+        finished = seen == total or time_spent >= 1
+
+        if step % tc.log_every_steps == 0 or finished:
+            loss_sum, loss_rows = ddp.sum_over_ranks([loss_sum, loss_rows], world, device)
+            last = {"loss": loss_sum / loss_rows, "lr": lr, "grad_norm": grad_norm,
+                    "images_per_sec": throughput.rate(), "images_seen": seen}
+            if logger is not None:
+                logger.log_metrics(last, step)
+            if reporter is not None and reporter.due(finished):
+                reporter.report(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
+                                elapsed_s=clock.seconds())
+            loss_sum, loss_rows = 0.0, 0
+            throughput.restart()
+
+        if logger is not None and (crossed(seen, n, tc.sample_every_images) or finished):
+            ema.copy_to(sampler_net)
+            logger.log_file(_sample_grid_png(sampler_net, schedule, config), f"samples/images_{seen:012d}.png")
+            throughput.restart()
+
+        if crossed(seen, n, tc.checkpoint_every_images) or finished:
+            state = TrainingState(step=step, images_seen=seen, train_seconds=clock.seconds(), restarts=state.restarts,
+                                  ema_updates=ema.num_updates, mlflow_run_id=job.run_id, world_size=world,
+                                  config=config.to_dict(), dataset_fingerprint=job.fingerprint, metrics=last)
+            unlogged = logger.close() if finished and logger is not None else []
+            report_checkpoint(state, unlogged, rank=rank, storage=job.storage, name=job.name,
+                              endpoint_url=job.endpoint_url, net=net, schedule=schedule, ema=ema,
+                              optimizer=optimizer, rng_states=ddp.gather_rng(world, device),
+                              prediction_type=tc.prediction_type, class_names=job.class_names)
+            throughput.restart()
+            if armed and seen >= fail_after:
+                raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: injected failure on rank {rank} at {seen} images")
+
+    if logger is not None:
+        logger.close()  # already closed after the last step, unless this attempt resumed at the very end
+
+
+def _probe_step(net: UNet, config: Config, device, autocast_dtype) -> None:
+    """One forward and backward pass shaped like a training step's (a few rows, the step's autocast), for
+    :func:`ddp.match_grad_layout`; the values are zeros: only the layouts of the gradients matter."""
+    m = config.model
+    rows = 4
+    x = torch.zeros(rows, m.in_channels, m.image_size, m.image_size, device=device)  # (B, C, H, W)
+    t = torch.zeros(rows, dtype=torch.long, device=device)
+    y = torch.zeros(rows, dtype=torch.long, device=device) if m.num_classes else None
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        out = net(x, t, y)  # (B, C, H, W)
+    out.float().square().mean().backward()
+
+
+def _sample_grid_png(sampler_net: UNet, schedule, config: Config) -> bytes:
+    """A PNG grid from ``sampler_net`` (holding the EMA weights): DDIM with few steps, the same seeds every time.
+
+    Class-conditional: one row per class (the first 10), ``SAMPLE_COLUMNS`` seeds per row; else 8 x 8.
+    """
+    sampler_net.eval()
+    num_classes = config.model.num_classes
+    loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type)
+    grid = sample_grid(loaded, rows=min(num_classes, SAMPLE_CLASS_ROWS) if num_classes else SAMPLE_COLUMNS,
+                       columns=SAMPLE_COLUMNS, steps=min(SAMPLE_STEPS, schedule.num_timesteps))
+    return encode_png(grid)
