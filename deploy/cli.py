@@ -115,6 +115,28 @@ def _connect_ray() -> bool:
     return True
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` for a moment: a port that is taken, or an address that is not this machine's, is one line
+    now instead of a proxy actor's traceback after Ray has started."""
+    import errno
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        why = "is in use by another program" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise ValueError(f"--port {port} on {host} {why}; pick another with --port") from None
+
+
+def replica_error(exc: BaseException) -> str:
+    """The last line of the exception a replica raised, out of Serve's deployment-failure text (which holds the
+    replica's traceback), e.g. ``CheckpointError: model.safetensors: unreadable or truncated``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(exc).__name__])[-1]
+
+
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from ray import serve
@@ -126,15 +148,23 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
                                    for e in exc.errors())) from None
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port is in [1, 65535]")
     if not os.environ.get("RAY_ADDRESS"):
-        # Local replicas share this machine's model cache: resolving here first turns a bad URI into one clear line
-        # (Serve would only report that the deployment failed) and leaves the download in the cache for them.
+        # Local replicas share this machine's model cache: resolving and loading here first turns a bad URI or a
+        # damaged checkpoint into one clear line (Serve would only report that the deployment failed) and leaves
+        # the download in the cache for them. On a cluster the port and the files are the cluster's.
+        from ddpm import checkpoint
         from pipelines.registry import resolve_model
 
-        resolve_model(args.model, tracking_uri=args.tracking_uri)
+        checkpoint.load(resolve_model(args.model, tracking_uri=args.tracking_uri).path)
+        check_port_free(args.host, args.port)
     started_ray = _connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name=args.name, route_prefix="/")
+    try:
+        serve.run(app, name=args.name, route_prefix="/")
+    except RuntimeError as exc:  # Serve's "Deploying application ... failed": the replica's own error is inside
+        raise RuntimeError(f"the {args.name} application did not start: {replica_error(exc)}") from None
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.model} at {url}  (POST {url}/generate, GET {url}/v1/model, GET {url}/healthz)")
     if not (args.blocking or started_ray):

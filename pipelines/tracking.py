@@ -50,6 +50,10 @@ def client(uri: str | None = None):
     uri = uri or tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # Creating or migrating the embedded store logs a dozen INFO lines (MLflow's and alembic's) on stderr,
+        # between a command's own lines; what the store did is not the user's business unless it fails.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
     parser.add_argument("--experiment", default="ddpm", help="MLflow experiment (default: ddpm)")
+    parser.add_argument("--resource-wait-s", type=float, default=None, metavar="S",
+                        help="how long to wait for the workers' CPUs/GPUs before failing (default: 30 on a local "
+                             "Ray, where a request the nodes cannot hold fails at once; 600 on a cluster, where an "
+                             "autoscaler may add nodes)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -50,12 +54,15 @@ def main(args: argparse.Namespace) -> int:
 
     if args.num_workers < 1 or (args.cpus_per_worker is not None and args.cpus_per_worker < 1):
         raise UserError("--num-workers and --cpus-per-worker must be at least 1")
+    if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
+        raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
     config = load_config(args.config, args.set)
     # The driver's MLflow calls fail in seconds, not after MLflow's default minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     result = train(args.data, config, storage=args.storage, name=args.name, num_workers=args.num_workers,
                    use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, placement=args.placement,
-                   register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment)
+                   register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                   resource_wait_s=args.resource_wait_s)
     print(f"trained {args.name} to {result.images_seen} images; checkpoint {result.checkpoint}; "
           f"MLflow run {result.run_id}" + (f"; models:/{args.register_as}/{result.model_version}"
                                            if result.model_version else ""))

@@ -20,7 +20,9 @@ from pipelines.data.dataset import load_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
+from pipelines.train.resources import check_workers_fit
 from pipelines.train.run import fail_run, finish_run, open_run
+from pipelines.train.progress import fit_with_progress
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
 
 
@@ -46,6 +48,7 @@ def train(
     register_as: str | None = None,
     tracking_uri: str | None = None,
     experiment: str = "ddpm",
+    resource_wait_s: float | None = None,
 ) -> TrainResult:
     """Train ``config`` (a :class:`pipelines.config.Config`) on the dataset at ``data``, checkpoints to STORAGE/NAME.
 
@@ -56,7 +59,8 @@ def train(
     ``cpus_per_worker`` defaults to the cluster's CPUs divided among the workers (at most one node's worth): Ray sets
     a worker's thread count from its CPU reservation, and a CPU worker with fewer threads than cores is that much
     slower. ``placement`` defaults to SPREAD on CPUs (each worker gets a node's cores to itself) and PACK on GPUs
-    (NCCL within a node is faster than across nodes).
+    (NCCL within a node is faster than across nodes). Before anything is created, the cluster must be able to
+    hold the workers (:func:`pipelines.train.resources.check_workers_fit`, waiting up to ``resource_wait_s``).
     """
     manifest = read_manifest(data)
     config = fit_to_dataset(config, manifest, data)
@@ -64,6 +68,9 @@ def train(
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
+    init_ray()
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(num_workers)
+    check_workers_fit(num_workers, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
     print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
@@ -123,15 +130,14 @@ def default_cpus_per_worker(num_workers: int) -> int:
 
 
 def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_workers: int, use_gpu: bool,
-         cpus_per_worker: int | None, placement: str | None, run_id: str, tracking_uri: str):
+         cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
     """Run the TorchTrainer; returns its Result (the final checkpoint in ``result.checkpoint``).
 
     A worker (or node) that dies is replaced by Ray Train (``train.max_failures`` times) and the group restarts from
     the last checkpoint (:func:`pipelines.train.checkpoints.resume_from`). When the retries run out, the one-line
     error names the checkpoint the same command will resume from.
     """
-    init_ray()
-    cpus = cpus_per_worker or default_cpus_per_worker(num_workers)
+    cpus = cpus_per_worker
     fs, root = store.filesystem_for(storage)
     # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once, and every pass
     # streams from there: a pass then needs no read tasks, so the workers may reserve every CPU of their nodes
@@ -171,7 +177,7 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
     outages = 0
     while True:
         try:
-            return TorchTrainer(**trainer_args).fit()
+            return fit_with_progress(TorchTrainer, trainer_args)  # rank 0's progress lines printed here
         except ray.train.TrainingFailedError as exc:
             # Ray Train's controller writes its own state to the store when it registers a checkpoint, and does not
             # retry that: a storage outage at that moment ends the run. Wait for the store, then go on from the last

@@ -46,3 +46,55 @@ def test_bad_app_args_are_rejected_by_name(args, complaint):
 def test_request_defaults():
     body = GenerateRequest()
     assert (body.num_images, body.sampler, body.steps, body.output) == (4, "ddim", None, "png")
+
+
+# Values on both sides of every bound of the request rules, and the types JSON can carry.
+SETTING_VALUES = {
+    "sampler": ["ddim", "ddpm", "dpm++", "euler"],
+    "steps": [None, -1, 0, 1, 50, 1000, 1001],
+    "eta": [0.0, 0.5, 1.0, 1.0000001, -0.1],
+    "seed": [None, -1, 0, 2**32 - 1, 2**32],
+    "class_label": [None, -1, 0, 2, 10**6],
+    "guidance_scale": [0.0, 1.0, 3.5, -0.5],
+    "resample_jumps": [1, 4, 5, 0],
+    "resample_times": [1, 2, 100, 101, 0],
+}
+
+
+def test_the_endpoint_and_the_command_line_accept_the_same_settings():
+    """One set of rules: for every combination hypothesis draws, POST /inpaint's body validation (pydantic, then
+    the ingress's ``_job``) accepts exactly what ``ddpm.settings.check_settings`` (the CLI's and the pyfunc model's
+    rule) accepts. The ingress applies the core's rule itself, so the endpoint can only be stricter: a pydantic
+    bound tighter than the core's (or a rule added to the schema alone) fails here."""
+    import base64
+
+    from fastapi import HTTPException
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from pydantic import ValidationError
+
+    from ddpm.settings import SettingError, check_settings
+    from deploy.schemas import InpaintRequest
+    from deploy.serve_app import Edit, _job
+
+    png = base64.b64encode(b"not decoded here").decode()
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
+    @given(st.fixed_dictionaries({k: st.sampled_from(v) for k, v in SETTING_VALUES.items()}))
+    def agree(values):
+        try:
+            check_settings(**values)
+            core = None
+        except SettingError as exc:
+            core = exc.field
+        try:
+            body = InpaintRequest(image=png, mask=png, **values)
+            _job(body, Edit(b"", b"", False, body.resample_jumps, body.resample_times))
+            http = None
+        except ValidationError as exc:
+            http = exc.errors()[0]["loc"][0]
+        except HTTPException as exc:
+            http = exc.detail[0]["loc"][1]
+        assert (core is None) == (http is None), (values, core, http)
+
+    agree()

@@ -37,11 +37,13 @@ def test_digits_model_loss_drops(tmp_path):
     assert run.last_loss < 0.5 * run.first_loss
 
 
-def test_train_local_command_writes_a_grid(tmp_path):
-    out = tmp_path / "grid.png"
+def test_train_local_command_writes_a_grid(tmp_path, monkeypatch):
+    """Without --samples the grid goes beside the checkpoint, never to the quickstart's grid in the current folder."""
+    monkeypatch.chdir(tmp_path)
     code = cli_main(["train-local", "--set", "model.preset=tiny", "--set", "model.image_size=16",
                      "--set", "train.total_images=256", "--set", "train.batch_size=64",
-                     "--out", str(tmp_path / "ckpt"), "--samples", str(out)])
+                     "--out", str(tmp_path / "ckpt")])
     assert code == 0
-    grid = np.asarray(Image.open(out))
+    assert not (tmp_path / "quickstart-samples.png").exists()
+    grid = np.asarray(Image.open(tmp_path / "ckpt" / "samples.png"))
     assert grid.shape == (10 * 17 + 1, 10 * 17 + 1)  # 10 classes x 10 samples of 16x16, 1-pixel gutters

@@ -209,6 +209,38 @@ def test_oversized_bodies_are_a_413(endpoint, kind):
         assert "too large" in r.json()["detail"]
 
 
+def test_a_huge_chunked_body_is_refused_at_the_limit_without_growing_the_ingress(endpoint):
+    """200 MB with Transfer-Encoding: chunked and no Content-Length (what `curl -T -` sends): the ingress stops
+    reading at the route's limit and answers 413 then; its memory does not grow with the body (it used to read it
+    whole first: 1 GB grew the ingress from 741 MB to 2.78 GB). Bounded: 200 chunks of 1 MiB, 60 s at most."""
+    [pid] = replica_pids(APP, "Ingress")
+    ingress = psutil.Process(pid)
+    before = ingress.memory_info().rss
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        block = b"A" * 2**20
+        for _ in range(200):
+            sent += len(block)
+            yield block
+
+    started = time.monotonic()
+    try:
+        r = requests.post(f"{endpoint['base']}/generate", data=chunks(), timeout=TIMEOUT,
+                          headers=endpoint["auth"] | {"Content-Type": "application/json"})
+        status, detail = r.status_code, r.json()["detail"]
+    except requests.ConnectionError:  # the server may close while the client is still sending: also a refusal
+        status, detail = None, ""
+    seconds = time.monotonic() - started
+    grown = ingress.memory_info().rss - before
+    print(f"\n200 MB chunked: {status} after {sent / 2**20:.0f} MiB sent in {seconds:.1f} s; "
+          f"ingress RSS {before / 2**20:.0f} MiB -> {(before + grown) / 2**20:.0f} MiB")
+    assert status in (413, None), detail
+    assert status is None or "stopped reading a chunked body" in detail
+    assert grown < 50 * 2**20, f"the ingress grew by {grown / 2**20:.0f} MiB"
+
+
 def test_a_small_chunked_body_still_reaches_the_route(endpoint):
     """The size check reads a body without a Content-Length; the route must still get it whole."""
     body = json.dumps({"num_images": 1, "steps": 2, "seed": 3, "output": "json"}).encode()
