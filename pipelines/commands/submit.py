@@ -33,7 +33,7 @@ example:
   # reach the cluster's dashboard without opening it to the internet
   ray dashboard ray_cluster.yaml &            # forwards http://127.0.0.1:8265 over SSH
   export MLFLOW_TRACKING_URI=http://mlflow.internal:5000
-  ddpm submit -- preprocess --input s3://bucket/raw --output s3://bucket/processed
+  ddpm submit -- preprocess --input s3://bucket/raw --output s3://bucket/processed --resolution 32
   ddpm submit --no-wait -- train --config configs/digits.yaml --data s3://bucket/processed \\
       --storage s3://bucket/runs --name digits-1 --register-as digits     # prints the job id and returns
   ddpm submit status raysubmit_XYZ
