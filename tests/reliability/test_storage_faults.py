@@ -1,6 +1,6 @@
 """Object store and tracking outages: the S3 endpoint or the MLflow server dies mid-job, then comes back.
 
-The S3 endpoint that dies is :class:`~tests.reliability.conftest.S3Endpoint`, a process in front of the session's
+The S3 endpoint that dies is :class:`~tests.reliability.support.S3Endpoint`, a process in front of the session's
 moto server: SIGKILL refuses and resets every connection, as a dead endpoint does, while the objects stay in the store
 behind it (as they do in a real store during an outage), so each test can check afterwards that nothing was lost.
 """

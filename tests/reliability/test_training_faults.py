@@ -73,7 +73,7 @@ def head_and_worker_node(monkeypatch):
     """A head node with 2 CPUs and a worker node with 1 CPU, on 127.0.0.1: two workers spread over both, and the head
     alone can still hold both. Yields (cluster, worker node); the local Ray of other tests is shut down first.
 
-    ``ENABLE_RAY_CLUSTER`` off keeps ``ray.init`` on the loopback address (see tests/test_train.py).
+    ``ENABLE_RAY_CLUSTER`` off keeps ``ray.init`` on the loopback address (see tests/pipelines/test_train.py).
     """
     import ray
     from ray._private import ray_constants
