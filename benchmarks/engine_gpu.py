@@ -147,9 +147,9 @@ def main():
     parser.add_argument("--presets", default=None)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--micro-batches", default="8,16,32,64")
-    parser.add_argument("--eager-micro-batches", default="16,64", help="the eager baseline's micro-batches")
+    parser.add_argument("--eager-micro-batches", default="64", help="the eager baseline's micro-batches")
     parser.add_argument("--seconds", type=float, default=1.5, help="per configuration")
-    parser.add_argument("--budget", type=float, default=78.0, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=92.0, help="seconds for the whole run")
     args = parser.parse_args()
     steps_scale = 1.0
     if args.smoke:

@@ -228,6 +228,8 @@ def section_sample(args, device, report: Report, budget: Budget):
     run = guarded(report, "sample")
     schedule = NoiseSchedule.linear()
     plan = [("ddim", 50), ("dpm++", 20), ("ddpm", 1000)] if not args.smoke else [("ddim", 5), ("dpm++", 4)]
+    plan = [(s, n) for s, n in plan if s in args.samplers]
+    short = not args.all_variants  # only the eager and graphed rows (and the compiled one, if asked for)
     for preset in args.presets:
         if budget.left() < 10:
             report(f"<!-- sample: budget spent before {preset} -->")
@@ -237,7 +239,7 @@ def section_sample(args, device, report: Report, budget: Budget):
         seeds = list(range(batch))
         variants = [("eager, fixed-size", lambda: fixed_size_forward(model, batch)),
                     ("graphed", lambda: graphed_forward(model, batch))]
-        if gpu:
+        if gpu and not short:
             cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
             bf = copy.deepcopy(model).to(torch.bfloat16)
             variants += [("graphed, channels-last input", lambda: graphed_forward(model, batch, channels_last=True)),
@@ -261,7 +263,7 @@ def section_sample(args, device, report: Report, budget: Budget):
                 ratio = f"{ips / eager_ips[sampler]:.2f}x" if sampler in eager_ips else "-"
                 report(f"| {preset} | {sampler} | {steps} | {name} | {ips:,.1f} | {1000 * batch / ips / steps:.2f} "
                        f"| {ratio} |")
-        if gpu and budget.left() > 10:
+        if gpu and not short and budget.left() > 10:
             # The whole DDIM trajectory in one graph (network calls and updates).
             def whole():
                 generate = trajectory_graph(model, schedule, batch, loaded.image_shape, "ddim", 50, device)
@@ -276,7 +278,7 @@ def section_sample(args, device, report: Report, budget: Budget):
                 ips, same = got
                 report(f"| {preset} | ddim | 50 | whole trajectory graphed (same bytes as graphed: {same}) | "
                        f"{ips:,.1f} | {1000 * batch / ips / 50:.2f} | {ips / eager_ips.get('ddim', ips):.2f}x |")
-        if gpu and budget.left() > 10:
+        if gpu and not short and budget.left() > 10:
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
             tuned = copy.deepcopy(model)
             ips = run(_sample_row, loaded, seeds, "ddim", 50, lambda: graphed_forward(tuned, batch), args.reps)
@@ -494,9 +496,10 @@ def section_train(args, device, report: Report, budget: Budget):
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last) if gpu else model
     compiled = torch.compile(cl_model, dynamic=False) if gpu and not args.no_compile else None
     compile_left = args.train_compile_left
+    every = args.all_steps
     for i, batch in enumerate(args.train_batches):
         # At the first batch the previous table's setting (compiled) comes first: the ratios' baseline and the
-        # profile. At the next batches the compile rows come last: each new shape compiles again.
+        # profile. At the next batches the compiled rows come last: each new shape compiles again.
         if compiled is not None and i == 0:
             got = run(row, batch, baseline, lambda: Trainer(cl_model, batch, device, channels_last=True,
                                                             compiled=compiled), compile_left)
@@ -510,19 +513,24 @@ def section_train(args, device, report: Report, budget: Budget):
             run(row, batch, "eager, sync-free step", lambda: Trainer(model, batch, device, channels_last=False,
                                                                      sync_free=True))
             continue
-        run(row, batch, "eager, channels-last, worker step", lambda: Trainer(cl_model, batch, device,
-                                                                               channels_last=True))
-        run(row, batch, "eager, channels-last, sync-free step in a CUDA graph",
-            lambda: Trainer(cl_model, batch, device, channels_last=True, graphed=True))
+        if every:
+            run(row, batch, "eager, channels-last, worker step", lambda: Trainer(cl_model, batch, device,
+                                                                                   channels_last=True))
+            run(row, batch, "eager, channels-last, sync-free step in a CUDA graph",
+                lambda: Trainer(cl_model, batch, device, channels_last=True, graphed=True))
         if compiled is None:
             continue
-        if i > 0:
-            run(row, batch, baseline, lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled),
-                compile_left)
-        run(row, batch, "compiled, channels-last, sync-free step",
-            lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled, sync_free=True))
+        if every:
+            if i > 0:
+                run(row, batch, baseline, lambda: Trainer(cl_model, batch, device, channels_last=True,
+                                                          compiled=compiled), compile_left)
+            run(row, batch, "compiled, channels-last, sync-free step",
+                lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled, sync_free=True))
         run(row, batch, "compiled, channels-last, sync-free step in a CUDA graph",
-            lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled, graphed=True))
+            lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled, graphed=True),
+            compile_left if i > 0 and not every else None)
+        if i > 0 and not every:  # compiled at this shape now: the baseline costs no second compile
+            run(row, batch, baseline, lambda: Trainer(cl_model, batch, device, channels_last=True, compiled=compiled))
         torch.cuda.empty_cache()
     if rates:
         report("\n| batch | step | vs compiled worker step at that batch |\n|---|---|---|")
@@ -567,7 +575,10 @@ def main():
     parser.add_argument("--budget", type=float, default=None, help="seconds for each section (default per section)")
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--compile-sampling", default="cifar10",
+    parser.add_argument("--samplers", default="ddim,dpm++,ddpm", help="sampling rows to run")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="sampling: also channels-last, bf16-weight, whole-trajectory and cudnn.benchmark rows")
+    parser.add_argument("--compile-sampling", default="",
                         help="presets whose network is also torch.compile'd and graphed, time permitting ('' for none)")
     parser.add_argument("--corr-images", type=int, default=16)
     parser.add_argument("--corr-rows", type=int, default=8)
@@ -578,6 +589,8 @@ def main():
     parser.add_argument("--train-min-left", type=float, default=15, help="skip a training row with less time left")
     parser.add_argument("--train-compile-left", type=float, default=90, help="the same, for rows that compile")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--all-steps", action="store_true",
+                        help="training: also the eager channels-last rows and the compiled sync-free step without a graph")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args()
     if args.smoke:
@@ -587,6 +600,7 @@ def main():
         args.train_batches, args.train_steps = "4", 2
     args.presets = (args.presets or "digits,cifar10").split(",")
     args.compile_sampling = [p for p in args.compile_sampling.split(",") if p]
+    args.samplers = args.samplers.split(",")
     args.presets_available = set(MODEL_OPTIONS)
     args.train_preset = args.train_preset or "cifar10"
     args.train_batches = [int(b) for b in args.train_batches.split(",")]
@@ -595,7 +609,7 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; cuda {torch.version.cuda}; cudnn "
           f"{torch.backends.cudnn.version() if device.type == 'cuda' else '-'}", flush=True)
-    budgets = {"correctness": 30, "sample": 90, "train": 185}
+    budgets = {"correctness": 30, "sample": 50, "train": 255}
     for section in args.sections.split(","):
         report = Report(section)
         t0 = time.monotonic()

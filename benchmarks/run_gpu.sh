@@ -30,9 +30,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 } 2>&1 | tee "$OUT/device.txt"
 
 {
-  part 40 -m pytest -q -p no:cacheprovider tests/ddpm/test_graphs.py tests/deploy/test_engine_graphs.py
-  part 130 benchmarks/gpu.py "${SMOKE[@]}" --sections correctness,sample
-  part 90 benchmarks/engine_gpu.py "${SMOKE[@]}"
-  part 200 benchmarks/gpu.py "${SMOKE[@]}" --sections train
+  part 25 -m pytest -q -p no:cacheprovider tests/ddpm/test_graphs.py tests/deploy/test_engine_graphs.py
+  part 75 benchmarks/gpu.py "${SMOKE[@]}" --sections correctness,sample
+  part 105 benchmarks/engine_gpu.py "${SMOKE[@]}"
+  part 265 benchmarks/gpu.py "${SMOKE[@]}" --sections train
   echo "=== total ${SECONDS}s"
 } 2>&1 | tee "$OUT/run.log"
