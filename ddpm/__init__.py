@@ -5,9 +5,11 @@
     schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     x_0 = sample(model, schedule, x_T, sampler="ddim", steps=50, eta=0.0, spacing="trailing", generator=g)
     filled = inpaint(model, schedule, image, mask, sampler="ddpm", steps=250, resample_jumps=10, resample_times=10)
+    ae = autoencoder.load(path)  # ours or a diffusers AutoencoderKL folder; ae.encode(x) -> scaled latents
 """
 
-from . import checkpoint
+from . import autoencoder, checkpoint
+from .autoencoder import Autoencoder, AutoencoderConfig
 from .ema import EMA
 from .generation import FORWARD_ROWS, fixed_size_forward, generate_images, image_seeds, inpaint_images
 from .images import encode_png, from_uint8, make_grid, to_uint8
@@ -20,7 +22,8 @@ from .training import lr_at, train_step
 from .unet import UNet, UNetConfig, count_parameters
 
 __all__ = [
-    "EMA", "FORWARD_ROWS", "NoiseSchedule", "UNet", "UNetConfig", "DEFAULT_STEPS", "SAMPLERS", "checkpoint",
+    "Autoencoder", "AutoencoderConfig", "EMA", "FORWARD_ROWS", "NoiseSchedule", "UNet", "UNetConfig",
+    "DEFAULT_STEPS", "SAMPLERS", "autoencoder", "checkpoint",
     "count_parameters", "diffusion_loss", "encode_png", "fixed_size_forward", "frechet_distance",
     "frechet_distance_features", "from_uint8", "generate_images", "image_seeds", "inpaint", "inpaint_images", "lr_at",
     "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "timesteps", "to_uint8",

@@ -57,7 +57,9 @@ class UNetConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
-        """``tiny`` (tests, 8x8x1), ``digits`` (16x16x1, 1.6M parameters), ``cifar10`` (the paper's 35.7M)."""
+        """``tiny`` (tests, 8x8x1), ``digits`` (16x16x1, 1.6M parameters), ``cifar10`` (the paper's 35.7M),
+        ``rgb64`` (64x64x3: the CIFAR-10 network one level higher, 35.7M) and ``lsun256`` (the paper's 256x256
+        LSUN/CelebA-HQ model, 113.7M: six levels down to 8x8, attention at 16x16 only, no dropout)."""
         presets = {
             "tiny": dict(image_size=8, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
                          attention_resolutions=(4,), dropout=0.0, num_groups=8),
@@ -65,6 +67,10 @@ class UNetConfig:
                            attention_resolutions=(8,), dropout=0.0, num_groups=8),
             "cifar10": dict(image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
                             num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+            "rgb64": dict(image_size=64, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
+                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+            "lsun256": dict(image_size=256, in_channels=3, base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4),
+                            num_res_blocks=2, attention_resolutions=(16,), dropout=0.0),
         }
         if name not in presets:
             raise ValueError(f"unknown UNet preset {name!r}; choose from {sorted(presets)}")

@@ -22,7 +22,7 @@ import traceback
 
 # subcommand -> module that implements it
 SUBCOMMANDS: dict[str, str] = {
-    "data": "pipelines.data.digits",
+    "data": "pipelines.data.command",
     "preprocess": "pipelines.data.preprocess",
     "train": "pipelines.train.command",
     "train-local": "pipelines.train.local",

@@ -1,29 +1,21 @@
-"""``ddpm data``: write a small, real image dataset as image files, the input ``ddpm preprocess`` expects.
+"""scikit-learn's digits as image files, and the image writer that ``ddpm data`` (``pipelines/data/command.py``) uses.
 
 The layout is the common one for labelled images, one folder per class::
 
     OUTPUT/0/0000.png  OUTPUT/1/0001.png  ...  OUTPUT/9/1796.png
 
-so a quick start, a demo or a test exercises the same path as a user's own bucket of photos. The only dataset is
-scikit-learn's digits, which ships inside the package (1,797 images, 8x8, grey levels 0..16): nothing is downloaded.
+so a quick start, a demo or a test exercises the same path as a user's own bucket of photos. The digits ship inside
+scikit-learn (1,797 images, 8x8, grey levels 0..16): nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pipelines import storage
-
-HELP = "write a built-in image dataset (scikit-learn's digits) as image files, one folder per class"
-EXAMPLE = """example:
-  ddpm data digits --output s3://my-bucket/raw/digits
-  ddpm preprocess --input s3://my-bucket/raw/digits --output s3://my-bucket/processed/digits \\
-      --resolution 16 --channels 1 --small upscale
-"""
 
 # file extension -> Pillow's format name
 FORMATS = {"png": "PNG", "jpeg": "JPEG"}
@@ -66,9 +58,11 @@ def write_images(
 ) -> list[str]:
     """Write images (N, H, W[, 3]) uint8 as ``OUTPUT/<label>/<index>.<fmt>``; returns the keys written.
 
-    Indices count from ``first_index``, so several calls (say, one per format) can fill one folder without clashes.
+    A label is a class id or a folder name (``pipelines.data.photos``). Indices count from ``first_index``, so several
+    calls (say, one per format) can fill one folder without clashes.
     """
-    keys = [f"{int(label)}/{first_index + i:04d}.{fmt}" for i, label in enumerate(labels)]
+    keys = [f"{label if isinstance(label, str) else int(label)}/{first_index + i:04d}.{fmt}"
+            for i, label in enumerate(labels)]
 
     def put(i: int) -> None:
         storage.write_bytes(storage.join(output_uri, keys[i]), encode(images[i], fmt), endpoint_url)
@@ -85,20 +79,3 @@ def write_digits(
     images, labels = digits()
     write_images(output_uri, images[:limit], labels[:limit], fmt=fmt, endpoint_url=endpoint_url)
     return len(images[:limit])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", choices=["digits"], help="which dataset to write")
-    parser.add_argument("--output", required=True, metavar="URI", help="s3://bucket/prefix or a local folder")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="image file format (default: png)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="write only the first N images")
-    parser.add_argument("--endpoint-url", default=None, metavar="URL",
-                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    n = write_digits(args.output, fmt=args.format, limit=args.limit, endpoint_url=args.endpoint_url)
-    print(f"wrote {n} {args.format.upper()} images to {args.output}, one folder per class")
-    return 0

@@ -97,3 +97,21 @@ def test_invalid_unet_config():
         UNetConfig.preset("imagenet")
     with pytest.raises(ValueError, match="unknown UNet config keys"):
         UNetConfig.from_dict({"image_size": 8, "width": 3})
+
+
+@pytest.mark.parametrize("name, size, levels, paper", [("lsun256", 256, 6, 114e6), ("rgb64", 64, 4, None)])
+def test_pixel_space_presets_up_to_256(name, size, levels, paper):
+    """The paper's 256x256 model (LSUN, CelebA-HQ; appendix B: ch_mult (1, 1, 2, 2, 4, 4), attention at 16x16,
+    114M parameters) and the 64x64 one. Built on the meta device: shapes and counts without the memory or FLOPs."""
+    cfg = UNetConfig.preset(name)
+    assert (cfg.image_size, cfg.in_channels, len(cfg.channel_mults)) == (size, 3, levels)
+    with torch.device("meta"):
+        model = UNet(cfg)
+        out = model(torch.empty(2, 3, size, size), torch.zeros(2, dtype=torch.long))
+        cifar10 = UNet(UNetConfig.preset("cifar10"))
+    assert out.shape == (2, 3, size, size)
+    n = count_parameters(model)
+    if paper is not None:
+        assert n == pytest.approx(paper, rel=0.01)  # 113,673,219
+    else:  # the CIFAR-10 network, one level higher: the same weights, four times the pixels
+        assert n == count_parameters(cifar10)
