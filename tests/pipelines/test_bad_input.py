@@ -179,3 +179,23 @@ def test_training_workers_the_cluster_cannot_hold_fail_at_once(ray_local, tmp_pa
     finally:
         ray_local.kill(holder)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_serve_names_a_damaged_model_or_a_bad_port_before_starting_ray(tiny, tmp_path, capsys):
+    """A truncated weights file, a port outside [1, 65535] and a port in use: one line each, before Ray starts
+    (they used to end in ~180 and ~55 lines of Ray tracebacks)."""
+    import shutil
+    import socket
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny, damaged)
+    (damaged / "model.safetensors").write_bytes((tiny / "model.safetensors").read_bytes()[:1000])
+    assert "model.safetensors: unreadable or truncated" in one_line_error(["serve", "--model", str(damaged)], capsys)
+    assert "--port 99999: a TCP port is in [1, 65535]" in one_line_error(
+        ["serve", "--model", str(tiny), "--port", "99999"], capsys)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(["serve", "--model", str(tiny), "--port", str(port)], capsys)
+    assert f"--port {port} on 127.0.0.1 is in use by another program" in line
