@@ -115,6 +115,20 @@ def _connect_ray() -> bool:
     return True
 
 
+def _our_serve_listens(host: str, port: int) -> bool:
+    """Whether this process is connected to a Ray whose Serve proxy already answers on ``host:port`` (a second
+    application deployed from the same driver); a port held by anything else must be free."""
+    import ray
+    import requests
+
+    if not ray.is_initialized():
+        return False
+    try:
+        return requests.get(f"http://{host}:{port}/-/routes", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def check_port_free(host: str, port: int) -> None:
     """Bind ``host:port`` for a moment: a port that is taken, or an address that is not this machine's, is one line
     now instead of a proxy actor's traceback after Ray has started."""
@@ -158,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
         from pipelines.registry import resolve_model
 
         checkpoint.load(resolve_model(args.model, tracking_uri=args.tracking_uri).path)
-        check_port_free(args.host, args.port)
+        if not _our_serve_listens(args.host, args.port):  # else serve.start below reuses that proxy
+            check_port_free(args.host, args.port)
     started_ray = _connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     try:

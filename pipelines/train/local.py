@@ -108,8 +108,12 @@ def sample_grid(checkpoint_path, *, per_class: int = 10, steps: int = 50, seed: 
                                first_seed=seed)
 
 
+DIGITS_PRESET = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/digits.yaml", help="YAML preset (default: %(default)s)")
+    parser.add_argument("--config", default=None,
+                        help="YAML preset (default: the project's configs/digits.yaml, wherever the command runs)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value; repeatable")
     parser.add_argument("--minutes", type=float, default=None,
@@ -126,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.minutes is not None and not args.minutes > 0:  # 0 is not "no limit": leave --minutes out for that
         raise UserError(f"--minutes must be positive, got {args.minutes:g}")
-    config = load_config(args.config, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
+    config = load_config(args.config or DIGITS_PRESET, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
     print(f"config: {config.to_dict()}")
     images, labels = digits_dataset(config.model.image_size)
     run = train_local(config, images, labels, out_dir=args.out, class_names=[str(i) for i in range(10)])

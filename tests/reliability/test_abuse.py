@@ -238,7 +238,9 @@ def test_a_huge_chunked_body_is_refused_at_the_limit_without_growing_the_ingress
           f"ingress RSS {before / 2**20:.0f} MiB -> {(before + grown) / 2**20:.0f} MiB")
     assert status in (413, None), detail
     assert status is None or "stopped reading a chunked body" in detail
-    assert grown < 50 * 2**20, f"the ingress grew by {grown / 2**20:.0f} MiB"
+    # Reading the body whole grows the ingress by at least the body (200 MiB; 400 measured). Stopping at the limit
+    # grew it by 31 MiB here and 50 MiB on CI (the allocator and uvicorn's buffers): half the body separates the two.
+    assert grown < 100 * 2**20, f"the ingress grew by {grown / 2**20:.0f} MiB: it read the chunked body whole"
 
 
 def test_a_small_chunked_body_still_reaches_the_route(endpoint):
