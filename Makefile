@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of PyTorch that this machine keeps on disk; GPU clusters install their own CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test quickstart venv browser bench clean
+.PHONY: test quickstart venv browser monitoring bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,7 +22,14 @@ browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: chromium is not installed; tests/test_playground.py will be skipped"
 
-test: venv browser
+# promtool (Debian's prometheus package) lints GET /metrics and checks deploy/monitoring/prometheus.yml in
+# tests/deploy/test_operations.py; installed the same way.
+monitoring:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+		|| echo "note: promtool is not installed; its checks in tests/deploy/test_operations.py will be skipped"
+
+test: venv browser monitoring
 	$(PY) -m pytest tests
 
 quickstart: venv

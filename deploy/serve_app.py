@@ -24,6 +24,13 @@ Three properties the design rests on:
 3. **Bad input never reaches the model.** The ingress validates the body (pydantic, unknown fields rejected) and
    the cost; the sampler checks what depends on the model (class labels, step count, an edit's image size)
    against the snapshot that will run the batch. Every rejection is a 4xx that names the field.
+4. **No version serves before its canary passes.** A replica that loads a registered version first samples the
+   canary seeds with it and compares the images with those recorded when the version was promoted
+   (``pipelines.registry.check_canary``); on a mismatch it keeps serving what it served, says why in the log,
+   ``GET /v1/model`` and ``GET /metrics``, and does not try that version again until the alias moves.
+
+``GET /metrics`` serves Prometheus text (``deploy.metrics``): requests by route and status, latency and queue-time
+histograms, images and model calls by version, batch sizes and in-flight requests per replica, canary refusals.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the deployment classes by value, and FastAPI must
@@ -44,7 +51,7 @@ from pathlib import Path
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import SecretStr
 from ray import serve
 from ray.exceptions import RayActorError
@@ -53,13 +60,16 @@ from ray.serve.handle import DeploymentHandle
 
 from ddpm import DEFAULT_STEPS, encode_png, make_grid
 from ddpm.settings import SettingError, check_settings
-from deploy.engine import Edit, Generated, Job, Queued, Rejected, ServedModel, load_served, pick_device, run_batch
+from deploy.engine import (Edit, Generated, Job, Queued, Rejected, ServedModel, load_served, network_call,
+                           pick_device, run_batch)
+from deploy.metrics import CONTENT_TYPE, IngressMetrics, MetricsMiddleware, ReplicaStats
 from deploy.schemas import MAX_EDIT_BASE64, MAX_IMAGES, AppArgs, GenerateRequest, InpaintRequest, SamplerConfig
 
 log = logging.getLogger("ray.serve")
 
 # Every other route needs the API key, when one is set. The playground page holds no data and must load to ask for it.
 PUBLIC_PATHS = frozenset({"/healthz", "/"})
+STATS_TIMEOUT_S = 2.0  # how long GET /metrics waits for a Sampler replica's fresh counters
 PLAYGROUND = Path(__file__).with_name("static") / "index.html"
 # The largest request body a route reads, refused (413) before anything parses it: /generate's JSON is a few hundred
 # bytes, /inpaint's carries two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
@@ -69,6 +79,18 @@ MAX_BODY_BYTES_BY_PATH = {"/inpaint": 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES}
 
 # -- the sampler deployment ---------------------------------------------------------------------------------------
 Outcome = Generated | Rejected
+
+
+class CanaryRefused(Exception):
+    """A version whose canary images did not match those recorded at its promotion (the message says by how much)."""
+
+
+def _replica_id() -> str:
+    """This replica's Serve id (unique per replica, stable for its life), for the ``replica`` label of /metrics."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (a test calling the class directly)
+        return f"pid-{os.getpid()}"
 
 
 def _count_images(items: list[Queued]) -> int:
@@ -147,6 +169,11 @@ class Sampler:
         self._runner = MergingRunner(self._run, max_images=64)
         self._watcher: asyncio.Task | None = None
         self.load_error: str | None = None  # why the last model swap was refused (GET /v1/model shows it)
+        self.stats = ReplicaStats(_replica_id())  # GET /metrics
+        self.gate: dict = {}  # the served version's gate record (gate.* tags), for GET /v1/model
+        self.canary: dict = {}  # the served version's canary verdict, for GET /v1/model
+        self.canary_refused: dict | None = None  # the last version its canary refused, until a swap succeeds
+        self._refused: tuple[str | None, str | None] | None = None  # (name, version) its canary refused
 
     async def reconfigure(self, user_config: dict) -> None:
         config = SamplerConfig(**user_config)
@@ -160,6 +187,8 @@ class Sampler:
                 # Raising here would make Serve stop this live replica, and the endpoint with it. Refuse the new
                 # model instead: keep serving the old one, say why in the log and in GET /v1/model, and keep the
                 # old URI so that deploying the same URI again (once its files are fixed) retries the load.
+                if not isinstance(exc, CanaryRefused):
+                    self.stats.refuse("load")
                 self.load_error = f"{config.model_uri}: {exc}"
                 log.error("refused to swap in %s; still serving %s", self.load_error, old.model_uri)
                 config = config.model_copy(update={"model_uri": old.model_uri, "tracking_uri": old.tracking_uri})
@@ -174,12 +203,42 @@ class Sampler:
             self._watcher = asyncio.create_task(self._follow_alias(config))
 
     async def _load(self, config: SamplerConfig) -> None:
+        """Load ``config.model_uri``, run its canary, and swap it in; raises :class:`CanaryRefused` (and keeps the
+        current model) when the canary fails."""
         async with self._load_lock:
             served = await asyncio.to_thread(load_served, config.model_uri, config.tracking_uri, self.device)
+            verdict, gate = await asyncio.to_thread(self._check, served, config)
+            record = verdict.to_dict() | {"name": served.name, "version": served.version}
+            self.stats.canary = record
+            if verdict.refused:
+                self.stats.refuse("canary")
+                self.canary_refused = record
+                raise CanaryRefused(verdict.detail)
+            if self._served is not None:
+                self.stats.swaps += 1
             self._served = served  # the swap: batches already running keep the snapshot they read
+            self.gate, self.canary, self.canary_refused = gate, record, None
+            self.stats.model = served.identity()
             self.load_error = None
-        log.info("serving %s version %s (alias %s) on %s", served.name or config.model_uri, served.version,
-                 served.alias, served.device)
+            self._refused = None
+        log.info("serving %s version %s (alias %s) on %s; canary %s%s", served.name or config.model_uri,
+                 served.version, served.alias, served.device, verdict.status,
+                 f" (score {verdict.score:.3g} <= {verdict.tolerance:g})" if verdict.score is not None else
+                 f" ({verdict.detail})")
+
+    def _check(self, served: ServedModel, config: SamplerConfig):
+        """The canary's verdict on ``served`` with this replica's own forward, and the version's gate record."""
+        from pipelines.registry import check_canary, gate_summary
+
+        forward = network_call(served, config.micro_batch if config.batching else None)
+        verdict = check_canary(served.loaded, served.name, served.version, config.tracking_uri, forward=forward)
+        gate = {}
+        if served.version is not None:
+            try:
+                gate = gate_summary(served.name, served.version, config.tracking_uri)
+            except Exception:  # the gate record is for people; its absence never stops a load
+                gate = {}
+        return verdict, gate
 
     async def _follow_alias(self, config: SamplerConfig) -> None:
         """Every ``poll_interval_s``, look up the alias; load and swap in the version it points at when it moved."""
@@ -188,25 +247,47 @@ class Sampler:
         while True:
             await asyncio.sleep(config.poll_interval_s)
             served = self._served
+            version = None
             try:
                 version = await asyncio.to_thread(current_version, served.name, served.alias, config.tracking_uri)
-                if version != served.version:
+                if version != served.version and self._refused != (served.name, version):
                     log.info("models:/%s@%s moved from version %s to %s", served.name, served.alias,
                              served.version, version)
                     await self._load(config)
+            except CanaryRefused as exc:  # not retried until the alias moves again: the weights will not change
+                self._refused = (served.name, version)
+                self.load_error = f"models:/{served.name}/{version}: canary refused: {exc}"
+                log.error("refused models:/%s/%s: %s; still serving version %s", served.name, version, exc,
+                          served.version)
             except Exception as exc:  # an unreachable registry must not take the model down: retry next time
+                if version is not None:
+                    self.stats.refuse("load")
                 self.load_error = f"models:/{served.name}@{served.alias}: {exc}"
                 log.warning("could not follow models:/%s@%s (still serving version %s): %s", served.name,
                             served.alias, served.version, exc)
 
     async def model_info(self) -> dict:
-        return self._served.describe() | {"load_error": self.load_error}
+        return self._served.describe() | {"load_error": self.load_error, "canary": self.canary,
+                                          "canary_refused": self.canary_refused, "gate": self.gate,
+                                          "replica": self.stats.replica}
 
-    async def generate(self, job: Job) -> Outcome:
+    async def stats_snapshot(self) -> dict:
+        """This replica's counters for GET /metrics (deploy.metrics.ReplicaStats)."""
+        return self.stats.snapshot()
+
+    async def generate(self, job: Job, with_stats: bool = True) -> tuple[Outcome, dict | None]:
+        """The job's outcome, and a snapshot of this replica's counters for the ingress's GET /metrics (None when
+        the ingress's metrics are switched off)."""
         item = Queued(job, time.monotonic())
-        if self.config.batching:
-            return await self._batched(item)
-        return (await self._run([item]))[0]
+        self.stats.inflight += 1
+        try:
+            if self.config.batching:
+                outcome = await self._batched(item)
+            else:
+                outcome = (await self._run([item]))[0]
+        finally:
+            self.stats.inflight -= 1
+        return outcome, self.stats.snapshot() if with_stats else None
 
     # Up to 64 batches may be open at once (max_ongoing_requests bounds the requests anyway): they must reach the
     # runner while it is busy, to be merged, instead of waiting in @serve.batch's own queue one at a time. (Serve
@@ -218,7 +299,11 @@ class Sampler:
     async def _run(self, items: list[Queued]) -> list[Outcome]:
         served = self._served  # the snapshot this batch runs on to the end, whatever swaps happen meanwhile
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._compute, run_batch, served, items, self.config.micro_batch)
+        outcomes = await loop.run_in_executor(self._compute, run_batch, served, items, self.config.micro_batch)
+        ran = next((o.batch for o in outcomes if isinstance(o, Generated)), None)
+        if ran is not None:
+            self.stats.batch(ran["requests"], ran["images"])
+        return outcomes
 
 
 # -- the HTTP ingress -----------------------------------------------------------------------------------------------
@@ -231,7 +316,11 @@ api = FastAPI(
 
 def _route_path(request: Request) -> str:
     """The request's path inside the application, without the Serve route prefix."""
-    path, root = request.scope["path"], request.scope.get("root_path", "")
+    return _route_path_of(request.scope)
+
+
+def _route_path_of(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root):] or "/"
     return path
@@ -273,6 +362,10 @@ async def require_api_key(request: Request, call_next):
             return JSONResponse({"detail": "missing or wrong API key: send Authorization: Bearer <key>"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return await call_next(request)
+
+
+# Outermost (added last): counts every answer, the 401s and 413s of the middlewares above included.
+api.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_path_of(scope))
 
 
 def _echo(value, limit: int = 200):
@@ -334,6 +427,15 @@ class Ingress:
         if api_key is None and os.environ.get("DDPM_API_KEY"):
             api_key = SecretStr(os.environ["DDPM_API_KEY"])
         api.state.api_key = api_key  # read by require_api_key; one app per replica process
+        self.metrics = IngressMetrics()
+        self.metrics_on = True
+        api.state.metrics = self.metrics  # read by MetricsMiddleware
+
+    async def set_metrics(self, enabled: bool) -> None:
+        """Switch the metrics' bookkeeping on or off at run time, through a Serve handle (not over HTTP):
+        benchmarks/soak.py measures what it costs. Off, GET /metrics serves the numbers as they stood."""
+        self.metrics_on = bool(enabled)
+        api.state.metrics = self.metrics if self.metrics_on else None
 
     async def _sample(self, job: Job) -> Outcome:
         """The sampler's outcome for ``job``. A replica that dies mid-request (killed, out of memory) costs one retry
@@ -341,7 +443,9 @@ class Ingress:
         images. A second loss is a 503 that says to retry."""
         for attempt in (1, 2):
             try:
-                return await self.sampler.generate.remote(job)
+                outcome, stats = await self.sampler.generate.remote(job, self.metrics_on)
+                self.metrics.replica(stats)
+                return outcome
             except RayActorError as exc:
                 log.warning("sampler replica lost during a request (attempt %d of 2): %s", attempt, exc)
         raise HTTPException(503, "the sampler replica was lost while sampling; retry in a few seconds",
@@ -355,6 +459,15 @@ class Ingress:
     async def playground(self) -> HTMLResponse:
         """The playground page (deploy/static/index.html): static, so public; it asks for the API key itself."""
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus(self) -> Response:
+        """Prometheus text (deploy.metrics); needs the API key when one is set, like every route but /healthz."""
+        try:  # a fresh snapshot of one replica's counters (every replica's arrive with the requests it answers)
+            self.metrics.replica(await asyncio.wait_for(self.sampler.stats_snapshot.remote(), STATS_TIMEOUT_S))
+        except Exception as exc:  # a busy or lost replica: serve what is known rather than nothing
+            log.warning("GET /metrics: no fresh counters from a Sampler replica: %s", exc)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/model")
     async def model(self) -> dict:
@@ -386,6 +499,11 @@ class Ingress:
         outcome = await self._sample(job)
         if isinstance(outcome, Rejected):
             raise _reject(outcome.field, outcome.message)
+        if self.metrics_on:
+            guided = job.class_label is not None and job.guidance_scale != 1.0  # two network rows per image
+            images = len(outcome.images)
+            self.metrics.generated(outcome.model, images, images * calls * (2 if guided else 1),
+                                   outcome.timings_ms["queue"] / 1000)
 
         if output == "png":
             headers = {"X-Seed": str(job.seed), "X-Batch-Requests": str(outcome.batch["requests"]),

@@ -10,13 +10,15 @@ Only the chosen subcommand's module is imported, so ``ddpm --help`` stays fast a
 the libraries it uses. ``serve`` is loaded from ``deploy.cli`` by name: the CLI is the one place that composes the
 layers, while ``pipelines`` itself never imports ``deploy`` (see ARCHITECTURE.md, Layers).
 
-Failures print one line, ``ddpm <command>: error: <message>``, and exit 1; ``--verbose`` adds the traceback.
+Failures print one line, ``ddpm <command>: error: <message>``, and exit 1; ``--verbose`` adds the traceback, and
+lets Ray's own logging through to the terminal (``pipelines.ray_utils``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
@@ -34,6 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "pipeline": "pipelines.commands.pipeline",
     "submit": "pipelines.commands.submit",
     "quickstart": "pipelines.commands.quickstart",
+    "status": "pipelines.commands.status",
 }
 
 
@@ -48,7 +51,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Train and serve DDPM image generators on Ray, tracked in MLflow.",
         epilog="Run 'ddpm <command> --help' for a command's flags and a worked example.",
     )
-    parser.add_argument("--verbose", action="store_true", help="print the full traceback on failure")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the full traceback on failure, and Ray's own logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in SUBCOMMANDS:
         if only is not None and name != only:
@@ -62,7 +66,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             epilog=getattr(module, "EXAMPLE", None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--verbose", action="store_true", help="print the full traceback on failure")
+        p.add_argument("--verbose", action="store_true",
+                       help="print the full traceback on failure, and Ray's own logging")
         module.add_arguments(p)
         p.set_defaults(_main=module.main)
     return parser
@@ -92,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     verbose = "--verbose" in argv[:cut]
     argv = [a for a in argv[:cut] if a != "--verbose"] + argv[cut:]
+    from pipelines.ray_utils import keep_local_ray_on_loopback
+
+    keep_local_ray_on_loopback()  # before any subcommand imports ray
     args = build_parser(only=command).parse_args(argv)
     args.verbose = verbose
+    if verbose:  # Ray's own logging back on the terminal (pipelines.ray_utils), here and in child processes
+        os.environ["DDPM_VERBOSE"] = "1"
     try:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:

@@ -1,13 +1,15 @@
 """``ddpm quickstart``: the whole platform on this machine, with nothing set up beforehand.
 
-1. a local Ray on 127.0.0.1 (``ray start --head``, so Serve outlives this command; or in-process with
-   ``--stop-when-done``)
+1. a local Ray on loopback (``ray start --head`` in Ray's single-machine mode, so that every Ray port listens on
+   127.0.0.1 only and Serve outlives this command; or in-process with ``--stop-when-done``). A second run reuses
+   that cluster and first removes the previous run's endpoint, which would otherwise hold the CPU training needs.
 2. scikit-learn's digits written as PNGs to a local folder standing in for the bucket, then Ray Data ingest
 3. Ray Train with two workers for a bounded time, tracked in the embedded MLflow (SQLite under ``.ddpm/``)
 4. evaluation, registration as ``digits`` and promotion to ``production`` when the gate passes
 5. Ray Serve on 127.0.0.1, one ``POST /generate`` per class, the images as ``quickstart-samples.png``
 
 Steps 2-4 are ``ddpm pipeline`` with the ``digits`` preset; a second run reuses the data and trains a new version.
+Ray's and MLflow's own INFO logging stays in their log files; ``ddpm --verbose quickstart`` shows it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import base64
 import io
 import json
+import logging
 import os
 import secrets
 import socket
@@ -32,29 +35,90 @@ EXAMPLE = """example:
 """
 
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
+APP_NAME = "ddpm"  # the Serve application `ddpm serve` deploys
+SERVE_TIMEOUT_S = 300  # for `ddpm serve` to deploy, then 120 s for the endpoint to answer
 
 
-def start_ray(keep: bool, log) -> str:
-    """The address of a local Ray on 127.0.0.1: a ``ray start`` cluster that outlives us, or one in this process."""
+def start_ray(keep: bool, log) -> tuple[str, bool]:
+    """``(address, reused)`` of a local Ray: a ``ray start`` cluster that outlives us, or one in this process.
+
+    ``reused``: a cluster the previous quickstart left (``ray start`` finds the port taken) that we joined.
+    """
     import ray
 
+    from pipelines.ray_utils import connect_options, init_ray, quiet_ray_logging
+
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return os.environ["RAY_ADDRESS"]
+        init_ray()
+        return os.environ["RAY_ADDRESS"], False
     if not keep:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
-        return ray.get_runtime_context().gcs_address
+        init_ray()
+        return ray.get_runtime_context().gcs_address, False
     address = f"127.0.0.1:{RAY_PORT}"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     started = subprocess.run(
         [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
          "--dashboard-host=127.0.0.1", "--disable-usage-stats"], capture_output=True, text=True)
-    if started.returncode == 0:
-        log(f"[ray] started a local cluster at {address} (dashboard http://127.0.0.1:8265)")
+    quiet_ray_logging()
+    try:
+        ray.init(address=address, **connect_options())
+    except ConnectionError:
+        if started.returncode == 0:
+            raise
+        said = (started.stderr.strip() or started.stdout.strip()).splitlines() or ["?"]
+        raise RuntimeError(f"ray start failed and no Ray answers at {address}: {said[-1]}") from None
+    quiet_ray_logging()  # again, now that the session's log folder is known
+    return address, started.returncode != 0
+
+
+def describe_ray(address: str, *, reused: bool, kept: bool) -> str:
+    """What the quickstart's Ray is, where it listens (measured, not assumed) and how it is guarded: one line."""
+    from pipelines.ray_utils import auth_mode, dashboard_url, listening_addresses
+
+    if os.environ.get("RAY_ADDRESS"):
+        where = "the cluster in RAY_ADDRESS"
+    elif reused:
+        where = "the local cluster the previous quickstart left"
     else:
-        log(f"[ray] reusing the local cluster at {address}")
-    ray.init(address=address)
-    return address
+        where = "a local cluster" if kept else "a local Ray in this process"
+    ports = listening_addresses()
+    if not ports:
+        listening = "its listening ports could not be read"
+    else:
+        loopback = [a for a in ports if _is_loopback(a)]
+        if len(loopback) == len(ports):
+            listening = f"all {len(ports)} of its ports listen on 127.0.0.1 only"
+        else:
+            listening = (f"{len(ports) - len(loopback)} of its {len(ports)} ports listen on all interfaces "
+                         f"(see docs/cluster.md)")
+    url = dashboard_url()
+    dashboard = f"; dashboard {url}" if url else ""
+    return f"Ray: {where} at {address}; {listening}; token authentication {auth_mode()}{dashboard}"
+
+
+def _is_loopback(address: str) -> bool:
+    """``127.0.0.1:6390``, ``::ffff:127.0.0.1:6390``, ``::1:8265`` -> True; ``0.0.0.0:6390``, ``:::6390`` -> False."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host.removeprefix("::ffff:").startswith("127.") or host == "::1"
+
+
+def replace_previous_endpoint(log) -> None:
+    """Shut down the Serve instance a previous quickstart left on this cluster: its Sampler replica holds a CPU that
+    the training workers need (on a 2-CPU machine, training would wait for it for ever), and its HTTP proxy holds
+    the port. The endpoint comes back, serving the new production version, at step 4."""
+    import ray
+    from ray import serve
+
+    if not any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in ray.util.list_named_actors(all_namespaces=True)):
+        return
+    try:
+        apps = sorted(serve.status().applications)
+    except Exception as exc:  # a Serve that cannot be asked: leave it; the training's resource check says more
+        log(f"      the previous endpoint could not be inspected ({exc}); leaving it")
+        return
+    serve.shutdown()
+    log(f"      stopped the previous quickstart's endpoint ({', '.join(apps) or 'no applications'}): its CPU goes "
+        f"to training; step 4 serves the new version")
 
 
 def ensure_auth_token() -> None:
@@ -99,7 +163,13 @@ def serve_model(model_uri: str, *, port: int, ray_address: str, tracking_uri: st
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": tracking_uri}
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model", model_uri, "--host", "127.0.0.1",
            "--port", str(port), "--poll-interval-s", "10"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SERVE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        from pipelines.ray_utils import resource_summary
+
+        raise RuntimeError(f"ddpm serve did not deploy within {SERVE_TIMEOUT_S} s: the Sampler replica needs 1 CPU; "
+                           f"{resource_summary()}") from None
     if done.returncode != 0:
         raise RuntimeError(f"ddpm serve failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     url = f"http://127.0.0.1:{port}"
@@ -143,8 +213,14 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
 
 def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_serving: bool,
                eval_samples: int = 500, log=print) -> dict:
+    from pipelines.ray_utils import keep_local_ray_on_loopback, verbose
+
     if keep_serving and not os.environ.get("RAY_ADDRESS"):
         ensure_auth_token()  # before the first ``import ray``: Ray reads RAY_AUTH_MODE once, at import
+    keep_local_ray_on_loopback()  # likewise: Ray reads it at import (ddpm's CLI has done it already)
+    if not verbose():  # MLflow's INFO lines ("Creating initial MLflow database tables...") stay out of the way
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     import ray
 
     from ddpm import encode_png
@@ -157,8 +233,10 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     os.environ.setdefault("DDPM_HOME", str(workdir))
     uri = tracking.tracking_uri()
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
-    log("[1/6] Ray: local, on 127.0.0.1")
-    address = start_ray(keep_serving, log)
+    address, reused = start_ray(keep_serving, log)
+    log(f"[1/6] {describe_ray(address, reused=reused, kept=keep_serving)}")
+    if reused:
+        replace_previous_endpoint(log)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = replace(config, train=replace(config.train, max_minutes=minutes), pipeline=replace(
@@ -174,6 +252,7 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     log("[4/6] serving models:/digits@production with Ray Serve")
     port = free_port(port)
     url = serve_model("models:/digits@production", port=port, ray_address=address, tracking_uri=uri, log=log)
+    (tracking.home() / "endpoint.json").write_text(json.dumps({"url": url, "ray_address": address}))  # ddpm status
 
     log(f"[5/6] generating one row per class through POST {url}/generate")
     from pipelines.data.dataset import read_manifest
@@ -200,6 +279,8 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     if keep_serving:
         log(f"  try it     curl -s -X POST {url}/generate -H 'Content-Type: application/json' -d '{body}' "
             f"-o digits.png")
+        log(f"  metrics    curl -s {url}/metrics    # Prometheus text; deploy/monitoring/prometheus.yml scrapes it")
+        log(f"  status     {Path(sys.executable).with_name('ddpm')} status")
         log(f"  stop       {Path(sys.executable).with_name('ray')} stop    # stops Serve and the local Ray")
     else:
         ray.shutdown()

@@ -46,6 +46,8 @@ import json
 import math
 import posixpath
 import struct
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -77,6 +79,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 SMALL_POLICIES = ("skip", "upscale")
 
+# Seconds between two progress lines of a running ingest (the last line comes at the end, whenever that is).
+PROGRESS_EVERY_S = 10.0
 # Pixels per task and per shard, at most (see _write_shards).
 _SHARD_BYTES = 64 * 2**20
 # Reads in flight per task on an object store: enough to hide the per-request latency, few enough to bound memory.
@@ -258,12 +262,14 @@ def preprocess(
     small: str = "skip",
     batch_size: int | None = None,
     endpoint_url: str | None = None,
+    progress: Callable[[str], None] | None = print,
 ) -> dict:
     """Preprocess every image under ``input_uri`` into shards under ``output_uri``; returns the manifest written.
 
     ``small`` says what happens to an image whose shorter side is below ``resolution``: "skip" (reported in the
     manifest) or "upscale". ``batch_size`` is the number of images per Ray task and per shard; by default about 4
-    tasks per CPU of the cluster and at most 64 MiB of pixels each.
+    tasks per CPU of the cluster and at most 64 MiB of pixels each. ``progress`` gets a line every
+    ``PROGRESS_EVERY_S`` seconds while the tasks run (objects done of the total, images/s) and one at the end.
     """
     if resolution < 1:
         raise ValueError(f"resolution must be at least 1, got {resolution}")
@@ -295,7 +301,7 @@ def preprocess(
     try:
         task_kwargs = dict(input_uri=input_uri, report_uri=scratch_uri, endpoint_url=endpoint_url,
                            resolution=resolution, channels=channels, upscale=small == "upscale")
-        _write_shards(rows, generation_uri, batch_size, task_kwargs)
+        _write_shards(rows, generation_uri, batch_size, task_kwargs, progress)
 
         # 3. Driver: what the tasks kept (from the shards themselves) and skipped (from their reports).
         shards = sorted(storage.join(generation, e.key)
@@ -340,7 +346,8 @@ def preprocess(
     return manifest
 
 
-def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None, task_kwargs: dict) -> None:
+def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None, task_kwargs: dict,
+                  progress: Callable[[str], None] | None = None) -> None:
     """Ray Data: (key, label) rows -> :func:`_prepare_batch` tasks -> Parquet shards under ``generation_uri``."""
     import ray
 
@@ -357,8 +364,57 @@ def _write_shards(rows: list[dict], generation_uri: str, batch_size: int | None,
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_task))  # one block per task
     ds = ds.map_batches(_prepare_batch, batch_size=None, batch_format="pyarrow", fn_kwargs=task_kwargs)
     fs, path = storage.filesystem_for(generation_uri, task_kwargs["endpoint_url"])
-    with storage.user_errors(generation_uri, task_kwargs["endpoint_url"]):
+    with storage.user_errors(generation_uri, task_kwargs["endpoint_url"]), \
+            _ShardWatcher(generation_uri, task_kwargs["endpoint_url"], len(rows), per_task, progress):
         ds.write_parquet(path, filesystem=fs)
+
+
+class _ShardWatcher:
+    """Progress of :func:`_write_shards` while Ray Data runs it: every task writes one shard of (at most) its
+    ``per_task`` objects, so the shards written so far say how many objects are done. A thread lists them every
+    couple of seconds and reports a line every ``PROGRESS_EVERY_S``; the last line, on the way out, has the exact
+    total and the rate over the whole write."""
+
+    def __init__(self, uri: str, endpoint_url: str | None, total: int, per_task: int,
+                 report: Callable[[str], None] | None, every_s: float | None = None, poll_s: float = 2.0):
+        self.uri, self.endpoint_url, self.total, self.per_task, self.report = uri, endpoint_url, total, per_task, report
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ingest-progress", daemon=True)
+
+    def __enter__(self) -> "_ShardWatcher":
+        self.started = self._last = time.monotonic()
+        if self.report is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._stop.set()
+        if self.report is None:
+            return
+        self._thread.join(timeout=5)
+        if kind is None:
+            self._line(self.total, final=True)
+
+    def _line(self, done: int, final: bool = False) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        width = len(f"{self.total:,}")
+        when = f"in {elapsed:.1f} s" if final else f"{elapsed:.0f} s"
+        self.report(f"[ingest] {done:>{width},}/{self.total:,} objects ({100 * done / self.total:3.0f}%)  "
+                    f"{rate:,.0f} images/s  {when}")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if time.monotonic() - self._last < self.every_s:
+                continue
+            try:
+                shards = sum(e.key.endswith(".parquet") for e in storage.list_files(self.uri, self.endpoint_url))
+            except UserError:  # a store hiccup costs a progress line, never the run
+                continue
+            self._last = time.monotonic()
+            self._line(min(shards * self.per_task, self.total))
 
 
 def _delete_quietly(uri: str, endpoint_url: str | None) -> None:

@@ -8,7 +8,9 @@ Who does what in ``ddpm train``::
     run          the MLflow run: open (or reopen the one the checkpoint names), register the final model, close
     worker       the loop each of the N workers runs (gloo on CPU, NCCL on GPU); rank 0 logs and checkpoints
     rows         exactly a step's rows from the worker's shard of the dataset, pass after pass
-    ddp          collectives: the weighted gradient all-reduce, sums over ranks, RNG states, rank 0's values
+    ddp          collectives: the weighted gradient all-reduce, sums over ranks, RNG states, rank 0's values;
+                 the gradient layout DDP's buckets take in place
+    progress     rank 0's progress line, printed by the driver; training progress as Ray metrics
     checkpoints  the checkpoint folder (no pickle) and TrainingState, the latest whole one in storage, upload
     samples      sample grids from fixed seeds
     local        ``ddpm train-local``

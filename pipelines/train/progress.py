@@ -11,7 +11,9 @@ a Ray job's log alike, without Ray's ``(RayTrainWorker pid=...)`` prefixes. Rank
 it is in the worker's log file too.
 
 A line is sent at most every ``DDPM_PROGRESS_EVERY_S`` seconds (30 by default; the first one right after the first
-logging window, the last one at the end): MLflow still gets every ``train.log_every_steps`` window.
+logging window, the last one at the end): MLflow still gets every ``train.log_every_steps`` window, and so do Ray's
+own metrics (:class:`RayGauges`: ``ray_ddpm_train_*`` on each node's metrics agent, which Prometheus scrapes on a
+cluster; deploy/monitoring/prometheus.yml).
 """
 
 from __future__ import annotations
@@ -54,13 +56,50 @@ def format_line(*, seen: int, total: int, rate: float, loss: float, lr: float, e
             f"loss {loss:.4f}  lr {lr:.1e}  {clock(elapsed_s)} elapsed, {left_text} left ({bound})")
 
 
-class Reporter:
-    """Rank 0's side: formats a line per progress window and sends it to the driver's :class:`_Lines` actor."""
+class RayGauges:
+    """Rank 0's progress as Ray metrics (``ray.util.metrics``), tagged with the run's name: exported by the node's
+    metrics agent as ``ray_ddpm_train_images_seen``, ``..._images_per_second``, ``..._loss``,
+    ``..._learning_rate``, ``..._time_left_seconds``. Never fails training: without a metrics agent it goes quiet."""
 
-    def __init__(self, sink, *, total: int, budget_s: float | None, every_s: float | None = None):
+    NAMES = {"images_seen": "Images trained on so far", "images_per_second": "Training throughput, all workers",
+             "loss": "Mean loss over the last logging window", "learning_rate": "The learning rate now",
+             "time_left_seconds": "Estimated seconds until the run ends"}
+
+    def __init__(self, run: str):
+        self.tags = {"run": run}
+        try:
+            from ray.util.metrics import Gauge
+
+            self.gauges = {k: Gauge(f"ddpm_train_{k}", description=d, tag_keys=("run",))
+                           for k, d in self.NAMES.items()}
+        except Exception:
+            self.gauges = {}
+
+    def set(self, **values: float) -> None:
+        for key, v in values.items():
+            gauge = self.gauges.get(key)
+            if gauge is not None and v == v and abs(v) != float("inf"):  # no NaN or infinity
+                try:
+                    gauge.set(float(v), tags=self.tags)
+                except Exception:
+                    self.gauges.pop(key, None)
+
+
+class Reporter:
+    """Rank 0's side: formats a line per progress window and sends it to the driver's :class:`_Lines` actor; sets
+    the Ray gauges at every logging window."""
+
+    def __init__(self, sink, *, total: int, budget_s: float | None, every_s: float | None = None,
+                 run: str = ""):
         self.sink, self.total, self.budget_s = sink, total, budget_s
         self.every_s = float(os.environ.get(EVERY_ENV, DEFAULT_EVERY_S)) if every_s is None else every_s
         self.last: float | None = None
+        self.gauges = RayGauges(run)
+
+    def export(self, *, seen: int, rate: float, loss: float, lr: float, elapsed_s: float) -> None:
+        left, _ = time_left(seen, self.total, rate, elapsed_s, self.budget_s)
+        self.gauges.set(images_seen=seen, images_per_second=rate, loss=loss, learning_rate=lr,
+                        time_left_seconds=left)
 
     def due(self, finished: bool) -> bool:
         return finished or self.last is None or time.monotonic() - self.last >= self.every_s
@@ -121,3 +160,13 @@ def printing(out=None, poll_s: float = 1.0):
             drain()
         with contextlib.suppress(Exception):
             ray.kill(sink)
+
+
+def fit_with_progress(trainer_cls, trainer_args: dict):
+    """``trainer_cls(**trainer_args).fit()`` with rank 0's progress lines printed here while it runs (the driver's
+    one call into this module: the :class:`WorkerJob` in ``train_loop_config`` gets the sink)."""
+    from dataclasses import replace
+
+    with printing() as sink:
+        job = trainer_args["train_loop_config"]["job"]
+        return trainer_cls(**{**trainer_args, "train_loop_config": replace(job, progress=sink).loop_config()}).fit()

@@ -156,7 +156,7 @@ def train_worker(loop_config: dict) -> None:
     sampler_net = UNet(config.model).to(device) if rank == 0 else None
     reporter = None
     if rank == 0:
-        reporter = Reporter(job.progress, total=total,
+        reporter = Reporter(job.progress, total=total, run=job.name,
                             budget_s=tc.max_minutes * 60 if tc.max_minutes is not None else None)
     throughput, loss_sum, loss_rows, last = Throughput(), 0.0, 0, {}
     time_spent = clock.spent()
@@ -191,9 +191,12 @@ def train_worker(loop_config: dict) -> None:
                     "images_per_sec": throughput.rate(), "images_seen": seen}
             if logger is not None:
                 logger.log_metrics(last, step)
-            if reporter is not None and reporter.due(finished):
-                reporter.report(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
-                                elapsed_s=clock.seconds())
+            if reporter is not None:
+                window = dict(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
+                              elapsed_s=clock.seconds())
+                reporter.export(**window)
+                if reporter.due(finished):
+                    reporter.report(**window)
             loss_sum, loss_rows = 0.0, 0
             throughput.restart()
 
