@@ -3,6 +3,10 @@
 Image ``i`` is drawn from seed ``(K + i) mod 2^32`` alone, through the core's one path (``ddpm.generate_images``), so
 the same command gives the same images whatever the batch, ``--seed 5 --num-images 1`` is image 5 of ``--seed 0
 --num-images 8``, and ``POST /generate`` returns the same pixels for the same seed and settings.
+
+Two outputs: ``--out grid.png`` / ``images.npz`` samples in this process and writes one file; ``--output`` a folder or
+an ``s3://`` prefix runs the batch job (:mod:`pipelines.generate.batch`): Ray Data sampler actors write shards of PNG
+files or Parquet rows with a manifest, at any N, resumable, with the same pixels.
 """
 
 from __future__ import annotations
@@ -10,21 +14,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from pipelines.errors import UserError, flag_error
+from pipelines.generate.progress import ProgressLine
 
-HELP = "generate images from a model (models:/NAME@ALIAS, models:/NAME/VERSION or a folder) into a PNG grid or .npz"
+HELP = ("generate images from a model (models:/NAME@ALIAS, models:/NAME/VERSION or a folder) into a PNG grid, an "
+        ".npz, or shards on Ray Data actors")
 EXAMPLE = """example:
   ddpm generate --model models:/digits@production --num-images 64 --sampler ddim --steps 50 --seed 0 --out grid.png
   ddpm generate --model models:/digits/3 --num-images 100 --class-label 7 --guidance-scale 2 --out sevens.npz
   ddpm generate --model .ddpm/local/digits --num-images 16 --sampler dpm++ --steps 20 --out grid.png
+  ddpm generate --model models:/cifar@production --num-images 50000 --output s3://bucket/samples/cifar-50k \\
+      --labels balanced --format parquet --use-gpu          # one sampler actor per GPU of the Ray cluster
 
---out ending in .png writes one grid; .npz writes the array `images`, uint8 of shape (N, H, W, C).
+--out ending in .png writes one grid; .npz writes the array `images`, uint8 of shape (N, H, W, C); both sample in
+this process. Any other --out/--output is a folder or s3:// prefix: Ray Data actors write images/seed-000123.png files
+(or data/*.parquet rows: image bytes, seed, label) in shards, then manifest.json (model, settings, seeds,
+fingerprint). Rerunning the same command resumes: only shards not yet committed are generated.
 """
 
 OUTPUT_SUFFIXES = (".png", ".npz")
+# Names that look like a file the user meant, not a folder: refused rather than turned into a folder of shards.
+FILE_LIKE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy", ".parquet", ".json")
 
 
 MAX_GRID_IMAGES = 4096  # a 64 x 64 grid; more is no longer a picture anyone looks at
@@ -36,34 +48,18 @@ def check_fits_in_memory(num_images: int, image_shape: tuple[int, int, int], out
     c, h, w = image_shape
     if out.suffix == ".png" and num_images > MAX_GRID_IMAGES:
         raise UserError(f"--num-images {num_images}: a PNG grid holds at most {MAX_GRID_IMAGES} images; "
-                        f"write an .npz, or several grids with --seed")
+                        f"write an .npz, or give --out a folder or s3:// prefix for one PNG per image")
     need = num_images * c * h * w
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > MEMORY_SHARE * have:
         raise UserError(f"--num-images {num_images}: {need / 2**30:.1f} GiB of pixels in one file, more than "
-                        f"{MEMORY_SHARE:.0%} of this machine's {have / 2**30:.0f} GiB; generate in parts with --seed")
-
-
-class ProgressLine:
-    """``progress`` for ``ddpm.generate_images``: a line on stderr at most every few seconds, with the rate and the
-    time left, and one at the end."""
-
-    def __init__(self, total: int, every_s: float = 5.0):
-        self.total, self.every_s = total, every_s
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"generated {done:,}/{self.total:,} images ({rate:.1f} images/s, {left:.0f} s left)", file=sys.stderr)
+                        f"{MEMORY_SHARE:.0%} of this machine's {have / 2**30:.0f} GiB; give --out a folder or "
+                        f"s3:// prefix instead: shards on Ray Data actors, in bounded memory at any N")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import FORWARD_ROWS, SAMPLERS
+    from pipelines.generate.batch import FORMATS, SHARD_IMAGES
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -71,32 +67,110 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     parser.add_argument("--steps", type=int, default=None, metavar="S",
                         help="denoising steps (default: the sampler's, 1000/50/20 for ddpm/ddim/dpm++)")
+    parser.add_argument("--eta", type=float, default=0.0, metavar="E",
+                        help="DDIM's noise: 0 deterministic, 1 DDPM-like (default: 0)")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="image i uses seed K+i (default: 0)")
-    parser.add_argument("--class-label", type=int, default=None, metavar="C",
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--class-label", type=int, default=None, metavar="C",
                         help="class id for a class-conditional model (default: unconditional)")
+    labels.add_argument("--labels", choices=("balanced",), default=None,
+                        help="balanced: image i gets class i mod (number of classes), equal counts per class")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
     parser.add_argument("--batch-size", type=int, default=FORWARD_ROWS, metavar="B",
                         help="rows per forward pass (the endpoint's micro_batch); the same pixels at the same value "
                              "(default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="grid.png or images.npz")
+    parser.add_argument("--device", default="cpu", help="torch device for a .png/.npz output, e.g. cuda "
+                                                        "(default: cpu)")
+    parser.add_argument("--out", "--output", dest="out", required=True, metavar="URI",
+                        help="grid.png or images.npz (this process), or a folder / s3:// prefix (Ray Data shards)")
+    shards = parser.add_argument_group("folder or s3:// output (Ray Data)")
+    shards.add_argument("--format", choices=FORMATS, default="png",
+                        help="png: images/seed-000123.png files; parquet: data/shard-*.parquet rows of image bytes, "
+                             "seed and label, readable as a dataset (default: png)")
+    shards.add_argument("--num-actors", type=int, default=None, metavar="A",
+                        help="sampler actors (default: one per GPU with --use-gpu, else one per --cpus-per-actor "
+                             "CPUs of the cluster)")
+    shards.add_argument("--use-gpu", action="store_true", help="one GPU per sampler actor (bf16, CUDA graphs)")
+    shards.add_argument("--cpus-per-actor", type=int, default=1, metavar="C",
+                        help="CPUs (and PyTorch threads) per actor (default: 1)")
+    shards.add_argument("--shard-size", type=int, default=SHARD_IMAGES, metavar="S",
+                        help="images per shard, the unit of work and of resumption (default: %(default)s)")
+    shards.add_argument("--endpoint-url", default=None, metavar="URL",
+                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow server for models:/ URIs (default: $MLFLOW_TRACKING_URI, else .ddpm/)")
 
 
+def is_file_output(out: str) -> bool:
+    """``grid.png`` / ``images.npz``: one file, sampled in this process; anything else is a folder or prefix."""
+    name = out.rstrip("/").rsplit("/", 1)[-1]
+    suffix = Path(name).suffix.lower()
+    if out.endswith("/") or "://" in out and not suffix:
+        return False
+    if suffix in OUTPUT_SUFFIXES and not out.endswith("/"):
+        return True
+    if suffix in FILE_LIKE_SUFFIXES:
+        raise UserError(f"--out {out}: a file name must end in .png (a grid) or .npz (an array); for one image "
+                        f"file per seed give a folder or an s3:// prefix")
+    return False
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    if is_file_output(args.out):
+        return generate_file(args)
+    return generate_shards(args)
+
+
+def generate_shards(args: argparse.Namespace) -> int:
+    """A folder or s3:// prefix: the Ray Data batch job (pipelines.generate.batch)."""
+    from ddpm.settings import SettingError, check_settings
+    from pipelines.generate import batch
+
+    try:  # the flags alone first, before the registry is asked
+        check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                       class_label=0 if args.labels else args.class_label, guidance_scale=args.guidance_scale)
+    except SettingError as exc:
+        raise flag_error(exc) from None
+    if args.shard_size < 1 or args.cpus_per_actor < 1:
+        raise UserError("--shard-size and --cpus-per-actor must be at least 1")
+    if args.device != "cpu":
+        raise UserError("--device applies to .png/.npz outputs; for a folder or s3:// prefix use --use-gpu "
+                        "(one GPU per sampler actor)")
+    source = batch.ModelSource.resolve(args.model, args.tracking_uri)
+    if args.labels == "balanced":
+        labels = batch.Labels.balanced(source.num_classes) if source.num_classes else batch.Labels("balanced")
+    elif args.class_label is not None:
+        labels = batch.Labels.one(args.class_label)
+    else:
+        labels = batch.Labels.none()
+    sampling = batch.Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size)
+    plan = batch.Plan(args.seed, args.num_images, args.shard_size)
+    manifest = batch.generate_to(args.out, source, plan, sampling, labels, fmt=args.format,
+                                 num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
+                                 use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
+                                 log=lambda line: print(line, file=sys.stderr))
+    where = "images/seed-*.png" if args.format == "png" else "data/*.parquet"
+    name = f"{source.name} version {source.version}" if source.name else str(source.path)
+    print(f"wrote {manifest['counts']['rows']:,} images ({'x'.join(map(str, source.image_shape))}) from {name} to "
+          f"{args.out} ({where}, manifest.json); fingerprint {manifest['fingerprint'][:16]}")
+    return 0
+
+
+def generate_file(args: argparse.Namespace) -> int:
+    """grid.png or images.npz: every image in this process's memory, sampled here."""
     from ddpm import checkpoint, encode_png, generate_images, image_seeds, make_grid
+    from ddpm.graphs import graphed_forward
     from ddpm.settings import SettingError, check_for_model, check_settings
     from pipelines.registry import resolve_model
 
     out = Path(args.out)
-    if out.suffix not in OUTPUT_SUFFIXES:
-        raise UserError(f"--out {args.out}: must end in .png (a grid) or .npz (an array)")
-    if args.num_images < 1 or args.batch_size < 1:
-        raise UserError("--num-images and --batch-size must be at least 1")
-    settings = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, class_label=args.class_label,
-                    guidance_scale=args.guidance_scale)
+    if args.labels:
+        raise UserError("--labels balanced is for a folder or s3:// output; give --class-label C for a grid or .npz")
+    settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                    class_label=args.class_label, guidance_scale=args.guidance_scale)
     try:
         check_settings(**settings)  # the rules of POST /generate and the pyfunc model, before anything is loaded
     except SettingError as exc:
@@ -110,18 +184,28 @@ def main(args: argparse.Namespace) -> int:
         raise flag_error(exc) from None
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
     try:
+        # The endpoint's network call (a CUDA graph on a GPU, the fixed-shape forward on the CPU): the same bytes.
         images = generate_images(loaded, image_seeds(args.seed, args.num_images), class_labels=args.class_label,
-                                 sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
-                                 forward_rows=args.batch_size, progress=ProgressLine(args.num_images))
+                                 sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                 guidance_scale=args.guidance_scale,
+                                 forward=graphed_forward(loaded.model, args.batch_size),
+                                 progress=ProgressLine(args.num_images))
     except ValueError as exc:  # e.g. steps outside [1, T]
         raise UserError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        out.write_bytes(encode_png(make_grid(images)))
+        data = encode_png(make_grid(images))
     else:
+        import io
+
         import numpy as np
 
-        np.savez_compressed(out, images=images)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=images)
+        data = buffer.getvalue()
+    from pipelines import storage
+
+    storage.write_bytes(args.out, data)  # a local file or an s3:// object, written whole
+    out = args.out
     source = f"{resolved.name} version {resolved.version}" if resolved.name else str(resolved.path)
     print(f"wrote {len(images)} images ({'x'.join(map(str, images.shape[1:]))}) from {source} to {out}")
     return 0

@@ -89,12 +89,47 @@ class Classifier:
         """Names this extractor: same key, same features (dataset fingerprint + recipe hash)."""
         return f"{self.fingerprint[:32]}-{recipe_hash()}"
 
-    @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """(N, H, W, C) uint8 -> (N, feature_dim) float64."""
-        self.net.eval()
-        out = [self.net.features(_to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-        return torch.cat(out).double().numpy()
+        return net_features(self.net, images, batch_size)
+
+    def weights_sha256(self) -> str:
+        """sha256 of the tensors by name: same value, same features (whatever file they were read from)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.net.state_dict().items()):
+            h.update(name.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def to_bytes(self) -> bytes:
+        """The network as safetensors bytes (weights, and its shape in the metadata): what Ray actors load it from,
+        and, hashed, the extractor's identity in a statistics cache key."""
+        from safetensors.torch import save
+
+        meta = {"in_channels": str(self.net.conv[0].in_channels), "num_classes": str(self.net.head.out_features)}
+        return save({k: v.contiguous() for k, v in self.net.state_dict().items()}, metadata=meta)
+
+
+def net_from_bytes(data: bytes) -> FeatureNet:
+    """:meth:`Classifier.to_bytes` back into an eval-mode :class:`FeatureNet` (plain tensors, nothing unpickled)."""
+    from safetensors.torch import load
+
+    header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, then the JSON header
+    meta = json.loads(data[8:8 + header_size])["__metadata__"]
+    net = FeatureNet(int(meta["in_channels"]), int(meta["num_classes"]), RECIPE["widths"], RECIPE["feature_dim"])
+    net.load_state_dict(load(data))
+    return net.eval()
+
+
+@torch.no_grad()
+def net_features(net: FeatureNet, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, feature_dim) float64, on the network's device."""
+    net.eval()
+    device = next(net.parameters()).device
+    out = [net.features(_to_tensor(images[i:i + batch_size]).to(device)).cpu()
+           for i in range(0, len(images), batch_size)]
+    if not out:
+        return np.zeros((0, net.embed.out_features))
+    return torch.cat(out).double().numpy()
 
 
 def recipe_hash() -> str:

@@ -53,6 +53,9 @@ REPORT_ROWS = (("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim"
 METRICS = ("fd_cls", "fid")  # headline metrics: lower is better
 GRID_IMAGES = 100
 INCEPTION_SIZE = 299
+SCALE_FROM = 5_000  # from this many samples on, samples and features are computed on Ray Data actors
+PR_SAMPLES = 5_000  # precision/recall at scale: at most this many points per set (k-NN needs n x n distances)
+BIAS_WARNING_N = 10_000  # below this n, say that Fréchet distances are biased at that size
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,23 @@ class Evaluation:
 
     settings: EvalSettings
     metrics: dict[str, float]    # fd_cls, fd_cls_floor, fd_cls_ratio, precision, recall, ..., images_per_s
-    images: "np.ndarray"         # (n, H, W, C) uint8
+    images: "np.ndarray"         # (n, H, W, C) uint8; at scale only the first GRID_IMAGES (the grid's)
     identity: dict
+    n: dict = field(default_factory=dict)         # samples, reference, held_out, precision_recall: the n of each set
+    warnings: list = field(default_factory=list)  # e.g. the small-n bias of Fréchet distances
 
     def to_dict(self) -> dict:
-        return {"settings": asdict(self.settings), "metrics": self.metrics, **self.identity}
+        return {"settings": asdict(self.settings), "metrics": self.metrics, "n": self.n, "warnings": self.warnings,
+                **self.identity}
+
+
+def bias_warnings(n: int) -> list[str]:
+    """The warning evaluation.json carries (and the log prints) when n is too small for an unbiased FD."""
+    if n >= BIAS_WARNING_N:
+        return []
+    return [f"n = {n:,} samples < {BIAS_WARNING_N:,}: FID (and FD-cls) are biased upwards at this size, by roughly "
+            f"the feature dimension / n; compare numbers only at the same n (FD-cls beside its floor at that n), "
+            f"and use --num-samples 50000 for a number comparable with papers' FID-50k"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,37 +143,54 @@ class InceptionFeatures:
     resize to 299x299 is bilinear.
     """
 
-    def __init__(self, path: str | Path):
-        import torch
-
+    def __init__(self, path: str | Path, device: str = "cpu"):
         path = Path(path).expanduser()
         if not path.is_file():
             raise UserError(f"--inception-weights {path}: no such file (FID needs a TorchScript Inception-v3, "
                             f"e.g. pt_inception-2015-12-05.pt)")
+        self._load(path.read_bytes(), f"--inception-weights {path}", device)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str = "cpu") -> "InceptionFeatures":
+        """The same extractor from the file's bytes: how Ray actors, which may not see the driver's disk, get it."""
+        self = cls.__new__(cls)
+        self._load(data, "inception weights", device)
+        return self
+
+    def _load(self, data: bytes, name: str, device) -> None:
+        import hashlib
+        import io
+
+        import torch
+
+        self.key = "inception-" + hashlib.sha256(data).hexdigest()[:16]  # names the extractor in a cache key
+        self.device = torch.device(device)
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+            self.module = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
         except (RuntimeError, ValueError) as exc:
-            raise UserError(f"--inception-weights {path}: not a TorchScript file "
+            raise UserError(f"{name}: not a TorchScript file "
                             f"({(str(exc).strip().splitlines() or ['unreadable'])[0]})") from None
         arguments = [a.name for a in self.module.forward.schema.arguments]
         self.kwargs = {"return_features": True} if "return_features" in arguments else {}
 
     def __call__(self, images: "np.ndarray", batch_size: int = 64) -> "np.ndarray":
+        import numpy as np
         import torch
         import torch.nn.functional as F
 
         out = []
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float()  # (B, C, H, W), 0..255
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float()  # (B, C, H, W), 0..255
                 x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
                 x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
                 features = self.module(x, **self.kwargs)
                 if features.dim() != 2 or features.shape[0] != x.shape[0]:
                     raise UserError(f"--inception-weights: the module returned shape {tuple(features.shape)}, "
                                     f"expected ({x.shape[0]}, 2048)")
-                out.append(features.double())
-        return torch.cat(out).numpy()
+                out.append(features.double().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 2048))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +282,159 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batc
     metrics |= {"precision_floor": reference.floor_precision, "recall_floor": reference.floor_recall,
                 "classifier_accuracy": reference.classifier_accuracy, "images_per_s": n / seconds}
     log(f"[evaluate] {settings.row}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return Evaluation(settings, metrics, images, reference.identity())
+    warnings = bias_warnings(n)
+    for warning in warnings:
+        log(f"[evaluate] warning: {warning}")
+    return Evaluation(settings, metrics, images, reference.identity(),
+                      {"samples": n, "reference": n, "held_out": n, "precision_recall": n}, warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# At scale: Ray Data actors for the samples and the features, the real side's statistics cached beside the data
+
+
+@dataclass
+class ScaleReference:
+    """The real side at scale: moments instead of feature sets, from feature actors or the cache.
+
+    Reference = the train half's first min(n, half) images, held-out (the floor) likewise; with n above a half's size
+    those sets are the whole half, while the samples are all n. The first ``n_pr`` rows' FD-cls features of each
+    set are kept for precision/recall.
+    """
+
+    fingerprint: str
+    classifier_key: str
+    classifier_accuracy: float
+    labels: "np.ndarray"                 # (num_samples,) held-out labels, repeated in order past the half's size
+    specs: dict                          # metric -> features.ExtractorSpec
+    stats: dict                          # metric -> ddpm.metrics.FeatureStats of the reference images
+    floors: dict[str, float]
+    pr_reference: "np.ndarray"           # (n_pr, D) FD-cls features of the first reference images
+    floor_precision: float
+    floor_recall: float
+    num_samples: int
+    n_reference: int
+    n_held_out: int
+    n_pr: int
+
+    def identity(self) -> dict:
+        return {"dataset_fingerprint": self.fingerprint, "classifier": self.classifier_key,
+                "extractors": sorted(self.specs)}
+
+
+def use_scale(num_samples: int, available: int, num_actors: int | None, use_gpu: bool) -> bool:
+    """Whether ``ddpm evaluate`` runs on Ray Data actors: many samples, more than a half holds, or actors asked for."""
+    return num_samples >= SCALE_FROM or num_samples > available or num_actors is not None or use_gpu
+
+
+def prepare_reference_at_scale(images: "np.ndarray", labels: "np.ndarray", *, data: str, num_samples: int,
+                               inception_weights: str | Path | None = None, num_actors: int | None = None,
+                               cpus_per_actor: int = 1, use_gpu: bool = False, log=print) -> ScaleReference:
+    """The classifier (cached), then per set (reference, held-out) and extractor: {mean, cov, n} from the cache
+    beside the data, or from feature actors and then cached."""
+    import numpy as np
+
+    from ddpm.metrics import frechet_distance_stats, precision_recall
+    from pipelines.evaluate import classifier as cls
+    from pipelines.evaluate import features as ft
+
+    if num_samples < 2:
+        raise UserError(f"--num-samples must be at least 2, got {num_samples}")
+    clf = cls.load_or_train(images, labels, log=log)
+    specs = {"fd_cls": ft.ExtractorSpec("fd_cls", "classifier", clf.to_bytes(), clf.weights_sha256()[:16])}
+    if inception_weights:
+        inception = InceptionFeatures(inception_weights)  # a bad file fails here, in one line, before any actor starts
+        specs["fid"] = ft.ExtractorSpec("fid", "inception", Path(inception_weights).expanduser().read_bytes(),
+                                        inception.key.split("-", 1)[1])
+    n_ref, n_held = min(num_samples, len(clf.train_index)), min(num_samples, len(clf.held_out_index))
+    n_pr = min(num_samples, n_ref, n_held, PR_SAMPLES)
+    root = ft.cache_root(data)
+    sets = {}
+    for role, rows in (("reference", clf.train_index[:n_ref]), ("held_out", clf.held_out_index[:n_held])):
+        keys = {m: ft.cache_key(clf.fingerprint, cls.recipe_hash(), spec, role, len(rows)) for m, spec in specs.items()}
+        found = {m: ft.read_cached(root, keys[m], log) for m in specs}
+        missing = {m: specs[m] for m, c in found.items() if c is None or (m == "fd_cls" and len(c.kept) < n_pr)}
+        if missing:
+            log(f"[evaluate] {role} features of {len(rows):,} images on feature actors: {', '.join(missing)}")
+            reduction = ft.real_stats(images[rows], missing, keep=PR_SAMPLES, num_actors=num_actors,
+                                      cpus_per_actor=cpus_per_actor, use_gpu=use_gpu)
+            for m in missing:
+                kept = reduction.kept_features(m) if m == "fd_cls" else np.zeros((0, reduction.stats[m].mean.size))
+                found[m] = ft.CachedStats(reduction.stats[m], kept)
+                ft.write_cached(root, keys[m], found[m], log)
+        if len(missing) < len(specs):
+            log(f"[evaluate] {role} statistics ({', '.join(m for m in specs if m not in missing)}, n={len(rows):,}) "
+                f"from the cache in {root}")
+        sets[role] = found
+    floors = {m: frechet_distance_stats(sets["held_out"][m].stats, sets["reference"][m].stats) for m in specs}
+    pr_reference = sets["reference"]["fd_cls"].kept[:n_pr]
+    floor_precision, floor_recall = precision_recall(pr_reference, sets["held_out"]["fd_cls"].kept[:n_pr])
+    held_labels = labels[clf.held_out_index]
+    sample_labels = held_labels[np.arange(num_samples) % len(held_labels)]
+    log("[evaluate] floors (held-out n={:,} vs reference n={:,}): {}".format(
+        n_held, n_ref, ", ".join(f"{m} {v:.3f}" for m, v in floors.items())))
+    return ScaleReference(clf.fingerprint, clf.key, clf.accuracy, sample_labels, specs,
+                          {m: sets["reference"][m].stats for m in specs}, floors, pr_reference, floor_precision,
+                          floor_recall, num_samples, n_ref, n_held, n_pr)
+
+
+def evaluate_at_scale(source, reference: ScaleReference, settings: EvalSettings, *, num_actors: int | None = None,
+                      cpus_per_actor: int = 1, use_gpu: bool = False, log=print) -> Evaluation:
+    """Sample ``settings.num_samples`` images from ``source`` (a ``pipelines.generate.batch.ModelSource``) on the batch
+    job's sampler actors and score them from per-shard partial sums: the same seeds, labels and pixels as
+    :func:`evaluate_model` (and ``ddpm generate``), in memory bounded at any n."""
+    from ddpm import FORWARD_ROWS
+    from ddpm.metrics import frechet_distance_stats, precision_recall
+    from pipelines.evaluate import features as ft
+    from pipelines.generate import batch
+    from pipelines.generate.progress import ProgressLine
+
+    n = reference.num_samples
+    if settings.num_samples != n:
+        raise ValueError(f"settings ask for {settings.num_samples} samples but the reference is for {n}")
+    if source.num_classes:
+        if int(reference.labels.max()) >= source.num_classes:
+            raise UserError(f"the data has labels up to {int(reference.labels.max())} but the model knows "
+                            f"{source.num_classes} classes")
+        labels = batch.Labels.per_image(reference.labels)
+    else:
+        labels = batch.Labels.none()
+    sampling = batch.Sampling(settings.sampler, settings.steps, 0.0, settings.guidance_scale, FORWARD_ROWS)
+    batch.check_job(source, sampling, labels)
+    plan = batch.Plan(settings.seed, n, batch.SHARD_IMAGES)
+    reduction = ft.Reduction(list(reference.specs), source.image_shape)
+    line = ProgressLine(n, what=f"[evaluate] {settings.row}: sampled and scored")
+
+    def on_row(row: dict) -> None:
+        reduction.add(row)
+        line(reduction.count)
+
+    sink = ft.FeatureSink(reference.specs, keep=reference.n_pr, grid=GRID_IMAGES)
+    start = time.perf_counter()
+    batch.run_shards(source, plan, sampling, labels, sink, list(range(plan.num_shards)), num_actors=num_actors,
+                     cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, on_row=on_row, weights=settings.weights,
+                     errors_name="sampler actors")
+    seconds = time.perf_counter() - start
+
+    metrics: dict[str, float] = {}
+    for metric in reference.specs:
+        fd, floor = frechet_distance_stats(reduction.stats[metric], reference.stats[metric]), reference.floors[metric]
+        metrics |= {metric: fd, f"{metric}_floor": floor, f"{metric}_ratio": fd / floor}
+    kept = reduction.kept_features("fd_cls")[:reference.n_pr]
+    metrics["precision"], metrics["recall"] = precision_recall(reference.pr_reference, kept)
+    metrics |= {"precision_floor": reference.floor_precision, "recall_floor": reference.floor_recall,
+                "classifier_accuracy": reference.classifier_accuracy, "images_per_s": n / seconds}
+    log(f"[evaluate] {settings.row}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    warnings = bias_warnings(n)
+    if reference.n_reference < n:
+        warnings.append(f"the reference and held-out sets hold {reference.n_reference:,} and "
+                        f"{reference.n_held_out:,} images (the data's halves), fewer than the {n:,} samples: the "
+                        f"floor is at their n, so a ratio below 1 is possible")
+    for warning in warnings:
+        log(f"[evaluate] warning: {warning}")
+    return Evaluation(settings, metrics, reduction.grid_images(), reference.identity(),
+                      {"samples": n, "reference": reference.n_reference, "held_out": reference.n_held_out,
+                       "precision_recall": reference.n_pr}, warnings)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,22 +449,26 @@ class Report:
 
 
 def sampler_report(loaded, reference: Reference, base: EvalSettings, *, rows=REPORT_ROWS, tolerance: float = 0.1,
-                   batch_size: int = 128, device: str = "cpu", log=print) -> Report:
+                   batch_size: int = 128, device: str = "cpu", log=print,
+                   run: Callable[[EvalSettings], Evaluation] | None = None) -> Report:
     """Evaluate every (sampler, steps) of ``rows`` on the same seeds and labels; a markdown table and a plot.
 
     The answer line names the cheapest row whose FD-cls is within ``tolerance`` (10%) of DDPM-1000's, or better.
+    ``run(settings)``: how one row is evaluated (default: :func:`evaluate_model` in this process).
     """
     from dataclasses import replace
 
-    evaluations = [evaluate_model(loaded, reference, replace(base, sampler=s, steps=k), batch_size=batch_size,
-                                  device=device, log=log) for s, k in rows]
+    if run is None:
+        def run(settings: EvalSettings) -> Evaluation:
+            return evaluate_model(loaded, reference, settings, batch_size=batch_size, device=device, log=log)
+    evaluations = [run(replace(base, sampler=s, steps=k)) for s, k in rows]
     return Report(evaluations, report_markdown(evaluations, tolerance), report_plot(evaluations))
 
 
 def report_markdown(evaluations: list[Evaluation], tolerance: float = 0.1) -> str:
     """The report's table, and which row is the fewest steps at DDPM-1000's quality."""
     first = evaluations[0]
-    lines = [f"n = {first.settings.num_samples} samples per row, seeds {first.settings.seed}.."
+    lines = [f"n = {first.settings.num_samples:,} samples per row, seeds {first.settings.seed}.."
              f"{first.settings.seed + first.settings.num_samples - 1}, {first.settings.weights.upper()} weights, "
              f"guidance {first.settings.guidance_scale:g}; FD-cls floor (held-out vs train) "
              f"{first.metrics['fd_cls_floor']:.3f}, precision/recall floor {first.metrics['precision_floor']:.3f}/"
@@ -394,8 +582,13 @@ def log_to_mlflow(evaluations: list[Evaluation], files: list[Path], *, tracking_
 def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool = False,
              inception_weights: str | Path | None = None, out: str | Path | None = None,
              tracking_uri: str | None = None, run_id: str | None = None, experiment: str = "evaluation",
-             device: str = "cpu", log=print) -> tuple[list[Evaluation], Report | None]:
-    """Resolve the model, prepare the real side, evaluate (one row, or every report row), write and log."""
+             device: str = "cpu", num_actors: int | None = None, cpus_per_actor: int = 1, use_gpu: bool = False,
+             log=print) -> tuple[list[Evaluation], Report | None]:
+    """Resolve the model, prepare the real side, evaluate (one row, or every report row), write and log.
+
+    In this process for small n; on Ray Data actors (:func:`evaluate_at_scale`) from ``SCALE_FROM`` samples, above
+    the data's halves, or when ``num_actors`` / ``use_gpu`` ask for it.
+    """
     from ddpm import checkpoint
     from pipelines import tracking
     from pipelines.registry import resolve_model
@@ -408,12 +601,30 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
     if shape != (loaded.config.image_size, loaded.config.image_size, loaded.config.in_channels):
         raise UserError(f"{data} holds {'x'.join(map(str, shape))} images but the model makes "
                         f"{loaded.config.image_size}x{loaded.config.image_size}x{loaded.config.in_channels}")
-    reference = prepare_reference(images, labels, num_samples=settings.num_samples, inception=inception, log=log)
+    from pipelines.evaluate.classifier import split
+
+    halves = min(len(part) for part in split(len(images)))
+    if use_scale(settings.num_samples, halves, num_actors, use_gpu):
+        from pipelines.generate.batch import ModelSource
+
+        source = ModelSource.resolve(model_uri, tracking_uri)
+        reference = prepare_reference_at_scale(images, labels, data=data, num_samples=settings.num_samples,
+                                               inception_weights=inception_weights, num_actors=num_actors,
+                                               cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, log=log)
+
+        def run(s: EvalSettings) -> Evaluation:
+            return evaluate_at_scale(source, reference, s, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                                     use_gpu=use_gpu, log=log)
+    else:
+        reference = prepare_reference(images, labels, num_samples=settings.num_samples, inception=inception, log=log)
+
+        def run(s: EvalSettings) -> Evaluation:
+            return evaluate_model(loaded, reference, s, device=device, log=log)
     if report:
-        rep = sampler_report(loaded, reference, settings, device=device, log=log)
+        rep = sampler_report(loaded, reference, settings, device=device, log=log, run=run)
         evaluations = rep.evaluations
     else:
-        rep, evaluations = None, [evaluate_model(loaded, reference, settings, device=device, log=log)]
+        rep, evaluations = None, [run(settings)]
     files = write_outputs(Path(out), evaluations, rep) if out else []
     if tracking_uri or run_id:
         model_tags = {"eval.model": model_uri} | (
@@ -453,7 +664,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow server to log to (default: $MLFLOW_TRACKING_URI; unset: no logging)")
     parser.add_argument("--run-id", default=None, help="log into this MLflow run (e.g. the training run)")
     parser.add_argument("--experiment", default="evaluation", help="MLflow experiment for a new run")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device in this process (default: cpu)")
+    scale = parser.add_argument_group(
+        f"at scale (from {SCALE_FROM:,} samples, more than the data's halves hold, or when asked with "
+        f"--num-actors/--use-gpu): samples and features on Ray Data actors")
+    scale.add_argument("--num-actors", type=int, default=None, metavar="A",
+                       help="sampler (and feature) actors (default: one per GPU with --use-gpu, else one per "
+                            "--cpus-per-actor CPUs of the cluster)")
+    scale.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    scale.add_argument("--cpus-per-actor", type=int, default=1, metavar="C",
+                       help="CPUs (and PyTorch threads) per actor (default: 1)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -466,10 +686,13 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples must be at least 2, got {args.num_samples}")
     settings = EvalSettings(args.num_samples, args.sampler, args.steps, args.guidance_scale, args.seed, args.weights)
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.cpus_per_actor < 1:
+        raise UserError(f"--cpus-per-actor must be at least 1, got {args.cpus_per_actor}")
     evaluations, report = evaluate(args.model, args.data, settings, report=args.report,
                                    inception_weights=args.inception_weights, out=args.out,
                                    tracking_uri=tracking_uri, run_id=args.run_id, experiment=args.experiment,
-                                   device=args.device)
+                                   device=args.device, num_actors=args.num_actors,
+                                   cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu)
     if report is not None:
         print(report.markdown, end="")
     else:
