@@ -59,7 +59,7 @@ def check_fits_in_memory(num_images: int, image_shape: tuple[int, int, int], out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import FORWARD_ROWS, SAMPLERS
-    from pipelines.generate.batch import FORMATS, SHARD_IMAGES
+    from pipelines.generate.batch import FORMATS, SHARD_IMAGES, add_actor_arguments
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -88,12 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("--format", choices=FORMATS, default="png",
                         help="png: images/seed-000123.png files; parquet: data/shard-*.parquet rows of image bytes, "
                              "seed and label, readable as a dataset (default: png)")
-    shards.add_argument("--num-actors", type=int, default=None, metavar="A",
-                        help="sampler actors (default: one per GPU with --use-gpu, else one per --cpus-per-actor "
-                             "CPUs of the cluster)")
-    shards.add_argument("--use-gpu", action="store_true", help="one GPU per sampler actor (bf16, CUDA graphs)")
-    shards.add_argument("--cpus-per-actor", type=int, default=1, metavar="C",
-                        help="CPUs (and PyTorch threads) per actor (default: 1)")
+    add_actor_arguments(shards)
     shards.add_argument("--shard-size", type=int, default=SHARD_IMAGES, metavar="S",
                         help="images per shard, the unit of work and of resumption (default: %(default)s)")
     shards.add_argument("--endpoint-url", default=None, metavar="URL",

@@ -637,6 +637,7 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import SAMPLERS
+    from pipelines.generate.batch import add_actor_arguments
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -668,13 +669,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scale = parser.add_argument_group(
         f"at scale (from {SCALE_FROM:,} samples, more than the data's halves hold, or when asked with "
         f"--num-actors/--use-gpu): samples and features on Ray Data actors")
-    scale.add_argument("--num-actors", type=int, default=None, metavar="A",
-                       help="sampler (and feature) actors (default: one per GPU with --use-gpu, else one per "
-                            "--cpus-per-actor CPUs of the cluster)")
-    scale.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
-    scale.add_argument("--cpus-per-actor", type=int, default=1, metavar="C",
-                       help="CPUs (and PyTorch threads) per actor (default: 1)")
-
+    add_actor_arguments(scale, "sampler (and feature) actors")
 
 def main(args: argparse.Namespace) -> int:
     import os

@@ -67,6 +67,16 @@ DATASET_FORMAT_VERSION = 1  # pipelines.data.dataset's manifest format, which a 
 _IO_THREADS = 8  # concurrent PUTs per actor: an object store answers each after a round trip
 
 
+def add_actor_arguments(group, what: str = "sampler actors") -> None:
+    """The flags that size the actor pool, shared by ``ddpm generate`` and ``ddpm evaluate``."""
+    group.add_argument("--num-actors", type=int, default=None, metavar="A",
+                       help=f"{what} (default: one per GPU with --use-gpu, else one per --cpus-per-actor CPUs of "
+                            f"the cluster)")
+    group.add_argument("--use-gpu", action="store_true", help="one GPU per actor (bf16, CUDA graphs)")
+    group.add_argument("--cpus-per-actor", type=int, default=1, metavar="C",
+                       help="CPUs (and PyTorch threads) per actor (default: 1)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What is generated
 
