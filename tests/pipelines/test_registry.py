@@ -148,7 +148,9 @@ def test_generate_from_the_embedded_store(checkpoint_dir, tmp_path):
 
 def test_the_pyfunc_example_in_the_docs_runs_as_written(checkpoint_dir, tmp_path):
     """docs/training.md's pyfunc block, run by bash from a checkout whose embedded store holds digits@production."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DDPM_HOME")}
+    # A fresh shell: none of the tracking or registry URIs that earlier tests left in this process's environment
+    # (mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI, which would send the block to a test's server).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "DDPM_HOME"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` is this environment's
     script = (f"from pipelines import registry, tracking; uri = tracking.tracking_uri(); "
               f"run = tracking.client(uri).create_run(tracking.ensure_experiment('docs', uri)); "
