@@ -24,6 +24,7 @@ import yaml
 
 from ddpm import checkpoint
 from tests.deploy.test_serve import save_tiny
+from tests.reliability.support import wait_for
 from tests.support import free_port, start_local_ray, wait_http
 
 MODEL = "ops-test"
@@ -172,16 +173,6 @@ def test_the_scrape_config_targets_metrics_with_the_api_key():
     assert job["authorization"]["type"] == "Bearer" and "credentials_file" in job["authorization"]
 
 
-def wait_for(predicate, timeout: float = 60.0, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(poll)
-    return predicate()
-
-
 def model_info(server: str) -> dict:
     return requests.get(f"{server}/v1/model", headers=AUTH, timeout=TIMEOUT).json()
 
@@ -196,12 +187,14 @@ def test_a_planted_version_never_serves(server, registry):
     assert info["version"] == v1 and info["canary"]["status"] == "passed" and info["canary"]["score"] == 0
 
     promote(MODEL, v2, "production", tracking_uri)
-    assert wait_for(lambda: model_info(server)["version"] == v2), "the honest version 2 never took over"
+    assert wait_for(lambda: model_info(server)["version"] == v2, timeout=60, interval=0.5,
+                    what="the honest version 2 taking over"), "the honest version 2 never took over"
     assert model_info(server)["canary"] == {"status": "passed", "score": 0.0, "tolerance": CANARY_TOLERANCE,
                                             "detail": "", "name": MODEL, "version": v2}
 
     promote(MODEL, v3, "production", tracking_uri)
-    refused = wait_for(lambda: model_info(server)["canary_refused"])
+    refused = wait_for(lambda: model_info(server)["canary_refused"], timeout=60, interval=0.5,
+                       what="the canary's refusal of version 3")
     assert refused and refused["version"] == v3 and refused["status"] == "refused"
     assert refused["score"] > CANARY_TOLERANCE
     info = model_info(server)
