@@ -104,14 +104,19 @@ class Reporter:
     def due(self, finished: bool) -> bool:
         return finished or self.last is None or time.monotonic() - self.last >= self.every_s
 
-    def report(self, **values) -> str:
+    def report(self, *, final: bool = False, **values) -> str:
+        """Print and send one line. Lines go fire-and-forget, except the ``final`` one: rank 0 waits (10 s at most)
+        until the actor has it, and so every line before it (one caller's actor calls run in order), so that the
+        driver's last drain after ``fit()`` finds them all rather than racing them."""
         line = format_line(total=self.total, budget_s=self.budget_s, **values)
         self.last = time.monotonic()
         print(line, flush=True)  # the worker's own log file
         if self.sink is not None:
             try:
-                self.sink.put.remote(line)  # fire and forget: a lost line must never stop training
-            except Exception:  # the driver (and its actor) went away: training goes on
+                sent = self.sink.put.remote(line)  # a lost line must never stop training
+                if final:
+                    ray.get(sent, timeout=10)
+            except Exception:  # the driver (and its actor) went away, or is slow: training goes on
                 self.sink = None
         return line
 

@@ -196,7 +196,7 @@ def train_worker(loop_config: dict) -> None:
                               elapsed_s=clock.seconds())
                 reporter.export(**window)
                 if reporter.due(finished):
-                    reporter.report(**window)
+                    reporter.report(final=finished, **window)
             loss_sum, loss_rows = 0.0, 0
             throughput.restart()
 
