@@ -72,6 +72,7 @@ class TrainConfig:
     sample_every_images: int = 100_000
     num_checkpoints_to_keep: int = 2
     max_failures: int = 2
+    elastic_check_s: float = 60.0  # an elastic run (--num-workers MIN-MAX) looks for room to grow this often
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -90,6 +91,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.adam_beta2 < 1:
             raise UserError(f"train.adam_beta2 must be in [0, 1), got {self.adam_beta2}")
+        if not self.elastic_check_s >= 0:
+            raise UserError(f"train.elastic_check_s must be at least 0, got {self.elastic_check_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
 
@@ -139,7 +142,7 @@ class PipelineConfig:
     resolution: int = 16
     channels: int = 1
     small: str = "upscale"                # images below the resolution: "skip" or "upscale"
-    num_workers: int = 2
+    num_workers: int | str = "2"          # N, or an elastic range "MIN-MAX" (pipelines.train.resources.Workers)
     use_gpu: bool = False
     experiment: str = "ddpm"
     promote_to: str = "production"
@@ -152,8 +155,9 @@ class PipelineConfig:
     eval_seed: int = 0
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise UserError(f"pipeline.num_workers must be at least 1, got {self.num_workers}")
+        from pipelines.train.resources import Workers
+
+        Workers.parse(self.num_workers, "pipeline.num_workers")
         if self.resolution < 1 or self.channels not in (1, 3):
             raise UserError(f"pipeline.resolution must be positive and pipeline.channels 1 or 3, "
                             f"got {self.resolution} and {self.channels}")

@@ -14,6 +14,8 @@ EXAMPLE = """example:
       --num-workers 2 --storage s3://my-bucket/runs --name digits-1 --register-as digits
   ddpm train --data .ddpm/data/digits --config configs/digits.yaml --set train.total_images=20000 \\
       --num-workers 1 --storage .ddpm/runs --name quick --register-as digits     # a local folder works too
+  ddpm train --data s3://my-bucket/processed/digits --config configs/digits.yaml \
+      --num-workers 2-8 --storage s3://my-bucket/runs --name digits-spot    # elastic: spot nodes come and go
 
 Run the same command again with the same --name to resume from the last checkpoint (raise
 --set train.total_images=... to train further). Tracking: --tracking-uri, else $MLFLOW_TRACKING_URI, else the
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="YAML", help="a preset, e.g. configs/digits.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.total_images=20000; repeatable")
-    parser.add_argument("--num-workers", type=int, default=1, metavar="N", help="Ray Train workers (default: 1)")
+    parser.add_argument("--num-workers", default="1", metavar="N|MIN-MAX",
+                        help="Ray Train workers (default: 1), or an elastic range such as 1-4: training starts with "
+                             "what the cluster holds and resizes as nodes come and go (docs/training.md)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--cpus-per-worker", type=int, default=None, metavar="K",
                         help="CPUs reserved per worker, which also sets its thread count "
@@ -52,14 +56,17 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train.driver import train
 
-    if args.num_workers < 1 or (args.cpus_per_worker is not None and args.cpus_per_worker < 1):
-        raise UserError("--num-workers and --cpus-per-worker must be at least 1")
+    from pipelines.train.resources import Workers
+
+    workers = Workers.parse(args.num_workers, "--num-workers")
+    if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
+        raise UserError("--cpus-per-worker must be at least 1")
     if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
         raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
     config = load_config(args.config, args.set)
     # The driver's MLflow calls fail in seconds, not after MLflow's default minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    result = train(args.data, config, storage=args.storage, name=args.name, num_workers=args.num_workers,
+    result = train(args.data, config, storage=args.storage, name=args.name, num_workers=workers,
                    use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, placement=args.placement,
                    register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment,
                    resource_wait_s=args.resource_wait_s)

@@ -20,9 +20,10 @@ from pipelines.data.dataset import load_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
-from pipelines.train.resources import check_workers_fit
+from pipelines.train.resources import Workers, check_workers_fit
 from pipelines.train.run import fail_run, finish_run, open_run
 from pipelines.train.progress import fit_with_progress
+from pipelines.train.rows import Blocks
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
 
 
@@ -41,7 +42,7 @@ def train(
     *,
     storage: str,
     name: str,
-    num_workers: int = 1,
+    num_workers: int | str | Workers = 1,
     use_gpu: bool = False,
     cpus_per_worker: int | None = None,
     placement: str | None = None,
@@ -56,6 +57,9 @@ def train(
     over resumed attempts). Running it again with the same ``name`` resumes from the run's latest complete
     checkpoint, in the same MLflow run; a run that already holds its final checkpoint only registers.
 
+    ``num_workers`` is a fixed N or an elastic range ``"MIN-MAX"`` (:class:`pipelines.train.resources.Workers`):
+    the global batch, the steps and the order of the images stay those of the config whatever the group's size.
+
     ``cpus_per_worker`` defaults to the cluster's CPUs divided among the workers (at most one node's worth): Ray sets
     a worker's thread count from its CPU reservation, and a CPU worker with fewer threads than cores is that much
     slower. ``placement`` defaults to SPREAD on CPUs (each worker gets a node's cores to itself) and PACK on GPUs
@@ -68,9 +72,10 @@ def train(
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
+    workers = Workers.parse(num_workers)
     init_ray()
-    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(num_workers)
-    check_workers_fit(num_workers, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers.max)
+    check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
     print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
@@ -81,7 +86,7 @@ def train(
               f"skipping to registration", flush=True)
         final_uri = previous.uri
     else:
-        result = _fit(data, config, manifest, storage=storage, name=name, num_workers=num_workers,
+        result = _fit(data, config, manifest, storage=storage, name=name, workers=workers,
                       use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id,
                       tracking_uri=uri)
         final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
@@ -129,21 +134,24 @@ def default_cpus_per_worker(num_workers: int) -> int:
     return max(1, min(int(max(per_node, default=1)), int(sum(per_node) // num_workers)))
 
 
-def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_workers: int, use_gpu: bool,
+def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers: Workers, use_gpu: bool,
          cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
     """Run the TorchTrainer; returns its Result (the final checkpoint in ``result.checkpoint``).
 
     A worker (or node) that dies is replaced by Ray Train (``train.max_failures`` times) and the group restarts from
     the last checkpoint (:func:`pipelines.train.checkpoints.resume_from`). When the retries run out, the one-line
-    error names the checkpoint the same command will resume from.
+    error names the checkpoint the same command will resume from. An elastic group (``workers.elastic``) also
+    restarts, from the latest checkpoint, when Ray Train resizes it: it looks for more room every
+    ``train.elastic_check_s`` seconds.
     """
     cpus = cpus_per_worker
     fs, root = store.filesystem_for(storage)
-    # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once, and every pass
-    # streams from there: a pass then needs no read tasks, so the workers may reserve every CPU of their nodes
-    # (a read task waiting for a free CPU would wait forever).
-    dataset = load_dataset(data, columns=["image", "label"]).random_shuffle(seed=config.train.seed).materialize()
-    dataset.context.enable_progress_bars = False  # a bar per pass per worker is noise in a training log
+    # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once so that each
+    # block mixes the classes, and the workers take their rows from its blocks (pipelines.train.rows): training
+    # then needs no read tasks, so the workers may reserve every CPU of their nodes.
+    dataset = load_dataset(data, columns=["image", "label"]).random_shuffle(seed=config.train.seed)
+    dataset.context.enable_progress_bars = False
+    blocks = Blocks.of(dataset.materialize())
     fail_after = os.environ.get(FAIL_AFTER_ENV)
     job = WorkerJob(
         config=config,
@@ -155,15 +163,16 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
         name=name,
         endpoint_url=store.resolve_endpoint(None),
         fail_after_images=int(fail_after) if fail_after else None,
+        blocks=blocks,
     )
     resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     trainer_args = dict(
         train_loop_per_worker=train_worker,
         train_loop_config=job.loop_config(),
-        datasets={"train": dataset},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.scaling(), use_gpu=use_gpu,
                                                resources_per_worker=resources,
-                                               placement_strategy=placement or ("PACK" if use_gpu else "SPREAD")),
+                                               placement_strategy=placement or ("PACK" if use_gpu else "SPREAD"),
+                                               elastic_resize_monitor_interval_s=config.train.elastic_check_s),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=root,
@@ -172,7 +181,7 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, num_work
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
     )
-    print(f"training on {num_workers} worker(s) x {cpus} CPU{' + 1 GPU' if use_gpu else ''}; "
+    print(f"training on {workers} worker(s) x {cpus} CPU{' + 1 GPU' if use_gpu else ''}; "
           f"checkpoints under {store.join(storage, name)}", flush=True)
     outages = 0
     while True:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
+from dataclasses import dataclass
 
 import ray
 
@@ -22,6 +24,43 @@ from pipelines.errors import UserError
 
 LOCAL_WAIT_S = 30.0     # a local Ray: held resources may be released soon; capacity never grows
 CLUSTER_WAIT_S = 600.0  # a joined cluster: time for an autoscaler to start a node
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How many training workers: a fixed ``N``, or an elastic range ``MIN-MAX`` (Ray Train starts with what the
+    cluster holds, at least MIN, restarts smaller when a node goes and grows back, up to MAX, when one comes)."""
+
+    min: int
+    max: int
+
+    @classmethod
+    def parse(cls, value, what: str = "--num-workers") -> "Workers":
+        """``2``, ``"2"`` or ``"1-4"``; a UserError that names ``what`` for anything else."""
+        if isinstance(value, Workers):
+            return value
+        text = str(value).strip()
+        match = None if isinstance(value, bool) else re.fullmatch(r"(-?\d+)(?:\s*-\s*(\d+))?", text)
+        if match is None:
+            raise UserError(f"{what} must be N or MIN-MAX (e.g. 4 or 1-4), got {value!r}")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) else low
+        if low < 1:
+            raise UserError(f"{what} must be at least 1, got {text}")
+        if high < low:
+            raise UserError(f"{what}: MIN must be at most MAX, got {text}")
+        return cls(low, high)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max > self.min
+
+    def scaling(self):
+        """``ScalingConfig(num_workers=...)``: an int, or Ray Train's elastic (min, max) tuple."""
+        return (self.min, self.max) if self.elastic else self.min
+
+    def __str__(self) -> str:
+        return f"{self.min}-{self.max}" if self.elastic else str(self.min)
 
 
 def default_wait_s() -> float:

@@ -1,49 +1,115 @@
-"""The row stream: exactly the rows a training step needs, cut from a worker's shard of the dataset, pass after
-pass."""
+"""The training rows: one endless order of the dataset's rows that depends on the images seen, never on the number
+of workers, so a run that resizes (elastic training) or resumes continues exactly where it stopped.
+
+Position ``i`` of the order is in pass ``p = i // N`` (N rows in the dataset). A pass visits the dataset's blocks in
+an order drawn from ``(seed, p)`` and the rows of each block in an order drawn from ``(seed, p, block)``: every row
+once per pass, a new order every pass, and nothing but ``i`` decides which row comes at ``i``. A training step
+takes positions ``[seen, seen + n)``; rank r of W trains on its contiguous part of them. After a resize from W to W'
+workers the next step takes positions from ``seen`` on, as it would have without the resize: no image is repeated
+or skipped, except the steps after the last checkpoint, which every restart trains again.
+
+The blocks are the dataset's, in Ray's object store (read once by the driver, spilled to disk if they must be):
+a worker fetches a block when a position first needs it (zero-copy from its node's object store) and keeps the few
+it is reading. Each node fetches each block once per pass, since the ranks' parts of a step come from the same
+stretch of the order; for the datasets this is built for (images at training size, or latents) that is cheap next to
+training on them.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import numpy as np
+import ray
 
 
-class RowStream:
-    """Exactly ``n`` rows at a time from this worker's shard of the dataset, pass after pass.
+@dataclass(frozen=True)
+class Blocks:
+    """The dataset as Ray object refs to numpy blocks (``{"image": (k, H, W, C) uint8, "label": (k,) int64}``) and
+    each block's row count: what the driver hands every worker."""
 
-    Ray Data hands out batches of its own making and ends each pass over the data; a step needs a given number of
-    rows, and a pass rarely divides into steps. So rows are fetched in large chunks (few per pass: Ray Data's cost
-    is per batch, not per row), each chunk is put in a new random order (the dataset was shuffled once, when it was
-    read; this varies the order from pass to pass), and steps are cut from the chunks, the tail of one pass carrying
-    into the next. Every rank takes the same number of rows per step, so the ranks' shards (equal in size,
-    ``streaming_split(equal=True)``) run out together and start the next pass together.
-    """
+    refs: tuple  # ObjectRef per block
+    sizes: tuple[int, ...]
 
-    FETCH_BYTES = 4 << 20  # image bytes per chunk, when a step's rows are fewer
+    @classmethod
+    def of(cls, dataset) -> "Blocks":
+        """From a materialized Ray Dataset with ``image`` and ``label`` columns (empty blocks left out)."""
+        refs = dataset.to_numpy_refs()
+        sizes = ray.get([_num_rows.remote(ref) for ref in refs])
+        kept = [(ref, size) for ref, size in zip(refs, sizes) if size > 0]
+        return cls(tuple(r for r, _ in kept), tuple(s for _, s in kept))
 
-    def __init__(self, shard, rows_per_step: int, row_bytes: int, seed: list[int]):
-        self._rng = np.random.default_rng(seed)
-        self._chunks = self._passes(shard, max(rows_per_step, self.FETCH_BYTES // row_bytes))
-        self._images, self._labels, self._offset = None, None, 0
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
 
-    def _passes(self, shard, rows_per_fetch: int):
-        while True:
-            empty = True
-            for batch in shard.iter_batches(batch_size=rows_per_fetch, batch_format="numpy"):
-                empty = False
-                order = self._rng.permutation(len(batch["label"]))
-                yield batch["image"][order], batch["label"][order]  # (k, H, W, C) uint8, (k,) int64: fresh arrays
-            if empty:
-                raise RuntimeError("this worker's shard of the dataset is empty: use fewer workers than images")
 
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, H, W, C) uint8 images and (n,) int64 labels (views of fresh, writable arrays)."""
+@ray.remote(num_cpus=0)
+def _num_rows(block: dict) -> int:
+    return len(block["label"])
+
+
+class Order:
+    """Which (block, row) is at each position of the endless order (see the module docstring); no data, no Ray."""
+
+    def __init__(self, sizes: tuple[int, ...], seed: int):
+        if not sizes or min(sizes) <= 0:
+            raise ValueError("the dataset has no rows")
+        self.sizes, self.seed, self.num_rows = np.asarray(sizes), seed, int(sum(sizes))
+        self._pass: int | None = None
+        self._row_orders: dict[int, np.ndarray] = {}
+
+    def _enter(self, p: int) -> None:
+        """Draw pass p's block order; row orders are drawn as their blocks are reached."""
+        if self._pass != p:
+            self._pass, self._row_orders = p, {}
+            self._blocks = np.random.default_rng([self.seed, p]).permutation(len(self.sizes))
+            self._ends = np.cumsum(self.sizes[self._blocks])  # position within the pass where each block ends
+
+    def _rows_of(self, block: int) -> np.ndarray:
+        if block not in self._row_orders:
+            rng = np.random.default_rng([self.seed, self._pass, block])
+            self._row_orders[block] = rng.permutation(int(self.sizes[block]))
+        return self._row_orders[block]
+
+    def at(self, start: int, count: int) -> list[tuple[int, np.ndarray]]:
+        """Positions ``[start, start + count)`` as runs of (block, row indices), in order."""
+        runs = []
+        while count > 0:
+            p, q = divmod(start, self.num_rows)
+            self._enter(p)
+            k = int(np.searchsorted(self._ends, q, side="right"))  # the block holding position q of the pass
+            block, begin = int(self._blocks[k]), int(self._ends[k] - self.sizes[self._blocks[k]])
+            take = min(count, int(self._ends[k]) - q)
+            runs.append((block, self._rows_of(block)[q - begin:q - begin + take]))
+            start, count = start + take, count - take
+        return runs
+
+
+class Rows:
+    """A worker's access to the order: ``take(start, n)`` is positions ``[start, start + n)`` as arrays."""
+
+    KEEP_BLOCKS = 4  # blocks held at once: a step's part spans one or two
+
+    def __init__(self, blocks: Blocks, seed: int):
+        self.blocks, self.order = blocks, Order(blocks.sizes, seed)
+        self._held: OrderedDict[int, dict] = OrderedDict()
+
+    def _block(self, index: int) -> dict:
+        if index in self._held:
+            self._held.move_to_end(index)
+        else:
+            self._held[index] = ray.get(self.blocks.refs[index])  # read-only arrays in the object store
+            if len(self._held) > self.KEEP_BLOCKS:
+                self._held.popitem(last=False)
+        return self._held[index]
+
+    def take(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, H, W, C) uint8 images and (n,) int64 labels at positions ``[start, start + n)`` (fresh arrays)."""
         images, labels = [], []
-        while n > 0:
-            if self._labels is None or self._offset == len(self._labels):
-                (self._images, self._labels), self._offset = next(self._chunks), 0
-            k = min(n, len(self._labels) - self._offset)
-            images.append(self._images[self._offset:self._offset + k])
-            labels.append(self._labels[self._offset:self._offset + k])
-            self._offset, n = self._offset + k, n - k
-        if len(labels) == 1:
-            return images[0], labels[0]
+        for block, rows in self.order.at(start, n):
+            data = self._block(block)
+            images.append(data["image"][rows])  # fancy indexing copies: the step may write to them
+            labels.append(data["label"][rows])
         return np.concatenate(images), np.concatenate(labels)

@@ -1,4 +1,4 @@
-"""The loop every Ray Train worker runs: build or restore the model, stream this worker's rows, train exactly the
+"""The loop every Ray Train worker runs: build or restore the model, take this worker's rows, train exactly the
 run's images in DDP, and on rank 0 log to MLflow, draw sample grids and write the checkpoints. Its input is one
 :class:`WorkerJob`, from the driver."""
 
@@ -23,7 +23,8 @@ from pipelines.tracking import RunLogger
 from pipelines.train import ddp
 from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_checkpoint, resume_from
 from pipelines.train.progress import Reporter
-from pipelines.train.rows import RowStream
+from pipelines.train import preemption
+from pipelines.train.rows import Blocks, Rows
 from pipelines.train.samples import sample_grid
 
 # Test hook, for the test suite only: the last rank raises right after the first checkpoint at or past N images, in
@@ -46,6 +47,7 @@ class WorkerJob:
     storage: str  # checkpoints go to STORAGE/NAME/
     name: str
     endpoint_url: str | None  # the driver's S3 endpoint, so every worker reads and writes the same store
+    blocks: Blocks | None = None  # the dataset in Ray's object store (pipelines.train.rows)
     fail_after_images: int | None = None  # the FAIL_AFTER_ENV test hook
     progress: object | None = None  # the driver's progress actor (pipelines.train.progress.printing); None: no lines
 
@@ -97,9 +99,14 @@ def train_worker(loop_config: dict) -> None:
 
     Every step takes min(batch_size, images left) images, split across the workers: rank r trains on its contiguous
     part of the global batch, and DDP's gradient is weighted by each rank's share (:func:`ddp.weighted_allreduce`),
-    so the run sees exactly ``train.total_images`` images (or stops when ``train.max_minutes`` run out).
+    so the run sees exactly ``train.total_images`` images (or stops when ``train.max_minutes`` run out), in the same
+    steps whatever the number of workers, which may change at every restart (elastic training).
     """
-    job: WorkerJob = loop_config["job"]
+    with preemption.handling_sigterm():
+        _train(loop_config["job"])
+
+
+def _train(job: WorkerJob) -> None:
     config = job.config
     tc = config.train
     context = ray.train.get_context()
@@ -137,8 +144,7 @@ def train_worker(loop_config: dict) -> None:
 
     step, seen, total = state.step, state.images_seen, tc.total_images
     clock = TrainingClock(state.train_seconds, tc, world, device)
-    stream = RowStream(ray.train.get_dataset_shard("train"), rows_per_step=math.ceil(tc.batch_size / world),
-                       row_bytes=config.model.image_size ** 2 * config.model.in_channels, seed=[tc.seed, rank, seen])
+    rows_of = Rows(job.blocks, seed=tc.seed)  # the run's row order: position = images seen (pipelines.train.rows)
     total_steps, warmup_steps = math.ceil(total / tc.batch_size), tc.warmup_images // tc.batch_size
     fail_after = job.fail_after_images
     armed = fail_after is not None and seen < fail_after and rank == world - 1
@@ -148,6 +154,7 @@ def train_worker(loop_config: dict) -> None:
     if logger is not None:
         logger.set_tag("ray.num_workers", world)
         logger.set_tag("ray.num_nodes", len(set(nodes)))
+        logger.log_metrics({"world_size": world}, step)  # one point per (re)start: the group's size over time
         logger.set_tag("train.autocast",  # what precision=auto chose
                        "bf16" if step_options["autocast_dtype"] is not None else "fp32")
         if restored is not None:
@@ -166,8 +173,8 @@ def train_worker(loop_config: dict) -> None:
         n = min(tc.batch_size, total - seen)
         m = math.ceil(n / world)
         rows = min(max(n - rank * m, 0), m)
-        images, labels = stream.take(m)  # (m, H, W, C) uint8, (m,) int64; every rank takes m to stay in step
         used = max(rows, 1)  # a rank with no rows still runs (DDP needs every rank), with weight 0
+        images, labels = rows_of.take(seen + min(rank * m, n - 1), used)  # (used, H, W, C) uint8, (used,) int64
         x_0 = from_uint8(images[:used]).to(device)  # (used, C, H, W) in [-1, 1]
         if tc.random_flip:
             x_0 = random_flip(x_0)
@@ -184,6 +191,7 @@ def train_worker(loop_config: dict) -> None:
         throughput.images += n
         time_spent = clock.spent()
         finished = seen == total or time_spent >= 1
+        signalled = None if finished else preemption.signalled_rank(rank, world, device)  # a SIGTERM somewhere?
 
         if step % tc.log_every_steps == 0 or finished:
             loss_sum, loss_rows = ddp.sum_over_ranks([loss_sum, loss_rows], world, device)
@@ -205,16 +213,24 @@ def train_worker(loop_config: dict) -> None:
             logger.log_file(_sample_grid_png(sampler_net, schedule, config), f"samples/images_{seen:012d}.png")
             throughput.restart()
 
-        if crossed(seen, n, tc.checkpoint_every_images) or finished:
+        if crossed(seen, n, tc.checkpoint_every_images) or finished or signalled is not None:
             state = TrainingState(step=step, images_seen=seen, train_seconds=clock.seconds(), restarts=state.restarts,
                                   ema_updates=ema.num_updates, mlflow_run_id=job.run_id, world_size=world,
                                   config=config.to_dict(), dataset_fingerprint=job.fingerprint, metrics=last)
-            unlogged = logger.close() if finished and logger is not None else []
+            if signalled is not None and logger is not None:
+                logger.set_tag(f"preempted_{seen:012d}", f"SIGTERM to rank {signalled} of {world}; checkpoint at "
+                                                         f"{seen} images, step {step}")
+                logger.log_metrics({"preempted": 1}, step)
+            closing = finished or signalled is not None
+            unlogged = logger.close() if closing and logger is not None else []
             report_checkpoint(state, unlogged, rank=rank, storage=job.storage, name=job.name,
                               endpoint_url=job.endpoint_url, net=net, schedule=schedule, ema=ema,
                               optimizer=optimizer, rng_states=ddp.gather_rng(world, device),
                               prediction_type=tc.prediction_type, class_names=job.class_names)
             throughput.restart()
+            if signalled is not None:
+                preemption.checkpoint_written()
+                raise preemption.Preempted(f"rank {signalled} got SIGTERM; checkpoint written at {seen} images")
             if armed and seen >= fail_after:
                 raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: injected failure on rank {rank} at {seen} images")
 

@@ -61,6 +61,9 @@ def test_unknown_command_exits_2(capsys):
     ("model.channel_mults=[1, two]", "model.channel_mults[1] must be a whole number, got 'two'"),
     ("train=3", "override 'train=3' must look like section.key=value"),
     ("pipeline.num_workers=0", "pipeline.num_workers must be at least 1, got 0"),
+    ("pipeline.num_workers=4-2", "pipeline.num_workers: MIN must be at most MAX, got 4-2"),
+    ("pipeline.num_workers=many", "pipeline.num_workers must be N or MIN-MAX (e.g. 4 or 1-4), got 'many'"),
+    ("train.elastic_check_s=-1", "train.elastic_check_s must be at least 0, got -1.0"),
     ("pipeline.gate_metric=fid", "pipeline.gate_metric fid needs pipeline.inception_weights"),
     ("train.adam_beta2=1", "train.adam_beta2 must be in [0, 1), got 1.0"),
     ("pipeline.eval_guidance_scale=-1", "pipeline.eval_guidance_scale must be a finite number >= 0, got -1.0"),
@@ -69,5 +72,17 @@ def test_unknown_command_exits_2(capsys):
 ])
 def test_an_invalid_setting_is_one_line_naming_it(setting, message, capsys, tmp_path):
     assert main(["train-local", "--set", setting, "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+
+
+@pytest.mark.parametrize("workers, message", [
+    ("0", "--num-workers must be at least 1, got 0"),
+    ("2-1", "--num-workers: MIN must be at most MAX, got 2-1"),
+    ("1..4", "--num-workers must be N or MIN-MAX (e.g. 4 or 1-4), got '1..4'"),
+])
+def test_train_names_a_bad_worker_count_before_anything_starts(workers, message, capsys, tmp_path):
+    assert main(["train", "--data", str(tmp_path), "--config", "configs/digits.yaml", "--num-workers", workers,
+                 "--storage", str(tmp_path), "--name", "x"]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error

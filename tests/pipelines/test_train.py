@@ -210,18 +210,53 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
         "config.json", "model.safetensors", "training_state.json", "training_state.safetensors"]
 
 
-def test_row_stream_cuts_steps_from_passes_and_gives_every_row_once_per_pass(ray_local):
-    """Steps of 7 rows from a 50-row Ray Dataset: each pass is a permutation of the 50 rows, passes differ in order,
-    and a step that straddles two passes takes the tail of one and the head of the next."""
+def test_the_row_order_depends_on_the_images_seen_not_on_the_workers():
+    """Blocks of 20, 5 and 25 rows: each pass visits every row once, passes differ, and however the positions are
+    cut (one worker's steps of 12, or three workers' parts of them, or a resize from 3 workers to 2 after step 4),
+    position i holds the same row."""
     import numpy as np
 
-    from pipelines.train.rows import RowStream
+    from pipelines.train.rows import Order
 
-    rows = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(50)]
-    stream = RowStream(ray_local.data.from_items(rows), rows_per_step=7, row_bytes=4, seed=[0, 0, 0])
-    taken = [stream.take(7) for _ in range(22)]  # 154 rows: three whole passes and 4 rows of a fourth
-    images, labels = np.concatenate([i for i, _ in taken]), np.concatenate([y for _, y in taken])
-    assert images.shape == (154, 2, 2, 1) and (images[:, 0, 0, 0] == labels).all()
-    passes = [labels[k * 50:(k + 1) * 50] for k in range(3)]
+    sizes = (20, 5, 25)
+    starts = np.cumsum((0,) + sizes[:-1])
+    flat = lambda runs: np.concatenate([starts[b] + rows for b, rows in runs])  # noqa: E731 - (block, row) -> row id
+    whole = flat(Order(sizes, seed=3).at(0, 160))  # three passes and 10 rows of a fourth
+    passes = [whole[k * 50:(k + 1) * 50] for k in range(3)]
     assert all(sorted(p) == list(range(50)) for p in passes)
-    assert not np.array_equal(passes[1], passes[2])
+    assert not np.array_equal(passes[0], passes[1]) and not np.array_equal(passes[1], passes[2])
+
+    def run(worlds: list[int], batch: int = 12, total: int = 160) -> np.ndarray:
+        """The rows each step trains on, in rank order, with world size ``worlds[step]`` (a fresh Order per
+        world size, as after a restart)."""
+        seen, taken = 0, []
+        for world in worlds:
+            order = Order(sizes, seed=3)
+            n = min(batch, total - seen)
+            m = -(-n // world)
+            for rank in range(world):
+                rows = min(max(n - rank * m, 0), m)
+                if rows:
+                    taken.append(flat(order.at(seen + rank * m, rows)))
+            seen += n
+        return np.concatenate(taken)
+
+    steps = -(-160 // 12)
+    assert np.array_equal(run([1] * steps), whole)
+    assert np.array_equal(run([3] * steps), whole)
+    assert np.array_equal(run([3] * 4 + [2] * (steps - 4)), whole)  # resized after step 4: nothing repeated
+
+
+def test_rows_take_positions_from_blocks_in_the_object_store(ray_local):
+    """Rows.take reads the numpy blocks of a materialized Ray Dataset: the images and labels at each position."""
+    import numpy as np
+
+    from pipelines.train.rows import Blocks, Rows
+
+    items = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(50)]
+    blocks = Blocks.of(ray_local.data.from_items(items).repartition(3).materialize())
+    assert blocks.num_rows == 50 and len(blocks.sizes) == 3
+    rows = Rows(blocks, seed=0)
+    images, labels = rows.take(45, 10)  # the end of pass 0 and the start of pass 1
+    assert images.shape == (10, 2, 2, 1) and images.flags.writeable and (images[:, 0, 0, 0] == labels).all()
+    assert sorted(np.concatenate([rows.take(0, 30)[1], rows.take(30, 20)[1]])) == list(range(50))
