@@ -20,10 +20,9 @@ from ddpm.checkpoint import LoadedModel
 from ddpm.training import drop_labels, lr_at, random_flip, train_step
 from pipelines.config import Config, TrainConfig
 from pipelines.tracking import RunLogger
-from pipelines.train import ddp
+from pipelines.train import ddp, preemption
 from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_checkpoint, resume_from
 from pipelines.train.progress import Reporter
-from pipelines.train import preemption
 from pipelines.train.rows import Blocks, Rows
 from pipelines.train.samples import sample_grid
 
@@ -175,7 +174,7 @@ def _train(job: WorkerJob) -> None:
         rows = min(max(n - rank * m, 0), m)
         used = max(rows, 1)  # a rank with no rows still runs (DDP needs every rank), with weight 0
         images, labels = rows_of.take(seen + min(rank * m, n - 1), used)  # (used, H, W, C) uint8, (used,) int64
-        x_0 = from_uint8(images[:used]).to(device)  # (used, C, H, W) in [-1, 1]
+        x_0 = from_uint8(images).to(device)  # (used, C, H, W) in [-1, 1]
         if tc.random_flip:
             x_0 = random_flip(x_0)
         y = None

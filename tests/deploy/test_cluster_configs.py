@@ -317,3 +317,46 @@ def test_rayservice_import_path_builds_the_configured_deployments(rayservice):
     built = build_app(call_user_app_builder_with_args_if_necessary(builder, app.args), name=app.name)
     names = {d.name for d in built.deployments}
     assert {d.name for d in app.deployments} <= names, f"serveConfigV2 tunes deployments the app lacks: {names}"
+
+
+def test_spot_workers_checkpoint_before_their_pod_stops(rayjob):
+    """The ``gpu-spot`` group's preStop hook, run for real: it sends SIGTERM to the processes titled
+    ``ray::RayTrainWorker`` (a stand-in that takes 0.5 s to "checkpoint", then exits) and waits for them, leaving
+    other processes alone; the groups' maxReplicas add up to the entrypoint's elastic maximum."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from pipelines.train.resources import Workers
+
+    groups = {g["groupName"]: g for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    workers = Workers.parse(argv[argv.index("--set", argv.index("--config")) + 1].split("=", 1)[1])
+    assert workers.elastic and sum(g["maxReplicas"] for g in groups.values()) == workers.max
+    spot = groups["gpu-spot"]["template"]["spec"]
+    [container] = spot["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "python" and spot["terminationGracePeriodSeconds"] > 90
+
+    stand_in = ("import signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(0)))\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(60)\n")
+    worker = subprocess.Popen(["ray::RayTrainWorker", "-c", stand_in], executable=sys.executable,
+                              stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen(["ray::ServeReplica", "-c", stand_in], executable=sys.executable,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready" and bystander.stdout.readline().strip() == "ready"
+        threading.Thread(target=worker.wait, daemon=True).start()  # reap it as it exits, as a raylet does
+        start = time.monotonic()
+        subprocess.run([sys.executable, *command[1:]], check=True, timeout=60)
+        assert worker.poll() == 0 and 0.5 <= time.monotonic() - start < 30  # waited for the exit, not longer
+        assert bystander.poll() is None
+    finally:
+        for proc in (worker, bystander):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            proc.stdout.close()
