@@ -39,7 +39,7 @@ def head_node(monkeypatch):
 
 @pytest.mark.slow
 def test_elastic_run_grows_shrinks_and_checkpoints_on_sigterm(digits_8px, head_node, mlflow_server, tmp_path):
-    """``--num-workers 1-2`` on one 1-CPU node, ``train.elastic_check_s=2``:
+    """``--num-workers 1-3`` on one 1-CPU node, ``train.elastic_check_s=2``:
 
     1. it starts with one worker; a node joins and the group grows to two (from the latest checkpoint);
     2. that node is removed and the group goes on with one worker;
@@ -87,7 +87,7 @@ def test_elastic_run_grows_shrinks_and_checkpoints_on_sigterm(digits_8px, head_n
 
     args = train_args(digits_8px, storage, name, mlflow_server.uri, total=total, every=every, workers=1,
                       max_failures=4)
-    args[args.index("--num-workers") + 1] = "1-2"
+    args[args.index("--num-workers") + 1] = "1-3"
     args += ["--set", "train.elastic_check_s=2", "--set", "train.num_checkpoints_to_keep=100",
              "--set", "train.log_every_steps=1"]
     outcome: dict = {}
