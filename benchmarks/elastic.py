@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.reliability.support import train_worker_pids, wait_for  # noqa: E402 - the suite's helpers
+
 BATCH, EVERY = 16, 1600
 
 
@@ -68,16 +70,6 @@ def history(client, name: str, key: str) -> list:
     return sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.timestamp) if runs else []
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(what)
-
-
 def run_beside(args: list[str], act) -> dict:
     """``ddpm train`` in a thread while ``act()`` runs here (Ray's Cluster.add_node must run in the main thread)."""
     from pipelines import cli
@@ -94,20 +86,20 @@ def preemption(data: str, work: Path, tracking: str, mode: str, offset: int) -> 
     """Images trained twice after one preemption (see the module docstring)."""
     from pipelines import tracking as tr
     from pipelines.train.preemption import stop_local_workers
-    from tests.reliability.support import train_worker_pids
 
     name = f"preempt-{mode}-{offset}"
     client = tr.client(tracking)
     cluster = start_cluster()
     try:
         def act():
-            wait_for(lambda: any(m.value >= EVERY + offset for m in history(client, name, "images_seen")), 600,
-                     "training past the checkpoint")
+            wait_for(lambda: any(m.value >= EVERY + offset for m in history(client, name, "images_seen")),
+                     timeout=600, what="training past the checkpoint", interval=0.2)
             if mode == "sigterm":
                 stop_local_workers(60)
             else:
                 os.kill(max(train_worker_pids()), signal.SIGKILL)
-            resumed = wait_for(lambda: history(client, name, "resumed_at_images"), 600, "the restart")[0]
+            resumed = wait_for(lambda: history(client, name, "resumed_at_images"), timeout=600, what="the restart",
+                               interval=0.2)[0]
             before = [m.value for m in history(client, name, "images_seen") if m.timestamp < resumed.timestamp]
             return int(max(before) - resumed.value)
 
@@ -126,14 +118,15 @@ def join_to_use(data: str, work: Path, tracking: str, interval: float) -> float:
     cluster = start_cluster()
     try:
         def act():
-            wait_for(lambda: any(m.value >= EVERY for m in history(client, name, "images_seen")), 600,
-                     "the first checkpoint")
+            wait_for(lambda: any(m.value >= EVERY for m in history(client, name, "images_seen")),
+                     timeout=600, what="the first checkpoint", interval=0.2)
             cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
             joined = time.time()
             grown = wait_for(lambda: [m for m in history(client, name, "world_size") if m.value == 2],
-                             interval + 600, "the two-worker group")[0]
+                             timeout=interval + 600, what="the two-worker group", interval=0.2)[0]
             first = wait_for(lambda: [m for m in history(client, name, "images_seen")
-                                      if m.timestamp >= grown.timestamp], 600, "its first step")[0]
+                                      if m.timestamp >= grown.timestamp],
+                             timeout=600, what="its first step", interval=0.2)[0]
             return first.timestamp / 1000 - joined
 
         minutes = (interval + 60) / 60

@@ -7,7 +7,9 @@ Who does what in ``ddpm train``::
                  TorchTrainer, wait out storage outages that stop it, then finish the run
     run          the MLflow run: open (or reopen the one the checkpoint names), register the final model, close
     worker       the loop each of the N workers runs (gloo on CPU, NCCL on GPU); rank 0 logs and checkpoints
-    rows         exactly a step's rows from the worker's shard of the dataset, pass after pass
+    resources    N or MIN-MAX workers (elastic); whether the cluster can hold them, checked before anything starts
+    rows         the dataset's row order, a function of images seen only; a worker's rows from the object store
+    preemption   a SIGTERM to a worker: a checkpoint at the next step; the node's shutdown command
     ddp          collectives: the weighted gradient all-reduce, sums over ranks, RNG states, rank 0's values;
                  the gradient layout DDP's buckets take in place
     progress     rank 0's progress line, printed by the driver; training progress as Ray metrics

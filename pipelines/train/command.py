@@ -14,7 +14,7 @@ EXAMPLE = """example:
       --num-workers 2 --storage s3://my-bucket/runs --name digits-1 --register-as digits
   ddpm train --data .ddpm/data/digits --config configs/digits.yaml --set train.total_images=20000 \\
       --num-workers 1 --storage .ddpm/runs --name quick --register-as digits     # a local folder works too
-  ddpm train --data s3://my-bucket/processed/digits --config configs/digits.yaml \
+  ddpm train --data s3://my-bucket/processed/digits --config configs/digits.yaml \\
       --num-workers 2-8 --storage s3://my-bucket/runs --name digits-spot    # elastic: spot nodes come and go
 
 Run the same command again with the same --name to resume from the last checkpoint (raise

@@ -65,7 +65,8 @@ def _uninstall() -> None:
 
 @contextlib.contextmanager
 def handling_sigterm():
-    """While the block runs, a SIGTERM to this Ray Train worker sets :func:`requested`. Yields whether the handler
+    """While the block runs, a SIGTERM to this Ray Train worker asks for a checkpoint (:func:`signalled_rank` tells
+    every rank at the next step). Yields whether the handler
     is in place (it is not outside a Ray actor, or if Ray's worker actor stops offering ``execute``: training then
     goes on, and SIGTERM ends the worker as before)."""
     import ray
@@ -84,10 +85,6 @@ def handling_sigterm():
         if installed and not _requested.is_set():
             with contextlib.suppress(Exception):
                 ray.get(actor.execute.remote(_uninstall), timeout=30)
-
-
-def requested() -> bool:
-    return _requested.is_set()
 
 
 class Preempted(RuntimeError):

@@ -18,8 +18,6 @@ import re
 import time
 from dataclasses import dataclass
 
-import ray
-
 from pipelines.errors import UserError
 
 LOCAL_WAIT_S = 30.0     # a local Ray: held resources may be released soon; capacity never grows
@@ -100,6 +98,8 @@ def _holders() -> str:
 def check_workers_fit(num_workers: int, bundle: dict, *, wait_s: float | None = None, poll_s: float = 2.0) -> None:
     """Return once ``num_workers`` workers of ``bundle`` fit in the resources free now; else wait up to ``wait_s``
     (default: :func:`default_wait_s`) and raise a UserError that says what was asked, what exists and what holds it."""
+    import ray  # here, not at the top: Workers is part of config validation, which must not load Ray
+
     wait_s = default_wait_s() if wait_s is None else wait_s
     asked = f"{num_workers} training worker(s) of {_describe(bundle)}"
     deadline = time.monotonic() + wait_s
