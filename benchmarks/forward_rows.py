@@ -45,7 +45,7 @@ def main() -> None:
         return args.images / best, images
 
     base_rate, base_images = run(None)
-    x = torch.randn(args.images, *loaded.image_shape)
+    x = torch.randn(args.images, *loaded.sample_shape)
     t = torch.full((args.images,), 500)
     y = torch.tensor(labels)
     with torch.inference_mode():

@@ -133,7 +133,7 @@ def _correctness_preset(preset, args, device, cpu, schedule, rows, steps, report
 
     # One network call at t = 500: bf16 GPU against fp32 CPU, relative to the output's spread.
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, *cpu_loaded.image_shape, generator=g)
+    x = torch.randn(rows, *cpu_loaded.sample_shape, generator=g)
     t = torch.full((rows,), 500, dtype=torch.long)
     y = torch.arange(rows) % cpu_model.config.num_classes if conditional else None
     with torch.no_grad():
@@ -266,7 +266,7 @@ def section_sample(args, device, report: Report, budget: Budget):
         if gpu and not short and budget.left() > 10:
             # The whole DDIM trajectory in one graph (network calls and updates).
             def whole():
-                generate = trajectory_graph(model, schedule, batch, loaded.image_shape, "ddim", 50, device)
+                generate = trajectory_graph(model, schedule, batch, loaded.sample_shape, "ddim", 50, device)
                 generate(seeds)
                 dt = time_generate(lambda: generate(seeds), args.reps)
                 same = np.array_equal(generate(seeds), generate_images(loaded, seeds, steps=50,

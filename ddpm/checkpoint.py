@@ -7,9 +7,13 @@
                            "prediction_type": "epsilon", "image_shape": [C, H, W], "num_classes": K,
                            "class_names": [...], "metadata": {...}}
       model.safetensors   "model.<param>" (raw weights) and "ema.<param>" (EMA weights), float32
+      autoencoder/        latent models only: the autoencoder the U-Net's samples are decoded with
+                          (``ddpm.autoencoder``'s folder); config.json then also holds "autoencoder": {"source": ...,
+                          "image_shape": [C, H, W] of the decoded images}
 
-Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs nothing else. Training
-state (optimizer, step, RNG) is a separate file written by the training pipeline.
+Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs nothing else: a latent
+model carries its decoder, and every consumer (generation, evaluation, the endpoint) gets pixels. Training state
+(optimizer, step, RNG) is a separate file written by the training pipeline.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,8 +30,12 @@ from safetensors.torch import load_file, save_file
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .unet import UNet, UNetConfig
 
+if TYPE_CHECKING:
+    from .autoencoder import Autoencoder
+
 FORMAT, VERSION = "ddpm-checkpoint", 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+AUTOENCODER_DIR = "autoencoder"
 
 
 class CheckpointError(ValueError):
@@ -35,22 +44,34 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings."""
+    """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings, and
+    for a latent model the autoencoder whose decoder turns its samples into pixels."""
 
     model: UNet
     schedule: NoiseSchedule
     prediction_type: str
     class_names: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    autoencoder: "Autoencoder | None" = None  # on the model's device, eval mode
 
     @property
     def config(self) -> UNetConfig:
         return self.model.config
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the diffusion runs on: the images, or a latent model's latents."""
         c = self.model.config
         return (c.in_channels, c.image_size, c.image_size)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it makes: the samples, or for a latent model their decoded size."""
+        if self.autoencoder is None:
+            return self.sample_shape
+        c, h, w = self.sample_shape
+        f = self.autoencoder.downsample_factor
+        return (self.autoencoder.config.in_channels, h * f, w * f)
 
 
 def save(
@@ -62,12 +83,22 @@ def save(
     prediction_type: str = "epsilon",
     class_names: list[str] | None = None,
     metadata: dict | None = None,
+    autoencoder: "Autoencoder | None" = None,
+    autoencoder_source: dict | None = None,
 ) -> Path:
-    """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``."""
+    """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``.
+
+    A latent model passes its ``autoencoder`` (saved into ``autoencoder/``) and ``autoencoder_source``, where it
+    came from (e.g. ``{"uri": "models:/photos-ae/3", "name": "photos-ae", "version": "3"}``), recorded in config.json.
+    """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if autoencoder is not None:
+        from . import autoencoder as ae_format  # here: ddpm.autoencoder imports this module
+
+        ae_format.save(path / AUTOENCODER_DIR, autoencoder, metadata={"source": autoencoder_source or {}})
     raw = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
     ema = {name: t.detach().float().cpu().contiguous() for name, t in (ema_state or raw).items()}
     tensors = {f"model.{k}": v for k, v in raw.items()} | {f"ema.{k}": v.clone() for k, v in ema.items()}
@@ -83,6 +114,11 @@ def save(
         "class_names": list(class_names or []),
         "metadata": metadata or {},
     }
+    if autoencoder is not None:
+        c, h, w = config["image_shape"]
+        f = autoencoder.downsample_factor
+        config["autoencoder"] = {"source": autoencoder_source or {}, "folder": AUTOENCODER_DIR,
+                                 "image_shape": [autoencoder.config.in_channels, h * f, w * f]}
     save_file(tensors, str(path / WEIGHTS_FILE))
     # config.json last: a folder with a config has complete weights beside it.
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -133,8 +169,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
                               f"first: {sorted(problems)[0]})")
     model.load_state_dict(state, strict=False)  # strict on parameters above; the UNet has no buffers
     model.to(device).eval()
+    decoder = None
+    if config.get("autoencoder"):
+        from . import autoencoder as ae_format
+
+        decoder = ae_format.load(path / config["autoencoder"].get("folder", AUTOENCODER_DIR), device=device)
+        if decoder.config.latent_channels != unet_config.in_channels:
+            raise CheckpointError(f"{path}: the U-Net takes {unet_config.in_channels} channels but its autoencoder's "
+                                  f"latents have {decoder.config.latent_channels}")
     return LoadedModel(model, schedule, config["prediction_type"], config.get("class_names", []),
-                       config.get("metadata", {}))
+                       config.get("metadata", {}), decoder)
 
 
 def load_training_weights(path: str | Path) -> tuple[dict, dict]:

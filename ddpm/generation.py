@@ -14,6 +14,11 @@ Two rules make an image depend only on its seed and settings, never on which ima
   :func:`fixed_size_forward` runs the network on exactly ``forward_rows`` rows at a time, padding the last chunk;
   at one fixed shape a row's result does not depend on the other rows. ``forward_rows`` is therefore a setting
   like the sampler: two paths give the same bytes at the same ``forward_rows`` (the endpoint's ``micro_batch``).
+
+A latent model (``loaded.autoencoder`` set) samples latents the same way and decodes them here, also ``forward_rows``
+at a time, so every path above gets pixels, and an image still depends on its seed alone. Inpainting a latent model
+encodes the known image, generates the latent cells that touch the mask (the mask max-pooled by f), decodes, and
+pastes the kept pixels back exactly.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import LoadedModel
 from .images import to_uint8
-from .inpainting import inpaint
+from .inpainting import check_mask, inpaint
 from .sampling import Model, noise_from_seeds, sample
 
 SEED_MODULUS = 2**32
@@ -70,6 +76,29 @@ def fixed_size_forward(model: Model, size: int) -> Model:
         return torch.cat(outputs)
 
     return forward
+
+
+def in_fixed_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    rows: int | None) -> torch.Tensor:
+    """``fn`` over (N, ...) ``x`` in chunks of exactly ``rows`` rows, the last one zero-padded (None: one call).
+
+    The autoencoder's counterpart of :func:`fixed_size_forward`: a row's output does not depend on the others."""
+    if rows is None:
+        return fn(x)
+    outputs = []
+    for start in range(0, x.shape[0], rows):
+        n = min(rows, x.shape[0] - start)
+        xs = x.new_zeros((rows, *x.shape[1:]))
+        xs[:n] = x[start:start + n]
+        outputs.append(fn(xs)[:n])
+    return torch.cat(outputs) if outputs else fn(x)
+
+
+def _to_pixels(loaded: LoadedModel, x_0: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """The sampler's output as images in about [-1, 1]: itself, or a latent model's latents decoded."""
+    if loaded.autoencoder is None:
+        return x_0
+    return in_fixed_chunks(loaded.autoencoder.decode, x_0.to(next(loaded.autoencoder.parameters()).dtype), rows)
 
 
 def _device_of(loaded: LoadedModel) -> torch.device:
@@ -125,17 +154,18 @@ def generate_images(
     chunks = []
     for start in range(0, len(seeds), batch_size):
         part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
-        x_T, generators = noise_from_seeds(part, loaded.image_shape, device)  # (B, C, H, W)
+        x_T, generators = noise_from_seeds(part, loaded.sample_shape, device)  # (B, C, H, W), latent or pixels
         y = None if labels is None else labels[start:start + len(part)].to(device)
         with torch.inference_mode(), _autocast(device):
             x_0 = sample(forward, loaded.schedule, x_T, sampler=sampler, steps=steps, eta=eta,
                          prediction_type=loaded.prediction_type, class_labels=y, guidance_scale=guidance_scale,
                          generator=generators)
+            x_0 = _to_pixels(loaded, x_0, forward_rows)
         chunks.append(to_uint8(x_0))  # (B, H, W, C)
         if progress is not None:
             progress(start + len(part))
     if not chunks:
-        c, h, w = loaded.image_shape
+        c, h, w = loaded.image_shape  # the images', decoded
         return np.zeros((0, h, w, c), dtype=np.uint8)
     return np.concatenate(chunks)
 
@@ -160,6 +190,7 @@ def inpaint_images(
 
     known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
     Image i draws all its noise from ``seeds[i]``. Returns (N, H, W, C) uint8 whose kept pixels equal ``known``'s.
+    A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     """
     device = _device_of(loaded)
     if forward is None:
@@ -168,9 +199,22 @@ def inpaint_images(
         raise ValueError(f"got {known.shape[0]} images for {len(seeds)} seeds")
     generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
     labels = _labels(class_labels, len(seeds))
+    known, masks = known.to(device), masks.to(device)
     with torch.inference_mode(), _autocast(device):
-        x_0 = inpaint(forward, loaded.schedule, known.to(device), masks.to(device), sampler=sampler, steps=steps,
+        if loaded.autoencoder is None:
+            target, target_mask = known, masks
+        else:
+            f = loaded.autoencoder.downsample_factor
+            check_mask(known, masks)  # in pixels, before the mask is pooled to the latents' grid
+            target = in_fixed_chunks(loaded.autoencoder.encode, known, forward_rows)  # (N, c, H / f, W / f)
+            # a latent cell is generated when any pixel it decodes to is: (N, 1, H / f, W / f)
+            target_mask = F.max_pool2d(masks.float().amax(dim=1, keepdim=True), f)
+        x_0 = inpaint(forward, loaded.schedule, target, target_mask, sampler=sampler, steps=steps,
                       eta=eta, prediction_type=loaded.prediction_type,
                       class_labels=None if labels is None else labels.to(device), guidance_scale=guidance_scale,
                       resample_jumps=resample_jumps, resample_times=resample_times, generator=generators)
+        if loaded.autoencoder is not None:
+            x_0 = _to_pixels(loaded, x_0, forward_rows)
+            keep = masks.float() < 0.5  # (N, 1 or C, H, W): the decoder only approximates the known pixels
+            x_0 = torch.where(keep, known.to(x_0.dtype), x_0.clamp(-1, 1))
     return to_uint8(x_0)  # (N, H, W, C)

@@ -115,9 +115,11 @@ class ServedModel:
 
     def describe(self) -> dict:
         c = self.loaded.config
+        channels, resolution, _ = self.loaded.image_shape  # a latent model's decoded images
         classes = self.loaded.class_names or [str(i) for i in range(c.num_classes)]
         return self.identity() | {
-            "resolution": c.image_size, "channels": c.in_channels, "num_classes": c.num_classes, "classes": classes,
+            "resolution": resolution, "channels": channels, "num_classes": c.num_classes, "classes": classes,
+            "latent": self.loaded.autoencoder is not None,
             "samplers": list(SAMPLERS), "default_steps": dict(DEFAULT_STEPS),
             "num_timesteps": self.loaded.schedule.num_timesteps, "prediction_type": self.loaded.prediction_type,
             "device": str(self.device),
@@ -159,9 +161,9 @@ def check(job: Job, served: ServedModel) -> Rejected | None:
 def decode_edit(edit: Edit, served: ServedModel) -> tuple[np.ndarray, np.ndarray] | Rejected:
     """The job's image (H, W, C) uint8 and mask (H, W) bool (True = generate) at the model's size and channels, or
     the rejection that names the input at fault (``ddpm.images.decode_edit_inputs``, what ``ddpm inpaint`` uses)."""
-    cfg = served.loaded.config
+    channels, size, _ = served.loaded.image_shape
     try:
-        return decode_edit_inputs(edit.image, edit.mask, size=cfg.image_size, channels=cfg.in_channels,
+        return decode_edit_inputs(edit.image, edit.mask, size=size, channels=channels,
                                   resize=edit.resize, resize_hint="send \"resize\": true to stretch image and mask "
                                                                   "to it", max_pixels=MAX_EDIT_PIXELS)
     except EditInputError as exc:

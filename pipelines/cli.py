@@ -26,8 +26,10 @@ import traceback
 SUBCOMMANDS: dict[str, str] = {
     "data": "pipelines.data.command",
     "preprocess": "pipelines.data.preprocess",
+    "encode": "pipelines.data.encode",
     "train": "pipelines.train.command",
     "train-local": "pipelines.train.local",
+    "train-autoencoder": "pipelines.train.autoencoder_command",
     "models": "pipelines.registry",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",

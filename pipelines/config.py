@@ -129,8 +129,13 @@ class TrainConfig:
 class PipelineConfig:
     """Where ``ddpm pipeline`` reads and writes (URIs: ``s3://bucket/prefix`` or local folders) and how it decides.
 
-    Relative local paths are taken from the current directory. ``raw`` may be ``digits``: the built-in dataset is
-    written to ``raw_output`` first (what the quickstart does).
+    Relative local paths are taken from the current directory. ``raw`` may be ``digits`` or ``photos``: the built-in
+    dataset (scikit-learn's digits, or ``photos_count`` crops of scikit-image's photographs at ``resolution``) is
+    written to ``raw_output`` first (what the quickstarts do).
+
+    Latent diffusion: with ``latents`` set, the pipeline trains an autoencoder (``autoencoder_config``, registered as
+    ``autoencoder_name``) unless ``autoencoder`` names one already (a ``models:/`` URI or a folder, e.g. a downloaded
+    Stable Diffusion VAE), encodes the processed images into ``latents`` and trains the DDPM on those.
     """
 
     raw: str = "digits"
@@ -153,11 +158,20 @@ class PipelineConfig:
     eval_steps: int = 50
     eval_guidance_scale: float = 1.0      # classifier-free guidance w for class-conditional models (1: none)
     eval_seed: int = 0
+    photos_count: int = 2000              # raw: photos: how many crops
+    latents: str | None = None            # latent diffusion: where ddpm encode writes the latents (None: pixels)
+    autoencoder: str | None = None        # an autoencoder to use as it is; None: train one
+    autoencoder_config: str = "configs/autoencoder-f4.yaml"  # ddpm train-autoencoder's preset, from the project root
+    autoencoder_set: tuple[str, ...] = ()  # its --set overrides, e.g. ["train.total_images=20000"]
+    autoencoder_name: str = "autoencoder"  # registered as; its training run is named <run_name>-autoencoder
+    encode_flip: bool = False             # ddpm encode --flip: the mirrored images' latents as well
 
     def __post_init__(self):
         from pipelines.train.resources import Workers
 
         Workers.parse(self.num_workers, "pipeline.num_workers")
+        if self.photos_count < 1:
+            raise UserError(f"pipeline.photos_count must be at least 1, got {self.photos_count}")
         if self.resolution < 1 or self.channels not in (1, 3):
             raise UserError(f"pipeline.resolution must be positive and pipeline.channels 1 or 3, "
                             f"got {self.resolution} and {self.channels}")

@@ -39,7 +39,9 @@ The registry is the tracking server's: $MLFLOW_TRACKING_URI, or the embedded sto
 
 ALIASES = ("production", "staging")
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact key, and its folder name inside the model
+AUTOENCODER_ARTIFACT = "autoencoder"  # the same for a registered autoencoder
 _PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
+_PYFUNC_AUTOENCODER = Path(__file__).with_name("pyfunc_autoencoder.py")
 
 
 @dataclass(frozen=True)
@@ -97,22 +99,64 @@ def find_checkpoint(root: Path) -> Path:
     Covers a checkpoint folder itself, a training checkpoint (``model/`` inside) and a downloaded pyfunc model
     (``artifacts/<the logged folder's name>/`` inside). Only JSON is read.
     """
-    from ddpm.checkpoint import CONFIG_FILE, FORMAT
+    from ddpm.checkpoint import FORMAT
+
+    return _find_folder(root, lambda found: found.get("format") == FORMAT, f"ddpm checkpoint (config.json with "
+                                                                            f"format {FORMAT!r})")
+
+
+def find_autoencoder(root: Path) -> Path:
+    """The shallowest folder under ``root`` (``root`` included) holding an autoencoder: our ``ddpm-autoencoder``
+    folder, or a diffusers ``AutoencoderKL`` one (``config.json`` with ``"_class_name": "AutoencoderKL"``).
+
+    Covers the folder itself, a training checkpoint of ``ddpm train-autoencoder`` (``model/`` inside), a downloaded
+    registered autoencoder, a latent dataset (its ``autoencoder/`` copy) and a latent DDPM model (which carries
+    the autoencoder it decodes with). Only JSON is read.
+    """
+    from ddpm.autoencoder import FORMAT
+
+    return _find_folder(root, lambda found: found.get("format") == FORMAT or found.get("_class_name") == "AutoencoderKL",
+                        f"autoencoder (config.json with format {FORMAT!r}, or a diffusers AutoencoderKL)")
+
+
+def _find_folder(root: Path, wanted, what: str) -> Path:
+    """The shallowest folder under ``root`` whose config.json, parsed, satisfies ``wanted``."""
+    from ddpm.checkpoint import CONFIG_FILE
 
     candidates = sorted(root.rglob(CONFIG_FILE), key=lambda p: (len(p.parts), str(p)))
-    unreadable = []  # (path, why): said when no candidate is a checkpoint, since one of them may be a broken one
+    unreadable = []  # (path, why): said when no candidate is wanted, since one of them may be a broken one
     for config in candidates:
         try:
             found = json.loads(config.read_text())
         except (OSError, ValueError) as exc:
             unreadable.append((config, f"invalid JSON ({exc})" if isinstance(exc, ValueError) else str(exc)))
             continue
-        if isinstance(found, dict) and found.get("format") == FORMAT:
+        if isinstance(found, dict) and wanted(found):
             return config.parent
     if unreadable:
         path, why = unreadable[0]
-        raise UserError(f"{path}: {why}; is this a damaged ddpm checkpoint?")
-    raise UserError(f"{root}: no ddpm checkpoint (config.json with format {FORMAT!r}) in this folder")
+        raise UserError(f"{path}: {why}; is this a damaged {what.split(' (')[0]}?")
+    raise UserError(f"{root}: no {what} in this folder")
+
+
+def resolve_autoencoder(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """A registry URI (a version of ``ddpm train-autoencoder --register-as``) or a local path (ours or a downloaded
+    diffusers AutoencoderKL folder) -> the local autoencoder folder to pass to ``ddpm.autoencoder.load``.
+
+    Downloads are cached like :func:`resolve_model`'s; nothing is unpickled.
+    """
+    if not uri.startswith("models:/"):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise UserError(f"{uri}: no such autoencoder folder (or use models:/NAME@ALIAS, models:/NAME/VERSION)")
+        return ResolvedModel(find_autoencoder(path))
+    name, version, alias = parse_model_uri(uri)
+    server = tracking_uri or tracking.tracking_uri()
+    version = version or _version_for_alias(name, alias, server)
+    cache = _cache_dir(server, name, version)
+    if not cache.is_dir():
+        _download(name, version, server, cache, find=find_autoencoder)
+    return ResolvedModel(find_autoencoder(cache), name, version, alias)
 
 
 def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
@@ -131,6 +175,29 @@ def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> 
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
             code_paths=[str(Path(ddpm.__file__).parent)],  # the core travels with the model
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pydantic",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+    return info.model_uri
+
+
+def log_autoencoder(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log the autoencoder folder (``ddpm.autoencoder.save``'s format) into run ``run_id`` as a pyfunc model named
+    "autoencoder" (:mod:`pipelines.pyfunc_autoencoder`: images -> latents); returns its ``models:/`` URI, which
+    :func:`register` makes a version of. :func:`resolve_autoencoder` finds the folder again."""
+    import mlflow
+    import torch
+
+    import ddpm
+
+    _quiet()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="autoencoder",
+            python_model=str(_PYFUNC_AUTOENCODER),  # a model from code, as log_model's
+            artifacts={AUTOENCODER_ARTIFACT: str(folder)},
+            code_paths=[str(Path(ddpm.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors",
                               f"mlflow=={mlflow.__version__}"],
         )
     return info.model_uri
@@ -356,8 +423,9 @@ def _cache_dir(tracking_uri: str, name: str, version: str) -> Path:
     return tracking.home() / "models" / server / name / version
 
 
-def _download(name: str, version: str, tracking_uri: str, cache: Path) -> None:
-    """Download the version's artifacts into ``cache``, atomically: a temporary folder renamed into place."""
+def _download(name: str, version: str, tracking_uri: str, cache: Path, find=find_checkpoint) -> None:
+    """Download the version's artifacts into ``cache``, atomically: a temporary folder renamed into place.
+    ``find`` (:func:`find_checkpoint` or :func:`find_autoencoder`) checks that the version holds what is wanted."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -369,7 +437,7 @@ def _download(name: str, version: str, tracking_uri: str, cache: Path) -> None:
         # MLflow's process-wide registry URI instead of ``tracking_uri``.
         location = tracking.client(tracking_uri).get_model_version_download_uri(name, version)
         mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging), tracking_uri=tracking_uri)
-        find_checkpoint(staging)  # fail here, not in the caller, if the version holds no checkpoint
+        find(staging)  # fail here, not in the caller, if the version holds no checkpoint (or autoencoder)
         staging.rename(cache)
     except MlflowException as exc:
         raise UserError(f"models:/{name}/{version}: {_first_line(exc)}") from None

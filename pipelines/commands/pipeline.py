@@ -3,6 +3,10 @@
 Every location comes from the config's ``pipeline`` section (or ``--set pipeline.KEY=VALUE``), so the same command
 runs on a laptop with local folders and on a cluster with ``s3://`` URIs and ``MLFLOW_TRACKING_URI``; send it to a
 cluster with ``ddpm submit -- pipeline --config ...``. Each stage is the library function its own subcommand calls.
+
+A latent recipe (``pipeline.latents`` set, e.g. ``configs/photos-latent.yaml``) adds two stages after ingest:
+train-autoencoder (unless ``pipeline.autoencoder`` names one) and encode; the DDPM then trains on the latents, and
+evaluation, registration and the gate see a model that makes pixels (it carries its autoencoder).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ EXAMPLE = """example:
   ddpm pipeline --config configs/digits.yaml --set pipeline.processed=s3://bucket/processed/digits \\
       --set pipeline.storage=s3://bucket/runs --set pipeline.run_name=digits-2026-11-26 --set pipeline.num_workers=4
   ddpm submit -- pipeline --config configs/digits.yaml --set pipeline.use_gpu=true
+  ddpm pipeline --config configs/photos-latent.yaml      # photos -> autoencoder -> latents -> latent DDPM
 """
 
 
 @dataclass
 class PipelineResult:
-    processed: str
+    processed: str  # the images (a latent recipe's DDPM trained on ``latents``, made from these)
     run_id: str
     images_seen: int
     model_name: str
@@ -32,6 +37,8 @@ class PipelineResult:
     gate_reason: str
     metrics: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    latents: str | None = None
+    autoencoder: str | None = None  # the autoencoder the model decodes with: models:/NAME/VERSION or a folder
 
 
 def absolute(uri: str) -> str:
@@ -40,18 +47,25 @@ def absolute(uri: str) -> str:
 
 
 def ingest(config, *, log=print) -> tuple[str, dict]:
-    """Write the built-in digits if asked, then preprocess, reusing an output whose manifest matches the settings."""
+    """Write the built-in digits or photos if asked, then preprocess, reusing an output whose manifest matches the
+    settings."""
     from pipelines import storage
     from pipelines.data.digits import write_digits
     from pipelines.data.dataset import read_manifest
+    from pipelines.data.photos import write_photos
     from pipelines.data.preprocess import preprocess
 
     p = config.pipeline
-    raw = absolute(p.raw_output) if p.raw == "digits" else absolute(p.raw)
+    builtin = p.raw in ("digits", "photos")
+    raw = absolute(p.raw_output) if builtin else absolute(p.raw)
     processed = absolute(p.processed)
     if p.raw == "digits" and not storage.list_files(raw):
         log(f"[data] writing scikit-learn's digits to {raw}")
         write_digits(raw)
+    if p.raw == "photos" and not storage.list_files(raw):
+        log(f"[data] writing {p.photos_count:,} crops of scikit-image's photographs at {p.resolution}x{p.resolution} "
+            f"to {raw}")
+        write_photos(raw, count=p.photos_count, size=p.resolution, seed=config.train.seed)
     if storage.exists(storage.join(processed, "manifest.json")):
         manifest = read_manifest(processed)
         if (tuple(manifest["image_shape"]) == (p.resolution, p.resolution, p.channels)
@@ -82,10 +96,15 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
     processed, _ = ingest(config, log=log)
     seconds["ingest"] = time.monotonic() - start
 
+    training_data, autoencoder = processed, None
+    if p.latents is not None:
+        autoencoder = latent_stages(config, processed, tracking_uri=uri, seconds=seconds, log=log)
+        training_data = absolute(p.latents)
+
     start = time.monotonic()
     limit = f" or {config.train.max_minutes:g} minutes" if config.train.max_minutes is not None else ""
     log(f"[train] {p.num_workers} workers, {config.train.total_images:,} images{limit}, run {p.run_name!r}")
-    result = train(processed, config, storage=absolute(p.storage), name=p.run_name, num_workers=p.num_workers,
+    result = train(training_data, config, storage=absolute(p.storage), name=p.run_name, num_workers=p.num_workers,
                    use_gpu=p.use_gpu, register_as=p.register_as, tracking_uri=uri, experiment=p.experiment)
     seconds["train"] = time.monotonic() - start
     log(f"[register] {p.register_as} version {result.model_version} (run {result.run_id})")
@@ -101,7 +120,44 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
         promote(p.register_as, result.model_version, p.promote_to, tracking_uri=uri)
     log(f"[gate] {'promoted to ' + p.promote_to if decision.promote else 'not promoted'}: {decision.reason}")
     return PipelineResult(processed, result.run_id, result.images_seen, p.register_as, result.model_version,
-                          decision.promote, decision.reason, dict(decision.metrics), seconds)
+                          decision.promote, decision.reason, dict(decision.metrics), seconds,
+                          absolute(p.latents) if p.latents is not None else None, autoencoder)
+
+
+def latent_stages(config, processed: str, *, tracking_uri: str, seconds: dict, log=print) -> str:
+    """train-autoencoder (unless ``pipeline.autoencoder`` names one) and encode; returns the autoencoder's URI.
+
+    Each is resumable the way its own command is: run again with the same run name, the autoencoder's training
+    resumes from its last checkpoint (or only registers, when it has finished).
+    """
+    from pipelines.data.encode import encode
+    from pipelines.train.autoencoder import train_autoencoder
+    from pipelines.train.autoencoder_config import load_config as load_autoencoder_config
+
+    p = config.pipeline
+    autoencoder = p.autoencoder
+    if autoencoder is None:
+        start = time.monotonic()
+        recipe = Path(p.autoencoder_config)
+        if not recipe.is_absolute() and not recipe.exists():  # relative to the project root, like the presets
+            recipe = Path(__file__).resolve().parents[2] / recipe
+        ae_config = load_autoencoder_config(recipe, list(p.autoencoder_set))
+        name = f"{p.run_name}-autoencoder"
+        log(f"[autoencoder] {p.autoencoder_config} on {processed}, run {name!r}")
+        trained = train_autoencoder(processed, ae_config, storage=absolute(p.storage), name=name,
+                                    num_workers=p.num_workers, use_gpu=p.use_gpu, register_as=p.autoencoder_name,
+                                    tracking_uri=tracking_uri, experiment=p.experiment)
+        autoencoder = f"models:/{p.autoencoder_name}/{trained.model_version}"
+        seconds["autoencoder"] = time.monotonic() - start
+        psnr = f"{trained.psnr_heldout:.2f} dB" if trained.psnr_heldout is not None else "not measured"
+        log(f"[autoencoder] registered {autoencoder}; held-out PSNR {psnr}, scaling factor {trained.scaling_factor}")
+    start = time.monotonic()
+    latents = absolute(p.latents)
+    log(f"[encode] {processed} -> {latents} with {autoencoder}")
+    encode(processed, autoencoder, latents, use_gpu=p.use_gpu, flip=p.encode_flip, tracking_uri=tracking_uri,
+           progress=lambda line: log(f"[encode] {line}"))
+    seconds["encode"] = time.monotonic() - start
+    return autoencoder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,9 @@
 5. Ray Serve on 127.0.0.1, one ``POST /generate`` per class, the images as ``quickstart-samples.png``
 
 Steps 2-4 are ``ddpm pipeline`` with the ``digits`` preset; a second run reuses the data and trains a new version.
+``--recipe photos-latent`` runs latent diffusion instead (``configs/photos-latent.yaml``): crops of scikit-image's
+colour photographs at 64x64, an autoencoder trained for ``--minutes``, the crops encoded to 16x16x4 latents, the DDPM
+trained on them for ``--minutes``, registered as ``photos-latent`` and served as pixels (about 15 minutes in all).
 Ray's and MLflow's own INFO logging stays in their log files; ``ddpm --verbose quickstart`` shows it.
 """
 
@@ -32,7 +35,9 @@ HELP = "run data -> ingest -> train -> evaluate -> register -> serve -> generate
 EXAMPLE = """example:
   ddpm quickstart                       # 5 minutes of training; Serve keeps running afterwards
   ddpm quickstart --minutes 1 --stop-when-done
+  ddpm quickstart --recipe photos-latent   # latent diffusion on RGB photos: autoencoder, latents, DDPM, Serve
 """
+RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml"}  # --recipe -> its preset in configs/
 
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
 APP_NAME = "ddpm"  # the Serve application `ddpm serve` deploys
@@ -212,7 +217,7 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
 
 
 def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_serving: bool,
-               eval_samples: int = 500, log=print) -> dict:
+               eval_samples: int = 500, recipe: str = "digits", log=print) -> dict:
     from pipelines.ray_utils import keep_local_ray_on_loopback, verbose
 
     if keep_serving and not os.environ.get("RAY_ADDRESS"):
@@ -232,26 +237,32 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     workdir = workdir.resolve()
     os.environ.setdefault("DDPM_HOME", str(workdir))
     uri = tracking.tracking_uri()
-    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / RECIPES[recipe])
     address, reused = start_ray(keep_serving, log)
     log(f"[1/6] {describe_ray(address, reused=reused, kept=keep_serving)}")
     if reused:
         replace_previous_endpoint(log)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    p = config.pipeline
+    latent = p.latents is not None
     config = replace(config, train=replace(config.train, max_minutes=minutes), pipeline=replace(
-        config.pipeline, raw="digits", raw_output=str(workdir / "data" / "digits-raw"),
-        processed=str(workdir / "data" / "digits"), storage=str(workdir / "runs"), run_name=f"digits-{stamp}",
-        register_as="digits", num_workers=2, eval_samples=eval_samples))
-    log(f"[2/6] training budget: {minutes:g} minutes (train.max_minutes; the learning rate decays over it), "
+        p, raw_output=str(workdir / "data" / f"{recipe}-raw"), processed=str(workdir / "data" / recipe),
+        storage=str(workdir / "runs"), run_name=f"{recipe}-{stamp}", register_as=recipe, num_workers=2,
+        eval_samples=eval_samples,
+        latents=str(workdir / "data" / f"{recipe}-latents") if latent else None,
+        autoencoder_set=(*p.autoencoder_set, f"train.max_minutes={minutes:g}") if latent else p.autoencoder_set))
+    what = "for the autoencoder, then as many for the DDPM " if latent else ""
+    log(f"[2/6] training budget: {minutes:g} minutes {what}(train.max_minutes; the learning rate decays over it), "
         f"at most {config.train.total_images:,} images")
 
-    log("[3/6] pipeline: data -> ingest -> train -> evaluate -> register -> gate")
+    stages = "data -> ingest -> train-autoencoder -> encode -> train" if latent else "data -> ingest -> train"
+    log(f"[3/6] pipeline: {stages} -> evaluate -> register -> gate")
     result = run_pipeline(config, tracking_uri=uri, log=lambda msg: log("      " + msg))
 
-    log("[4/6] serving models:/digits@production with Ray Serve")
+    log(f"[4/6] serving models:/{recipe}@production with Ray Serve")
     port = free_port(port)
-    url = serve_model("models:/digits@production", port=port, ray_address=address, tracking_uri=uri, log=log)
+    url = serve_model(f"models:/{recipe}@production", port=port, ray_address=address, tracking_uri=uri, log=log)
     (tracking.home() / "endpoint.json").write_text(json.dumps({"url": url, "ray_address": address}))  # ddpm status
 
     log(f"[5/6] generating one row per class through POST {url}/generate")
@@ -264,12 +275,12 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     samples.write_bytes(encode_png(grid))
 
     summary = {
-        "model": f"digits version {result.version}", "promoted": result.promoted, "gate": result.gate_reason,
+        "model": f"{recipe} version {result.version}", "promoted": result.promoted, "gate": result.gate_reason,
         "metrics": result.metrics, "samples": str(samples), "endpoint": url,
         "seconds": {**{k: round(v) for k, v in result.seconds.items()}, "total": round(time.monotonic() - t0)},
     }
     log("[6/6] done\n")
-    log(f"  model      digits version {result.version} "
+    log(f"  model      {recipe} version {result.version} "
         f"({'promoted to production' if result.promoted else 'not promoted'}: {result.gate_reason})")
     log(f"  samples    {samples}")
     log(f"  MLflow UI  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri} "
@@ -278,7 +289,7 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
                        "class_label": 3, "guidance_scale": config.pipeline.eval_guidance_scale})
     if keep_serving:
         log(f"  try it     curl -s -X POST {url}/generate -H 'Content-Type: application/json' -d '{body}' "
-            f"-o digits.png")
+            f"-o {recipe}.png")
         log(f"  metrics    curl -s {url}/metrics    # Prometheus text; deploy/monitoring/prometheus.yml scrapes it")
         log(f"  status     {Path(sys.executable).with_name('ddpm')} status")
         log(f"  stop       {Path(sys.executable).with_name('ray')} stop    # stops Serve and the local Ray")
@@ -292,7 +303,10 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget [%(default)s]")
     parser.add_argument("--workdir", default=".ddpm", help="data, runs and the MLflow store [%(default)s]")
-    parser.add_argument("--samples", default="quickstart-samples.png", help="the grid of generated digits")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="digits",
+                        help="digits (16x16 grey digits, pixel space) or photos-latent (64x64 RGB photos, latent "
+                             "diffusion) [%(default)s]")
+    parser.add_argument("--samples", default="quickstart-samples.png", help="the grid of generated images")
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (another if taken) [%(default)s]")
     parser.add_argument("--eval-samples", type=int, default=500,
                         help="samples for the evaluation that gates promotion [%(default)s]")
@@ -304,5 +318,5 @@ def main(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise ValueError("--minutes must be positive")
     quickstart(minutes=args.minutes, workdir=Path(args.workdir), samples=Path(args.samples), port=args.port,
-               keep_serving=not args.stop_when_done, eval_samples=args.eval_samples)
+               keep_serving=not args.stop_when_done, eval_samples=args.eval_samples, recipe=args.recipe)
     return 0

@@ -3,6 +3,11 @@
 A dataset written by ``ddpm preprocess`` (:mod:`pipelines.data.preprocess`) is a folder or prefix with Parquet
 shards and ``manifest.json``; each row holds ``image`` (fixed_size_binary of H*W*C uint8), ``label``, ``key`` and
 ``sha256``. Training and evaluation read it through this module only.
+
+A latent dataset written by ``ddpm encode`` (:mod:`pipelines.data.encode`) has the same layout with
+``manifest["kind"] == "latents"``: ``image`` then holds an (h, w, c) latent as ``manifest["dtype"]`` (float32)
+values, ``image_shape`` is the latent's [h, w, c], and the manifest names the autoencoder whose ``autoencoder/``
+copy sits beside the shards. :func:`image_dtype` says which; every reader here returns arrays of that dtype.
 """
 
 from __future__ import annotations
@@ -23,12 +28,23 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def images_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
-    """A fixed_size_binary(H*W*C) column -> (N, H, W, C) uint8, a read-only view of the column's buffer."""
+def images_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
+    """A fixed_size_binary(H*W*C*itemsize) column -> (N, H, W, C) of ``dtype`` (uint8 pixels, or float32 latents),
+    a read-only view of the column's buffer."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     size = math.prod(shape)
-    flat = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    flat = np.frombuffer(array.buffers()[1], dtype=dtype)
     return flat[array.offset * size : (array.offset + len(array)) * size].reshape(len(array), *shape)
+
+
+def image_dtype(manifest: dict) -> np.dtype:
+    """The dtype of the ``image`` column's values: uint8 pixels, or a latent dataset's ``dtype`` (float32)."""
+    return np.dtype(manifest.get("dtype", "uint8"))
+
+
+def is_latent(manifest: dict) -> bool:
+    """Whether the dataset holds an autoencoder's latents (``ddpm encode``) rather than pixels."""
+    return manifest.get("kind") == "latents"
 
 
 def read_columns(output_uri: str, shards: list[str], columns: list[str], endpoint_url: str | None) -> pa.Table:
@@ -72,20 +88,22 @@ def load_dataset(
         [f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs, columns=list(columns) if columns else None
     )
     if columns is None or "image" in columns:
-        ds = ds.map_batches(_image_tensors, batch_format="pyarrow", fn_kwargs={"shape": manifest["image_shape"]})
+        ds = ds.map_batches(_image_tensors, batch_format="pyarrow",
+                            fn_kwargs={"shape": manifest["image_shape"], "dtype": image_dtype(manifest).str})
     return ds
 
 
-def _image_tensors(batch: pa.Table, shape: Sequence[int]) -> dict[str, np.ndarray]:
-    """Ray Data map: the ``image`` column's bytes -> (B, H, W, C) uint8; other columns unchanged."""
+def _image_tensors(batch: pa.Table, shape: Sequence[int], dtype: str = "|u1") -> dict[str, np.ndarray]:
+    """Ray Data map: the ``image`` column's bytes -> (B, H, W, C) of ``dtype``; other columns unchanged."""
     out = {name: batch.column(name).to_numpy() for name in batch.column_names if name != "image"}
-    out["image"] = images_from_arrow(batch.column("image"), shape)
+    out["image"] = images_from_arrow(batch.column("image"), shape, np.dtype(dtype))
     return out
 
 
 def load_numpy(uri: str, *, endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A small dataset in memory without Ray: images (N, H, W, C) uint8 and labels (N,) int64, in shard order."""
+    """A small dataset in memory without Ray: images (N, H, W, C) uint8 (or a latent dataset's float32 latents)
+    and labels (N,) int64, in shard order."""
     manifest = read_manifest(uri, endpoint_url=endpoint_url)
     table = read_columns(uri, manifest["shards"], ["image", "label"], endpoint_url)
-    images = images_from_arrow(table.column("image"), manifest["image_shape"]).copy()  # writable, own memory
+    images = images_from_arrow(table.column("image"), manifest["image_shape"], image_dtype(manifest)).copy()
     return images, table.column("label").to_numpy()

@@ -92,7 +92,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
     candidate = checkpoint.load(resolve_model(f"models:/{name}/{version}", uri).path, device=device)
     incumbent = (checkpoint.load(resolve_model(f"models:/{name}/{incumbent_version}", uri).path, device=device)
                  if incumbent_version is not None else None)
-    images, labels = ev.load_data(data, candidate.config.image_size)
+    images, labels = ev.load_data(data, candidate.image_shape[1])  # a latent model's decoded side
     reference = ev.prepare_reference(images, labels, num_samples=num_samples, inception=inception, log=log)
     log(f"[gate] evaluating {name} version {version} ({settings.row}, guidance {guidance_scale:g}, n={num_samples})")
     evaluated = ev.evaluate_model(candidate, reference, settings, device=device, log=log)

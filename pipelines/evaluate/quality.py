@@ -209,8 +209,12 @@ def load_data(data: str, resolution: int | None = None) -> tuple["np.ndarray", "
 
         x, y = digits_dataset(resolution or 16)
         return to_uint8(x), y.numpy()
-    from pipelines.data.dataset import load_numpy
+    from pipelines.data.dataset import is_latent, load_numpy, read_manifest
 
+    manifest = read_manifest(data)
+    if is_latent(manifest):
+        raise UserError(f"{data} holds latents (ddpm encode); evaluate against the images they were encoded from, "
+                        f"{manifest['source']['uri']}")
     return load_numpy(data)
 
 
@@ -596,11 +600,11 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
     inception = InceptionFeatures(inception_weights) if inception_weights else None  # a bad path fails first
     resolved = resolve_model(model_uri, tracking_uri)
     loaded = checkpoint.load(resolved.path, device=device, weights=settings.weights)
-    images, labels = load_data(data, loaded.config.image_size)
+    c, h, w = loaded.image_shape  # a latent model's decoded images
+    images, labels = load_data(data, h)
     shape = tuple(images.shape[1:])
-    if shape != (loaded.config.image_size, loaded.config.image_size, loaded.config.in_channels):
-        raise UserError(f"{data} holds {'x'.join(map(str, shape))} images but the model makes "
-                        f"{loaded.config.image_size}x{loaded.config.image_size}x{loaded.config.in_channels}")
+    if shape != (h, w, c):
+        raise UserError(f"{data} holds {'x'.join(map(str, shape))} images but the model makes {h}x{w}x{c}")
     from pipelines.evaluate.classifier import split
 
     halves = min(len(part) for part in split(len(images)))

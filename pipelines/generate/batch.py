@@ -196,7 +196,7 @@ class ModelSource:
     num_classes: int
     num_timesteps: int
     class_names: tuple
-    autoencoder: Any = None  # a latent model's autoencoder (name, version), from its metadata; None for pixel models
+    autoencoder: Any = None  # a latent model's autoencoder source (uri, name, version, sha256); None for pixels
 
     @classmethod
     def resolve(cls, uri: str, tracking_uri: str | None = None) -> "ModelSource":
@@ -209,11 +209,12 @@ class ModelSource:
             loaded = checkpoint.load(resolved.path, device="cpu")
         except checkpoint.CheckpointError as exc:
             raise UserError(f"{uri}: {exc}") from None
-        c = loaded.config
+        channels, height, width = loaded.image_shape  # a latent model's decoded images
+        decoder = checkpoint.read_config(resolved.path).get("autoencoder")  # where a latent model's came from
         return cls(uri, Path(resolved.path), resolved.name, resolved.version, resolved.alias,
-                   _folder_sha256(Path(resolved.path)), (c.image_size, c.image_size, c.in_channels), c.num_classes,
+                   _folder_sha256(Path(resolved.path)), (height, width, channels), loaded.config.num_classes,
                    loaded.schedule.num_timesteps, tuple(loaded.class_names),
-                   loaded.metadata.get("autoencoder") if isinstance(loaded.metadata, dict) else None)
+                   decoder.get("source") if decoder else None)
 
     def identity(self) -> dict:
         """What a job's images depend on about the model (the alias is not: it may move to the same version)."""

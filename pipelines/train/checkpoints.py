@@ -84,12 +84,21 @@ def images_in_name(path: str) -> int:
 
 
 def write_checkpoint(folder: Path, *, net, schedule, ema, optimizer, state: TrainingState,
-                     rng_states: dict[str, torch.Tensor], prediction_type: str, class_names: list[str]) -> None:
-    """Write the checkpoint layout of the module docstring into ``folder``."""
+                     rng_states: dict[str, torch.Tensor], prediction_type: str, class_names: list[str],
+                     autoencoder=None, autoencoder_source: dict | None = None) -> None:
+    """Write the checkpoint layout of the module docstring into ``folder``; a latent model's ``model/`` also
+    carries its ``autoencoder`` (see ``ddpm.checkpoint``)."""
     checkpoint.save(folder / MODEL_DIR, net, schedule, ema_state=ema.state_dict(), prediction_type=prediction_type,
                     class_names=list(class_names),
                     metadata={"images_seen": state.images_seen, "step": state.step,
-                              "mlflow_run_id": state.mlflow_run_id})
+                              "mlflow_run_id": state.mlflow_run_id},
+                    autoencoder=autoencoder, autoencoder_source=autoencoder_source)
+    write_training_state(folder, state=state, optimizer=optimizer, rng_states=rng_states)
+
+
+def write_training_state(folder: Path, *, state: TrainingState, optimizer, rng_states: dict[str, torch.Tensor]) -> None:
+    """training_state.safetensors, then training_state.json: the layout's files beside ``model/``, whatever model
+    that holds (a DDPM here, an autoencoder for ``ddpm train-autoencoder``). Write ``model/`` first."""
     tensors, optimizer_json = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors | rng_states, str(folder / STATE_TENSORS))
     (folder / STATE_JSON).write_text(state.to_json(optimizer_json))
@@ -112,12 +121,18 @@ def _read_state_json(folder: Path) -> tuple[TrainingState, dict]:
 
 def read_checkpoint(folder: Path) -> tuple[TrainingState, dict, dict, dict, dict]:
     """(state, optimizer state_dict, raw weights, EMA weights, RNG states) from a checkpoint folder, on the CPU."""
+    state, optimizer, rng = read_training_state(folder)
+    raw, ema = checkpoint.load_training_weights(folder / MODEL_DIR)
+    return state, optimizer, raw, ema, rng
+
+
+def read_training_state(folder: Path) -> tuple[TrainingState, dict, dict]:
+    """(state, optimizer state_dict, RNG states) from a checkpoint folder, on the CPU; ``model/`` is not read."""
     state, data = _read_state_json(folder)
     tensors = load_file(str(folder / STATE_TENSORS))
-    raw, ema = checkpoint.load_training_weights(folder / MODEL_DIR)
     optimizer = _unflatten_optimizer(data["optimizer"], tensors)
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return state, optimizer, raw, ema, rng
+    return state, optimizer, rng
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
@@ -228,17 +243,19 @@ def upload(folder: Path, uri: str, endpoint_url: str | None, waits_s=UPLOAD_RETR
 
 
 def report_checkpoint(state: TrainingState, unlogged: list[str], *, rank: int, storage: str, name: str,
-                      endpoint_url: str | None, **contents) -> None:
+                      endpoint_url: str | None, write=None, **contents) -> None:
     """Every rank calls ray.train.report (it is a barrier); rank 0 alone writes and uploads the files.
 
-    ``contents``: the keyword arguments of :func:`write_checkpoint` but ``state``.
+    ``write(folder, state=..., **contents)`` writes the layout: :func:`write_checkpoint` (a DDPM) unless given (the
+    autoencoder trainer passes its own); ``contents``: its keyword arguments but ``state``.
     """
+    write = write or write_checkpoint
     metrics = {**state.metrics, "images_seen": state.images_seen, "step": state.step, "unlogged": unlogged}
     folder_uri = store.join(storage, name, folder_name(state.images_seen))
     with tempfile.TemporaryDirectory(prefix="ddpm-checkpoint-") as folder:
         written, persisted = None, None
         if rank == 0:
-            write_checkpoint(Path(folder), state=state, **contents)
+            write(Path(folder), state=state, **contents)
             written = ray.train.Checkpoint.from_directory(folder)
             persisted = upload(Path(folder), folder_uri, endpoint_url)
         ray.train.report(metrics, checkpoint=written, checkpoint_dir_name=folder_name(state.images_seen),

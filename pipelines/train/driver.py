@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines import storage as store
 from pipelines import tracking
-from pipelines.data.dataset import load_dataset, read_manifest
+from pipelines.data.dataset import is_latent, load_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
@@ -98,9 +98,25 @@ def train(
 
 
 def fit_to_dataset(config, manifest: dict, data: str):
-    """Check the model's image shape against the dataset's; set the number of classes for conditional training."""
+    """Check the model's image shape against the dataset's; set the number of classes for conditional training.
+
+    A latent dataset (``ddpm encode``) sets the model's input shape from its manifest: the latents' side and
+    channels follow from the autoencoder, not from the recipe.
+    """
     h, w, c = manifest["image_shape"]
     m = config.model
+    if is_latent(manifest):
+        if config.train.random_flip:
+            raise UserError(f"{data} holds latents, which cannot be mirrored at training time (a mirrored latent is "
+                            f"not the latent of the mirrored image): set --set train.random_flip=false, and run "
+                            f"ddpm encode --flip to store the mirrored images' latents as well")
+        if h != w:
+            raise UserError(f"{data} holds {h}x{w} latents; the U-Net takes square inputs")
+        try:
+            config = replace(config, model=replace(m, image_size=h, in_channels=c))
+        except ValueError as exc:
+            raise UserError(f"{data} holds {h}x{w}x{c} latents, which model {m.to_dict()} cannot take: {exc}") from None
+        m = config.model
     if (m.image_size, m.image_size, m.in_channels) != (h, w, c):
         raise UserError(f"{data} holds {h}x{w}x{c} images but the model takes {m.image_size}x{m.image_size}x"
                         f"{m.in_channels}; set --set model.image_size={h} --set model.in_channels={c}")
@@ -110,6 +126,16 @@ def fit_to_dataset(config, manifest: dict, data: str):
             raise UserError(f"{data} has no class labels; set --set train.class_conditional=false")
         config = config.with_num_classes(len(classes))
     return config
+
+
+def latent_autoencoder(data: str, manifest: dict) -> dict | None:
+    """For a latent dataset: where its copy of the autoencoder is (``uri``) and where that came from
+    (``source``: uri, name, version, sha256), which the model's checkpoints carry; None for pixels."""
+    if not is_latent(manifest):
+        return None
+    info = manifest["autoencoder"]
+    source = {k: info.get(k) for k in ("uri", "name", "version", "sha256")}
+    return {"uri": store.join(data, info.get("folder", "autoencoder")), "source": source}
 
 
 def check_resumable(state: TrainingState, config, name: str) -> None:
@@ -164,6 +190,7 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
         endpoint_url=store.resolve_endpoint(None),
         fail_after_images=int(fail_after) if fail_after else None,
         blocks=blocks,
+        autoencoder=latent_autoencoder(data, manifest),
     )
     resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     trainer_args = dict(

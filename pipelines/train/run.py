@@ -34,6 +34,9 @@ def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data:
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
+    if manifest.get("kind") == "latents":  # a latent model: which autoencoder its samples are decoded with
+        tags["autoencoder"] = autoencoder_tag(manifest)
+        tags["autoencoder_sha256"] = str(manifest["autoencoder"].get("sha256"))
     try:
         client = tracking.client(uri)
         experiment_id = tracking.ensure_experiment(experiment, uri)
@@ -53,6 +56,14 @@ def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data:
         raise UserError(f"MLflow at {tracking.redact_uri(uri)}: {str(exc).splitlines()[0]}") from None
 
 
+def autoencoder_tag(manifest: dict) -> str:
+    """A latent dataset's autoencoder as a lineage tag: its pinned ``models:/NAME/VERSION``, else its (redacted) URI."""
+    ae = manifest["autoencoder"]
+    if ae.get("name") and ae.get("version"):
+        return f"models:/{ae['name']}/{ae['version']}"
+    return tracking.redact_uri(str(ae.get("uri")))
+
+
 def git_commit() -> str | None:
     """The commit of the checkout this code runs from, if it is one (lineage for the MLflow run)."""
     try:
@@ -64,8 +75,13 @@ def git_commit() -> str | None:
 
 
 def finish_run(checkpoint_uri: str, *, run_id: str, register_as: str | None, tracking_uri: str, config,
-               manifest: dict, attempts: int = 6, wait_s: float = 10.0) -> tuple[int, str | None]:
+               manifest: dict, attempts: int = 6, wait_s: float = 10.0, log_model=None,
+               extra_tags=None) -> tuple[int, str | None]:
     """Log the final model into the run, register it (once: re-running finds the version) and close the run.
+
+    ``log_model(model_dir, run_id=, tracking_uri=) -> models:/ URI`` logs the checkpoint's ``model/`` folder
+    (default :func:`pipelines.registry.log_model`, a DDPM; ``ddpm train-autoencoder`` passes
+    :func:`pipelines.registry.log_autoencoder`); ``extra_tags(checkpoint folder) -> dict`` adds version tags.
 
     Returns (images seen, the registered version or None). The tracking server may be down right now; this retries
     for about a minute before giving up with a message that says how to retry (run the same command again: it
@@ -76,11 +92,15 @@ def finish_run(checkpoint_uri: str, *, run_id: str, register_as: str | None, tra
         tags = {"run_id": run_id, "images_seen": str(state.images_seen),
                 "dataset_fingerprint": manifest["fingerprint"], "config_hash": config.hash(),
                 **{f"metric.{k}": f"{v:.6g}" for k, v in state.metrics.items()}}
+        if manifest.get("kind") == "latents":  # the autoencoder version the model pins (and carries a copy of)
+            tags["autoencoder"] = autoencoder_tag(manifest)
+        if extra_tags is not None:
+            tags.update({k: str(v) for k, v in extra_tags(Path(folder)).items()})
         for attempt in range(1, attempts + 1):
             try:
                 return state.images_seen, _register_and_close(Path(folder) / MODEL_DIR, run_id=run_id,
                                                                register_as=register_as, tags=tags,
-                                                               tracking_uri=tracking_uri)
+                                                               tracking_uri=tracking_uri, log_model=log_model)
             except (MlflowException, OSError) as exc:
                 reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 if attempt == attempts:
@@ -91,13 +111,13 @@ def finish_run(checkpoint_uri: str, *, run_id: str, register_as: str | None, tra
 
 
 def _register_and_close(model_dir: Path, *, run_id: str, register_as: str | None, tags: dict[str, str],
-                        tracking_uri: str) -> str | None:
+                        tracking_uri: str, log_model=None) -> str | None:
     """Register ``model_dir`` as a new version of ``register_as`` unless this run's images already are one."""
     version = None
     if register_as:
         version = registry.find_version(register_as, {k: tags[k] for k in ("run_id", "images_seen")}, tracking_uri)
         if version is None:
-            model_uri = registry.log_model(model_dir, run_id=run_id, tracking_uri=tracking_uri)
+            model_uri = (log_model or registry.log_model)(model_dir, run_id=run_id, tracking_uri=tracking_uri)
             version = registry.register(model_uri, register_as, tags=tags, tracking_uri=tracking_uri)
         print(f"registered models:/{register_as}/{version} (run {run_id})", flush=True)
     tracking.client(tracking_uri).set_terminated(run_id, "FINISHED")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,9 +16,10 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ddpm import EMA, UNet, encode_png, from_uint8
+from ddpm import EMA, UNet, autoencoder, encode_png, from_uint8
 from ddpm.checkpoint import LoadedModel
 from ddpm.training import drop_labels, lr_at, random_flip, train_step
+from pipelines import storage as store
 from pipelines.config import Config, TrainConfig
 from pipelines.tracking import RunLogger
 from pipelines.train import ddp, preemption
@@ -49,6 +51,8 @@ class WorkerJob:
     blocks: Blocks | None = None  # the dataset in Ray's object store (pipelines.train.rows)
     fail_after_images: int | None = None  # the FAIL_AFTER_ENV test hook
     progress: object | None = None  # the driver's progress actor (pipelines.train.progress.printing); None: no lines
+    # a latent dataset's autoencoder: {"uri": its folder in storage, "source": where it came from}; None for pixels
+    autoencoder: dict | None = None
 
     def loop_config(self) -> dict:
         """Ray Train's ``train_loop_config``: it must be a dict (Ray's run-state export validates one)."""
@@ -160,6 +164,8 @@ def _train(job: WorkerJob) -> None:
             logger.set_tag("restarts", state.restarts)
             logger.log_metrics({"restarts": state.restarts, "resumed_at_images": seen}, step)
     sampler_net = UNet(config.model).to(device) if rank == 0 else None
+    # a latent model's decoder, for rank 0's sample grids and checkpoints (which carry it)
+    decoder = _load_autoencoder(job, device) if rank == 0 and job.autoencoder else None
     reporter = None
     if rank == 0:
         reporter = Reporter(job.progress, total=total, run=job.name,
@@ -173,8 +179,11 @@ def _train(job: WorkerJob) -> None:
         m = math.ceil(n / world)
         rows = min(max(n - rank * m, 0), m)
         used = max(rows, 1)  # a rank with no rows still runs (DDP needs every rank), with weight 0
-        images, labels = rows_of.take(seen + min(rank * m, n - 1), used)  # (used, H, W, C) uint8, (used,) int64
-        x_0 = from_uint8(images).to(device)  # (used, C, H, W) in [-1, 1]
+        images, labels = rows_of.take(seen + min(rank * m, n - 1), used)  # (used, H, W, C), (used,) int64
+        if job.autoencoder:  # float32 latents, already scaled to about unit variance
+            x_0 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (used, c, h, w)
+        else:
+            x_0 = from_uint8(images).to(device)  # (used, C, H, W) in [-1, 1]
         if tc.random_flip:
             x_0 = random_flip(x_0)
         y = None
@@ -209,7 +218,8 @@ def _train(job: WorkerJob) -> None:
 
         if logger is not None and (crossed(seen, n, tc.sample_every_images) or finished):
             ema.copy_to(sampler_net)
-            logger.log_file(_sample_grid_png(sampler_net, schedule, config), f"samples/images_{seen:012d}.png")
+            logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder),
+                            f"samples/images_{seen:012d}.png")
             throughput.restart()
 
         if crossed(seen, n, tc.checkpoint_every_images) or finished or signalled is not None:
@@ -225,7 +235,9 @@ def _train(job: WorkerJob) -> None:
             report_checkpoint(state, unlogged, rank=rank, storage=job.storage, name=job.name,
                               endpoint_url=job.endpoint_url, net=net, schedule=schedule, ema=ema,
                               optimizer=optimizer, rng_states=ddp.gather_rng(world, device),
-                              prediction_type=tc.prediction_type, class_names=job.class_names)
+                              prediction_type=tc.prediction_type, class_names=job.class_names,
+                              autoencoder=decoder,
+                              autoencoder_source=job.autoencoder["source"] if job.autoencoder else None)
             throughput.restart()
             if signalled is not None:
                 preemption.checkpoint_written()
@@ -252,14 +264,25 @@ def _probe_step(net: UNet, config: Config, device, autocast_dtype) -> None:
     out.float().square().mean().backward()
 
 
-def _sample_grid_png(sampler_net: UNet, schedule, config: Config) -> bytes:
-    """A PNG grid from ``sampler_net`` (holding the EMA weights): DDIM with few steps, the same seeds every time.
+def _load_autoencoder(job: WorkerJob, device):
+    """The latent dataset's autoencoder (its folder in storage, copied here), on ``device``."""
+    with tempfile.TemporaryDirectory(prefix="ddpm-autoencoder-") as folder:
+        for entry in store.list_files(job.autoencoder["uri"], job.endpoint_url):
+            target = Path(folder) / entry.key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(store.read_bytes(store.join(job.autoencoder["uri"], entry.key), job.endpoint_url))
+        return autoencoder.load(folder, device=device)
+
+
+def _sample_grid_png(sampler_net: UNet, schedule, config: Config, decoder=None) -> bytes:
+    """A PNG grid from ``sampler_net`` (holding the EMA weights): DDIM with few steps, the same seeds every time;
+    a latent model's samples decoded by ``decoder``.
 
     Class-conditional: one row per class (the first 10), ``SAMPLE_COLUMNS`` seeds per row; else 8 x 8.
     """
     sampler_net.eval()
     num_classes = config.model.num_classes
-    loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type)
+    loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type, autoencoder=decoder)
     grid = sample_grid(loaded, rows=min(num_classes, SAMPLE_CLASS_ROWS) if num_classes else SAMPLE_COLUMNS,
                        columns=SAMPLE_COLUMNS, steps=min(SAMPLE_STEPS, schedule.num_timesteps))
     return encode_png(grid)

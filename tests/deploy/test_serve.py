@@ -5,7 +5,9 @@ The HTTP tests share one Serve instance on 127.0.0.1 (module fixture) running tw
 
 - ``/reg``: a class-conditional tiny model registered in a real MLflow server and followed through
   ``models:/serve-test@production`` (alias poll every 0.5 s), with autoscaling delays of a second or two;
-- ``/plain``: an unconditional tiny checkpoint folder behind an API key.
+- ``/plain``: an unconditional tiny checkpoint folder behind an API key;
+- ``/latent``: a latent model (a U-Net on 4x8x8 latents carrying the ``tiny`` f = 4 autoencoder), which serves
+  32x32 RGB pixels.
 
 The tiny models predict x_0 (``prediction_type="sample"``): with random weights an epsilon model drives every pixel
 to 0 or 255, which would make "identical bytes" hold trivially; an x_0 model gives images with ~170 grey levels.
@@ -45,6 +47,18 @@ def save_tiny(path: Path, seed: int, num_classes: int = 0) -> Path:
     model = UNet(UNetConfig.preset("tiny", num_classes=num_classes))
     schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
     return checkpoint.save(path, model, schedule, prediction_type="sample", class_names=["a", "b", "c"][:num_classes])
+
+
+def save_tiny_latent(path: Path, seed: int) -> Path:
+    """A latent model: a U-Net on 4x8x8 latents predicting x_0, with the ``tiny`` autoencoder (f = 4) it decodes with."""
+    from ddpm import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(seed)
+    ae = Autoencoder(AutoencoderConfig.preset("tiny"))
+    model = UNet(UNetConfig.preset("tiny", in_channels=4))
+    schedule = NoiseSchedule.linear(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    return checkpoint.save(path, model, schedule, prediction_type="sample", autoencoder=ae,
+                           autoencoder_source={"uri": "tiny"})
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -93,6 +107,8 @@ def server(registry, tmp_path_factory):
     }), name="reg", route_prefix="/reg")
     plain = save_tiny(tmp_path_factory.mktemp("plain") / "ckpt", seed=3)
     serve.run(build_app(common | {"model_uri": str(plain), "api_key": API_KEY}), name="plain", route_prefix="/plain")
+    latent = save_tiny_latent(tmp_path_factory.mktemp("latent") / "ckpt", seed=4)
+    serve.run(build_app(common | {"model_uri": str(latent)}), name="latent", route_prefix="/latent")
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/reg/healthz")
     yield base
@@ -257,6 +273,32 @@ def test_api_key_guards_every_route_but_healthz(server):
     r = generate(f"{plain}/generate", headers=good, steps=2, num_images=1)
     assert r.status_code == 200 and "X-Model-Version" not in r.headers  # a plain folder has no version
     assert API_KEY not in r.text and all(API_KEY not in v for v in r.headers.values())
+
+
+def test_a_latent_model_serves_decoded_pixels(server, tmp_path):
+    """The endpoint of a latent model answers in pixels: its latents decoded by the autoencoder it carries, the same
+    bytes as the core's generation path; /inpaint keeps the known pixels exactly."""
+    from ddpm import generate_images
+
+    info = requests.get(f"{server}/latent/v1/model", timeout=TIMEOUT).json()
+    assert (info["resolution"], info["channels"], info["latent"]) == (32, 3, True)
+    r = generate(f"{server}/latent/generate", num_images=3, steps=4, seed=21, output="json")
+    assert r.status_code == 200, r.text
+    served = np.stack([png_array(base64.b64decode(image)) for image in r.json()["images"]])  # (3, 32, 32, 3)
+    local = generate_images(checkpoint.load(save_tiny_latent(tmp_path / "same", seed=4)), [21, 22, 23], steps=4)
+    assert served.shape == (3, 32, 32, 3) and np.array_equal(served, local)
+
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[6:19, 10:27] = 255  # not aligned to the latents' 4x4 cells
+    r = requests.post(f"{server}/latent/inpaint", json={"image": b64png(pixels), "mask": b64png(mask), "steps": 4,
+                                                         "num_images": 2, "seed": 3, "output": "json"},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    keep = mask == 0
+    for image in r.json()["images"]:
+        result = png_array(base64.b64decode(image))
+        assert np.array_equal(result[keep], pixels[keep]) and not np.array_equal(result[~keep], pixels[~keep])
 
 
 # -- POST /inpaint ------------------------------------------------------------------------------------------------
