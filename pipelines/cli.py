@@ -77,11 +77,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def _top_level_help() -> str:
     lines = ["usage: ddpm [--verbose] <command> [args]", "", "commands:"]
+    width = max(map(len, SUBCOMMANDS))
     for name in SUBCOMMANDS:
         try:
-            lines.append(f"  {name:<12} {_load(name).HELP}")
+            lines.append(f"  {name:<{width}} {_load(name).HELP}")
         except ModuleNotFoundError as exc:
-            lines.append(f"  {name:<12} (unavailable: {exc})")
+            lines.append(f"  {name:<{width}} (unavailable: {exc})")
     lines += ["", "Run 'ddpm <command> --help' for a command's flags and a worked example."]
     return "\n".join(lines)
 

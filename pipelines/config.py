@@ -313,17 +313,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_yaml(path: str | Path | None, example: str = "configs/digits.yaml") -> dict:
+    """A YAML preset's contents ({} when ``path`` is None); a missing, invalid or empty file is a UserError."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({exc})") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty; start from a preset such as {example}")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or start from defaults when ``path`` is None) and apply ``overrides``."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML ({exc})") from None
-        if raw is None:
-            raise UserError(f"{path}: the file is empty; start from a preset such as configs/digits.yaml")
-    return from_dict(apply_overrides(raw, overrides or []), str(path or "config"))
+    return from_dict(apply_overrides(read_yaml(path), overrides or []), str(path or "config"))

@@ -150,12 +150,13 @@ def latent_stages(config, processed: str, *, tracking_uri: str, seconds: dict, l
         autoencoder = f"models:/{p.autoencoder_name}/{trained.model_version}"
         seconds["autoencoder"] = time.monotonic() - start
         psnr = f"{trained.psnr_heldout:.2f} dB" if trained.psnr_heldout is not None else "not measured"
-        log(f"[autoencoder] registered {autoencoder}; held-out PSNR {psnr}, scaling factor {trained.scaling_factor}")
+        log(f"[autoencoder] registered {autoencoder}; held-out PSNR {psnr}, scaling factor "
+            f"{trained.scaling_factor:.4g}")
     start = time.monotonic()
     latents = absolute(p.latents)
     log(f"[encode] {processed} -> {latents} with {autoencoder}")
     encode(processed, autoencoder, latents, use_gpu=p.use_gpu, flip=p.encode_flip, tracking_uri=tracking_uri,
-           progress=lambda line: log(f"[encode] {line}"))
+           progress=log)  # its lines say [encode] themselves
     seconds["encode"] = time.monotonic() - start
     return autoencoder
 

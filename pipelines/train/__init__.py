@@ -16,4 +16,11 @@ Who does what in ``ddpm train``::
     checkpoints  the checkpoint folder (no pickle) and TrainingState, the latest whole one in storage, upload
     samples      sample grids from fixed seeds
     local        ``ddpm train-local``
+
+``ddpm train-autoencoder`` (latent diffusion's first stage) runs on the same machinery::
+
+    autoencoder_command   the CLI -> autoencoder.train_autoencoder
+    autoencoder           its driver: check the data, hold out the PSNR images, start the TorchTrainer, register
+    autoencoder_worker    its loop: reconstruction + KL, held-out PSNR, the measured scaling factor, checkpoints
+    autoencoder_config    its YAML (model: an AutoencoderConfig preset; train: its settings)
 """

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
 
 from pipelines import registry
 from pipelines import storage as store
@@ -28,8 +27,7 @@ from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.autoencoder_worker import AutoencoderJob, train_autoencoder_worker
 from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, latest_checkpoint
-from pipelines.train.driver import _failure_message, _store_back, default_cpus_per_worker
-from pipelines.train.progress import fit_with_progress
+from pipelines.train.driver import default_cpus_per_worker, run_trainer
 from pipelines.train.resources import Workers, check_workers_fit
 from pipelines.train.rows import Blocks
 from pipelines.train.run import finish_run, open_run
@@ -198,7 +196,7 @@ def _split(data: str, manifest: dict, config) -> tuple[Blocks, np.ndarray]:
 def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers: Workers, use_gpu: bool,
          cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
     """Run the TorchTrainer; returns its Result (the final checkpoint in ``result.checkpoint``). Failures, retries
-    and storage outages are handled as in :func:`pipelines.train.driver._fit`."""
+    and storage outages are handled as in ``ddpm train`` (:func:`pipelines.train.driver.run_trainer`)."""
     blocks, held_images = _split(data, manifest, config)
     print(f"{blocks.num_rows} training images, {len(held_images)} held out", flush=True)
     job = AutoencoderJob(
@@ -212,34 +210,6 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
         blocks=blocks,
         held_out=ray.put(held_images),
     )
-    fs, root = store.filesystem_for(storage)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer_args = dict(
-        train_loop_per_worker=train_autoencoder_worker,
-        train_loop_config=job.loop_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers.scaling(), use_gpu=use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=placement or ("PACK" if use_gpu else "SPREAD"),
-                                               elastic_resize_monitor_interval_s=config.train.elastic_check_s),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=root,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-        ),
-    )
-    print(f"training on {workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if use_gpu else ''}; "
-          f"checkpoints under {store.join(storage, name)}", flush=True)
-    outages = 0
-    while True:
-        try:
-            return fit_with_progress(TorchTrainer, trainer_args)
-        except ray.train.TrainingFailedError as exc:
-            if (isinstance(exc, ray.train.ControllerError) and store.explain(str(exc)) is not None
-                    and outages < config.train.max_failures and _store_back(storage, name)):
-                outages += 1
-                print(f"storage came back after an outage that stopped Ray Train's controller; resuming "
-                      f"({outages}/{config.train.max_failures})", flush=True)
-                continue
-            raise UserError(_failure_message(exc, config, storage, name, run_id, tracking_uri)) from None
+    return run_trainer(train_autoencoder_worker, job.loop_config(), config, storage=storage, name=name,
+                       workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement,
+                       run_id=run_id, tracking_uri=tracking_uri)

@@ -20,11 +20,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ddpm.autoencoder import AutoencoderConfig
 from ddpm.training import PRECISIONS
-from pipelines.config import _strict, apply_overrides
+from pipelines.config import _strict, apply_overrides, read_yaml
 from pipelines.errors import UserError
 
 SECTIONS = ("model", "train")
@@ -142,15 +141,5 @@ def from_dict(raw: dict, source: str = "config") -> AutoencoderRunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> AutoencoderRunConfig:
     """Read a YAML preset (defaults when ``path`` is None) and apply ``--set`` overrides."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML ({exc})") from None
-        if raw is None:
-            raise UserError(f"{path}: the file is empty; start from configs/autoencoder-f4.yaml")
+    raw = read_yaml(path, example="configs/autoencoder-f4.yaml")
     return from_dict(apply_overrides(raw, overrides or []), str(path or "config"))

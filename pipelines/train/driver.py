@@ -171,7 +171,6 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
     ``train.elastic_check_s`` seconds.
     """
     cpus = cpus_per_worker
-    fs, root = store.filesystem_for(storage)
     # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once so that each
     # block mixes the classes, and the workers take their rows from its blocks (pipelines.train.rows): training
     # then needs no read tasks, so the workers may reserve every CPU of their nodes.
@@ -192,10 +191,21 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
         blocks=blocks,
         autoencoder=latent_autoencoder(data, manifest),
     )
-    resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
+    return run_trainer(train_worker, job.loop_config(), config, storage=storage, name=name, workers=workers,
+                       use_gpu=use_gpu, cpus_per_worker=cpus, placement=placement, run_id=run_id,
+                       tracking_uri=tracking_uri)
+
+
+def run_trainer(worker_fn, loop_config: dict, config, *, storage: str, name: str, workers: Workers, use_gpu: bool,
+                cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
+    """Run a TorchTrainer of ``worker_fn`` with checkpoints under STORAGE/NAME; returns its Result. Shared by
+    ``ddpm train`` and ``ddpm train-autoencoder``: ``config.train`` gives the retries, checkpoints kept and the
+    elastic check; a failure that ends the run becomes one line naming where it will resume."""
+    fs, root = store.filesystem_for(storage)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer_args = dict(
-        train_loop_per_worker=train_worker,
-        train_loop_config=job.loop_config(),
+        train_loop_per_worker=worker_fn,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers.scaling(), use_gpu=use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=placement or ("PACK" if use_gpu else "SPREAD"),
@@ -208,7 +218,7 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
     )
-    print(f"training on {workers} worker(s) x {cpus} CPU{' + 1 GPU' if use_gpu else ''}; "
+    print(f"training on {workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if use_gpu else ''}; "
           f"checkpoints under {store.join(storage, name)}", flush=True)
     outages = 0
     while True:
