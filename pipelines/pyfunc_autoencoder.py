@@ -12,6 +12,7 @@ The latents are what a latent DDPM trains on (``ddpm.Autoencoder.encode``: scale
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
@@ -23,8 +24,8 @@ class AutoencoderEncoder(PythonModel):
 
         self.ae = autoencoder.load(context.artifacts["autoencoder"])  # eval mode, CPU
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    # np.ndarray: a type hint MLflow accepts without inferring a schema (without one it warns on every load)
+    def predict(self, context, model_input: np.ndarray, params=None):
         import torch
 
         from ddpm import from_uint8

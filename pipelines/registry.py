@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,9 +191,7 @@ def log_autoencoder(folder: str | Path, *, run_id: str, tracking_uri: str) -> st
 
     _quiet()
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # its predict takes an image array, which MLflow's type hints cannot describe; MLflow warns about that
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="autoencoder",
             python_model=str(_PYFUNC_AUTOENCODER),  # a model from code, as log_model's

@@ -37,6 +37,7 @@ RECIPE = {
     "version": 1,
     "widths": [16, 32, 64],   # channels of the three conv stages (2x2 max-pool after the first two)
     "feature_dim": 64,        # the penultimate layer: the features FD-cls is computed in
+    "max_side": 32,           # larger images are 2x2-average-pooled down to this side first
     "steps": 600,
     "batch_size": 128,
     "lr": 2e-3,
@@ -51,12 +52,16 @@ class FeatureNet(nn.Module):
     """conv stages -> global average pool -> Linear + ReLU (the features) -> Linear (the class logits).
 
     Global average pooling makes the network work at any resolution; the same recipe serves 16x16 digits and
-    32x32 photographs.
+    32x32 photographs. Images with a side above ``max_side`` are halved by 2x2 average pooling until they fit: the
+    classes of this project's data (which digit, which photograph) show at 32x32, and the convolutions' cost grows with
+    the pixels (benchmarks/RESULTS.md, "Latent diffusion": the 64x64 photos' evaluation).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths=(16, 32, 64), feature_dim: int = 64):
+    def __init__(self, in_channels: int, num_classes: int, widths=(16, 32, 64), feature_dim: int = 64,
+                 max_side: int = 32):
         super().__init__()
         w1, w2, w3 = widths
+        self.max_side = max_side
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, w1, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -68,6 +73,8 @@ class FeatureNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] -> (B, feature_dim), the penultimate activations."""
+        while max(x.shape[-2:]) > self.max_side:
+            x = F.avg_pool2d(x, 2)
         return F.relu(self.embed(self.conv(x).mean(dim=(2, 3))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +122,8 @@ def net_from_bytes(data: bytes) -> FeatureNet:
 
     header_size = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, then the JSON header
     meta = json.loads(data[8:8 + header_size])["__metadata__"]
-    net = FeatureNet(int(meta["in_channels"]), int(meta["num_classes"]), RECIPE["widths"], RECIPE["feature_dim"])
+    net = FeatureNet(int(meta["in_channels"]), int(meta["num_classes"]), RECIPE["widths"], RECIPE["feature_dim"],
+                     RECIPE["max_side"])
     net.load_state_dict(load(data))
     return net.eval()
 
@@ -186,7 +194,7 @@ def _fit(images: np.ndarray, labels: np.ndarray, log) -> tuple[FeatureNet, float
     g = torch.Generator().manual_seed(RECIPE["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RECIPE["seed"])
-        net = FeatureNet(x.shape[1], num_classes, RECIPE["widths"], RECIPE["feature_dim"])
+        net = FeatureNet(x.shape[1], num_classes, RECIPE["widths"], RECIPE["feature_dim"], RECIPE["max_side"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=RECIPE["steps"])
     max_shift = int(round(RECIPE["max_shift"] * images.shape[1]))
@@ -233,7 +241,8 @@ def load_or_train(images: np.ndarray, labels: np.ndarray, *, directory: Path | N
     train_rows, held_rows = split(len(images))
     if meta.is_file() and weights.is_file():
         info = json.loads(meta.read_text())
-        net = FeatureNet(info["in_channels"], info["num_classes"], RECIPE["widths"], RECIPE["feature_dim"])
+        net = FeatureNet(info["in_channels"], info["num_classes"], RECIPE["widths"], RECIPE["feature_dim"],
+                         RECIPE["max_side"])
         net.load_state_dict(load_file(str(weights)))
         log(f"[classifier] cached {stem.name} (held-out accuracy {info['accuracy']:.3f})")
         return Classifier(net.eval(), train_rows, held_rows, info["accuracy"], fp)

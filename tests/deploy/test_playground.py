@@ -3,8 +3,8 @@
 Serve runs a tiny class-conditional checkpoint on 127.0.0.1. The browser loads the page, sets a seed, presses
 Generate, waits for the images and checks they decoded; in Edit mode it uploads a PNG, paints a mask stroke and
 inpaints; an out-of-range value shows the server's message next to its field; with an API key, the page asks for it
-once. A screenshot is saved under the test's output folder
-(``tests/output/playground.png``, also used by README).
+once; a latent model (a U-Net on latents carrying its autoencoder) works in the same page, in pixels. A screenshot
+is saved under the test's output folder (``tests/output/playground.png``, also used by README).
 """
 
 from __future__ import annotations
@@ -46,11 +46,23 @@ def endpoint(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_uri": str(path), "max_cost": 2000}), name="open", route_prefix="/")
     serve.run(build_app({"model_uri": str(path), "api_key": API_KEY}), name="locked", route_prefix="/locked")
+    serve.run(build_app({"model_uri": str(save_tiny_latent(tmp_path_factory.mktemp("latent") / "ckpt"))}),
+              name="latent", route_prefix="/latent")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=120)
     yield url
     serve.shutdown()
     assert ray.is_initialized()
+
+
+def save_tiny_latent(path: Path) -> Path:
+    """A U-Net on 4x8x8 latents with the ``tiny`` autoencoder (f = 4) it decodes them with into 32x32x3 pixels."""
+    from ddpm import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(1)
+    return checkpoint.save(path, UNet(UNetConfig.preset("tiny", in_channels=4)), NoiseSchedule.linear(),
+                           prediction_type="sample", autoencoder=Autoencoder(AutoencoderConfig.preset("tiny")),
+                           autoencoder_source={"uri": "tiny"})
 
 
 @pytest.fixture(scope="module")
@@ -142,4 +154,35 @@ def test_page_asks_for_the_api_key_once(endpoint, browser):
     page.click("#generate")
     page.wait_for_selector("#gallery img", timeout=120_000)
     assert page.locator("#apikey-box").is_hidden()
+    page.close()
+
+
+def test_a_latent_model_generates_and_inpaints_in_pixels(endpoint, browser, tmp_path):
+    """The page knows nothing of latents: it shows and paints the decoded 32x32x3; the server downsamples the mask."""
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(upload)
+    page = browser.new_page()
+    page.goto(endpoint + "/latent/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('32×32×3')", timeout=60_000)
+    page.fill("#num_images", "2")
+    page.fill("#steps", "3")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=30_000)
+    assert page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)") == [32, 32]
+    page.click("#mode-edit")
+    page.set_input_files("#edit-file", str(upload))
+    page.wait_for_function("edit.hasImage", timeout=30_000)
+    box = page.locator("#edit-mask").bounding_box()
+    page.mouse.move(box["x"] + 5, box["y"] + 0.5 * box["height"])  # a horizontal stroke across the middle
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 5, box["y"] + 0.5 * box["height"], steps=10)
+    page.mouse.up()
+    assert 0 < page.evaluate("edit.mask.reduce((a, b) => a + b, 0)") < 32 * 32
+    page.evaluate("document.getElementById('status').textContent = ''")  # so the wait below sees the new answer
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.includes('2 images in') && "
+                           "[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=120_000)
+    assert page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)") == [32, 32]
+    assert page.text_content(".error[data-for='mask']") == ""
     page.close()

@@ -102,6 +102,19 @@ def test_classifier_cache_is_reused_and_needs_labels(digits):
         classifier.load_or_train(images[:100], np.full(100, -1))
 
 
+def test_classifier_sees_large_images_pooled_to_its_max_side():
+    from pipelines.evaluate.classifier import FeatureNet
+
+    torch.manual_seed(0)
+    net = FeatureNet(3, 4, max_side=32).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    pooled = torch.nn.functional.avg_pool2d(x, 2)  # (2, 3, 32, 32): what the convolutions must see
+    with torch.no_grad():
+        assert torch.equal(net.features(x), net.features(pooled))
+        assert not torch.equal(net.features(x[..., :32, :32]), net.features(pooled))
+        assert net.features(torch.rand(2, 3, 16, 16)).shape == (2, 64)  # small images pass unchanged
+
+
 # -- evaluating a model -------------------------------------------------------------------------------------------
 def test_evaluate_model_names_its_numbers_and_depends_only_on_seeds(tmp_path, reference):
     loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0, num_classes=10))
