@@ -42,12 +42,15 @@ def endpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("playground") / "ckpt"
     checkpoint.save(path, UNet(UNetConfig.preset("tiny", num_classes=3)), NoiseSchedule.linear(),
                     prediction_type="sample", class_names=["cat", "dog", "owl"])
+    latent = save_tiny_latent(tmp_path_factory.mktemp("latent") / "ckpt")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_uri": str(path), "max_cost": 2000}), name="open", route_prefix="/")
-    serve.run(build_app({"model_uri": str(path), "api_key": API_KEY}), name="locked", route_prefix="/locked")
-    serve.run(build_app({"model_uri": str(save_tiny_latent(tmp_path_factory.mktemp("latent") / "ckpt"))}),
-              name="latent", route_prefix="/latent")
+    # Three apps share the 2-CPU test Ray: at the default 1 CPU per replica the third would wait for a CPU forever.
+    share = {"num_cpus": 0.5}
+    serve.run(build_app({"model_uri": str(path), "max_cost": 2000, **share}), name="open", route_prefix="/")
+    serve.run(build_app({"model_uri": str(path), "api_key": API_KEY, **share}), name="locked",
+              route_prefix="/locked")
+    serve.run(build_app({"model_uri": str(latent), **share}), name="latent", route_prefix="/latent")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=120)
     yield url
@@ -63,6 +66,26 @@ def save_tiny_latent(path: Path) -> Path:
     return checkpoint.save(path, UNet(UNetConfig.preset("tiny", in_channels=4)), NoiseSchedule.linear(),
                            prediction_type="sample", autoencoder=Autoencoder(AutoencoderConfig.preset("tiny")),
                            autoencoder_source={"uri": "tiny"})
+
+
+def paint_stroke(page, upload: Path, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Edit mode: upload ``upload`` and drag the mouse over the mask canvas from ``start`` to ``end``.
+
+    Points are fractions (x, y) of the canvas, kept 5 px inside its border so the stroke starts on the canvas.
+    """
+    page.click("#mode-edit")
+    page.set_input_files("#edit-file", str(upload))
+    page.wait_for_function("edit.hasImage", timeout=30_000)
+    box = page.locator("#edit-mask").bounding_box()
+
+    def at(fx: float, fy: float) -> tuple[float, float]:
+        return (box["x"] + min(max(fx * box["width"], 5), box["width"] - 5),
+                box["y"] + min(max(fy * box["height"], 5), box["height"] - 5))
+
+    page.mouse.move(*at(*start))
+    page.mouse.down()
+    page.mouse.move(*at(*end), steps=10)
+    page.mouse.up()
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +126,8 @@ def test_edit_mode_inpaints_a_painted_stroke(endpoint, browser, tmp_path):
     page = browser.new_page()
     page.goto(endpoint + "/", timeout=60_000)
     page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
-    page.click("#mode-edit")
-    page.set_input_files("#edit-file", str(upload))  # 16x16 RGB: the page stretches it to the model's 8x8
-    page.wait_for_function("edit.hasImage", timeout=30_000)
-    box = page.locator("#edit-mask").bounding_box()
-    page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 5)  # a vertical stroke down the right side
-    page.mouse.down()
-    page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + box["height"] - 5, steps=10)
-    page.mouse.up()
+    # 16x16 RGB: the page stretches it to the model's 8x8. A vertical stroke down the right side.
+    paint_stroke(page, upload, (0.7, 0.0), (0.7, 1.0))
     assert 0 < page.evaluate("edit.mask.reduce((a, b) => a + b, 0)") < 64
     page.fill("#num_images", "2")
     page.fill("#steps", "5")
@@ -170,14 +187,7 @@ def test_a_latent_model_generates_and_inpaints_in_pixels(endpoint, browser, tmp_
     page.wait_for_selector("#gallery img", timeout=120_000)
     page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=30_000)
     assert page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)") == [32, 32]
-    page.click("#mode-edit")
-    page.set_input_files("#edit-file", str(upload))
-    page.wait_for_function("edit.hasImage", timeout=30_000)
-    box = page.locator("#edit-mask").bounding_box()
-    page.mouse.move(box["x"] + 5, box["y"] + 0.5 * box["height"])  # a horizontal stroke across the middle
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] - 5, box["y"] + 0.5 * box["height"], steps=10)
-    page.mouse.up()
+    paint_stroke(page, upload, (0.0, 0.5), (1.0, 0.5))  # a horizontal stroke across the middle
     assert 0 < page.evaluate("edit.mask.reduce((a, b) => a + b, 0)") < 32 * 32
     page.evaluate("document.getElementById('status').textContent = ''")  # so the wait below sees the new answer
     page.click("#generate")
