@@ -12,6 +12,9 @@ recall on the first min(n, half, 5,000) points. Ray-free, so that it runs on a G
     # anywhere (a GPU is used when there is one): the table
     python3 benchmarks/eval_n.py run --inputs .ddpm/eval-n --n 500 898 2000 10000 50000 --guidance 1.1
 
+A stopped run resumes: each chunk's features and seconds are kept under INPUTS/samples/ (``--cache``), and a rerun
+with the same sampler settings generates only the chunks that are missing.
+
 ``--precision fp32`` (the default) turns autocast off inside the network call, so that GPU samples come as close as
 they can to the CPU's fp32 ones; ``bf16`` is what ``ddpm evaluate --use-gpu`` runs (the core's autocast on CUDA).
 """
@@ -44,6 +47,7 @@ def prepare(args: argparse.Namespace) -> None:
     np.savez(out / "data.npz", images=images, labels=labels, train=clf.train_index, held=clf.held_out_index)
     (out / "classifier.safetensors").write_bytes(clf.to_bytes())
     shutil.copytree(args.model, out / "model", dirs_exist_ok=True)
+    shutil.rmtree(out / "samples", ignore_errors=True)  # chunks sampled from an earlier model are not this one's
     (out / "meta.json").write_text(json.dumps({"classifier": clf.key, "accuracy": clf.accuracy,
                                                "fingerprint": clf.fingerprint, "data": args.data}))
     print(f"wrote {out}: {len(images)} images, classifier {clf.key} (accuracy {clf.accuracy:.3f})")
@@ -76,18 +80,32 @@ def run(args: argparse.Namespace) -> None:
                 return base(x.float(), t, y)
         return base(x, t, y)
 
-    start = time.perf_counter()
-    features, stats = [], []
+    # Each chunk's features are kept on disk with the seconds it took, so that a run stopped part-way (a 50,000-sample
+    # run is hours on a CPU) resumes where it stopped; the time reported is the sum of the chunks' own times.
+    cache = Path(args.cache or inputs / "samples") / (f"{device.type}-{args.precision}-ddim{args.steps}-"
+                                                      f"g{args.guidance:g}-seed{args.seed}-rows{args.rows}")
+    cache.mkdir(parents=True, exist_ok=True)
+    features, stats, seconds, resumed = [], [], 0.0, 0
     for a in range(0, n_max, args.chunk):
         b = min(a + args.chunk, n_max)
-        x = generate_images(loaded, image_seeds(args.seed + a, b - a), steps=args.steps, guidance_scale=args.guidance,
-                            class_labels=None if sample_labels is None else sample_labels[a:b], forward=forward,
-                            batch_size=b - a)
-        f = net_features(net, x)
+        part = cache / f"{a:06d}-{b:06d}.npz"
+        if part.exists():
+            saved = np.load(part)
+            f, took = saved["features"], float(saved["seconds"])
+            resumed += b - a
+        else:
+            start = time.perf_counter()
+            x = generate_images(loaded, image_seeds(args.seed + a, b - a), steps=args.steps,
+                                guidance_scale=args.guidance, forward=forward, batch_size=b - a,
+                                class_labels=None if sample_labels is None else sample_labels[a:b])
+            f = net_features(net, x)
+            took = time.perf_counter() - start
+            np.savez(part.with_suffix(".tmp.npz"), features=f, seconds=took)
+            part.with_suffix(".tmp.npz").rename(part)  # whole chunks only: a kill mid-write leaves no half file
+        seconds += took
         features.append(f[: max(0, 5000 - a)])
         stats.append((b, FeatureStats.of(f)))
-        print(f"  {b:,}/{n_max:,} samples, {b / (time.perf_counter() - start):.0f} images/s", flush=True)
-    seconds = time.perf_counter() - start
+        print(f"  {b:,}/{n_max:,} samples, {b / seconds:.1f} images/s ({resumed:,} from {cache})", flush=True)
     kept = np.concatenate(features)
 
     def prefix_stats(n: int) -> FeatureStats:
@@ -105,7 +123,8 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"{device} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}, {args.precision}, DDIM-"
           f"{args.steps}, guidance {args.guidance:g}, forward rows {args.rows}: {n_max:,} samples in {seconds:.1f} s "
-          f"({n_max / seconds:.0f} images/s, features included)")
+          f"({n_max / seconds:.1f} images/s, features included; the sum of the chunks' times, "
+          f"{resumed:,} samples resumed from an earlier run)")
     print("| n samples | n reference = held-out | FD-cls | floor | ratio | precision | recall | FD-cls / FD-cls at "
           f"{n_max:,} |")
     print("|---|---|---|---|---|---|---|---|")
@@ -139,7 +158,8 @@ def main() -> None:
     r.add_argument("--guidance", type=float, default=1.1, help="the gate's (configs/digits.yaml)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--rows", type=int, default=1024, help="forward rows (bits differ from 16's; the statistics not)")
-    r.add_argument("--chunk", type=int, default=5000)
+    r.add_argument("--chunk", type=int, default=2000, help="samples per step and per file of the resumable cache")
+    r.add_argument("--cache", help="where the chunks' features are kept (default: INPUTS/samples)")
     r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     prepare(args) if args.what == "prepare" else run(args)
