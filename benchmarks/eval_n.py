@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> None:
         b = min(a + args.chunk, n_max)
         part = cache / f"{a:06d}-{b:06d}.npz"
         if part.exists():
-            saved = np.load(part)
-            f, took = saved["features"], float(saved["seconds"])
+            with np.load(part) as saved:
+                f, took = saved["features"], float(saved["seconds"])
             resumed += b - a
         else:
             start = time.perf_counter()
@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> None:
                                 class_labels=None if sample_labels is None else sample_labels[a:b])
             f = net_features(net, x)
             took = time.perf_counter() - start
-            np.savez(part.with_suffix(".tmp.npz"), features=f, seconds=took)
-            part.with_suffix(".tmp.npz").rename(part)  # whole chunks only: a kill mid-write leaves no half file
+            partial = part.with_suffix(".tmp.npz")
+            np.savez(partial, features=f, seconds=took)
+            partial.rename(part)  # whole chunks only: a kill mid-write leaves no half file
         seconds += took
         features.append(f[: max(0, 5000 - a)])
         stats.append((b, FeatureStats.of(f)))

@@ -67,7 +67,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     command = [sys.executable, "-m", "pipelines.cli", "quickstart", "--eval-samples", "100", "--workdir", str(workdir),
                "--samples", str(samples), "--port", str(port := free_port())]
-    done = subprocess.run([*command, "--minutes", "0.5"], env=env, capture_output=True, text=True, timeout=900,
+    minutes = 0.5  # the training budget; its check below allows the same 2 minutes of slack as at 1 minute
+    done = subprocess.run([*command, "--minutes", str(minutes)], env=env, capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = (done.stdout + done.stderr).splitlines()
@@ -106,7 +107,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     # cosine reached about 0 with the time.
     final = max((workdir / "runs").glob("digits-*/checkpoint_[0-9]*"))  # the most images
     state = json.loads((final / "training_state.json").read_text())
-    assert 30 <= state["train_seconds"] < 150 and 0 < state["images_seen"] < preset.train.total_images
+    assert minutes * 60 <= state["train_seconds"] < minutes * 60 + 120
+    assert 0 < state["images_seen"] < preset.train.total_images
     lrs = [m.value for m in sorted(client.get_metric_history(version.run_id, "lr"), key=lambda m: m.step)]
     assert lrs[-1] < 0.02 * preset.train.lr < max(lrs)
 
