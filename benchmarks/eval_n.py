@@ -110,12 +110,15 @@ def run(args: argparse.Namespace) -> None:
     kept = np.concatenate(features)
 
     def prefix_stats(n: int) -> FeatureStats:
-        """The moments of the first n samples: whole chunks merged, the last one recomputed from its features."""
+        """The moments of the first n samples: whole chunks merged, then the rest of a part-chunk from the features
+        kept (the first 5,000), or sampled again beyond them."""
         total, done = FeatureStats(0, np.zeros(0), np.zeros((0, 0))), 0
         for end, s in stats:
             if end <= n:
                 total, done = total.merge(s), end
-        if done < n:
+        if done < n <= len(kept):
+            total = total.merge(FeatureStats.of(kept[done:n]))
+        elif done < n:
             rest = generate_images(loaded, image_seeds(args.seed + done, n - done), steps=args.steps,
                                    guidance_scale=args.guidance, forward=forward, batch_size=n - done,
                                    class_labels=None if sample_labels is None else sample_labels[done:n])
