@@ -17,7 +17,7 @@ The latents a diffusion model sees are scaled: ``encode(x) = (mean - shift_facto
 ``decode(z)`` undoes that before the decoder. ``scaling_factor`` is 1 / std of the latent means measured on the
 training data (:func:`measure_scaling_factor`; Stable Diffusion's 0.18215), stored in the config with the weights.
 
-The folder format (no pickle, like ``ddpm.checkpoint``)::
+The folder format (``ddpm.folder_format``, like ``ddpm.checkpoint``'s; no pickle)::
 
     autoencoder/
       config.json         {"format": "ddpm-autoencoder", "version": 1, "autoencoder": {...}, "metadata": {...}}
@@ -29,7 +29,6 @@ The folder format (no pickle, like ``ddpm.checkpoint``)::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
@@ -37,14 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_weights, write_folder
+from .folder_format import read_config as read_config_file
 
 FORMAT, VERSION = "ddpm-autoencoder", 1
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # diffusers' weight files, in the order they are tried (the fp16 variant is read and cast to float32)
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # diffusers' and LDM's clamp of the posterior's log-variance
@@ -381,28 +378,14 @@ def measure_scaling_factor(ae: Autoencoder, batches: Iterable[torch.Tensor]) -> 
 
 def save(path: str | Path, ae: Autoencoder, *, metadata: dict | None = None) -> Path:
     """Write ``ae`` (float32 weights, its config with the scaling factor) to the folder ``path``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in ae.state_dict().items()}
     config = {"format": FORMAT, "version": VERSION, "autoencoder": ae.config.to_dict(), "metadata": metadata or {}}
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    # config.json last: a folder with a config has complete weights beside it.
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return path
+    return write_folder(path, tensors, config)
 
 
 def read_config(path: str | Path) -> dict:
-    """The folder's config.json, as written (ours or diffusers')."""
-    path = Path(path)
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise AutoencoderError(f"{path}: no {CONFIG_FILE}; not an autoencoder folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AutoencoderError(f"{path / CONFIG_FILE}: invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AutoencoderError(f"{path / CONFIG_FILE}: expected a JSON object")
-    return config
+    """The folder's config.json, as written (ours or diffusers'), read by ``ddpm.folder_format.read_config``."""
+    return read_config_file(path, what="an autoencoder folder", error=AutoencoderError)
 
 
 def from_diffusers_config(d: dict) -> AutoencoderConfig:
@@ -455,15 +438,6 @@ def from_diffusers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(file))  # safetensors: plain tensors, no code execution
-    except FileNotFoundError:
-        raise AutoencoderError(f"{file.parent}: no {file.name}") from None
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise AutoencoderError(f"{file}: unreadable or truncated ({exc})") from None
-
-
 def _diffusers_weights(path: Path) -> Path:
     for name in DIFFUSERS_WEIGHTS:
         if (path / name).exists():
@@ -489,14 +463,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
             cfg = AutoencoderConfig.from_dict(config["autoencoder"])
         except (KeyError, TypeError, ValueError) as exc:
             raise AutoencoderError(f"{path / CONFIG_FILE}: invalid autoencoder config ({exc})") from None
-        state = _read_weights(path / WEIGHTS_FILE)
+        state = read_weights(path / WEIGHTS_FILE, AutoencoderError)
     elif "_class_name" in config:
         try:
             cfg = from_diffusers_config(config)
         except (TypeError, ValueError) as exc:
             raise AutoencoderError(f"{path / CONFIG_FILE}: not a diffusers AutoencoderKL this module can load "
                                    f"({exc})") from None
-        state = from_diffusers_state(_read_weights(_diffusers_weights(path)))
+        state = from_diffusers_state(read_weights(_diffusers_weights(path), AutoencoderError))
     else:
         raise AutoencoderError(f"{path / CONFIG_FILE}: neither a {FORMAT!r} folder nor a diffusers AutoencoderKL "
                                f"(format {config.get('format')!r})")

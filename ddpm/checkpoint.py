@@ -11,35 +11,28 @@
                           (``ddpm.autoencoder``'s folder); config.json then also holds "autoencoder": {"source": ...,
                           "image_shape": [C, H, W] of the decoded images}
 
-Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs nothing else: a latent
-model carries its decoder, and every consumer (generation, evaluation, the endpoint) gets pixels. Training state
-(optimizer, step, RNG) is a separate file written by the training pipeline.
+The folder is read and written by ``ddpm.folder_format`` (as the autoencoder's is), which also holds
+``CheckpointError``. Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs
+nothing else: a latent model carries its decoder, and every consumer (generation, evaluation, the endpoint) gets
+pixels. Training state (optimizer, step, RNG) is a separate file written by the training pipeline.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from . import autoencoder as ae_format
+from .autoencoder import Autoencoder
+from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_weights, write_folder
+from .folder_format import read_config as read_config_file
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .unet import UNet, UNetConfig
 
-if TYPE_CHECKING:
-    from .autoencoder import Autoencoder
-
 FORMAT, VERSION = "ddpm-checkpoint", 1
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 AUTOENCODER_DIR = "autoencoder"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, truncated, or does not match its own config."""
 
 
 @dataclass
@@ -52,7 +45,7 @@ class LoadedModel:
     prediction_type: str
     class_names: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
-    autoencoder: "Autoencoder | None" = None  # on the model's device, eval mode
+    autoencoder: Autoencoder | None = None  # on the model's device, eval mode
 
     @property
     def config(self) -> UNetConfig:
@@ -83,7 +76,7 @@ def save(
     prediction_type: str = "epsilon",
     class_names: list[str] | None = None,
     metadata: dict | None = None,
-    autoencoder: "Autoencoder | None" = None,
+    autoencoder: Autoencoder | None = None,
     autoencoder_source: dict | None = None,
 ) -> Path:
     """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``.
@@ -94,10 +87,7 @@ def save(
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if autoencoder is not None:
-        from . import autoencoder as ae_format  # here: ddpm.autoencoder imports this module
-
         ae_format.save(path / AUTOENCODER_DIR, autoencoder, metadata={"source": autoencoder_source or {}})
     raw = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
     ema = {name: t.detach().float().cpu().contiguous() for name, t in (ema_state or raw).items()}
@@ -119,20 +109,13 @@ def save(
         f = autoencoder.downsample_factor
         config["autoencoder"] = {"source": autoencoder_source or {}, "folder": AUTOENCODER_DIR,
                                  "image_shape": [autoencoder.config.in_channels, h * f, w * f]}
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    # config.json last: a folder with a config has complete weights beside it.
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return path
+    return write_folder(path, tensors, config)
 
 
 def read_config(path: str | Path) -> dict:
+    """The checkpoint's config.json, checked to be this format and version (``ddpm.folder_format.read_config``)."""
     path = Path(path)
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a ddpm checkpoint folder") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: invalid JSON ({exc})") from None
+    config = read_config_file(path, what="a ddpm checkpoint folder")
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {config.get('format')!r} "
                               f"version {config.get('version')!r}; expected {FORMAT!r} version {VERSION}")
@@ -151,12 +134,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
         model = UNet(unet_config)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config ({exc})") from None
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))  # safetensors: plain tensors, no code execution
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}") from None
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: unreadable or truncated ({exc})") from None
+    tensors = read_weights(path / WEIGHTS_FILE)
     prefix = f"{weights}."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     expected = dict(model.named_parameters())
@@ -171,8 +149,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
     model.to(device).eval()
     decoder = None
     if config.get("autoencoder"):
-        from . import autoencoder as ae_format
-
         decoder = ae_format.load(path / config["autoencoder"].get("folder", AUTOENCODER_DIR), device=device)
         if decoder.config.latent_channels != unet_config.in_channels:
             raise CheckpointError(f"{path}: the U-Net takes {unet_config.in_channels} channels but its autoencoder's "
@@ -183,7 +159,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
 
 def load_training_weights(path: str | Path) -> tuple[dict, dict]:
     """(raw state, EMA state) as CPU tensors, for resuming training."""
-    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    tensors = read_weights(Path(path) / WEIGHTS_FILE)
     raw = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return raw, ema

@@ -93,3 +93,33 @@ def test_loading_never_unpickles(saved, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="unreadable or truncated"):
         checkpoint.load(path)
     assert not sentinel.exists(), "the safetensors reader unpickled a pickle"
+
+
+# A config.json that is JSON but not an object, and one that is not UTF-8 text: both loaders read it with the one
+# reader (ddpm.folder_format.read_config) and refuse it in the same words. Before that reader, checkpoint.load
+# crashed with AttributeError ('list' object has no attribute 'get') and UnicodeDecodeError.
+BAD_CONFIGS = {
+    "not an object": (b'[1, 2, 3]', "config.json: expected a JSON object, got an array"),
+    "not UTF-8": (b'{"format": "\xff\xfe"}', "config.json: invalid JSON (not UTF-8 text: invalid start byte"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_both_loaders_refuse_a_bad_config_file_in_the_same_words(case, saved, tmp_path):
+    from ddpm import Autoencoder, AutoencoderConfig, autoencoder
+
+    content, message = BAD_CONFIGS[case]
+    ckpt = saved[0]
+    ae_path = autoencoder.save(tmp_path / "ae", Autoencoder(AutoencoderConfig.preset("tiny")))
+    for folder in (ckpt, ae_path):
+        (folder / "config.json").write_bytes(content)
+
+    errors = []
+    for load, folder in ((checkpoint.load, ckpt), (autoencoder.load, ae_path)):
+        with pytest.raises(checkpoint.CheckpointError) as caught:
+            load(folder)
+        text = str(caught.value)
+        assert text.startswith(str(folder / "config.json")) and message in text and "\n" not in text, text
+        errors.append(text[len(str(folder)):])
+    assert errors[0] == errors[1]  # one reader: the same message after the folder's name
+    assert isinstance(caught.value, autoencoder.AutoencoderError)
