@@ -72,6 +72,11 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device="cpu"):
 
 
 # -- the model, with guidance -------------------------------------------------------------------------------------
+def guided(class_label, guidance_scale: float) -> bool:
+    """Whether a request runs classifier-free guidance: a class label and w != 1 (two network rows per image)."""
+    return class_label is not None and guidance_scale != 1.0
+
+
 def predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale: float) -> torch.Tensor:
     """The model's output at timestep t for the batch x (B, C, H, W), with classifier-free guidance.
 
@@ -82,7 +87,7 @@ def predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale:
     if class_labels is None:
         return model(x, tt).float()
     y = class_labels.to(x.device)
-    if guidance_scale == 1.0:
+    if not guided(y, guidance_scale):
         return model(x, tt, y).float()
     both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)])).float()
     cond, uncond = both.chunk(2)

@@ -1,5 +1,6 @@
 """The rules for a request for images, in one place: the CLI (``ddpm generate``, ``ddpm inpaint``), the MLflow
 pyfunc model and the HTTP endpoint all call these two functions, so they accept and refuse the same settings.
+Whether a request is guided (two network rows per image) is :func:`ddpm.sampling.guided`, re-exported here.
 
 :func:`check_settings` holds what is wrong whatever the model; :func:`check_for_model` what a particular model
 refuses (a class it does not have, more steps than its timesteps). A refusal is a :class:`SettingError` that
@@ -12,11 +13,12 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from .sampling import DEFAULT_STEPS, SAMPLERS
+from .sampling import DEFAULT_STEPS, SAMPLERS, guided
 
 MAX_STEPS = 1000  # the longest chain a request may ask for (the schedules here have T = 1000)
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) mod 2^32
 MAX_RESAMPLE_TIMES = 100  # RePaint's r; the cost is about r times the steps
+MAX_IMAGES = 64  # per request to a server (POST /generate, the pyfunc model); ddpm generate writes files instead
 
 
 class SettingError(ValueError):
@@ -45,9 +47,12 @@ def _float(field: str, value, low: float, high: float | None = None) -> None:
 
 def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, seed: int | None = 0,
                    class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
-                   resample_times: int | None = None) -> None:
+                   resample_times: int | None = None, num_images: int | None = None) -> None:
     """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
-    error); ``seed`` None means "draw one"; the resample settings are checked when given (inpainting)."""
+    error); ``seed`` None means "draw one"; the resample settings are checked when given (inpainting);
+    ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits)."""
+    if num_images is not None:
+        _int("num_images", num_images, 1, MAX_IMAGES)
     if sampler not in SAMPLERS:
         raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps is not None:
@@ -58,7 +63,7 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
     if class_label is not None:
         _int("class_label", class_label, 0)
     _float("guidance_scale", guidance_scale, 0.0)
-    if class_label is None and guidance_scale != 1.0:
+    if guidance_scale != 1.0 and not guided(class_label, guidance_scale):  # a scale that would guide nothing
         raise SettingError("guidance_scale", "applies only with a class label (classifier-free guidance mixes the "
                                              "conditional and unconditional predictions)")
     if resample_jumps is not None:

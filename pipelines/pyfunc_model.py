@@ -13,6 +13,10 @@ Each request names its images by ``seeds`` (a list of ints) or by ``seed`` and `
 seed+1, ...``, mod 2^32). Image ``i`` depends only on its own seed and the settings, through the core's one
 path ``ddpm.generate_images``: the same pixels as ``ddpm generate`` and ``POST /generate``. The answer is the
 images of all requests, in order, stacked into one (N, H, W, C) uint8 array.
+
+Every request passes the rules of the other doors first (``ddpm.settings``: ``check_settings``, with at most
+``MAX_IMAGES`` images per request, then ``check_for_model``), so a bad one raises the same ``SettingError`` message
+that ``ddpm generate`` prints and ``POST /generate`` answers, before any image is made.
 """
 
 from __future__ import annotations
@@ -45,7 +49,22 @@ class DDPMGenerator(PythonModel):
     def predict(self, context, model_input: list[PredictRequest], params=None):
         import numpy as np
 
+        for request in model_input:  # all refused before any is sampled
+            self._check(request)
         return np.concatenate([self._generate(request) for request in model_input])
+
+    def _check(self, request: PredictRequest) -> None:
+        """The rules of every door (``ddpm.settings``); raises ``SettingError`` naming the field."""
+        from ddpm.settings import check_for_model, check_settings
+
+        num_images = len(request.seeds) if request.seeds is not None else request.num_images
+        check_settings(sampler=request.sampler, steps=request.steps, seed=request.seed,
+                       class_label=request.class_label, guidance_scale=request.guidance_scale, num_images=num_images)
+        for seed in request.seeds or []:
+            check_settings(seed=seed)
+        check_for_model(steps=request.steps, class_label=request.class_label,
+                        num_classes=self.loaded.config.num_classes,
+                        num_timesteps=self.loaded.schedule.num_timesteps)
 
     def _generate(self, request: PredictRequest):
         from ddpm import generate_images, image_seeds

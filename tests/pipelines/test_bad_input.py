@@ -41,21 +41,75 @@ def one_line_error(argv: list[str], capsys) -> str:
     return err.strip()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "--steps: must be in [1, 1000], got 0"),                     # 0 is not "the default"
-    (["--steps", "1001"], "--steps: must be in [1, 1000], got 1001"),
-    (["--guidance-scale", "-2", "--class-label", "1"], "--guidance-scale: must be at least 0, got -2"),
-    (["--guidance-scale", "3"], "--guidance-scale: applies only with a class label"),
-    (["--guidance-scale", "nan", "--class-label", "1"], "--guidance-scale: must be a finite number"),
-    (["--seed", "-1"], f"--seed: must be in [0, {MAX_SEED}], got -1"),
-    (["--seed", "99999999999999999999"], f"--seed: must be in [0, {MAX_SEED}]"),
-    (["--class-label", "3"], "--class-label: unknown class 3; this model has classes 0..2"),
-    (["--num-images", "5000", "--steps", "1"], "a PNG grid holds at most 4096 images"),
-])
-def test_generate_refuses_what_the_endpoint_refuses(tiny, tmp_path, capsys, flags, message):
+# (ddpm generate's flags, the same request to the pyfunc model or None, the one message both give)
+GENERATE_CASES = [
+    (["--steps", "0"], {"steps": 0}, "--steps: must be in [1, 1000], got 0"),  # 0 is not "the default"
+    (["--steps", "1001"], {"steps": 1001}, "--steps: must be in [1, 1000], got 1001"),
+    (["--guidance-scale", "-2", "--class-label", "1"], {"guidance_scale": -2.0, "class_label": 1},
+     "--guidance-scale: must be at least 0, got -2"),
+    (["--guidance-scale", "3"], {"guidance_scale": 3.0}, "--guidance-scale: applies only with a class label"),
+    (["--guidance-scale", "nan", "--class-label", "1"], {"guidance_scale": float("nan"), "class_label": 1},
+     "--guidance-scale: must be a finite number"),
+    (["--seed", "-1"], {"seed": -1}, f"--seed: must be in [0, {MAX_SEED}], got -1"),
+    (["--seed", "99999999999999999999"], None, f"--seed: must be in [0, {MAX_SEED}]"),
+    (["--class-label", "3"], {"class_label": 3}, "--class-label: unknown class 3; this model has classes 0..2"),
+    (["--class-label", "7"], {"class_label": 7}, "--class-label: unknown class 7; this model has classes 0..2"),
+    (["--num-images", "5000", "--steps", "1"], None, "a PNG grid holds at most 4096 images"),
+]
+
+
+@pytest.mark.parametrize("flags, request_, message", GENERATE_CASES)
+def test_generate_refuses_what_the_endpoint_refuses(tiny, tmp_path, capsys, flags, request_, message):
     line = one_line_error(["generate", "--model", str(tiny), "--out", str(tmp_path / "g.png"), *flags], capsys)
     assert message in line
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture(scope="module")
+def pyfunc_model(tiny, mlflow_server):
+    """``tiny`` logged as the MLflow pyfunc model (``pipelines.registry.log_model``) and loaded back by MLflow."""
+    import mlflow
+
+    from pipelines import registry, tracking
+
+    uri = mlflow_server.uri
+    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("bad-input", uri)).info.run_id
+    model_uri = registry.log_model(tiny, run_id=run_id, tracking_uri=uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def field_message(cli_message: str) -> str:
+    """The CLI's ``--class-label: reason`` as ``ddpm.settings`` words it: ``class_label: reason``."""
+    flag, reason = cli_message.split(": ", 1)
+    return f"{flag.removeprefix('--').replace('-', '_')}: {reason}"
+
+
+@pytest.mark.parametrize("request_, message", [
+    *[(request_, field_message(message)) for _, request_, message in GENERATE_CASES if request_ is not None],
+    ({"num_images": 65}, "num_images: must be in [1, 64], got 65"),  # the endpoint's limit (ddpm.settings)
+    ({"seeds": list(range(65))}, "num_images: must be in [1, 64], got 65"),
+    ({"seeds": [0, 2**32]}, f"seed: must be in [0, {MAX_SEED}], got {2**32}"),
+])
+def test_the_pyfunc_model_refuses_what_the_command_line_refuses(pyfunc_model, request_, message):
+    """The MLflow pyfunc model applies ddpm.settings too, with the same message (class 3 of 3 used to select the null
+    class silently, class 7 to raise IndexError, and num_images had no limit)."""
+    from ddpm.settings import SettingError
+
+    with pytest.raises(SettingError) as refused:
+        pyfunc_model.predict([{"steps": 2, **request_}])
+    assert message in str(refused.value)
+    with pytest.raises(SettingError):  # a good request first does not change that: all are checked before any runs
+        pyfunc_model.predict([{"steps": 1}, {"steps": 2, **request_}])
+
+
+def test_the_pyfunc_model_still_samples_a_good_request(pyfunc_model):
+    assert pyfunc_model.predict([{"steps": 1, "num_images": 2, "class_label": 2}]).shape == (2, 8, 8, 1)
+    assert pyfunc_model.predict([{"steps": 1, "seeds": [5, 2**32 - 1]}]).shape == (2, 8, 8, 1)
 
 
 def test_generate_refuses_an_output_that_cannot_fit_before_sampling(tiny, tmp_path, capsys):
