@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     args.layouts = [tuple(int(v) for v in layout.split("x")) for layout in args.layouts]
 
-    from pipelines.generate.batch import images_fingerprint
+    from pipelines.generate.shards import images_fingerprint
 
     scratch = Path(tempfile.mkdtemp(prefix="ddpm-bench-batch-"))
     model = Path(args.model) if args.model else random_model(scratch / "model", args.preset)

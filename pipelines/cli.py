@@ -25,8 +25,8 @@ import traceback
 # subcommand -> module that implements it
 SUBCOMMANDS: dict[str, str] = {
     "data": "pipelines.data.command",
-    "preprocess": "pipelines.data.preprocess",
-    "encode": "pipelines.data.encode",
+    "preprocess": "pipelines.commands.preprocess",
+    "encode": "pipelines.commands.encode",
     "train": "pipelines.train.command",
     "train-local": "pipelines.train.local",
     "train-autoencoder": "pipelines.train.autoencoder_command",

@@ -59,7 +59,8 @@ def check_fits_in_memory(num_images: int, image_shape: tuple[int, int, int], out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import FORWARD_ROWS, SAMPLERS
-    from pipelines.generate.batch import FORMATS, SHARD_IMAGES, add_actor_arguments
+    from pipelines.actors import add_actor_arguments
+    from pipelines.generate.job import FORMATS, SHARD_IMAGES
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -122,7 +123,9 @@ def main(args: argparse.Namespace) -> int:
 def generate_shards(args: argparse.Namespace) -> int:
     """A folder or s3:// prefix: the Ray Data batch job (pipelines.generate.batch)."""
     from ddpm.settings import SettingError, check_settings
-    from pipelines.generate import batch
+    from pipelines.generate.batch import generate_to
+    from pipelines.generate.job import Labels, Plan, Sampling
+    from pipelines.generate.model_source import ModelSource
 
     try:  # the flags alone first, before the registry is asked
         check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
@@ -134,19 +137,18 @@ def generate_shards(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         raise UserError("--device applies to .png/.npz outputs; for a folder or s3:// prefix use --use-gpu "
                         "(one GPU per sampler actor)")
-    source = batch.ModelSource.resolve(args.model, args.tracking_uri)
+    source = ModelSource.resolve(args.model, args.tracking_uri)
     if args.labels == "balanced":
-        labels = batch.Labels.balanced(source.num_classes) if source.num_classes else batch.Labels("balanced")
+        labels = Labels.balanced(source.num_classes) if source.num_classes else Labels("balanced")
     elif args.class_label is not None:
-        labels = batch.Labels.one(args.class_label)
+        labels = Labels.one(args.class_label)
     else:
-        labels = batch.Labels.none()
-    sampling = batch.Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size)
-    plan = batch.Plan(args.seed, args.num_images, args.shard_size)
-    manifest = batch.generate_to(args.out, source, plan, sampling, labels, fmt=args.format,
-                                 num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
-                                 use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
-                                 log=lambda line: print(line, file=sys.stderr))
+        labels = Labels.none()
+    sampling = Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size)
+    plan = Plan(args.seed, args.num_images, args.shard_size)
+    manifest = generate_to(args.out, source, plan, sampling, labels, fmt=args.format, num_actors=args.num_actors,
+                           cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
+                           log=lambda line: print(line, file=sys.stderr))
     where = "images/seed-*.png" if args.format == "png" else "data/*.parquet"
     name = f"{source.name} version {source.version}" if source.name else str(source.path)
     print(f"wrote {manifest['counts']['rows']:,} images ({'x'.join(map(str, source.image_shape))}) from {name} to "

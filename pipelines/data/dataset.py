@@ -6,14 +6,21 @@ shards and ``manifest.json``; each row holds ``image`` (fixed_size_binary of H*W
 
 A latent dataset written by ``ddpm encode`` (:mod:`pipelines.data.encode`) has the same layout with
 ``manifest["kind"] == "latents"``: ``image`` then holds an (h, w, c) latent as ``manifest["dtype"]`` (float32)
-values, ``image_shape`` is the latent's [h, w, c], and the manifest names the autoencoder whose ``autoencoder/``
-copy sits beside the shards. :func:`image_dtype` says which; every reader here returns arrays of that dtype.
+values, ``image_shape`` is the latent's [h, w, c], and the manifest names the autoencoder whose copy sits in the
+shards' generation folder (:func:`autoencoder_copy` checks it). :func:`image_dtype` says which; every reader here
+returns arrays of that dtype. ``ddpm generate --format parquet`` writes the same layout with ``kind``
+"ddpm-generated".
+
+Every job that writes a dataset replaces what its OUTPUT held, so each first calls :func:`check_output`: an OUTPUT
+that is one of its inputs, or that holds a dataset of another kind, is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +33,9 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# manifest["kind"] -> what a person calls it (a manifest without "kind" is ddpm preprocess's)
+KINDS = {"images": "processed images (ddpm preprocess)", "latents": "latents (ddpm encode)",
+         "ddpm-generated": "generated images (ddpm generate)"}
 
 
 def images_from_arrow(column: pa.Array | pa.ChunkedArray, shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
@@ -45,6 +55,59 @@ def image_dtype(manifest: dict) -> np.dtype:
 def is_latent(manifest: dict) -> bool:
     """Whether the dataset holds an autoencoder's latents (``ddpm encode``) rather than pixels."""
     return manifest.get("kind") == "latents"
+
+
+def dataset_kind(manifest: dict) -> str:
+    """"images" (``ddpm preprocess``), "latents" (``ddpm encode``) or "ddpm-generated" (``ddpm generate``)."""
+    return str(manifest.get("kind") or "images")
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two URIs name the same folder or prefix (``s3://b/x/`` is ``s3://b/x``; local paths resolved, links
+    followed). A URI that is no storage location (``models:/...``) is the same as nothing."""
+    try:
+        (fs_a, path_a), (fs_b, path_b) = storage.filesystem_for(a), storage.filesystem_for(b)
+    except UserError:
+        return False
+    if type(fs_a) is not type(fs_b):
+        return False
+    if "://" not in path_a and Path(path_a).is_absolute():  # a local path
+        return Path(path_a).resolve() == Path(path_b).resolve()
+    return path_a.rstrip("/") == path_b.rstrip("/")
+
+
+def check_output(output_uri: str, kind: str, command: str, *, inputs: Mapping[str, str] = {},
+                 endpoint_url: str | None = None) -> None:
+    """Refuse, before anything is written, an OUTPUT that ``command`` (which writes a dataset of ``kind``) would
+    destroy: one of its ``inputs`` (flag -> URI), whose files a run deletes once it commits, or a folder whose
+    manifest is of another kind, which the run would replace. An OUTPUT of the same kind is a rerun: allowed."""
+    for flag, uri in inputs.items():
+        if uri and same_location(output_uri, uri):
+            raise UserError(f"--output {output_uri} is the {flag} of this run, which {command} would overwrite; "
+                            f"choose another --output")
+    path = storage.join(output_uri, MANIFEST)
+    if storage.exists(path, endpoint_url):
+        found = dataset_kind(storage.read_json(path, endpoint_url))
+        if found != kind:
+            raise UserError(f"--output {output_uri} holds {KINDS.get(found, repr(found))}, which {command} would "
+                            f"replace with {KINDS[kind]}; choose another --output")
+
+
+def autoencoder_copy(uri: str, manifest: dict, *, endpoint_url: str | None = None) -> str:
+    """The folder of a latent dataset's copy of its autoencoder, after checking that its weights are the ones the
+    manifest names (sha256): latents decoded by another autoencoder would train a model that decodes garbage."""
+    from ddpm.autoencoder import WEIGHTS_FILE
+
+    info = manifest["autoencoder"]
+    folder = storage.join(uri, info.get("folder", "autoencoder"))
+    weights = storage.join(folder, WEIGHTS_FILE)
+    if not storage.exists(weights, endpoint_url):
+        raise UserError(f"{weights}: missing; the latent dataset at {uri} is incomplete: run ddpm encode again")
+    found = hashlib.sha256(storage.read_bytes(weights, endpoint_url)).hexdigest()
+    if found != info.get("sha256"):
+        raise UserError(f"{folder}: the autoencoder's weights have sha256 {found}, but {uri}/{MANIFEST} names "
+                        f"{info.get('sha256')}; run ddpm encode again")
+    return folder
 
 
 def read_columns(output_uri: str, shards: list[str], columns: list[str], endpoint_url: str | None) -> pa.Table:

@@ -15,6 +15,10 @@ gives the same files on every run, and the first N crops of a larger count are t
 
 The folder names the photo, so ``ddpm preprocess`` labels each crop with its source photo and FD-cls (whose
 classifier learns which photo a crop came from) applies, as it does to the digits.
+
+``OUTPUT/_photos.json`` records the generator's settings (size, seed, and how many crops the folder holds), written
+before the first crop: a later run into the same folder with another size or seed is refused rather than mixing two
+datasets, as is a run into a folder that holds other files. ``ddpm preprocess`` leaves that file out.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import math
 
 import numpy as np
 
+from pipelines import storage
 from pipelines.data.digits import write_images
+from pipelines.errors import UserError
 
 # folder (label) -> scikit-image loader; the loaders read files inside the installed package
 PHOTOS: dict[str, str] = {
@@ -36,6 +42,7 @@ PHOTOS: dict[str, str] = {
     "ihc": "immunohistochemistry",
     "retina": "retina",
 }
+SETTINGS_FILE = "_photos.json"  # the generator's settings, beside the photo folders
 MIN_SCALE = 0.25  # the smallest crop's side, as a fraction of the photo's shorter side
 CHUNK = 256  # crops held in memory at once: the writer streams, whatever the count
 
@@ -93,6 +100,7 @@ def write_photos(output_uri: str, *, count: int = 2000, size: int = 64, seed: in
         raise ValueError(f"--size must be between 8 and 512 pixels, got {size}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
+    record_settings(output_uri, size=size, seed=seed, count=count, endpoint_url=endpoint_url)
     photos = load_photos()
     per_photo = dict.fromkeys(photos, 0)
     for start in range(0, count, CHUNK):
@@ -101,3 +109,24 @@ def write_photos(output_uri: str, *, count: int = 2000, size: int = 64, seed: in
         for name in labels:
             per_photo[name] += 1
     return per_photo
+
+
+def record_settings(output_uri: str, *, size: int, seed: int, count: int, endpoint_url: str | None = None) -> None:
+    """Write ``OUTPUT/_photos.json``; refuse a folder made with another size or seed, or holding other files.
+
+    The same size and seed give the same crop i whatever the count, so a rerun with another count only adds (or
+    rewrites) crops of the same dataset; the record keeps the largest count written.
+    """
+    uri = storage.join(output_uri, SETTINGS_FILE)
+    settings = {"dataset": "photos", "size": size, "seed": seed, "count": count}
+    if storage.exists(uri, endpoint_url):
+        found = storage.read_json(uri, endpoint_url)
+        if (found.get("size"), found.get("seed")) != (size, seed):
+            raise UserError(f"--output {output_uri} holds crops made with --size {found.get('size')} --seed "
+                            f"{found.get('seed')}; --size {size} --seed {seed} would mix two datasets in one "
+                            f"folder: choose another --output, or the same --size and --seed")
+        settings["count"] = max(count, int(found.get("count") or 0))
+    elif storage.list_files(output_uri, endpoint_url):
+        raise UserError(f"--output {output_uri} holds other files (no {SETTINGS_FILE}): crops written there would "
+                        f"mix with them; choose an empty --output")
+    storage.write_json(uri, settings, endpoint_url)

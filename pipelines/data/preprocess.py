@@ -38,7 +38,6 @@ reads it as it is, and NumPy views a column of it as (N, H, W, C) without a copy
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import io
@@ -48,7 +47,6 @@ import posixpath
 import struct
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,19 +58,10 @@ from PIL import Image, ImageOps
 
 from ddpm.images import to_mode  # shared with ddpm inpaint and POST /inpaint
 from pipelines import storage
-from pipelines.data.dataset import FORMAT_VERSION, MANIFEST, read_columns
+from pipelines.data.dataset import FORMAT_VERSION, MANIFEST, check_output, read_columns
+from pipelines.data.generations import delete_quietly, delete_stale, new_run
+from pipelines.data.photos import SETTINGS_FILE as PHOTOS_SETTINGS
 from pipelines.errors import UserError
-
-HELP = "decode, crop and resize a bucket of images into Parquet shards with a manifest (Ray Data)"
-EXAMPLE = """example:
-  ddpm data digits --output s3://my-bucket/raw/digits
-  ddpm preprocess --input s3://my-bucket/raw/digits --output s3://my-bucket/processed/digits \\
-      --resolution 16 --channels 1 --small upscale
-
-  The output holds manifest.json (counts, class names, skipped objects and why, fingerprint) and Parquet shards
-  with columns image (uint8 H*W*C bytes), label, key and sha256. Unreadable objects are skipped and reported,
-  not fatal. A local folder works in place of either URI.
-"""
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # Pillow may only pick among these decoders: the formats we promise, and no rarely used parser on untrusted bytes.
@@ -232,7 +221,7 @@ def _triage(entries: list[storage.FileEntry], exclude: str | None) -> tuple[list
     """Split a listing into candidate image keys and the objects skipped without reading them."""
     candidates, skipped = [], []
     for entry in entries:
-        if exclude and entry.key.startswith(exclude):
+        if exclude and entry.key.startswith(exclude) or entry.key == PHOTOS_SETTINGS:  # ours, not the user's
             continue
         extension = posixpath.splitext(entry.key)[1].lower()
         if extension not in IMAGE_EXTENSIONS:
@@ -287,6 +276,7 @@ def preprocess(
         if "://" not in input_uri and not Path(input_uri).is_dir():  # an empty s3:// prefix is not an error to name
             raise UserError(f"{input_uri}: no such folder")
         raise UserError(f"no image files under {input_uri} ({len(skipped)} other objects)")
+    check_output(output_uri, "images", "ddpm preprocess", inputs={"--input": input_uri}, endpoint_url=endpoint_url)
     objects = len(candidates) + len(skipped)
     class_names = sorted({key.split("/", 1)[0] for key in candidates if "/" in key}) if labels_from_dirs else []
     class_ids = {name: i for i, name in enumerate(class_names)}
@@ -294,8 +284,8 @@ def preprocess(
 
     # 2. Ray Data: a new generation of shards, next to whatever is committed now. The first write doubles as a
     #    check that OUTPUT is writable, before any image is decoded.
-    run = uuid.uuid4().hex[:12]
-    generation, scratch_uri = f"data-{run}", storage.join(output_uri, f"_tmp-{run}")
+    generation, scratch = new_run()
+    scratch_uri = storage.join(output_uri, scratch)
     generation_uri = storage.join(output_uri, generation)
     storage.write_json(storage.join(scratch_uri, "started.json"), {"input": input_uri, **settings}, endpoint_url)
     try:
@@ -336,13 +326,13 @@ def preprocess(
         }
         storage.write_json(storage.join(output_uri, MANIFEST), manifest, endpoint_url)
     except BaseException:
-        _delete_quietly(generation_uri, endpoint_url)  # no manifest names it
+        delete_quietly(generation_uri, endpoint_url)  # no manifest names it
         raise
     finally:
-        _delete_quietly(scratch_uri, endpoint_url)
+        delete_quietly(scratch_uri, endpoint_url)
 
     # 5. Only now is the previous generation unreferenced: delete it, with any leftovers of crashed runs.
-    _delete_stale(output_uri, keep=generation, endpoint_url=endpoint_url)
+    delete_stale(output_uri, keep=generation, endpoint_url=endpoint_url)
     return manifest
 
 
@@ -415,65 +405,3 @@ class _ShardWatcher:
                 continue
             self._last = time.monotonic()
             self._line(min(shards * self.per_task, self.total))
-
-
-def _delete_quietly(uri: str, endpoint_url: str | None) -> None:
-    """Best-effort cleanup on the way out of a failure: never hides the error that is being raised."""
-    try:
-        storage.delete_prefix(uri, endpoint_url)
-    except UserError:
-        pass
-
-
-def _delete_stale(output_uri: str, *, keep: str, endpoint_url: str | None) -> None:
-    """After a commit: delete every generation and scratch prefix but ``keep`` (older runs, crashed runs).
-
-    Best effort: the run has succeeded whatever happens here, and the next run tries again.
-    """
-    try:
-        tops = {e.key.split("/", 1)[0] for e in storage.list_files(output_uri, endpoint_url) if "/" in e.key}
-    except UserError:
-        return
-    for top in sorted(tops):
-        if top != keep and top.startswith(("data-", "_tmp-")):
-            _delete_quietly(storage.join(output_uri, top), endpoint_url)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, metavar="URI", help="images: s3://bucket/prefix or a local folder")
-    parser.add_argument("--output", required=True, metavar="URI", help="where shards and manifest.json go")
-    parser.add_argument("--resolution", type=int, required=True, metavar="N", help="side of the square output images")
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grey, 3 = RGB (default: 3)")
-    parser.add_argument("--labels-from-dirs", action=argparse.BooleanOptionalAction, default=True,
-                        help="label each image by its top-level folder (default: on)")
-    parser.add_argument("--small", choices=SMALL_POLICIES, default="skip",
-                        help="images smaller than the resolution: skip and report them, or upscale (default: skip)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="images per Ray task and per shard (default: about 4 tasks per CPU, <= 64 MiB each)")
-    parser.add_argument("--endpoint-url", default=None, metavar="URL",
-                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    manifest = preprocess(
-        args.input, args.output, resolution=args.resolution, channels=args.channels,
-        labels_from_dirs=args.labels_from_dirs, small=args.small, batch_size=args.batch_size,
-        endpoint_url=args.endpoint_url,
-    )
-    counts, (h, w, c) = manifest["counts"], manifest["image_shape"]
-    classes = f", {len(manifest['class_names'])} classes" if manifest["class_names"] else ""
-    print(f"wrote {counts['rows']} images ({h}x{w}x{c}{classes}) to {args.output} "
-          f"in {len(manifest['shards'])} shards; fingerprint {manifest['fingerprint'][:12]}")
-    if manifest["skipped"]:
-        print(f"skipped {counts['skipped']} objects (all listed in {MANIFEST}):")
-        for item in manifest["skipped"][:5]:
-            print(f"  {item['key']}: {item['reason']}")
-        if counts["skipped"] > 5:
-            print(f"  ... and {counts['skipped'] - 5} more")
-    return 0

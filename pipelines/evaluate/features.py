@@ -173,7 +173,7 @@ def real_stats(images: np.ndarray, specs: dict[str, ExtractorSpec], *, keep: int
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipelines.generate.batch import actor_count, user_error_in
+    from pipelines.actors import actor_count, user_error_in
     from pipelines.ray_utils import init_ray
 
     init_ray()

@@ -384,14 +384,15 @@ def prepare_reference_at_scale(images: "np.ndarray", labels: "np.ndarray", *, da
 
 def evaluate_at_scale(source, reference: ScaleReference, settings: EvalSettings, *, num_actors: int | None = None,
                       cpus_per_actor: int = 1, use_gpu: bool = False, log=print) -> Evaluation:
-    """Sample ``settings.num_samples`` images from ``source`` (a ``pipelines.generate.batch.ModelSource``) on the batch
-    job's sampler actors and score them from per-shard partial sums: the same seeds, labels and pixels as
+    """Sample ``settings.num_samples`` images from ``source`` (a ``pipelines.generate.model_source.ModelSource``) on
+    the batch job's sampler actors and score them from per-shard partial sums: the same seeds, labels and pixels as
     :func:`evaluate_model` (and ``ddpm generate``), in memory bounded at any n."""
     from ddpm import FORWARD_ROWS
     from ddpm.metrics import frechet_distance_stats, precision_recall
     from pipelines.evaluate import features as ft
-    from pipelines.generate import batch
+    from pipelines.generate.job import SHARD_IMAGES, Labels, Plan, Sampling, check_job
     from pipelines.generate.progress import ProgressLine
+    from pipelines.generate.sampler_actor import run_shards
 
     n = reference.num_samples
     if settings.num_samples != n:
@@ -400,12 +401,12 @@ def evaluate_at_scale(source, reference: ScaleReference, settings: EvalSettings,
         if int(reference.labels.max()) >= source.num_classes:
             raise UserError(f"the data has labels up to {int(reference.labels.max())} but the model knows "
                             f"{source.num_classes} classes")
-        labels = batch.Labels.per_image(reference.labels)
+        labels = Labels.per_image(reference.labels)
     else:
-        labels = batch.Labels.none()
-    sampling = batch.Sampling(settings.sampler, settings.steps, 0.0, settings.guidance_scale, FORWARD_ROWS)
-    batch.check_job(source, sampling, labels)
-    plan = batch.Plan(settings.seed, n, batch.SHARD_IMAGES)
+        labels = Labels.none()
+    sampling = Sampling(settings.sampler, settings.steps, 0.0, settings.guidance_scale, FORWARD_ROWS)
+    check_job(source, sampling, labels)
+    plan = Plan(settings.seed, n, SHARD_IMAGES)
     reduction = ft.Reduction(list(reference.specs), source.image_shape)
     line = ProgressLine(n, what=f"[evaluate] {settings.row}: sampled and scored")
 
@@ -415,9 +416,9 @@ def evaluate_at_scale(source, reference: ScaleReference, settings: EvalSettings,
 
     sink = ft.FeatureSink(reference.specs, keep=reference.n_pr, grid=GRID_IMAGES)
     start = time.perf_counter()
-    batch.run_shards(source, plan, sampling, labels, sink, list(range(plan.num_shards)), num_actors=num_actors,
-                     cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, on_row=on_row, weights=settings.weights,
-                     errors_name="sampler actors")
+    run_shards(source, plan, sampling, labels, sink, list(range(plan.num_shards)), num_actors=num_actors,
+               cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, on_row=on_row, weights=settings.weights,
+               errors_name="sampler actors")
     seconds = time.perf_counter() - start
 
     metrics: dict[str, float] = {}
@@ -609,7 +610,7 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
 
     halves = min(len(part) for part in split(len(images)))
     if use_scale(settings.num_samples, halves, num_actors, use_gpu):
-        from pipelines.generate.batch import ModelSource
+        from pipelines.generate.model_source import ModelSource
 
         source = ModelSource.resolve(model_uri, tracking_uri)
         reference = prepare_reference_at_scale(images, labels, data=data, num_samples=settings.num_samples,
@@ -641,7 +642,7 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ddpm import SAMPLERS
-    from pipelines.generate.batch import add_actor_arguments
+    from pipelines.actors import add_actor_arguments
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines import storage as store
 from pipelines import tracking
-from pipelines.data.dataset import is_latent, load_dataset, read_manifest
+from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
@@ -135,7 +135,7 @@ def latent_autoencoder(data: str, manifest: dict) -> dict | None:
         return None
     info = manifest["autoencoder"]
     source = {k: info.get(k) for k in ("uri", "name", "version", "sha256")}
-    return {"uri": store.join(data, info.get("folder", "autoencoder")), "source": source}
+    return {"uri": autoencoder_copy(data, manifest), "source": source}  # its sha256 checked against the manifest
 
 
 def check_resumable(state: TrainingState, config, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Generation at cluster scale (pipelines.generate.batch) and evaluation at scale (pipelines.evaluate.features), on
+"""Generation at cluster scale (pipelines.generate) and evaluation at scale (pipelines.evaluate.features), on
 real components: a local Ray with Ray Data actor pools, S3 served by moto, and the engine that ``POST /generate`` runs.
 
 A tiny class-conditional U-Net (8x8x1, ten classes) and a few DDIM steps: what is under test is the bookkeeping
@@ -20,7 +20,10 @@ from PIL import Image
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, encode_png, generate_images, image_seeds
 from pipelines import cli, storage
 from pipelines.errors import UserError
-from pipelines.generate import batch
+from pipelines.generate.batch import generate_to
+from pipelines.generate.job import Labels, Plan, Sampling
+from pipelines.generate.model_source import ModelSource
+from pipelines.generate.shards import image_digests, images_fingerprint, parquet_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,10 +58,10 @@ def test_two_actors_write_to_s3_the_bytes_of_the_endpoint_and_of_one_process(ray
     from deploy.engine import Job, Queued, ServedModel, run_batch
 
     output, seed, n = f"s3://{bucket}/samples", 1000, 20
-    source = batch.ModelSource.resolve(str(tiny))
+    source = ModelSource.resolve(str(tiny))
     logs: list[str] = []
-    manifest = batch.generate_to(output, source, batch.Plan(seed, n, shard_images=6), batch.Sampling("ddim", STEPS),
-                                 batch.Labels.balanced(CLASSES), num_actors=2, progress=False, log=logs.append)
+    manifest = generate_to(output, source, Plan(seed, n, shard_images=6), Sampling("ddim", STEPS),
+                           Labels.balanced(CLASSES), num_actors=2, progress=False, log=logs.append)
 
     keys = {e.key for e in storage.list_files(output)}
     assert keys == ({"job.json", "manifest.json"} | {f"images/seed-{s:06d}.png" for s in range(seed, seed + n)}
@@ -69,7 +72,7 @@ def test_two_actors_write_to_s3_the_bytes_of_the_endpoint_and_of_one_process(ray
     # Single-process generation: every image, bit for bit; the manifest's fingerprint is the array's.
     expected = single_process(tiny, seed, n, np.arange(n) % CLASSES)
     np.testing.assert_array_equal(images, expected)
-    assert manifest["fingerprint"] == batch.images_fingerprint(expected)
+    assert manifest["fingerprint"] == images_fingerprint(expected)
     assert manifest["seeds"] == {"first": seed, "count": n, "last": seed + n - 1}
     assert manifest["sampling"] == {"sampler": "ddim", "steps": STEPS, "eta": 0.0, "guidance_scale": 1.0,
                                     "forward_rows": 16}
@@ -89,72 +92,95 @@ def test_parquet_shards_are_a_dataset_with_the_fingerprint_of_the_pixels(ray_loc
     from pipelines.data.dataset import load_numpy, read_columns
 
     output, seed, n = str(tmp_path / "parquet"), 2**32 - 3, 10  # the seeds wrap: 2^32-3 .. 2^32-1, 0 .. 6
-    manifest = batch.generate_to(output, batch.ModelSource.resolve(str(tiny)), batch.Plan(seed, n, shard_images=4),
-                                 batch.Sampling("ddim", STEPS), batch.Labels.one(3), fmt="parquet", num_actors=1,
-                                 progress=False, log=lambda _: None)
+    manifest = generate_to(output, ModelSource.resolve(str(tiny)), Plan(seed, n, shard_images=4),
+                           Sampling("ddim", STEPS), Labels.one(3), fmt="parquet", num_actors=1,
+                           progress=False, log=lambda _: None)
     images, labels = load_numpy(output)  # the dataset reader that training and evaluation use
     expected = single_process(tiny, seed, n, 3)
     np.testing.assert_array_equal(images, expected)
-    assert labels.tolist() == [3] * n and manifest["fingerprint"] == batch.images_fingerprint(expected)
+    assert labels.tolist() == [3] * n and manifest["fingerprint"] == images_fingerprint(expected)
     seeds = read_columns(output, manifest["shards"], ["seed", "key"], None)
     assert seeds["seed"].to_pylist() == image_seeds(seed, n) and seeds["key"][3].as_py() == "seed-000000"
 
 
 # -- failures and resumption --------------------------------------------------------------------------------------
-def test_a_killed_actor_then_reruns_complete_the_job_and_regenerate_only_what_is_missing(ray_local, bucket, tiny):
+def test_a_killed_actor_is_restarted_its_shard_retried_and_reruns_regenerate_only_what_is_missing(ray_local, bucket,
+                                                                                                    tiny):
     import psutil
     import ray
 
     output, n = f"s3://{bucket}/resume", 40
-    source = batch.ModelSource.resolve(str(tiny))
-    plan, sampling, labels = batch.Plan(0, n, shard_images=4), batch.Sampling("ddim", 50), batch.Labels.balanced(10)
+    source = ModelSource.resolve(str(tiny))
+    plan, sampling, labels = Plan(0, n, shard_images=4), Sampling("ddim", 50), Labels.balanced(10)
     result: dict = {}
 
     def first_run() -> None:
         try:
-            result["manifest"] = batch.generate_to(output, source, plan, sampling, labels, num_actors=2,
-                                                   progress=False, log=lambda _: None)
-        except Exception as exc:  # a run may also end in an error: the rerun below must complete it either way
+            result["manifest"] = generate_to(output, source, plan, sampling, labels, num_actors=2,
+                                             progress=False, log=lambda _: None)
+        except Exception as exc:  # kept, and asserted below: the run must not end in an error
             result["error"] = exc
 
     def commits() -> set[str]:
         return {e.key for e in storage.list_files(output) if e.key.startswith("shards/")}
+
+    # This session's raylet's children only: other Ray sessions may run on the machine.
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+
+    def samplers() -> dict[int, psutil.Process]:
+        found = {}
+        for p in raylet.children(recursive=True):
+            try:
+                if "ShardSampler" in " ".join(p.cmdline()):
+                    found[p.pid] = p
+            except psutil.NoSuchProcess:
+                pass
+        return found
 
     run = threading.Thread(target=first_run)
     run.start()
     deadline = time.monotonic() + 180
     while not commits() and run.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
-    # This session's raylet's children only: other Ray sessions may run on the machine.
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    samplers = [p for p in psutil.Process(raylet).children(recursive=True)
-                if "ShardSampler" in " ".join(p.cmdline())]
+    before = samplers()
     at_kill = len(commits())
-    assert samplers and 0 < at_kill < plan.num_shards, (samplers, at_kill)
-    samplers[0].kill()  # SIGKILL, mid-run
+    assert len(before) == 2 and 0 < at_kill < plan.num_shards, (before, at_kill)
+    killed = min(before)
+    before[killed].kill()  # SIGKILL, mid-run
+    replaced = False
+    while run.is_alive() and not replaced:  # Ray restarts the actor: a new ShardSampler process appears
+        replaced = bool(set(samplers()) - set(before))
+        time.sleep(0.05)
     run.join(timeout=300)
     assert not run.is_alive()
 
-    # Rerun: whatever the first run left (Ray restarts a killed actor and retries its shard), this completes it.
-    logs: list[str] = []
-    manifest = batch.generate_to(output, source, plan, sampling, labels, num_actors=2, progress=False,
-                                 log=logs.append)
+    # The first run completes by itself: the killed actor's shard is retried, on the restarted actor or the other.
+    assert "error" not in result, result.get("error")
+    assert replaced, "no new sampler actor process appeared after the kill"
     expected = single_process_at(tiny, n, sampling.steps)
     np.testing.assert_array_equal(read_pngs(output, list(range(n)))[0], expected)
-    assert manifest["fingerprint"] == batch.images_fingerprint(expected)
+    manifest = result["manifest"]
+    assert manifest["fingerprint"] == images_fingerprint(expected)
+    assert commits() == {f"shards/shard-{j:06d}.json" for j in range(plan.num_shards)}
+
+    # A rerun of the complete job does nothing.
+    logs: list[str] = []
+    assert generate_to(output, source, plan, sampling, labels, num_actors=2, progress=False,
+                       log=logs.append)["fingerprint"] == manifest["fingerprint"]
+    assert any("is complete already" in line for line in logs), logs
 
     # A shard that lost its commit and one that lost an image: those two are made again, and only those.
     s3_delete(output, "shards/shard-000002.json")
     s3_delete(output, "images/seed-000037.png")  # in shard 9
     logs.clear()
-    again = batch.generate_to(output, source, plan, sampling, labels, num_actors=1, progress=False, log=logs.append)
+    again = generate_to(output, source, plan, sampling, labels, num_actors=1, progress=False, log=logs.append)
     assert any("8 of 10 shards already" in line and "generating 8 images in 2 shards" in line for line in logs), logs
     assert again["fingerprint"] == manifest["fingerprint"]
     np.testing.assert_array_equal(read_pngs(output, list(range(8, 12)) + [37])[0], expected[[8, 9, 10, 11, 37]])
 
     # Another job in the same place is refused before any work, naming what differs.
     with pytest.raises(UserError, match="another job .*seeds differ"):
-        batch.generate_to(output, source, batch.Plan(5, n, 4), sampling, labels, progress=False, log=lambda _: None)
+        generate_to(output, source, Plan(5, n, 4), sampling, labels, progress=False, log=lambda _: None)
 
 
 def single_process_at(path: Path, n: int, steps: int) -> np.ndarray:
@@ -168,7 +194,7 @@ def s3_delete(output: str, key: str) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "/nonexistent/model"], "/nonexistent/model: no such checkpoint folder"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model: no such"),
     (["--output", "s3://no-such-bucket-here/x"], "s3://no-such-bucket-here/x: the bucket does not exist"),
     (["--labels", "balanced", "--model", "UNCONDITIONAL"], "--labels: this model is unconditional"),
     (["--class-label", "10"], "--class-label: unknown class 10; this model has classes 0..9"),
@@ -188,6 +214,22 @@ def test_bad_input_is_one_line_before_any_actor_starts(argv, message, s3, tiny, 
     assert not (tmp_path / "out" / "images").exists()
 
 
+def test_an_output_holding_a_dataset_or_the_model_itself_is_refused_and_left_as_it_was(tiny, tmp_path, capsys):
+    processed = tmp_path / "processed"
+    storage.write_json(str(processed / "manifest.json"), {"format_version": 1, "image_shape": [8, 8, 1],
+                                                          "shards": ["data-1/part-0.parquet"]})
+    storage.write_bytes(str(processed / "data-1" / "part-0.parquet"), b"pixels")
+    for output, message in ((processed, f"--output {processed} holds processed images (ddpm preprocess), which "
+                                        f"ddpm generate would replace"),
+                            (tiny, f"--output {tiny} is the --model of this run")):
+        before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+        argv = ["generate", "--model", str(tiny), "--num-images", "4", "--steps", "2", "--output", str(output)]
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
 # -- evaluation at scale ------------------------------------------------------------------------------------------
 def test_evaluate_at_scale_matches_in_process_and_reads_the_cached_reference_the_second_time(ray_local, bucket,
                                                                                            tmp_path):
@@ -199,8 +241,7 @@ def test_evaluate_at_scale_matches_in_process_and_reads_the_cached_reference_the
     images, labels = load_data("digits", 8)
     data = f"s3://{bucket}/digits"
     storage.write_bytes(storage.join(data, "data", "shard-000000.parquet"),
-                        batch.parquet_shard(images, list(range(len(images))), labels.tolist(),
-                                            batch.image_digests(images)))
+                        parquet_shard(images, list(range(len(images))), labels.tolist(), image_digests(images)))
     storage.write_json(storage.join(data, "manifest.json"),
                        {"format_version": 1, "image_shape": [8, 8, 1], "shards": ["data/shard-000000.parquet"],
                         "class_names": [str(c) for c in range(CLASSES)], "fingerprint": "digits-8",

@@ -87,6 +87,7 @@ def test_two_actors_on_s3_give_the_single_process_latents(processed, tiny_ae, ra
     manifest = encode(data, str(tiny_ae), output, num_actors=2, batch_size=CHUNK, progress=lines.append)
 
     # The manifest.
+    generation = manifest["shards"][0].split("/")[0]
     weights = (tiny_ae / autoencoder.WEIGHTS_FILE).read_bytes()  # ours already: saved again, the same bytes
     assert manifest["kind"] == "latents" and manifest["dtype"] == "float32" and manifest["format_version"] == 1
     assert manifest["image_shape"] == [4, 4, 4] and manifest["pixel_shape"] == [SIZE, SIZE, 3]
@@ -96,17 +97,16 @@ def test_two_actors_on_s3_give_the_single_process_latents(processed, tiny_ae, ra
     assert manifest["autoencoder"] == {
         "uri": str(tiny_ae), "name": None, "version": None, "sha256": hashlib.sha256(weights).hexdigest(),
         "scaling_factor": 0.5, "shift_factor": 0.0, "downsample_factor": 4, "latent_channels": 4,
-        "folder": "autoencoder"}
+        "folder": f"{generation}/autoencoder"}
     assert len(manifest["fingerprint"]) == 64 and read_manifest(output) == manifest
-    generation = manifest["shards"][0].split("/")[0]
     assert all(s.startswith(f"{generation}/part-") for s in manifest["shards"])
-    assert tops(output) == {"manifest.json", "autoencoder", generation}
-    assert "on 2 CPU actor(s)" in lines[0] and lines[-1].endswith(f"images/s -> {output}"), lines
+    assert tops(output) == {"manifest.json", generation}  # the autoencoder copy is in its generation
+    assert "on 2 CPU actor(s)" in lines[0] and "images/s (" in lines[-1] and lines[-1].endswith(f"-> {output}"), lines
 
     # The autoencoder copy: our format, its scaling kept, the bytes the manifest names.
-    copied = storage.read_bytes(storage.join(output, "autoencoder", autoencoder.WEIGHTS_FILE))
+    copied = storage.read_bytes(storage.join(output, generation, "autoencoder", autoencoder.WEIGHTS_FILE))
     assert hashlib.sha256(copied).hexdigest() == manifest["autoencoder"]["sha256"]
-    config = json.loads(storage.read_bytes(storage.join(output, "autoencoder", autoencoder.CONFIG_FILE)))
+    config = json.loads(storage.read_bytes(storage.join(output, generation, "autoencoder", autoencoder.CONFIG_FILE)))
     assert config["format"] == autoencoder.FORMAT and config["autoencoder"]["scaling_factor"] == 0.5
 
     # load_numpy: (N, h, w, c) float32, every latent bit for bit the single-process one (rows matched by key).
@@ -150,7 +150,8 @@ def test_flip_stores_mirrors_and_a_rerun_replaces_the_generation(processed, tiny
     plain = encode(data, str(tiny_ae), output, num_actors=1, batch_size=CHUNK, progress=None)
     generation = plain["shards"][0].split("/")[0]
     assert generation != flipped["shards"][0].split("/")[0]
-    assert tops(output) == {"manifest.json", "autoencoder", generation}
+    assert tops(output) == {"manifest.json", generation}  # the autoencoder copy is in its generation
+    assert plain["autoencoder"]["folder"] == f"{generation}/autoencoder"
     assert plain["counts"]["rows"] == COUNT and load_numpy(output)[0].shape == (COUNT, 4, 4, 4)
     assert plain["fingerprint"] != flipped["fingerprint"]
     np.testing.assert_array_equal(np.stack([latents_by_key(output)[k] for k in keys]),
@@ -215,3 +216,113 @@ def test_a_registered_autoencoder_is_named_in_the_manifest(processed, tiny_ae, t
     with pytest.raises(UserError, match="models:/no-such-ae/1") as info:  # a bad registry URI: one line, naming it
         encode(data, "models:/no-such-ae/1", str(tmp_path / "none"), tracking_uri=uri, progress=None)
     assert "\n" not in str(info.value) and not (tmp_path / "none").exists()
+
+
+# -- outputs that would destroy data --------------------------------------------------------------------------------
+def files(uri: str) -> dict[str, bytes]:
+    return {e.key: storage.read_bytes(storage.join(uri, e.key)) for e in storage.list_files(uri)}
+
+
+def test_an_output_that_is_the_input_or_another_kind_of_dataset_is_refused_and_nothing_is_deleted(
+        processed, tiny_ae, tmp_path, ray_local, capsys):
+    data = processed[0]
+    raw = data.rsplit("/", 1)[0] + "/raw"
+    kept = files(data)
+
+    def refused(argv: list[str], message: str) -> None:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+    # encode onto its own --data (spelled with a trailing slash): its pixel shards would be deleted at the commit
+    refused(["encode", "--data", data, "--autoencoder", str(tiny_ae), "--output", data + "/"],
+            f"--output {data}/ is the --data of this run")
+    assert files(data) == kept
+
+    # a latent dataset as the --output of preprocess, and a processed one as the --output of encode's twin: refused
+    latents = str(tmp_path / "latents")
+    manifest = encode(data, str(tiny_ae), latents, num_actors=1, batch_size=CHUNK, progress=None)
+    latent_files = files(latents)
+    refused(["preprocess", "--input", raw, "--output", latents, "--resolution", str(SIZE)],
+            f"--output {latents} holds latents (ddpm encode), which ddpm preprocess would replace")
+    assert files(latents) == latent_files and read_manifest(latents) == manifest
+    other = str(tmp_path / "other")
+    storage.write_json(storage.join(other, "manifest.json"), {"format_version": 1, "kind": "ddpm-generated"})
+    refused(["encode", "--data", data, "--autoencoder", str(tiny_ae), "--output", other],
+            f"--output {other} holds generated images (ddpm generate), which ddpm encode would replace")
+    assert sorted(files(other)) == ["manifest.json"]
+
+
+# -- the autoencoder copy is committed with the manifest -----------------------------------------------------------
+def test_a_run_that_dies_before_its_manifest_leaves_the_previous_latents_with_their_own_autoencoder(
+        processed, tiny_ae, tmp_path, ray_local, monkeypatch):
+    from pipelines.data.dataset import autoencoder_copy
+
+    data = processed[0]
+    output = str(tmp_path / "latents")
+    first = encode(data, str(tiny_ae), output, num_actors=1, batch_size=CHUNK, progress=None)
+    torch.manual_seed(1)  # another autoencoder: other weights, the same shapes
+    other = autoencoder.save(tmp_path / "other-ae", Autoencoder(AutoencoderConfig.preset("tiny")))
+
+    # The process dies the moment it would write manifest.json: after the shards and the autoencoder copy.
+    write_json = storage.write_json
+
+    def dies_at_the_manifest(uri, obj, endpoint_url=None):
+        if uri.endswith("/manifest.json"):
+            raise KeyboardInterrupt("killed")
+        return write_json(uri, obj, endpoint_url)
+
+    monkeypatch.setattr(storage, "write_json", dies_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        encode(data, str(other), output, num_actors=1, batch_size=CHUNK, progress=None)
+    monkeypatch.undo()
+
+    # The manifest still names the first run's latents and, beside them, the autoencoder that made them.
+    assert read_manifest(output) == first
+    folder = autoencoder_copy(output, first)
+    weights = storage.read_bytes(storage.join(folder, autoencoder.WEIGHTS_FILE))
+    assert hashlib.sha256(weights).hexdigest() == first["autoencoder"]["sha256"]
+    assert weights == (tiny_ae / autoencoder.WEIGHTS_FILE).read_bytes()
+
+
+def test_training_refuses_an_autoencoder_copy_whose_sha256_is_not_the_manifests(processed, tiny_ae, tmp_path,
+                                                                                ray_local):
+    from pipelines.train.driver import latent_autoencoder
+
+    data = processed[0]
+    output = str(tmp_path / "latents")
+    manifest = encode(data, str(tiny_ae), output, num_actors=1, batch_size=CHUNK, progress=None)
+    assert latent_autoencoder(output, manifest)["source"]["sha256"] == manifest["autoencoder"]["sha256"]
+
+    torch.manual_seed(2)
+    autoencoder.save(tmp_path / "other-ae", Autoencoder(AutoencoderConfig.preset("tiny")))
+    other = (tmp_path / "other-ae" / autoencoder.WEIGHTS_FILE).read_bytes()
+    folder = storage.join(output, manifest["autoencoder"]["folder"])
+    storage.write_bytes(storage.join(folder, autoencoder.WEIGHTS_FILE), other)
+    with pytest.raises(UserError) as info:
+        latent_autoencoder(output, manifest)
+    message = str(info.value)
+    assert "\n" not in message
+    assert hashlib.sha256(other).hexdigest() in message and manifest["autoencoder"]["sha256"] in message
+
+
+# -- one unit in every line ---------------------------------------------------------------------------------------
+def test_progress_and_summary_count_source_images_per_second_with_flip(processed, tiny_ae, tmp_path, ray_local,
+                                                                       monkeypatch):
+    import re
+
+    from pipelines.data import encode as encode_module
+
+    data = processed[0]
+    lines: list[str] = []
+    monkeypatch.setattr(encode_module, "PROGRESS_EVERY_S", 0.0)  # a progress line for every shard but the last
+    encode(data, str(tiny_ae), str(tmp_path / "latents"), num_actors=1, batch_size=CHUNK, flip=True,
+           shard_rows=CHUNK, progress=lines.append)
+    progress = [line for line in lines if re.search(r"\d+/\d+ images", line)]
+    assert progress and all(f"/{COUNT} images" in line for line in progress), lines
+    summary = lines[-1]
+    found = re.search(r"(\d+) images in ([\d.]+) s: ([\d.,]+) images/s", summary)
+    assert found, summary
+    images, seconds, rate = int(found[1]), float(found[2]), float(found[3].replace(",", ""))
+    assert images == COUNT and f"{2 * COUNT} latents" in summary
+    assert rate == pytest.approx(COUNT / seconds, rel=0.1)  # of source images: mirrors would make it twice as much

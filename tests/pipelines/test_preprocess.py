@@ -211,6 +211,50 @@ def test_data_command_writes_class_folders(tmp_path):
     assert all(e.key.endswith(".jpeg") for e in entries)
 
 
+def test_an_output_that_is_the_input_or_holds_another_kind_of_dataset_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    make_raw(str(raw))
+    generated = tmp_path / "generated"
+    storage.write_json(str(generated / "manifest.json"), {"kind": "ddpm-generated", "format_version": 1})
+    storage.write_bytes(str(generated / "data-1" / "part-0.parquet"), b"pixels")
+    for output, message in ((raw, f"--output {raw} is the --input of this run"),
+                            (generated, f"--output {generated} holds generated images (ddpm generate), which "
+                                        f"ddpm preprocess would replace")):
+        before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+        assert cli.main(["preprocess", "--input", str(raw), "--output", str(output), "--resolution", "8"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
+def test_photos_refuse_a_folder_made_with_other_settings_or_holding_other_files(tmp_path, capsys):
+    from pipelines.data.photos import SETTINGS_FILE
+
+    out = tmp_path / "photos"
+
+    def photos(*flags: str) -> int:
+        return cli.main(["data", "photos", "--output", str(out), "--count", "8", *flags])
+
+    assert photos("--size", "8", "--seed", "0") == 0
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(written) == 8 + 1 and storage.read_json(str(out / SETTINGS_FILE))["size"] == 8
+    capsys.readouterr()
+    for flags in (("--size", "16", "--seed", "0"), ("--size", "8", "--seed", "1")):
+        assert photos(*flags) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds crops made with --size 8 --seed 0" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    assert photos("--size", "8", "--seed", "0", "--count", "16") == 0  # more crops of the same dataset
+    assert len(list(out.rglob("*.png"))) == 16 and storage.read_json(str(out / SETTINGS_FILE))["count"] == 16
+
+    other = tmp_path / "digits"
+    assert cli.main(["data", "digits", "--output", str(other), "--limit", "5"]) == 0
+    capsys.readouterr()
+    assert cli.main(["data", "photos", "--output", str(other), "--count", "8"]) == 1
+    assert "holds other files" in capsys.readouterr().err
+    assert not (other / SETTINGS_FILE).exists() and len(list(other.rglob("*.png"))) == 5
+
+
 def _encode(img: Image.Image, fmt: str, lossless: bool = False) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **({"lossless": True} if lossless and fmt == "WEBP" else {}))
