@@ -158,6 +158,11 @@ class PipelineConfig:
     eval_steps: int = 50
     eval_guidance_scale: float = 1.0      # classifier-free guidance w for class-conditional models (1: none)
     eval_seed: int = 0
+    # The gate's absolute bar (pipelines.evaluate.gate): the gate metric at most this many times its real-vs-real
+    # floor, recall at least this, or the version is registered but not promoted; null: not checked. The presets set
+    # both from measured good runs; these defaults only stop the hopeless (a 248x, recall 0.004 first version).
+    gate_max_ratio: float | None = 50.0
+    gate_min_recall: float | None = 0.05
     photos_count: int = 2000              # raw: photos: how many crops
     latents: str | None = None            # latent diffusion: where ddpm encode writes the latents (None: pixels)
     autoencoder: str | None = None        # an autoencoder to use as it is; None: train one
@@ -186,6 +191,10 @@ class PipelineConfig:
         if self.eval_samples <= 0 or self.eval_steps <= 0:
             raise UserError(f"pipeline.eval_samples and pipeline.eval_steps must be positive, "
                             f"got {self.eval_samples} and {self.eval_steps}")
+        if self.gate_max_ratio is not None and not (math.isfinite(self.gate_max_ratio) and self.gate_max_ratio > 0):
+            raise UserError(f"pipeline.gate_max_ratio must be a positive number or null, got {self.gate_max_ratio}")
+        if self.gate_min_recall is not None and not 0 <= self.gate_min_recall <= 1:
+            raise UserError(f"pipeline.gate_min_recall must be between 0 and 1 or null, got {self.gate_min_recall}")
         if not math.isfinite(self.eval_guidance_scale) or self.eval_guidance_scale < 0:
             raise UserError(f"pipeline.eval_guidance_scale must be a finite number >= 0, "
                             f"got {self.eval_guidance_scale}")
@@ -253,9 +262,25 @@ def _kind_name(default) -> str:
         type(default), f"a {type(default).__name__}")
 
 
-def _strict(cls, values: dict, where: str):
+def set_by(overrides: list[str] | None) -> dict[str, str]:
+    """``["train.lr=1e-3"]`` -> ``{"train.lr": "--set train.lr=1e-3"}``: which keys a ``--set`` gave, so that an
+    error about one of them names the ``--set`` rather than the config file (the last one wins, as in
+    :func:`apply_overrides`)."""
+    return {item.partition("=")[0]: f"--set {item}" for item in overrides or []}
+
+
+def _strict(cls, values: dict, where: str, given: dict[str, str] | None = None):
+    """``cls(**values)`` with every key known and every value of its field's type; ``where`` is "SOURCE: SECTION",
+    ``given`` the keys that came from ``--set`` (:func:`set_by`), whose errors name the ``--set`` instead."""
     if not isinstance(values, dict):
         raise UserError(f"{where} must be a mapping of keys to values, got {values!r}")
+    source, _, section = where.rpartition(": ")
+    given = given or {}
+
+    def label(key: str) -> str:  # how an error names the key: its --set, or the file and section it came from
+        full = f"{section}.{key}"
+        return f"{given[full]}: {full}" if full in given else f"{where}.{key}"
+
     defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
     optional = set()
     for name, hint in typing.get_type_hints(cls).items():
@@ -264,24 +289,31 @@ def _strict(cls, values: dict, where: str):
             optional.add(name)
         if defaults.get(name) is None and len(kinds) == 1:  # "float | None": check a value against float
             defaults[name] = kinds[0]()
-    unknown = sorted(set(values) - set(defaults))
+    unknown = sorted(set(values) - set(defaults), key=lambda k: (f"{section}.{k}" not in given, k))
     if unknown:
-        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(sorted(defaults))}")
-    values = {k: _coerce(v, defaults[k], f"{where}.{k}", k in optional) for k, v in values.items()}
+        full = f"{section}.{unknown[0]}"
+        valid = f"valid keys: {', '.join(sorted(defaults))}"
+        if full in given:
+            raise UserError(f"{given[full]}: unknown key {full}; {valid}")
+        raise UserError(f"unknown key {where}.{unknown[0]}; {valid}")
+    values = {k: _coerce(v, defaults[k], label(k), k in optional) for k, v in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid {where} config: {exc}") from None
 
 
-def from_dict(raw: dict, source: str = "config") -> Config:
+def from_dict(raw: dict, source: str = "config", given: dict[str, str] | None = None) -> Config:
+    """A :class:`Config` from nested sections; ``given``: the keys ``--set`` gave (:func:`set_by`)."""
+    given = given or {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping of sections (model, schedule, train, "
                         f"pipeline), got {type(raw).__name__}")
     raw = dict(raw)
     unknown = sorted(set(raw) - {"model", "schedule", "train", "pipeline"})
     if unknown:
-        raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, schedule, train, pipeline")
+        raise UserError(f"{unknown_section_source(unknown[0], source, given)}: unknown section {unknown[0]!r}; "
+                        f"expected model, schedule, train, pipeline")
     for section in ("model", "schedule", "train", "pipeline"):
         if not isinstance(raw.get(section) or {}, dict):
             raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
@@ -289,11 +321,16 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     preset = model.pop("preset", None)
     base = UNetConfig.preset(preset).to_dict() if preset else {}
     return Config(
-        model=_strict(UNetConfig, {**base, **model}, f"{source}: model"),
-        schedule=_strict(ScheduleConfig, dict(raw.get("schedule") or {}), f"{source}: schedule"),
-        train=_strict(TrainConfig, dict(raw.get("train") or {}), f"{source}: train"),
-        pipeline=_strict(PipelineConfig, dict(raw.get("pipeline") or {}), f"{source}: pipeline"),
+        model=_strict(UNetConfig, {**base, **model}, f"{source}: model", given),
+        schedule=_strict(ScheduleConfig, dict(raw.get("schedule") or {}), f"{source}: schedule", given),
+        train=_strict(TrainConfig, dict(raw.get("train") or {}), f"{source}: train", given),
+        pipeline=_strict(PipelineConfig, dict(raw.get("pipeline") or {}), f"{source}: pipeline", given),
     )
+
+
+def unknown_section_source(section: str, source: str, given: dict[str, str]) -> str:
+    """Who wrote an unknown section: the first ``--set`` into it, else the config file."""
+    return next((item for key, item in given.items() if key.split(".", 1)[0] == section), source)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -311,6 +348,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as exc:
             raise UserError(f"--set {item}: not a YAML value ({str(exc).splitlines()[0]})") from None
     return raw
+
+
+def readable(values: dict, title: str = "config") -> str:
+    """A resolved config for the terminal: ``config:`` then one key a line, indented YAML, lists in flow style
+    (``channel_mults: [1, 2]``), so that a screen of it reads like the preset it came from."""
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda dumper, items: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", items, flow_style=True))
+    plain = json.loads(json.dumps(values))  # tuples -> lists: a safe dump writes no Python tags
+    body = yaml.dump(plain, Dumper=Dumper, default_flow_style=False, sort_keys=True, width=100)
+    return f"{title}:\n" + "\n".join(f"  {line}" for line in body.rstrip().splitlines())
 
 
 def read_yaml(path: str | Path | None, example: str = "configs/digits.yaml") -> dict:
@@ -331,4 +381,4 @@ def read_yaml(path: str | Path | None, example: str = "configs/digits.yaml") -> 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or start from defaults when ``path`` is None) and apply ``overrides``."""
-    return from_dict(apply_overrides(read_yaml(path), overrides or []), str(path or "config"))
+    return from_dict(apply_overrides(read_yaml(path), overrides or []), str(path or "config"), set_by(overrides))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ddpm.autoencoder import AutoencoderConfig
 from ddpm.training import PRECISIONS
-from pipelines.config import _strict, apply_overrides, read_yaml
+from pipelines.config import _strict, apply_overrides, read_yaml, set_by, unknown_section_source
 from pipelines.errors import UserError
 
 SECTIONS = ("model", "train")
@@ -112,20 +112,24 @@ class AutoencoderRunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def from_dict(raw: dict, source: str = "config") -> AutoencoderRunConfig:
+def from_dict(raw: dict, source: str = "config", given: dict[str, str] | None = None) -> AutoencoderRunConfig:
+    """The run's config from nested sections; ``given``: the keys ``--set`` gave (:func:`pipelines.config.set_by`)."""
+    given = given or {}
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping of sections (model, train), "
                         f"got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise UserError(f"{source}: unknown section {unknown[0]!r}; expected model, train")
+        raise UserError(f"{unknown_section_source(unknown[0], source, given)}: unknown section {unknown[0]!r}; "
+                        f"expected model, train")
     for section in SECTIONS:
         if not isinstance(raw.get(section) or {}, dict):
             raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
     model = dict(raw.get("model") or {})
     measured = sorted(set(model) & set(MEASURED))
     if measured:
-        raise UserError(f"{source}: model.{measured[0]} is measured during training, not set; remove it")
+        who = given.get(f"model.{measured[0]}", source)
+        raise UserError(f"{who}: model.{measured[0]} is measured during training, not set; remove it")
     preset = model.pop("preset", None)
     try:
         base = AutoencoderConfig.preset(str(preset)).to_dict() if preset is not None else {}
@@ -134,12 +138,12 @@ def from_dict(raw: dict, source: str = "config") -> AutoencoderRunConfig:
     for key in MEASURED:
         base.pop(key, None)
     return AutoencoderRunConfig(
-        model=_strict(AutoencoderConfig, {**base, **model}, f"{source}: model"),
-        train=_strict(AutoencoderTrainConfig, dict(raw.get("train") or {}), f"{source}: train"),
+        model=_strict(AutoencoderConfig, {**base, **model}, f"{source}: model", given),
+        train=_strict(AutoencoderTrainConfig, dict(raw.get("train") or {}), f"{source}: train", given),
     )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> AutoencoderRunConfig:
     """Read a YAML preset (defaults when ``path`` is None) and apply ``--set`` overrides."""
     raw = read_yaml(path, example="configs/autoencoder-f4.yaml")
-    return from_dict(apply_overrides(raw, overrides or []), str(path or "config"))
+    return from_dict(apply_overrides(raw, overrides or []), str(path or "config"), set_by(overrides))
