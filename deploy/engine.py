@@ -1,7 +1,7 @@
 """The sampling engine behind the Serve app: plain data in, images out. PyTorch and the core only, no Ray.
 
-Kept apart from ``deploy.serve_app`` so that it runs, and is tested, without Ray or FastAPI, on any machine the
-core runs on (a GPU box included).
+Kept apart from the Serve deployments (``deploy.sampler``, ``deploy.ingress``) so that it runs, and is tested,
+without Ray or FastAPI, on any machine the core runs on (a GPU box included).
 
 Images come from the core's one path (:func:`ddpm.generate_images`, :func:`ddpm.inpaint_images`): per-image seeds
 and a fixed-shape forward of ``micro_batch`` rows make an image independent of the requests that shared its batch,
@@ -10,8 +10,10 @@ so the PNG bytes match whether a request ran alone or batched, and match ``ddpm 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ import torch
 from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_uint8, generate_images, image_seeds,
                   inpaint_images)
 from ddpm.images import EditInputError, decode_edit_inputs
-from ddpm.settings import SettingError, check_for_model
+from ddpm.settings import SettingError, check_for_model, guided
 from deploy.schemas import MAX_EDIT_PIXELS
 
 
@@ -64,7 +66,11 @@ class Job:
         resampling = None if self.edit is None else (
             (self.edit.resample_jumps, self.edit.resample_times) if self.edit.resample_times > 1 else (1, 1))
         return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0,
-                self.guidance_scale if conditional else 1.0, conditional, resampling)
+                self.guidance_scale if self.guided() else 1.0, conditional, resampling)
+
+    def guided(self) -> bool:
+        """Classifier-free guidance on (``ddpm.settings.guided``): each model call runs two network rows per image."""
+        return guided(self.class_label, self.guidance_scale)
 
     def model_calls(self) -> int:
         """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.repaint_walk``):
@@ -73,6 +79,10 @@ class Job:
             return self.steps
         j, r = self.edit.resample_jumps, self.edit.resample_times
         return self.steps + (r - 1) * j * len(range(self.steps - 1, j - 1, -j))
+
+    def network_rows(self) -> int:
+        """Rows one image sends through the U-Net: model calls x 2 when guided (conditional and null rows)."""
+        return self.model_calls() * (2 if self.guided() else 1)
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,9 @@ class Rejected:
     message: str
 
 
+Outcome = Generated | Rejected
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """An immutable snapshot of what a replica serves: replaced as a whole, never modified."""
@@ -113,6 +126,38 @@ class ServedModel:
     def identity(self) -> dict:
         return {"name": self.name, "version": self.version, "alias": self.alias}
 
+    @cached_property
+    def codec_rows(self) -> dict[str, int]:
+        """A latent model's autoencoder per image in U-Net rows, rounded up: ``decode`` (every sample) and ``encode``
+        (an edit's known image), each = FLOPs of one call / FLOPs of one U-Net row, counted once with
+        ``torch.utils.flop_counter`` (photos-latent: decode 10.5, encode 4.0); zero for a pixel model.
+
+        Counted rather than assumed to be one call: the decoder works at the pixels' resolution, the U-Net at the
+        latents', so a decode costs about ten steps, a third of a 20-step request."""
+        if self.loaded.autoencoder is None:
+            return {"decode": 0, "encode": 0}
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def flops(fn, *args) -> int:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                fn(*args)
+            return counter.get_total_flops()
+
+        ae, device = self.loaded.autoencoder, self.device
+        dtype = next(ae.parameters()).dtype
+        z = torch.zeros(1, *self.loaded.sample_shape, device=device)  # (1, c, h, w)
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        y = torch.zeros(1, dtype=torch.long, device=device) if self.loaded.config.num_classes else None
+        unet = flops(self.loaded.model, z, t, y)
+        pixels = torch.zeros(1, *self.loaded.image_shape, device=device, dtype=dtype)  # (1, C, H, W)
+        return {"decode": math.ceil(flops(ae.decode, z.to(dtype)) / unet),
+                "encode": math.ceil(flops(ae.encode, pixels) / unet)}
+
+    def cost(self, job: Job) -> int:
+        """What ``job`` costs in U-Net rows (image-steps): num_images x (network rows + decode [+ encode])."""
+        codec = self.codec_rows["decode"] + (self.codec_rows["encode"] if job.edit is not None else 0)
+        return job.num_images * (job.network_rows() + codec)
+
     def describe(self) -> dict:
         c = self.loaded.config
         channels, resolution, _ = self.loaded.image_shape  # a latent model's decoded images
@@ -122,7 +167,7 @@ class ServedModel:
             "latent": self.loaded.autoencoder is not None,
             "samplers": list(SAMPLERS), "default_steps": dict(DEFAULT_STEPS),
             "num_timesteps": self.loaded.schedule.num_timesteps, "prediction_type": self.loaded.prediction_type,
-            "device": str(self.device),
+            "device": str(self.device), "autoencoder_rows": self.codec_rows,
         }
 
 
@@ -133,7 +178,9 @@ def load_served(uri: str, tracking_uri: str | None, device: torch.device) -> Ser
 
     resolved = resolve_model(uri, tracking_uri=tracking_uri)
     loaded = checkpoint.load(resolved.path, device=device, weights="ema")
-    return ServedModel(loaded, device, resolved.name, resolved.version, resolved.alias)
+    served = ServedModel(loaded, device, resolved.name, resolved.version, resolved.alias)
+    served.codec_rows  # counted now, while loading, not in the first batch
+    return served
 
 
 def pick_device() -> torch.device:
@@ -145,9 +192,9 @@ def pick_device() -> torch.device:
     return torch.device("cuda")
 
 
-def check(job: Job, served: ServedModel) -> Rejected | None:
+def check(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejected | None:
     """What a valid body can still get wrong about this particular model (``ddpm.settings.check_for_model``, the
-    rules ``ddpm generate`` applies too)."""
+    rules ``ddpm generate`` applies too), and its cost against ``max_cost`` U-Net rows (:meth:`ServedModel.cost`)."""
     cfg = served.loaded.config
     try:
         check_for_model(steps=job.steps, class_label=job.class_label, num_classes=cfg.num_classes,
@@ -155,6 +202,17 @@ def check(job: Job, served: ServedModel) -> Rejected | None:
     except SettingError as exc:
         hint = " (see GET /v1/model)" if exc.field == "class_label" else ""
         return Rejected(exc.field, exc.reason + hint)
+    cost = served.cost(job)
+    if max_cost is not None and cost > max_cost:
+        calls = job.model_calls()
+        terms = f"{calls} model calls" + (" (steps plus RePaint's resampling)" if calls != job.steps else "")
+        terms += " x 2 rows for guidance" if job.guided() else ""
+        codec = served.codec_rows
+        terms += f" + {codec['decode']} to decode the latents" if codec["decode"] else ""
+        terms += f" + {codec['encode']} to encode the image" if codec["encode"] and job.edit is not None else ""
+        return Rejected("steps" if calls == job.steps else "resample_times",
+                        f"{job.num_images} images x ({terms}) = {cost} U-Net rows exceeds this server's budget of "
+                        f"{max_cost} per request")
     return None
 
 
@@ -230,13 +288,15 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
     return [results[i] for i in range(len(jobs))]
 
 
-def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None) -> list[Generated | Rejected]:
-    """Check each queued job against ``served`` (and decode its edit), then sample all the valid ones together."""
+def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
+              max_cost: int | None = None) -> list[Outcome]:
+    """Check each queued job against ``served`` and ``max_cost`` (and decode its edit), then sample all the valid
+    ones together."""
     started = time.monotonic()
-    outcomes: dict[int, Generated | Rejected] = {}
+    outcomes: dict[int, Outcome] = {}
     edits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, item in enumerate(items):
-        checked = check(item.job, served)
+        checked = check(item.job, served, max_cost)
         if checked is None and item.job.edit is not None:
             checked = decode_edit(item.job.edit, served)
         if isinstance(checked, Rejected):

@@ -7,7 +7,8 @@ Three layers of settings, each validated where it enters:
   come from ``ddpm.settings``, whose ``check_settings`` the ingress also applies: the rules of ``ddpm generate``.
 - :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
   and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
-  serving: the model URI and the batching knobs.
+  serving: the model URI, the batching knobs and the cost budget (a request's cost depends on the model: the
+  sampler checks it).
 - :class:`AppArgs`: the arguments of ``build_app`` (``args:`` in a Serve config, the flags of ``ddpm serve``). They
   also carry the deployment options (replicas, resources); a Serve config's ``deployments:`` section overrides those.
 """
@@ -19,9 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ddpm.generation import FORWARD_ROWS
-from ddpm.settings import MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
+from ddpm.settings import MAX_IMAGES, MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
 
-MAX_IMAGES = 64  # per request
 MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
 MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
@@ -65,6 +65,8 @@ class SamplerConfig(BaseModel):
     tracking_uri: str | None = None
     poll_interval_s: float = Field(30.0, ge=0, description="how often to look up the alias's version; 0: never")
     batching: bool = True
+    max_cost: int = Field(20_000, ge=1, description="the largest cost of one request in U-Net rows: num_images x "
+                                                     "model calls (x 2 when guided), plus a latent model's decoder")
     max_batch_images: int = Field(64, ge=MAX_IMAGES, description="images per batch, across requests")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
     micro_batch: int | None = Field(
@@ -86,7 +88,6 @@ class AppArgs(SamplerConfig):
 
     # the HTTP front
     api_key: SecretStr | None = Field(None, description="default: $DDPM_API_KEY; unset: no authentication")
-    max_cost: int = Field(20_000, ge=1, description="the largest num_images * steps a request may ask for")
     # the sampler deployment
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)

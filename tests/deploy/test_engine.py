@@ -1,8 +1,6 @@
-"""The engine without Ray: a fixed forward size makes an image independent of its batch, and the sampler's runner
-merges the batches that queued while it ran.
-
-``MergingRunner`` lives in ``deploy.serve_app`` (importing it imports ``ray.serve``), but it is plain asyncio: these
-tests start no Ray. Serve itself, over real HTTP, is tested in test_serve.py.
+"""The engine without Ray: a fixed forward size makes an image independent of its batch, a request costs the U-Net
+rows it runs, and the sampler's runner (``deploy.batching``, plain asyncio) merges the batches that queued while it
+ran. Serve itself, over real HTTP, is tested in test_serve.py.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ def test_fixed_size_forward_makes_an_image_independent_of_its_batch(guidance_sca
 def test_merging_runner_merges_the_batches_that_waited_while_it_ran():
     """A run starts as soon as the last one ends, with every batch that queued meanwhile, up to max_images."""
     from deploy.engine import Job, Queued
-    from deploy.serve_app import MergingRunner
+    from deploy.batching import MergingRunner
 
     def batch(seed: int, num_images: int) -> list[Queued]:
         return [Queued(Job(num_images, "ddim", 2, 0.0, seed, None, 1.0), 0.0)]
@@ -65,3 +63,57 @@ def test_merging_runner_merges_the_batches_that_waited_while_it_ran():
     results = asyncio.run(scenario())
     assert runs == [[0], [1, 3], [4]]  # 1 + 2 (cancelled) fill 6 of 8 images, batch 3 would make 9: it waits
     assert results == [[0], [1], [3], [4]]
+
+
+def tiny_served(num_classes: int = 3, latent: bool = False):
+    from ddpm import Autoencoder, AutoencoderConfig, checkpoint
+    from deploy.engine import ServedModel
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("tiny", num_classes=num_classes, in_channels=4 if latent else 1)).eval()
+    autoencoder = Autoencoder(AutoencoderConfig.preset("tiny")).eval() if latent else None
+    loaded = checkpoint.LoadedModel(model, NoiseSchedule.linear(), "epsilon", autoencoder=autoencoder)
+    return ServedModel(loaded, torch.device("cpu"), None, None, None)
+
+
+def test_a_guided_request_costs_two_rows_per_image_and_step():
+    """Classifier-free guidance runs the conditional and the null row: 4 images x 10 steps x 2 = 80 rows. The
+    budget used to count 40, so a guided request could run twice what the server allows."""
+    from deploy.engine import Edit, Job, check
+
+    served = tiny_served()
+    plain, guided = Job(4, "ddim", 10, 0.0, 0, 1, 1.0), Job(4, "ddim", 10, 0.0, 0, 1, 3.0)
+    assert (served.cost(plain), served.cost(guided)) == (40, 80)
+    assert check(plain, served, max_cost=40) is None
+    refused = check(guided, served, max_cost=79)
+    assert refused.field == "steps" and "x 2 rows for guidance" in refused.message
+    assert "= 80 U-Net rows exceeds this server's budget of 79" in refused.message
+    repaint = Job(2, "ddim", 10, 0.0, 0, 1, 3.0, Edit(b"", b"", resample_jumps=1, resample_times=3))
+    assert served.cost(repaint) == 2 * (10 + 2 * 9) * 2  # RePaint's re-denoising, guided
+    assert check(repaint, served, max_cost=111).field == "resample_times"
+
+
+def test_a_latent_models_request_counts_its_decoder():
+    """A latent model decodes every image (and encodes an edit's image) at the pixels' resolution: counted in U-Net
+    rows from their FLOPs (the tiny f = 4 decoder is several rows of the tiny U-Net at 8x8 latents)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deploy.engine import Edit, Job, check
+
+    served = tiny_served(num_classes=0, latent=True)
+    ae = served.loaded.autoencoder
+    z, x = torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 32, 32)
+    counts = []
+    for fn, arg in [(lambda z: served.loaded.model(z, torch.zeros(1, dtype=torch.long)), z), (ae.decode, z),
+                    (ae.encode, x)]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(arg)
+        counts.append(counter.get_total_flops())
+    decode, encode = -(-counts[1] // counts[0]), -(-counts[2] // counts[0])  # rounded up
+    assert served.codec_rows == {"decode": decode, "encode": encode} and decode > 1 and encode > 1
+    job = Job(4, "ddim", 10, 0.0, 0, None, 1.0)
+    assert served.cost(job) == 4 * (10 + decode)
+    assert served.cost(Job(4, "ddim", 10, 0.0, 0, None, 1.0, Edit(b"", b""))) == 4 * (10 + decode + encode)
+    refused = check(job, served, max_cost=4 * 10)  # enough for the steps alone
+    assert refused.field == "steps" and f"+ {decode} to decode the latents" in refused.message
+    assert tiny_served(latent=False).codec_rows == {"decode": 0, "encode": 0}

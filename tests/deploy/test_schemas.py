@@ -50,6 +50,7 @@ def test_request_defaults():
 
 # Values on both sides of every bound of the request rules, and the types JSON can carry.
 SETTING_VALUES = {
+    "num_images": [0, 1, 64, 65],
     "sampler": ["ddim", "ddpm", "dpm++", "euler"],
     "steps": [None, -1, 0, 1, 50, 1000, 1001],
     "eta": [0.0, 0.5, 1.0, 1.0000001, -0.1],
@@ -75,7 +76,8 @@ def test_the_endpoint_and_the_command_line_accept_the_same_settings():
 
     from ddpm.settings import SettingError, check_settings
     from deploy.schemas import InpaintRequest
-    from deploy.serve_app import Edit, _job
+    from deploy.engine import Edit
+    from deploy.ingress import _job
 
     png = base64.b64encode(b"not decoded here").decode()
 

@@ -243,6 +243,7 @@ def test_same_seed_gives_the_same_bytes_alone_and_batched(server):
     ({"colour": "red"}, "colour"),
     ({"num_images": 64, "steps": 100}, "steps"),  # 6,400 image-steps > the budget of 5,000
     ({"sampler": "ddpm", "num_images": 6}, "steps"),  # DDPM's default 1,000 steps: 6,000 > 5,000
+    ({"num_images": 40, "steps": 100, "class_label": 0, "guidance_scale": 2.0}, "steps"),  # guided: 2 x 4,000 rows
 ])
 def test_bad_input_is_a_422_naming_the_field(server, body, field):
     r = generate(f"{server}/reg/generate", **body)
@@ -299,6 +300,17 @@ def test_a_latent_model_serves_decoded_pixels(server, tmp_path):
     for image in r.json()["images"]:
         result = png_array(base64.b64decode(image))
         assert np.array_equal(result[keep], pixels[keep]) and not np.array_equal(result[~keep], pixels[~keep])
+
+
+def test_a_latent_models_budget_counts_its_decoder(server):
+    """64 images x 78 steps = 4,992 U-Net rows fit the budget of 5,000, but each image is also decoded (several rows'
+    worth of FLOPs, shown by GET /v1/model): refused, naming steps, before anything runs."""
+    info = requests.get(f"{server}/latent/v1/model", timeout=TIMEOUT).json()
+    assert info["max_cost"] == 5000 and info["autoencoder_rows"]["decode"] > 1
+    r = generate(f"{server}/latent/generate", num_images=64, steps=78)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "steps"] and "to decode the latents" in error["msg"]
 
 
 # -- POST /inpaint ------------------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def test_replica_memory_stays_bounded(endpoint):
 # -- security -------------------------------------------------------------------------------------------------------
 def test_every_route_but_the_public_ones_refuses_a_missing_or_wrong_key(endpoint):
     """Routes from the served OpenAPI schema plus the schema-less ones FastAPI adds (the docs, the schema itself)."""
-    from deploy.serve_app import PUBLIC_PATHS, api
+    from deploy.ingress import PUBLIC_PATHS, api
 
     base, key = endpoint["base"], endpoint["secret"]["api_key"]
     routes = {(path, method.upper()) for path, methods in openapi(endpoint)["paths"].items() for method in methods}
