@@ -8,20 +8,26 @@ deploy/serve_config.yaml`` build the same application. Ray and Serve are importe
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import time
+from pathlib import Path
 
 HELP = "serve a model over HTTP with Ray Serve (POST /generate: PNG grid or JSON of base64 PNGs)"
 EXAMPLE = """example:
   ddpm serve --model models:/digits@production --blocking
   ddpm serve --model .ddpm/local/digits --port 8080 --max-replicas 2 --blocking
   DDPM_API_KEY=change-me ddpm serve --model models:/digits/3 --num-gpus 1 --blocking
+  ddpm serve --model models:/digits@production --host 0.0.0.0 --api-key-file /run/secrets/ddpm-api-key --blocking
 
   curl -s -X POST http://127.0.0.1:8000/generate -H 'Content-Type: application/json' \\
        -d '{"num_images": 16, "sampler": "ddim", "steps": 50, "seed": 0}' -o grid.png
 
 With a local Ray (RAY_ADDRESS unset) the server lives as long as this command. On a cluster, leave out
 --blocking to deploy and return; the application keeps running until `serve shutdown`.
+
+The API key comes from $DDPM_API_KEY or --api-key-file; --api-key works too but puts the key in the process list
+and the shell history. A --host other than a loopback address (0.0.0.0, a LAN address) needs a key, or --insecure.
 """
 
 
@@ -53,10 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to bind [%(default)s]")
     http.add_argument("--port", type=int, default=8000, help="[%(default)s]")
-    http.add_argument("--api-key", default=None,
-                      help="require 'Authorization: Bearer KEY' on every route but /healthz (default: $DDPM_API_KEY)")
+    key = http.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="require 'Authorization: Bearer KEY' on every route but /healthz and the playground, KEY "
+                          "being this file's first line (default: $DDPM_API_KEY; neither: no key)")
+    key.add_argument("--api-key", default=None, metavar="KEY",
+                     help="the same, with the key itself: visible in `ps` and the shell history, so prefer "
+                          "$DDPM_API_KEY or --api-key-file")
+    http.add_argument("--insecure", action="store_true",
+                      help="serve on a --host other than loopback without an API key (refused otherwise)")
     http.add_argument("--max-cost", type=int, default=defaults["max_cost"],
-                      help="the largest num_images * steps one request may ask for [%(default)s]")
+                      help="the largest cost of one request in U-Net rows: num_images x steps (x 2 when guided, "
+                           "plus a latent model's decoder) [%(default)s]")
     http.add_argument("--name", default="ddpm", help="the Serve application's name [%(default)s]")
 
     batching = parser.add_argument_group("batching")
@@ -93,10 +107,40 @@ def app_args(args: argparse.Namespace) -> dict:
         "downscale_delay_s": args.downscale_delay_s, "max_ongoing_requests": args.max_ongoing_requests,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
     }
-    api_key = args.api_key or os.environ.get("DDPM_API_KEY")
+    api_key = read_api_key(args)
     if api_key:
         out["api_key"] = api_key
     return out
+
+
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file (its first line, stripped), --api-key, or $DDPM_API_KEY, in that order."""
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
+                from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {path}: its first line is empty")
+        return key
+    return args.api_key or os.environ.get("DDPM_API_KEY") or None
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond this machine without a key: a --host that is not a loopback address needs an API key
+    or an explicit --insecure."""
+    if api_key or insecure:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"--host {host} serves beyond this machine without an API key: set DDPM_API_KEY or "
+                         f"--api-key-file, or pass --insecure to serve it open")
 
 
 def _connect_ray() -> bool:
@@ -157,8 +201,10 @@ def main(args: argparse.Namespace) -> int:
 
     from deploy.serve_app import build_app
 
+    arguments = app_args(args)
+    check_exposure(args.host, arguments.get("api_key"), args.insecure)
     try:
-        app = build_app(app_args(args))  # validates every argument before Ray starts
+        app = build_app(arguments)  # validates every argument before Ray starts
     except ValidationError as exc:
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
                                    for e in exc.errors())) from None

@@ -253,3 +253,47 @@ def test_serve_names_a_damaged_model_or_a_bad_port_before_starting_ray(tiny, tmp
         port = taken.getsockname()[1]
         line = one_line_error(["serve", "--model", str(tiny), "--port", str(port)], capsys)
     assert f"--port {port} on 127.0.0.1 is in use by another program" in line
+
+
+def test_serve_refuses_an_open_endpoint_beyond_loopback_before_starting_ray(tiny, tmp_path, capsys, monkeypatch):
+    """--host 0.0.0.0 (or any non-loopback address) without an API key is one line, unless --insecure says so; a
+    key from $DDPM_API_KEY or --api-key-file counts. Each case that passes this check stops at the next one
+    (--port 99999), which also comes before Ray starts."""
+    monkeypatch.delenv("DDPM_API_KEY", raising=False)
+    base = ["serve", "--model", str(tiny)]
+    for host in ["0.0.0.0", "192.0.2.7", "::", "example.org"]:
+        line = one_line_error([*base, "--host", host], capsys)
+        assert f"--host {host} serves beyond this machine without an API key" in line and "--insecure" in line
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key-123\n")
+    bad_port = "--port 99999: a TCP port is in [1, 65535]"
+    for flags in [["--host", "0.0.0.0", "--insecure"], ["--host", "0.0.0.0", "--api-key-file", str(key_file)],
+                  ["--host", "localhost"], ["--host", "::1"], ["--host", "127.0.0.2"]]:
+        assert bad_port in one_line_error([*base, *flags, "--port", "99999"], capsys), flags
+    monkeypatch.setenv("DDPM_API_KEY", "env-key-456")
+    assert bad_port in one_line_error([*base, "--host", "0.0.0.0", "--port", "99999"], capsys)
+
+
+def test_serve_reads_the_api_key_from_a_file_or_the_environment(tmp_path, capsys, monkeypatch):
+    """The key need not be in argv (where ps and the shell history show it): --api-key-file's first line, else
+    $DDPM_API_KEY; an unreadable or empty file is one line."""
+    import argparse
+
+    from deploy.cli import add_arguments, app_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("DDPM_API_KEY", "env-key-456")
+    key_file = tmp_path / "key"
+    key_file.write_text("  file-key-123  \nsecond line ignored\n")
+    assert app_args(parser.parse_args(["--model", "m", "--api-key-file", str(key_file)]))["api_key"] == "file-key-123"
+    assert app_args(parser.parse_args(["--model", "m"]))["api_key"] == "env-key-456"
+    monkeypatch.delenv("DDPM_API_KEY")
+    assert "api_key" not in app_args(parser.parse_args(["--model", "m"]))
+    assert "--api-key-file" in parser.format_help() and "DDPM_API_KEY" in parser.format_help()
+
+    (tmp_path / "empty").write_text("\n")
+    line = one_line_error(["serve", "--model", "m", "--api-key-file", str(tmp_path / "empty")], capsys)
+    assert line.endswith(f"--api-key-file {tmp_path / 'empty'}: its first line is empty")
+    line = one_line_error(["serve", "--model", "m", "--api-key-file", str(tmp_path / "nowhere")], capsys)
+    assert f"--api-key-file {tmp_path / 'nowhere'}: cannot read it (No such file or directory)" in line
