@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoint import LoadedModel
 from .images import to_uint8
-from .inpainting import check_mask, inpaint
+from .inpainting import check_mask, check_pixels, inpaint
 from .sampling import Model, noise_from_seeds, sample
 
 SEED_MODULUS = 2**32
@@ -191,6 +191,8 @@ def inpaint_images(
     known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
     Image i draws all its noise from ``seeds[i]``. Returns (N, H, W, C) uint8 whose kept pixels equal ``known``'s.
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
+    Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
+    latent model encodes them to have unit standard deviation and leave [-1, 1], as they should.
     """
     device = _device_of(loaded)
     if forward is None:
@@ -200,12 +202,13 @@ def inpaint_images(
     generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
     labels = _labels(class_labels, len(seeds))
     known, masks = known.to(device), masks.to(device)
+    check_mask(known, masks)  # in pixels, before a latent model's mask is pooled to the latents' grid
+    check_pixels(known)
     with torch.inference_mode(), _autocast(device):
         if loaded.autoencoder is None:
             target, target_mask = known, masks
         else:
             f = loaded.autoencoder.downsample_factor
-            check_mask(known, masks)  # in pixels, before the mask is pooled to the latents' grid
             target = in_fixed_chunks(loaded.autoencoder.encode, known, forward_rows)  # (N, c, H / f, W / f)
             # a latent cell is generated when any pixel it decodes to is: (N, 1, H / f, W / f)
             target_mask = F.max_pool2d(masks.float().amax(dim=1, keepdim=True), f)

@@ -77,6 +77,16 @@ def check_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def check_pixels(image: torch.Tensor) -> None:
+    """Refuse images (B, C, H, W) outside [-1, 1] (1e-3 of slack for rounding): the range of pixels, and so of
+    what a pixel model samples. A latent model's scaled latents have unit standard deviation and no such bound,
+    which is why :func:`inpaint` itself does not check its input's range (:func:`ddpm.inpaint_images` checks the
+    pixels, before a latent model encodes them)."""
+    if image.numel() and not -1.0 - 1e-3 <= float(image.min()) <= float(image.max()) <= 1.0 + 1e-3:
+        raise ValueError(f"image must be in [-1, 1], got values in [{float(image.min()):.3g}, "
+                         f"{float(image.max()):.3g}] (use ddpm.from_uint8 for 0..255 pixels)")
+
+
 def outpaint_canvas(image: torch.Tensor, canvas_size: int | Sequence[int],
                     offset: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Place ``image`` (B, C, h, w) on a canvas of ``canvas_size`` (S or (H, W)) with its top-left corner at
@@ -116,7 +126,11 @@ def inpaint(
     clip_x0: bool = False,
     generator: Generator = None,
 ) -> torch.Tensor:
-    """Fill the masked region of ``image`` (B, C, H, W in [-1, 1]) with samples consistent with the rest.
+    """Fill the masked region of ``image`` (B, C, H, W) with samples consistent with the rest.
+
+    image: the known x_0 in the space ``model`` samples: pixels in [-1, 1] for a pixel model, scaled latents
+    (unbounded, unit standard deviation) for a latent one; its range is not checked here (:func:`check_pixels`
+    is the pixels' check, which :func:`ddpm.inpaint_images` applies).
 
     mask: (B, 1, H, W) or (B, C, H, W), 1 = generate, 0 = keep (see :func:`check_mask`).
     sampler, steps, eta, spacing, prediction_type, class_labels, guidance_scale, clip_x0: as for
@@ -134,9 +148,6 @@ def inpaint(
     (:func:`ddpm.sampling.score`) of the joint distribution, never told about the mask.
     """
     generate = check_mask(image, mask).bool()  # (B, 1 or C, H, W), True = generate
-    if image.numel() and not -1.0 - 1e-3 <= float(image.min()) <= float(image.max()) <= 1.0 + 1e-3:
-        raise ValueError(f"image must be in [-1, 1], got values in [{float(image.min()):.3g}, "
-                         f"{float(image.max()):.3g}] (use ddpm.from_uint8 for 0..255 pixels)")
     ts, ab = plan(schedule, sampler, steps, spacing, eta, "fixed_small", prediction_type)
     n = len(ts)
     if resample_times > 1 and n == 1:

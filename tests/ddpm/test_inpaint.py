@@ -14,7 +14,7 @@ import torch
 
 from tests.ddpm.analytic import GaussianEps
 from ddpm import from_uint8, inpaint, noise_from_seeds, outpaint_canvas, sample, to_uint8
-from ddpm.inpainting import repaint_walk
+from ddpm.inpainting import check_pixels, repaint_walk
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -237,8 +237,11 @@ def test_bad_masks_and_settings_are_rejected(tiny, schedule):
     empty[1] = 0
     with pytest.raises(ValueError, match="mask of image 1 is empty"):
         run(image, empty)
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        run(image * 127.5 + 127.5, mask)
+    with pytest.raises(ValueError, match=r"image must be in \[-1, 1\], got values in \[0, 25"):
+        check_pixels(image * 127.5 + 127.5)  # the pixels' check, which ddpm.inpaint_images applies
+    # RePaint itself runs in the model's space: a latent model's unit-std latents leave [-1, 1] and are kept exactly
+    latents = image * 2.5
+    assert torch.equal(run(latents, mask)[mask.expand_as(image) == 0], latents[mask.expand_as(image) == 0])
     with pytest.raises(ValueError, match="resample_jumps"):
         run(image, mask, resample_jumps=4, resample_times=2)
     with pytest.raises(ValueError, match="resample"):

@@ -109,6 +109,30 @@ def test_cli_resize_stretches_image_and_mask(tiny_checkpoint, tmp_path, capsys):
     assert result.shape == (8, 8) and (result[:, :4] == 200).all()
 
 
+def test_cli_inpaints_a_latent_model_whose_latents_leave_the_pixel_range(tmp_path, capsys):
+    """A latent model whose scaled latents leave [-1, 1], as a trained autoencoder's do: the command used to fail on
+    every such model with "error: image must be in [-1, 1], got values in [-1.82, 1.39]" (the pixels' range check
+    applied to the latents)."""
+    from tests.ddpm.latent_checkpoint import latent_extent, random_pixels, save_latent_checkpoint
+
+    model, ae = save_latent_checkpoint(tmp_path / "latent")
+    pixels = random_pixels(1, seed=1)[0]  # (32, 32, 3)
+    assert latent_extent(ae, pixels[None]) > 1.5
+    mask = np.zeros((32, 32))
+    mask[8:20, 10:30] = 255
+    out = tmp_path / "inp.png"
+    code, err = _cli(["--model", str(model), "--image", _write_png(tmp_path / "img.png", pixels), "--mask",
+                      _write_png(tmp_path / "mask.png", mask), "--out", str(out), "--steps", "3",
+                      "--resample-times", "1"], capsys)
+    assert code == 0, err
+    with Image.open(out) as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
+        result = np.asarray(img)
+    keep = mask == 0
+    assert np.array_equal(result[keep], pixels[keep])  # the kept pixels are the input's, bit for bit
+    assert (result[~keep] != pixels[~keep]).any(axis=-1).mean() > 0.5  # the hole is the model's
+
+
 # -- a trained digits model ---------------------------------------------------------------------------------------
 # The right half of held-out digits, inpainted by a digits model trained here, read back by the evaluation's
 # classifier (pipelines.evaluate.classifier, 98% held-out accuracy at 8x8; it never saw these digits, nor did the model).
