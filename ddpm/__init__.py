@@ -6,9 +6,10 @@
     x_0 = sample(model, schedule, x_T, sampler="ddim", steps=50, eta=0.0, spacing="trailing", generator=g)
     filled = inpaint(model, schedule, image, mask, sampler="ddpm", steps=250, resample_jumps=10, resample_times=10)
     ae = autoencoder.load(path)  # ours or a diffusers AutoencoderKL folder; ae.encode(x) -> scaled latents
+    enc = text.load(path)  # a CLIP text encoder (ours or HF's); enc.encode(prompts) -> (states, pooled)
 """
 
-from . import autoencoder, checkpoint
+from . import autoencoder, checkpoint, text
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .ema import EMA
 from .generation import FORWARD_ROWS, fixed_size_forward, generate_images, image_seeds, inpaint_images
@@ -26,6 +27,6 @@ __all__ = [
     "DEFAULT_STEPS", "SAMPLERS", "autoencoder", "checkpoint",
     "count_parameters", "diffusion_loss", "encode_png", "fixed_size_forward", "frechet_distance",
     "frechet_distance_features", "from_uint8", "generate_images", "image_seeds", "inpaint", "inpaint_images", "lr_at",
-    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "timesteps", "to_uint8",
-    "train_step",
+    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "text", "timesteps",
+    "to_uint8", "train_step",
 ]
