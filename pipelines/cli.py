@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "pipelines.train.command",
     "train-local": "pipelines.train.local",
     "train-autoencoder": "pipelines.train.autoencoder_command",
-    "models": "pipelines.registry",
+    "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",
     "evaluate": "pipelines.evaluate.quality",

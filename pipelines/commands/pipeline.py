@@ -114,7 +114,7 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
                                  metric=p.gate_metric, num_samples=p.eval_samples, sampler=p.eval_sampler,
                                  steps=p.eval_steps, guidance_scale=p.eval_guidance_scale,
                                  seed=p.eval_seed, inception_weights=p.inception_weights,
-                                 tracking_uri=uri, log=log)
+                                 max_ratio=p.gate_max_ratio, min_recall=p.gate_min_recall, tracking_uri=uri, log=log)
     seconds["evaluate"] = time.monotonic() - start
     if decision.promote:
         promote(p.register_as, result.model_version, p.promote_to, tracking_uri=uri)

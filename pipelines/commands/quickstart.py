@@ -5,8 +5,10 @@
    that cluster and first removes the previous run's endpoint, which would otherwise hold the CPU training needs.
 2. scikit-learn's digits written as PNGs to a local folder standing in for the bucket, then Ray Data ingest
 3. Ray Train with two workers for a bounded time, tracked in the embedded MLflow (SQLite under ``.ddpm/``)
-4. evaluation, registration as ``digits`` and promotion to ``production`` when the gate passes
-5. Ray Serve on 127.0.0.1, one ``POST /generate`` per class, the images as ``quickstart-samples.png``
+4. evaluation, registration as ``digits`` and promotion to ``production`` when the gate passes (the preset's
+   absolute bar included: a first version that fails it is registered but not promoted)
+5. Ray Serve on 127.0.0.1 (the ``production`` version; without one, the new version by number, with a warning),
+   one ``POST /generate`` per class, the images as ``quickstart-samples.png``
 
 Steps 2-4 are ``ddpm pipeline`` with the ``digits`` preset; a second run reuses the data and trains a new version.
 ``--recipe photos-latent`` runs latent diffusion instead (``configs/photos-latent.yaml``): crops of scikit-image's
@@ -36,6 +38,7 @@ EXAMPLE = """example:
   ddpm quickstart                       # 5 minutes of training; Serve keeps running afterwards
   ddpm quickstart --minutes 1 --stop-when-done
   ddpm quickstart --recipe photos-latent   # latent diffusion on RGB photos: autoencoder, latents, DDPM, Serve
+  ddpm quickstart --set pipeline.gate_max_ratio=3   # a stricter bar for promotion
 """
 RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml"}  # --recipe -> its preset in configs/
 
@@ -217,7 +220,8 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
 
 
 def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_serving: bool,
-               eval_samples: int = 500, recipe: str = "digits", log=print) -> dict:
+               eval_samples: int = 500, recipe: str = "digits", overrides: tuple[str, ...] = (),
+               log=print) -> dict:
     from pipelines.ray_utils import keep_local_ray_on_loopback, verbose
 
     if keep_serving and not os.environ.get("RAY_ADDRESS"):
@@ -237,7 +241,7 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     workdir = workdir.resolve()
     os.environ.setdefault("DDPM_HOME", str(workdir))
     uri = tracking.tracking_uri()
-    config = load_config(Path(__file__).resolve().parents[2] / "configs" / RECIPES[recipe])
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / RECIPES[recipe], list(overrides))
     address, reused = start_ray(keep_serving, log)
     log(f"[1/6] {describe_ray(address, reused=reused, kept=keep_serving)}")
     if reused:
@@ -260,9 +264,13 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     log(f"[3/6] pipeline: {stages} -> evaluate -> register -> gate")
     result = run_pipeline(config, tracking_uri=uri, log=lambda msg: log("      " + msg))
 
-    log(f"[4/6] serving models:/{recipe}@production with Ray Serve")
+    served = served_uri(recipe, result.version, p.promote_to, uri)
+    if not served.endswith(f"@{p.promote_to}"):
+        log(f"      warning: {recipe} version {result.version} was not promoted ({result.gate_reason}) and no version "
+            f"holds {p.promote_to}: serving it by version number")
+    log(f"[4/6] serving {served} with Ray Serve")
     port = free_port(port)
-    url = serve_model(f"models:/{recipe}@production", port=port, ray_address=address, tracking_uri=uri, log=log)
+    url = serve_model(served, port=port, ray_address=address, tracking_uri=uri, log=log)
     (tracking.home() / "endpoint.json").write_text(json.dumps({"url": url, "ray_address": address}))  # ddpm status
 
     log(f"[5/6] generating one row per class through POST {url}/generate")
@@ -300,6 +308,18 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     return summary
 
 
+def served_uri(name: str, version: str, alias: str, tracking_uri: str) -> str:
+    """``models:/NAME@ALIAS`` when a version holds the alias, else ``models:/NAME/VERSION`` (the one just trained)."""
+    from pipelines.errors import UserError
+    from pipelines.registry import current_version
+
+    try:
+        current_version(name, alias, tracking_uri)
+        return f"models:/{name}@{alias}"
+    except UserError:
+        return f"models:/{name}/{version}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget [%(default)s]")
     parser.add_argument("--workdir", default=".ddpm", help="data, runs and the MLflow store [%(default)s]")
@@ -310,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (another if taken) [%(default)s]")
     parser.add_argument("--eval-samples", type=int, default=500,
                         help="samples for the evaluation that gates promotion [%(default)s]")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a value of the recipe's preset, e.g. pipeline.gate_max_ratio=3; repeatable")
     parser.add_argument("--stop-when-done", action="store_true",
                         help="run Ray in this process and stop Serve at the end (tests, CI)")
 
@@ -318,5 +340,6 @@ def main(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise ValueError("--minutes must be positive")
     quickstart(minutes=args.minutes, workdir=Path(args.workdir), samples=Path(args.samples), port=args.port,
-               keep_serving=not args.stop_when_done, eval_samples=args.eval_samples, recipe=args.recipe)
+               keep_serving=not args.stop_when_done, eval_samples=args.eval_samples, recipe=args.recipe,
+               overrides=tuple(args.set))
     return 0

@@ -1,12 +1,15 @@
 """``ddpm status``: one screen of where things stand.
 
-- **Ray**: the cluster in ``RAY_ADDRESS``, else the quickstart's local cluster if one runs: nodes, CPUs and GPUs
-  (free of total), running jobs, where its ports listen and whether token authentication is on.
+- **Ray**: the cluster in ``RAY_ADDRESS``, else the one the quickstart recorded (``endpoint.json`` in the data
+  folder), else the quickstart's local cluster, else the last ``ray start`` on this machine (Ray's own record):
+  nodes, CPUs and GPUs (free of total), running jobs, where its ports listen and whether token authentication is on,
+  and the HTTP address of its Serve, if one runs (asked of Serve's controller: whatever port it was started on).
 - **Training**: the latest runs in the tracking store, with their progress (images seen of the total, loss,
   images/s) and state.
-- **Models**: each registered model's production version, its gate score and whether it has a canary reference.
-- **Endpoint**: health and the version it serves (``--endpoint``, else the one the quickstart last started, else
-  ``http://127.0.0.1:8000``), with the API key from ``$DDPM_API_KEY`` when it needs one.
+- **Models**: each registered model's production version, its gate score and whether it has a canary reference;
+  a model without one says why its latest version is not in production (the gate's record on it).
+- **Endpoint**: health and the version it serves (``--endpoint``, else the Serve found through Ray, else the one the
+  quickstart last started, else ``http://127.0.0.1:8000``), with the API key from ``$DDPM_API_KEY`` when it needs one.
 
 Every section is read on its own and says why it is empty; nothing is started. ``--json`` prints the same as one
 JSON object for scripts.
@@ -34,13 +37,27 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 
 
 # -- the sections ---------------------------------------------------------------------------------------------------
-def ray_status() -> dict:
-    """The cluster's nodes, resources and running jobs; ``{"running": False, ...}`` when there is none to ask."""
-    address = os.environ.get("RAY_ADDRESS")
+def ray_address(recorded: dict) -> str | None:
+    """``RAY_ADDRESS``, else the first that listens of: the Ray the quickstart recorded, the quickstart's port, the
+    last ``ray start`` on this machine (``/tmp/ray/ray_current_cluster``, Ray's record)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    candidates = [recorded.get("ray_address"), QUICKSTART_RAY]
+    try:
+        from ray._private.services import find_bootstrap_address  # reads a file: no cluster is started or joined
+
+        candidates.append(find_bootstrap_address(None))
+    except Exception:  # a private function: without it, the other two places
+        pass
+    return next((a for a in candidates if isinstance(a, str) and ":" in a and _listening(a)), None)
+
+
+def ray_status(recorded: dict | None = None) -> dict:
+    """The cluster's nodes, resources, running jobs and Serve; ``{"running": False, ...}`` when there is none."""
+    address = ray_address(recorded or {})
     if not address:
-        if not _listening(QUICKSTART_RAY):
-            return {"running": False, "detail": f"no RAY_ADDRESS, and no local cluster at {QUICKSTART_RAY}"}
-        address = QUICKSTART_RAY
+        return {"running": False, "detail": f"no RAY_ADDRESS, no recorded cluster, none at {QUICKSTART_RAY} and no "
+                                            f"`ray start` on this machine"}
     token = Path.home() / ".ray" / "auth_token"
     if not os.environ.get("RAY_AUTH_MODE") and token.is_file():
         os.environ["RAY_AUTH_MODE"] = "token"  # what `ray start` turned on for the cluster (see the quickstart)
@@ -64,9 +81,26 @@ def ray_status() -> dict:
             "gpus": {"total": total.get("GPU", 0), "free": free.get("GPU", 0)},
             "jobs": jobs, "token_authentication": auth_mode(), "dashboard": dashboard_url(),
             "ports": {"listening": len(ports), "on_all_interfaces": [p for p in ports if not _loopback(p)]},
+            "serve": serve_address(),
         }
     finally:
         ray.shutdown()
+
+
+def serve_address() -> str | None:
+    """``http://HOST:PORT`` of the joined cluster's Serve (its controller's HTTP options), None without a Serve."""
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        options = ray.get(controller.get_http_config.remote(), timeout=10)
+    except Exception:  # no Serve on this cluster (ValueError: no such actor), or it is not answering
+        return None
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "", None) else options.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{options.port}{options.root_path or ''}"
 
 
 def _running_jobs() -> list[dict]:
@@ -133,6 +167,8 @@ def models(tracking_uri: str | None) -> dict:
     for row in rows:
         version = row["aliases"].get("production")
         entry = {"name": row["name"], "latest": row["latest"], "production": version}
+        if version is None and row["latest"] is not None:  # why the latest is not in production, if the gate said
+            entry["latest_gate"] = registry.gate_summary(row["name"], str(row["latest"]), uri)
         if version is not None:
             tags = client.get_model_version(row["name"], version).tags
             entry["gate"] = registry.gate_summary(row["name"], version, uri)
@@ -170,14 +206,16 @@ def status(*, tracking_uri: str | None = None, endpoint_url: str | None = None, 
            runs: int = 5) -> dict:
     from pipelines import tracking
 
+    try:  # what the quickstart recorded: {"url": ..., "ray_address": ...}
+        recorded = json.loads((tracking.home() / ENDPOINT_FILE).read_text())
+        recorded = recorded if isinstance(recorded, dict) else {}
+    except (OSError, ValueError):
+        recorded = {}
+    ray = ray_status(recorded)
     if endpoint_url is None:
-        saved = tracking.home() / ENDPOINT_FILE
-        try:
-            endpoint_url = json.loads(saved.read_text())["url"]
-        except (OSError, ValueError, KeyError):
-            endpoint_url = DEFAULT_ENDPOINT
-    return {"ray": ray_status(), "training": training_runs(tracking_uri, runs), "models": models(tracking_uri),
-            "endpoint": endpoint(endpoint_url.rstrip("/"), api_key or os.environ.get("DDPM_API_KEY"))}
+        endpoint_url = ray.get("serve") or recorded.get("url") or DEFAULT_ENDPOINT
+    return {"ray": ray, "training": training_runs(tracking_uri, runs), "models": models(tracking_uri),
+            "endpoint": endpoint(str(endpoint_url).rstrip("/"), api_key or os.environ.get("DDPM_API_KEY"))}
 
 
 def render(report: dict) -> str:
@@ -197,7 +235,8 @@ def render(report: dict) -> str:
         where = (f"all {r['ports']['listening']} ports on loopback" if not exposed else
                  f"{len(exposed)} of {r['ports']['listening']} ports on all interfaces")
         lines.append(f"          {where}; token authentication {r['token_authentication']}"
-                     + (f"; dashboard {r['dashboard']}" if r.get("dashboard") else ""))
+                     + (f"; dashboard {r['dashboard']}" if r.get("dashboard") else "")
+                     + (f"; Serve at {r['serve']}" if r.get("serve") else "; no Serve"))
 
     t = report["training"]
     lines.append(f"Training  {t['tracking_uri']}" + (f" ({t['detail']})" if t.get("detail") else ""))
@@ -215,7 +254,9 @@ def render(report: dict) -> str:
     lines.append("Models" + empty)
     for model in m["models"]:
         if model["production"] is None:
-            lines.append(f"  {model['name']:<20} latest version {model['latest']}, no production version")
+            why = (model.get("latest_gate") or {}).get("reason")
+            lines.append(f"  {model['name']:<20} latest version {model['latest']}, no production version"
+                         + (f": not promoted, {why}" if why else ""))
             continue
         gate = model.get("gate") or {}
         score = (f"gate {gate['metric']} {gate['value']:.4g} ({gate['decision']})" if gate.get("value") is not None

@@ -2,9 +2,11 @@
 
 Two parts, so that the rule can be read and tested without a server:
 
-- :func:`decide_promotion` is the rule, a pure function of two evaluations' numbers: promote when there is no
-  incumbent, or when the candidate's metric (FD-cls, or FID when configured; lower is better) is strictly lower.
-  A tie keeps the incumbent: a new version has to earn the switch.
+- :func:`decide_promotion` is the rule, a pure function of two evaluations' numbers. First an absolute bar: the
+  candidate's metric over its real-vs-real floor must be at most ``max_ratio`` and its recall at least
+  ``min_recall`` (the presets set both from measured good runs), so that a first version is not promoted just for
+  having no incumbent. Then promote when there is no incumbent, or when the candidate's metric (FD-cls, or FID when
+  configured; lower is better) is strictly lower. A tie keeps the incumbent: a new version has to earn the switch.
 - :func:`evaluate_and_gate` makes the comparison fair and leaves a trace: it evaluates the candidate and the
   incumbent *in the same call*, with one :class:`~pipelines.evaluate.quality.EvalSettings` (sample count, seeds, sampler,
   steps, guidance, EMA weights) and one prepared reference (same data, same classifier, same floor), logs the
@@ -37,10 +39,13 @@ class Decision:
     metrics: dict = field(default_factory=dict)  # the candidate's full evaluation (empty if it was not evaluated)
 
 
-def decide_promotion(candidate: dict, incumbent: dict | None, metric: str = "fd_cls") -> Decision:
-    """Promote ``candidate`` over ``incumbent`` (metric dicts, e.g. ``{"fd_cls": 2.9, ...}``; None: no incumbent)?
+def decide_promotion(candidate: dict, incumbent: dict | None, metric: str = "fd_cls", *,
+                     max_ratio: float | None = None, min_recall: float | None = None) -> Decision:
+    """Promote ``candidate`` over ``incumbent`` (metric dicts, e.g. ``{"fd_cls": 2.9, "fd_cls_ratio": 1.2,
+    "recall": 0.9, ...}``; None: no incumbent)?
 
-    Both dicts must come from evaluations with identical settings; :func:`evaluate_and_gate` guarantees that.
+    The bar: ``candidate[metric + "_ratio"] <= max_ratio`` and ``candidate["recall"] >= min_recall`` (None: not
+    checked). Both dicts must come from evaluations with identical settings; :func:`evaluate_and_gate` guarantees that.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown gate metric {metric!r}; expected one of {METRICS}")
@@ -49,6 +54,9 @@ def decide_promotion(candidate: dict, incumbent: dict | None, metric: str = "fd_
     value = float(candidate[metric])
     if not math.isfinite(value):
         return Decision(False, f"candidate {metric} is {value}", value, None, dict(candidate))
+    below_bar = bar_failure(candidate, metric, max_ratio, min_recall)
+    if below_bar:
+        return Decision(False, below_bar, value, None, dict(candidate))
     if incumbent is None:
         return Decision(True, f"no incumbent; candidate {metric} {value:.4g}", value, None, dict(candidate))
     if metric not in incumbent:
@@ -59,15 +67,36 @@ def decide_promotion(candidate: dict, incumbent: dict | None, metric: str = "fd_
     return Decision(False, f"{metric} {value:.4g} >= incumbent's {best:.4g}", value, best, dict(candidate))
 
 
+def bar_failure(candidate: dict, metric: str, max_ratio: float | None, min_recall: float | None) -> str | None:
+    """Why ``candidate`` fails the absolute bar, or None when it clears it."""
+    ratio_key = f"{metric}_ratio"
+    if max_ratio is not None:
+        if ratio_key not in candidate:
+            raise ValueError(f"the candidate's evaluation has no {ratio_key!r} to hold against the bar")
+        ratio = float(candidate[ratio_key])
+        if not ratio <= max_ratio:  # NaN fails too
+            return f"below the bar: {metric} {float(candidate[metric]):.4g} is {ratio:.3g}x its floor (at most " \
+                   f"{max_ratio:g}x)"
+    if min_recall is not None:
+        if "recall" not in candidate:
+            raise ValueError("the candidate's evaluation has no 'recall' to hold against the bar")
+        recall = float(candidate["recall"])
+        if not recall >= min_recall:
+            return f"below the bar: recall {recall:.3g} (at least {min_recall:g})"
+    return None
+
+
 def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "production", metric: str = "fd_cls",
                       num_samples: int = 500, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                       guidance_scale: float = 1.0, inception_weights: str | None = None,
+                      max_ratio: float | None = None, min_recall: float | None = None,
                       tracking_uri: str | None = None, device: str = "cpu", log=print) -> Decision:
     """Evaluate ``name`` version ``version`` and the version holding ``alias`` alike; decide; tag the candidate.
 
     Tags written on the candidate version: ``gate.decision`` (promote / keep), ``gate.reason``, ``gate.metric``,
     ``gate.candidate_value``, ``gate.incumbent_value`` and ``gate.incumbent_version`` ("none" without one),
-    ``gate.alias`` and ``gate.settings`` (JSON: the evaluation settings, dataset fingerprint and classifier).
+    ``gate.alias``, ``gate.settings`` (JSON: the evaluation settings, dataset fingerprint and classifier) and the
+    bar: ``gate.max_ratio``, ``gate.min_recall`` ("none" when unset) and ``gate.bar`` (passed / failed).
     """
     from ddpm import checkpoint
     from pipelines.evaluate import quality as ev
@@ -83,7 +112,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
     incumbent_version = client.get_registered_model(name).aliases.get(alias)
     if incumbent_version is not None and str(incumbent_version) == version:
         decision = Decision(False, f"version {version} already holds {alias}", None, None)
-        _record(client, name, version, decision, metric, alias, None, {})
+        record_decision(client, name, version, decision, metric, alias, None, {}, max_ratio, min_recall)
         return decision
 
     settings = ev.EvalSettings(num_samples=num_samples, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
@@ -98,7 +127,10 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
     evaluated = ev.evaluate_model(candidate, reference, settings, device=device, log=log)
     _log_evaluation(client, name, version, evaluated, uri)
 
-    if incumbent is not None and incumbent.image_shape != candidate.image_shape:
+    below_bar = bar_failure(evaluated.metrics, metric, max_ratio, min_recall)
+    if below_bar:  # the incumbent need not be evaluated: the candidate is out whatever it scores
+        decision = Decision(False, below_bar, evaluated.metrics.get(metric), None, evaluated.metrics)
+    elif incumbent is not None and incumbent.image_shape != candidate.image_shape:
         decision = Decision(False, f"incumbent version {incumbent_version} makes {incumbent.image_shape} images, "
                                    f"the candidate {candidate.image_shape}: not comparable, promote by hand",
                             evaluated.metrics.get(metric), None, evaluated.metrics)
@@ -107,8 +139,10 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
         if incumbent is not None:
             log(f"[gate] evaluating the incumbent, {name} version {incumbent_version} ({alias})")
             incumbent_metrics = ev.evaluate_model(incumbent, reference, settings, device=device, log=log).metrics
-        decision = decide_promotion(evaluated.metrics, incumbent_metrics, metric)
-    _record(client, name, version, decision, metric, alias, incumbent_version, evaluated.to_dict())
+        decision = decide_promotion(evaluated.metrics, incumbent_metrics, metric, max_ratio=max_ratio,
+                                    min_recall=min_recall)
+    record_decision(client, name, version, decision, metric, alias, incumbent_version, evaluated.to_dict(),
+                    max_ratio, min_recall)
     return decision
 
 
@@ -125,8 +159,11 @@ def _log_evaluation(client, name: str, version: str, evaluated, uri: str) -> Non
                       tags={"eval.model": f"models:/{name}/{version}"})
 
 
-def _record(client, name: str, version: str, decision: Decision, metric: str, alias: str,
-            incumbent_version: str | None, evaluation: dict) -> None:
+def record_decision(client, name: str, version: str, decision: Decision, metric: str, alias: str,
+                    incumbent_version: str | None, evaluation: dict, max_ratio: float | None = None,
+                    min_recall: float | None = None) -> None:
+    """The decision, both numbers, the evaluation settings and the bar, as ``gate.*`` tags on the version."""
+
     def number(x: float | None) -> str:
         return "none" if x is None else f"{x:.6g}"
 
@@ -136,7 +173,9 @@ def _record(client, name: str, version: str, decision: Decision, metric: str, al
             "alias": alias, "candidate_value": number(decision.candidate_value),
             "incumbent_value": number(decision.incumbent_value),
             "incumbent_version": str(incumbent_version) if incumbent_version is not None else "none",
-            "settings": json.dumps(settings, sort_keys=True)}
+            "settings": json.dumps(settings, sort_keys=True), "max_ratio": number(max_ratio),
+            "min_recall": number(min_recall), "bar": "failed" if decision.reason.startswith("below the bar") else
+            "passed" if evaluation else "unchecked"}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, TAG_PREFIX + key, value)
 

@@ -59,7 +59,10 @@ RAY_NOISE = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "(Place
 def test_quickstart_end_to_end(tmp_path, kept_cluster):
     """As `make quickstart` runs it on a fresh machine, twice: `ray start` keeps the cluster (and Serve) after the
     command, with a home folder that holds no Ray token yet (Ray's token authentication must still let our clients
-    in); the second run reuses the cluster, replaces the first run's endpoint and completes."""
+    in); the second run reuses the cluster, replaces the first run's endpoint and completes.
+
+    The first run's bar is set out of reach (FD-cls within 0.01x of its floor): its version is registered, not
+    promoted, and served by number with a warning. The second run has no bar: the first promoted version."""
     workdir, samples = tmp_path / "home", tmp_path / "samples.png"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH"))}
     env["DDPM_HOME"] = str(workdir)
@@ -68,8 +71,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     command = [sys.executable, "-m", "pipelines.cli", "quickstart", "--eval-samples", "100", "--workdir", str(workdir),
                "--samples", str(samples), "--port", str(port := free_port())]
     minutes = 0.5  # the training budget; its check below allows the same 2 minutes of slack as at 1 minute
-    done = subprocess.run([*command, "--minutes", str(minutes)], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=tmp_path)
+    done = subprocess.run([*command, "--minutes", str(minutes), "--set", "pipeline.gate_max_ratio=0.01"], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = (done.stdout + done.stderr).splitlines()
     assert len(printed) < 60, "\n".join(printed)
@@ -82,20 +85,26 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     out = done.stdout
     for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in out  # every stage reports progress
-    assert "digits version 1" in out and "promoted to production" in out  # first version: no incumbent
+    assert "digits version 1 (not promoted: below the bar: fd_cls" in out and "(at most 0.01x)" in out
+    [warning] = [line for line in printed if "warning:" in line]
+    assert warning.strip().startswith("warning: digits version 1 was not promoted (below the bar: fd_cls")
+    assert warning.endswith("and no version holds production: serving it by version number")
+    assert "[4/6] serving models:/digits/1 with Ray Serve" in out
     assert "MLflow UI" in out and "--backend-store-uri sqlite:///" in out
 
     grid = np.asarray(Image.open(samples))
     assert grid.shape == (10 * 17 + 1, 10 * 17 + 1)  # a row of ten 16x16 digits per class, 1-pixel gutters
     assert grid.std() > 20  # images, not a blank canvas
 
-    # The registry really holds the promoted model.
+    # The registry holds the version, with the gate's reason, and no production alias.
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    version = client.get_model_version_by_alias("digits", "production")
-    assert str(version.version) == "1" and version.tags.get("gate.decision") == "promote"
+    version = client.get_model_version("digits", "1")
+    assert (version.tags["gate.decision"], version.tags["gate.bar"], version.tags["gate.max_ratio"]) == (
+        "keep", "failed", "0.01")
+    assert "production" not in client.get_registered_model("digits").aliases
     # The gate scored it with the preset's evaluation settings, classifier-free guidance included.
     preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
     scored = json.loads(version.tags["gate.settings"])["settings"]
@@ -113,9 +122,14 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     assert lrs[-1] < 0.02 * preset.train.lr < max(lrs)
 
     # Again, on the cluster and endpoint the first run left: its Sampler's CPU is given back before training.
-    again = subprocess.run([*command, "--minutes", "0.2"], env=env, capture_output=True, text=True, timeout=900,
+    again = subprocess.run([*command, "--minutes", "0.2", "--set", "pipeline.gate_max_ratio=null", "--set",
+                            "pipeline.gate_min_recall=null"], env=env, capture_output=True, text=True, timeout=900,
                            cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "the local cluster the previous quickstart left" in again.stdout
-    assert "stopped the previous quickstart's endpoint" in again.stdout and "digits version 2" in again.stdout
+    assert "stopped the previous quickstart's endpoint" in again.stdout
+    assert "digits version 2 (promoted to production: no incumbent" in again.stdout
+    assert "[4/6] serving models:/digits@production with Ray Serve" in again.stdout and "warning:" not in again.stdout
+    promoted = client.get_model_version_by_alias("digits", "production")
+    assert str(promoted.version) == "2" and promoted.tags["gate.decision"] == "promote"
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200

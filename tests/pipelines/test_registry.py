@@ -163,3 +163,122 @@ def test_the_pyfunc_example_in_the_docs_runs_as_written(checkpoint_dir, tmp_path
     done = subprocess.run(["bash", "-c", block], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "(3, 8, 8, 1) uint8"  # the tiny test model: 8x8 grey
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_run_folder_resolves_to_its_latest_checkpoint_and_says_which(checkpoint_dir, tmp_path):
+    """Ray Train keeps checkpoint_<images seen> folders; a run resolves to the largest, printed with its hash."""
+    import hashlib
+
+    import torch
+
+    from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
+    from pipelines import registry
+
+    run = tmp_path / "runs" / "lat1"
+    _copy(checkpoint_dir, run / "checkpoint_000000000128" / "model")
+    torch.manual_seed(1)  # other weights, so the hash tells the two apart
+    latest = checkpoint.save(run / "checkpoint_000000000256" / "model", UNet(UNetConfig.preset("tiny", num_classes=10)),
+                             NoiseSchedule.linear(100), class_names=list("0123456789"))
+    said = []
+    assert registry.resolve_model(str(run), say=said.append).path == latest
+    digest = hashlib.sha256((latest / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert said == [f"using {latest} (weights sha256 {digest})"]
+    # the same rule for an autoencoder's run: a latent DDPM's checkpoints carry one each
+    from ddpm import autoencoder
+    from ddpm.autoencoder import Autoencoder, AutoencoderConfig
+
+    ae_run = tmp_path / "runs-ae" / "ae1"
+    for images in (128, 256):
+        autoencoder.save(ae_run / f"checkpoint_{images:012d}" / "model", Autoencoder(AutoencoderConfig.preset("tiny")))
+    resolved = registry.resolve_autoencoder(str(ae_run), say=said.append)
+    assert resolved.path == ae_run / "checkpoint_000000000256" / "model"
+
+    # a folder of runs is refused in one line, not resolved to whichever sorts first
+    _copy(checkpoint_dir, tmp_path / "runs" / "lat0" / "checkpoint_000000000512" / "model")
+    with pytest.raises(UserError, match=r"holds several training runs .*lat0.*lat1.*; name one of them"):
+        registry.resolve_model(str(tmp_path / "runs"))
+
+
+def test_cache_refuses_names_that_leave_it(home, mlflow_server):
+    from pipelines import registry
+    from pipelines.registry import cache
+
+    for uri in ("models:/../x/1", "models:/a/../../b/1", "models:/..@production", "models:/a\\b/2"):
+        with pytest.raises(UserError, match="may not hold"):
+            registry.resolve_model(uri, tracking_uri=mlflow_server.uri)
+    assert not (home / "models").exists() and not (home.parent / "x").exists()
+    # characters a folder name must not hold are encoded; the folder stays inside the cache
+    odd = cache.folder(mlflow_server.uri, "a:b*c?", "3")
+    assert odd.parent.name == "a%3Ab%2Ac%3F" and odd.is_relative_to(home / "models")
+
+
+def test_cache_evicts_least_recently_used_versions_but_never_the_one_in_use(tmp_path):
+    import os
+    import time
+
+    from pipelines.registry import cache
+
+    root = tmp_path / "models"
+    now = time.time()
+    versions = []
+    for i, name in enumerate(["old", "middle", "new"]):
+        version = root / "server" / name / "1"
+        version.mkdir(parents=True)
+        (version / "model.safetensors").write_bytes(b"x" * 1000)
+        (version / cache.USED).touch()
+        os.utime(version / cache.USED, (now - 100 + i, now - 100 + i))  # old < middle < new
+        versions.append(version)
+    old, middle, new = versions
+    # 3,000 bytes against a limit of 1,500: the two least recently used go, oldest first
+    assert cache.evict(1500, keep=new, under=root) == [old, middle]
+    assert new.is_dir() and not old.exists() and not middle.exists()
+    # the one in use stays even when it alone is over the limit
+    assert cache.evict(10, keep=new, under=root) == [] and new.is_dir()
+    assert [p.name for p in (root / "server").iterdir()] == ["new"]  # no leftovers of the renamed folders
+
+
+def test_the_cache_limit_comes_from_the_environment(monkeypatch):
+    from pipelines.registry import cache
+
+    monkeypatch.setenv(cache.LIMIT_ENV, "0.5")
+    assert cache.limit_bytes() == 2**29
+    monkeypatch.delenv(cache.LIMIT_ENV)
+    assert cache.limit_bytes() == int(cache.DEFAULT_LIMIT_GB * 2**30)
+    for bad in ("lots", "-1", "0"):
+        monkeypatch.setenv(cache.LIMIT_ENV, bad)
+        with pytest.raises(UserError, match=cache.LIMIT_ENV):
+            cache.limit_bytes()
+
+
+def test_an_autoencoder_version_is_logged_quietly_and_takes_an_alias(home, mlflow_server, tmp_path):
+    """As ``ddpm train-autoencoder --register-as`` logs it (in a fresh process: MLflow's warnings reach stderr), then
+    ``ddpm models promote photos-ae 1 --alias production`` and ``ddpm encode --autoencoder models:/...@production``'s
+    resolution; no DDPM canary is recorded for it."""
+    from ddpm import autoencoder
+    from ddpm.autoencoder import Autoencoder, AutoencoderConfig
+    from pipelines import registry, tracking
+
+    folder = autoencoder.save(tmp_path / "ae", Autoencoder(AutoencoderConfig.preset("tiny")))
+    uri, name = mlflow_server.uri, f"ae-{uuid.uuid4().hex[:6]}"
+    script = (f"from pipelines import registry, tracking; uri = {uri!r}; "
+              f"run = tracking.client(uri).create_run(tracking.ensure_experiment('test-registry', uri)); "
+              f"print(registry.register(registry.log_autoencoder({str(folder)!r}, run_id=run.info.run_id, "
+              f"tracking_uri=uri), {name!r}, tags={{}}, tracking_uri=uri))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DDPM_HOME": str(home)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "signature" not in done.stderr and "input example" not in done.stderr, done.stderr
+    version = done.stdout.strip().splitlines()[-1]
+
+    assert cli.main(["models", "promote", name, version, "--alias", "production", "--tracking-uri", uri]) == 0
+    resolved = registry.resolve_autoencoder(f"models:/{name}@production", tracking_uri=uri)
+    assert (resolved.version, autoencoder.load(resolved.path).config) == (version, autoencoder.load(folder).config)
+    assert registry.version_kind(name, version, uri) == "autoencoder"
+    assert not any(k.startswith("canary.") for k in tracking.client(uri).get_model_version(name, version).tags)

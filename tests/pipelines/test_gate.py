@@ -1,0 +1,76 @@
+"""The gate's absolute bar: a version, the first one included, is promoted only if its metric is within
+``max_ratio`` of the floor and its recall at least ``min_recall``; a version below the bar is registered, not
+promoted, and the reason is recorded on it for ``ddpm status``."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
+
+# The bad first version of the issue: photos-latent on an AVX2-only CPU, FD-cls 4,771 against a floor of 19.2.
+BLOBS = {"fd_cls": 4771.0, "fd_cls_floor": 19.2, "fd_cls_ratio": 4771.0 / 19.2, "recall": 0.004}
+GOOD = {"fd_cls": 194.5, "fd_cls_floor": 18.86, "fd_cls_ratio": 10.32, "recall": 0.588}  # benchmarks/RESULTS.md
+
+
+def test_a_first_version_below_the_bar_is_not_promoted():
+    bar = load_config("configs/photos-latent.yaml").pipeline
+    kept = decide_promotion(BLOBS, None, max_ratio=bar.gate_max_ratio, min_recall=bar.gate_min_recall)
+    assert not kept.promote
+    assert kept.reason == "below the bar: fd_cls 4771 is 248x its floor (at most 30x)"
+    # the measured good run clears the preset's bar, and with no incumbent is promoted
+    good = decide_promotion(GOOD, None, max_ratio=bar.gate_max_ratio, min_recall=bar.gate_min_recall)
+    assert good.promote and good.reason == "no incumbent; candidate fd_cls 194.5"
+    # recall alone fails too; a missing number is an error, not a pass
+    low_recall = decide_promotion(GOOD | {"recall": 0.1}, None, max_ratio=30.0, min_recall=0.2)
+    assert not low_recall.promote and low_recall.reason == "below the bar: recall 0.1 (at least 0.2)"
+    assert not decide_promotion(GOOD | {"fd_cls_ratio": float("nan")}, None, max_ratio=30.0).promote
+    with pytest.raises(ValueError, match="fd_cls_ratio"):
+        decide_promotion({"fd_cls": 1.0}, None, max_ratio=30.0)
+    # a candidate that beats its incumbent still has to clear the bar
+    assert not decide_promotion(BLOBS, {"fd_cls": 9000.0}, max_ratio=30.0).promote
+    # no bar: the old rule
+    assert decide_promotion(BLOBS, None).promote
+
+
+def test_the_presets_bars_sit_between_measured_good_and_bad_runs():
+    digits = load_config("configs/digits.yaml").pipeline
+    latent = load_config("configs/photos-latent.yaml").pipeline
+    # digits: the quickstart's 5-minute runs scored 1.04-1.93x, recall 0.88-0.93 (benchmarks/RESULTS.md)
+    assert 1.93 < digits.gate_max_ratio < 10 and 0.2 < digits.gate_min_recall < 0.88
+    assert 10.32 < latent.gate_max_ratio < 248 and 0.004 < latent.gate_min_recall < 0.588
+    with pytest.raises(Exception, match="pipeline.gate_max_ratio"):
+        load_config("configs/digits.yaml", ["pipeline.gate_max_ratio=-1"])
+    with pytest.raises(Exception, match="pipeline.gate_min_recall"):
+        load_config("configs/digits.yaml", ["pipeline.gate_min_recall=2"])
+
+
+@pytest.mark.slow
+def test_gate_records_why_a_first_version_stays_out_of_production(tmp_path, mlflow_server, monkeypatch):
+    """An untrained model as the first version of a model, gated with the digits preset's bar, against MLflow."""
+    import torch
+
+    from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
+    from pipelines import registry, tracking
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    folder = checkpoint.save(tmp_path / "m", UNet(UNetConfig.preset("tiny")), NoiseSchedule.linear(1000))
+    uri, name = mlflow_server.uri, f"bar-{uuid.uuid4().hex[:6]}"
+    client = tracking.client(uri)
+    run_id = client.create_run(tracking.ensure_experiment("test-gate-bar", uri)).info.run_id
+    version = registry.register(registry.log_model(folder, run_id=run_id, tracking_uri=uri), name,
+                                tags={"run_id": run_id}, tracking_uri=uri)
+
+    bar = load_config("configs/digits.yaml").pipeline
+    decision = evaluate_and_gate(name, version, data="digits", num_samples=50, steps=5, tracking_uri=uri,
+                                 max_ratio=bar.gate_max_ratio, min_recall=bar.gate_min_recall, log=lambda _: None)
+    assert not decision.promote and decision.reason.startswith("below the bar: fd_cls")
+    tags = client.get_model_version(name, version).tags
+    assert (tags["gate.decision"], tags["gate.bar"], tags["gate.reason"]) == ("keep", "failed", decision.reason)
+    assert (tags["gate.max_ratio"], tags["gate.min_recall"]) == ("5", "0.5")
+    assert "production" not in client.get_registered_model(name).aliases
+    assert registry.gate_summary(name, version, uri)["bar"] == "failed"
