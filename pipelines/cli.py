@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",
-    "evaluate": "pipelines.evaluate.quality",
+    "evaluate": "pipelines.commands.evaluate",
     "serve": "deploy.cli",
     "pipeline": "pipelines.commands.pipeline",
     "submit": "pipelines.commands.submit",
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DDPM_VERBOSE"] = "1"
     try:
         return int(args._main(args) or 0)
-    except KeyboardInterrupt:
-        print(f"ddpm {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C; a command may say what it closed and where to resume
+        print(f"ddpm {command}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line; the traceback on request
         if args.verbose:

@@ -10,7 +10,9 @@ with the same classifier on the same data, which is why every FD-cls is reported
 
 The data is split once, by a seeded permutation, into a *train* half (the classifier learns from it; the evaluation
 takes its reference images from it) and a *held-out* half (the classifier's accuracy is measured on it; the
-evaluation's floor compares it with the train half). The trained network is cached per dataset fingerprint and
+evaluation's floor compares it with the train half). Past ``RECIPE["max_images"]`` rows a half is subsampled (seeded)
+for training and scoring, so the classifier needs a bounded part of a large dataset in memory; it reads those rows
+from an array or a shard at a time (:class:`pipelines.evaluate.real.RealData`), with the same result. The trained network is cached per dataset fingerprint and
 recipe as ``<DDPM_HOME>/classifiers/<fingerprint>-<recipe>.safetensors`` with a ``.json`` beside it: plain tensors
 and JSON, nothing unpickled.
 """
@@ -44,6 +46,8 @@ RECIPE = {
     "weight_decay": 1e-4,
     "max_shift": 0.125,       # random translations of up to this fraction of the side (augmentation)
     "held_out": 0.5,          # fraction of the data the classifier never trains on
+    "max_images": 20_000,     # at most this many train-half images to learn from (and held-out ones to score), a
+                              # seeded random subset: the driver holds only these, however large the dataset
     "seed": 0,
 }
 
@@ -146,8 +150,15 @@ def recipe_hash() -> str:
 
 def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of the pixels, their shape and the labels: two datasets share a classifier only if all three match."""
-    h = hashlib.sha256(json.dumps([list(images.shape), str(images.dtype)]).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
+    return fingerprint_parts(images.shape, [images], labels)
+
+
+def fingerprint_parts(shape: tuple, parts, labels: np.ndarray) -> str:
+    """:func:`fingerprint` of the images that ``parts`` yields in row order (e.g. one shard at a time), whose
+    concatenation has ``shape``: the same hash without the whole dataset in memory."""
+    h = hashlib.sha256(json.dumps([list(shape), str(np.dtype(np.uint8))]).encode())
+    for part in parts:
+        h.update(np.ascontiguousarray(part, dtype=np.uint8))  # hashed in place through the buffer protocol, no copy
     h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -176,8 +187,16 @@ def _random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
-def _fit(images: np.ndarray, labels: np.ndarray, log) -> tuple[FeatureNet, float]:
-    """Train a :class:`FeatureNet` on the train split of ``images`` (N, H, W, C) uint8 with ``labels`` (N,) int64.
+def subset(rows: np.ndarray) -> np.ndarray:
+    """At most ``RECIPE["max_images"]`` of ``rows``: a seeded random choice, sorted (all of them when fewer)."""
+    if len(rows) <= RECIPE["max_images"]:
+        return rows
+    return np.sort(np.random.default_rng(RECIPE["seed"]).choice(rows, RECIPE["max_images"], replace=False))
+
+
+def _fit(take, labels: np.ndarray, image_shape: tuple, log) -> tuple[FeatureNet, float]:
+    """Train a :class:`FeatureNet` on (a subset of) the train split; ``take(rows)`` -> (len(rows), H, W, C) uint8
+    images of those rows, ``labels`` (N,) int64 for every row.
 
     AdamW with cosine decay and random translations for ``RECIPE["steps"]`` steps; deterministic for a given
     dataset (its own seeded generators; the global RNG is left untouched). Returns (net, held-out accuracy).
@@ -188,27 +207,30 @@ def _fit(images: np.ndarray, labels: np.ndarray, log) -> tuple[FeatureNet, float
     num_classes = int(labels.max()) + 1
     if num_classes < 2:
         raise UserError("FD-cls needs at least two classes to train its feature extractor")
-    train_rows, held_rows = split(len(images))
-    x = _to_tensor(images[train_rows])
+    train_rows, held_rows = (subset(rows) for rows in split(len(labels)))
+    x = take(train_rows)  # (N_train, H, W, C) uint8: converted a batch at a time
     y = torch.from_numpy(labels[train_rows])
     g = torch.Generator().manual_seed(RECIPE["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RECIPE["seed"])
-        net = FeatureNet(x.shape[1], num_classes, RECIPE["widths"], RECIPE["feature_dim"], RECIPE["max_side"])
+        net = FeatureNet(image_shape[-1], num_classes, RECIPE["widths"], RECIPE["feature_dim"], RECIPE["max_side"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=RECIPE["steps"])
-    max_shift = int(round(RECIPE["max_shift"] * images.shape[1]))
+    max_shift = int(round(RECIPE["max_shift"] * image_shape[0]))
     net.train()
     for _ in range(RECIPE["steps"]):
         idx = torch.randint(0, len(x), (RECIPE["batch_size"],), generator=g)
-        loss = F.cross_entropy(net(_random_shift(x[idx], max_shift, g)), y[idx])
+        loss = F.cross_entropy(net(_random_shift(_to_tensor(x[idx.numpy()]), max_shift, g)), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     net.eval()
+    del x
+    held = take(held_rows)
     with torch.no_grad():
-        predicted = net(_to_tensor(images[held_rows])).argmax(dim=1).numpy()
+        predicted = np.concatenate([net(_to_tensor(held[i:i + 512])).argmax(dim=1).numpy()
+                                    for i in range(0, len(held), 512)])
     accuracy = float((predicted == labels[held_rows]).mean())
     log(f"[classifier] trained on {len(train_rows)} images, {num_classes} classes: "
         f"held-out accuracy {accuracy:.3f} on {len(held_rows)} images")
@@ -223,22 +245,31 @@ def cache_dir() -> Path:
 
 def load_or_train(images: np.ndarray, labels: np.ndarray, *, directory: Path | None = None,
                   log=print) -> Classifier:
-    """The classifier for this dataset from the cache, or trained now and written to it.
+    """The classifier for this dataset (in memory) from the cache, or trained now and written to it."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return _load_or_fit(fingerprint(images, labels), labels, tuple(images.shape[1:]), lambda rows: images[rows],
+                        directory, log)
 
-    The cache file names the dataset fingerprint and the recipe hash; the JSON beside the weights holds the
+
+def load_or_train_streamed(real, *, directory: Path | None = None, log=print) -> Classifier:
+    """The same classifier for a :class:`pipelines.evaluate.real.RealData`, read a shard at a time: the same
+    fingerprint, split and training rows, so either path reads the other's cache."""
+    return _load_or_fit(real.fingerprint(), real.labels, tuple(real.image_shape), real.take, directory, log)
+
+
+def _load_or_fit(fp: str, labels: np.ndarray, image_shape: tuple, take, directory: Path | None, log) -> Classifier:
+    """The cache file names the dataset fingerprint and the recipe hash; the JSON beside the weights holds the
     architecture and the held-out accuracy. Files are written under a temporary name and renamed, JSON last, so a
     reader never sees half a classifier.
     """
     from safetensors.torch import load_file, save_file
 
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
     directory = directory or cache_dir()
-    fp = fingerprint(images, labels)
     stem = directory / f"{fp[:32]}-{recipe_hash()}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    train_rows, held_rows = split(len(images))
+    train_rows, held_rows = split(len(labels))
     if meta.is_file() and weights.is_file():
         info = json.loads(meta.read_text())
         net = FeatureNet(info["in_channels"], info["num_classes"], RECIPE["widths"], RECIPE["feature_dim"],
@@ -247,11 +278,11 @@ def load_or_train(images: np.ndarray, labels: np.ndarray, *, directory: Path | N
         log(f"[classifier] cached {stem.name} (held-out accuracy {info['accuracy']:.3f})")
         return Classifier(net.eval(), train_rows, held_rows, info["accuracy"], fp)
 
-    net, accuracy = _fit(images, labels, log)
+    net, accuracy = _fit(take, labels, image_shape, log)
     directory.mkdir(parents=True, exist_ok=True)
-    info = {"recipe": RECIPE, "fingerprint": fp, "accuracy": accuracy, "in_channels": int(images.shape[-1]),
-            "num_classes": net.head.out_features, "image_shape": list(images.shape[1:]),
-            "train_images": len(train_rows), "held_out_images": len(held_rows)}
+    info = {"recipe": RECIPE, "fingerprint": fp, "accuracy": accuracy, "in_channels": int(image_shape[-1]),
+            "num_classes": net.head.out_features, "image_shape": list(image_shape),
+            "train_images": len(subset(train_rows)), "held_out_images": len(subset(held_rows))}
     _atomic_write(weights, lambda p: save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p)))
     _atomic_write(meta, lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True)))
     return Classifier(net, train_rows, held_rows, accuracy, fp)

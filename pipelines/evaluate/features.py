@@ -3,11 +3,12 @@ sums per block, and a cache of the real side beside the data.
 
 Two jobs, one row format::
 
-    samples    pipelines.generate.batch.run_shards with a FeatureSink: each sampler actor samples a shard (the same
+    samples    pipelines.generate.sampler_actor.run_shards with a FeatureSink: each sampler actor samples a shard (the same
                pixels as ddpm generate and POST /generate) and passes it straight to its extractors, on its own GPU
                with --use-gpu; no image leaves the actor but the first few (the grid)
-    real data  FeatureActor: feature actors over blocks of the reference or held-out images (put once in the object
-               store)
+    real data  FeatureActor: feature actors over blocks of the reference or held-out rows, one block per shard
+               that holds some; each actor reads its shard itself (pipelines.evaluate.real.RealData), so the real
+               images stream through the actors like the samples and the driver never holds them
     each block -> {count, per metric: n, mean, scatter (ddpm.metrics.FeatureStats), the features of rows < keep}
     driver     merges the blocks' FeatureStats (Chan's pairwise update: exact in any order), keeps the first rows'
                features for precision/recall
@@ -32,9 +33,6 @@ from ddpm.metrics import FeatureStats
 from pipelines import storage
 from pipelines.errors import UserError
 
-FEATURE_BLOCK = 1024  # real images per feature-actor call
-
-
 @dataclass(frozen=True, eq=False)
 class ExtractorSpec:
     """An extractor as bytes: ``kind`` "classifier" (FD-cls) or "inception" (FID); ``digest`` hashes what decides
@@ -56,15 +54,9 @@ class ExtractorSpec:
 
             net = net_from_bytes(self.data).to(device)
             return lambda images: net_features(net, images)
-        from pipelines.evaluate.quality import InceptionFeatures
+        from pipelines.evaluate.inception import InceptionFeatures
 
         return InceptionFeatures.from_bytes(self.data, device=str(device))
-
-
-def _device(use_gpu: bool):
-    import torch
-
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ class Reduction:
 
 
 class FeatureSink:
-    """``pipelines.generate.batch`` sink: a shard's images -> :func:`block_row` (nothing is written)."""
+    """``pipelines.generate.sampler_actor`` sink: a shard's images -> :func:`block_row` (nothing is written)."""
 
     def __init__(self, specs: dict[str, ExtractorSpec], keep: int, grid: int):
         self.specs, self.keep, self.grid = specs, keep, grid
@@ -146,52 +138,39 @@ class FeatureSink:
 
 
 class FeatureActor:
-    """Ray Data callable class: builds the extractors once, then maps blocks (start, stop) of the images it was given
-    (an object-store reference, read without a copy) to :func:`block_row`."""
+    """Ray Data callable class: builds the extractors once, then maps blocks {shard, rows within it, first_index}
+    of ``real`` (a :class:`pipelines.evaluate.real.RealData`) to :func:`block_row`, reading each shard itself."""
 
-    def __init__(self, images, specs: dict[str, ExtractorSpec], keep: int, threads: int, use_gpu: bool):
-        import ray
-        import torch
+    def __init__(self, real, specs: dict[str, ExtractorSpec], keep: int, threads: int, use_gpu: bool):
+        from pipelines.actors import setup_torch
 
-        torch.set_num_threads(max(1, int(threads)))
-        images = images[0]
-        self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
-        device = _device(use_gpu)
+        device = setup_torch(threads, use_gpu)
+        self.real = real
         self.extractors = {m: spec.build(device) for m, spec in specs.items()}
         self.keep = keep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [block_row(self.extractors, self.images[int(a):int(b)], int(a), self.keep, 0)
-                for a, b in zip(batch["start"], batch["stop"])]
+        rows = [block_row(self.extractors, self.real.read_shard(int(s))[np.asarray(local, np.int64)], int(first),
+                          self.keep, 0)
+                for s, local, first in zip(batch["shard"], batch["rows"], batch["first_index"])]
         return {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], bytes) else None)
                 for k in rows[0]}
 
 
-def real_stats(images: np.ndarray, specs: dict[str, ExtractorSpec], *, keep: int, num_actors: int | None = None,
+def real_stats(real, rows: np.ndarray, specs: dict[str, ExtractorSpec], *, keep: int, num_actors: int | None = None,
                cpus_per_actor: int = 1, use_gpu: bool = False) -> Reduction:
-    """FeatureStats of ``images`` per metric, and the features of the first ``keep`` rows, on feature actors."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    """FeatureStats per metric of the images of ``rows`` (sorted) of ``real`` (a RealData), and the features of the
+    first ``keep`` of them, on feature actors: one block per shard that holds some of ``rows``. The driver holds
+    the blocks' moments, never the images."""
+    from pipelines.actors import actor_count, map_actors
 
-    from pipelines.actors import actor_count, user_error_in
-    from pipelines.ray_utils import init_ray
-
-    init_ray()
-    DataContext.get_current().enable_progress_bars = False
-    blocks = [{"start": a, "stop": min(a + FEATURE_BLOCK, len(images))} for a in range(0, len(images), FEATURE_BLOCK)]
-    actors = actor_count(num_actors, use_gpu, cpus_per_actor, len(blocks))
-    ref = ray.put(np.ascontiguousarray(images))
-    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
-    ds = ds.map_batches(FeatureActor, batch_size=1, compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                        num_gpus=1 if use_gpu else 0,
-                        fn_constructor_kwargs=dict(images=[ref], specs=specs, keep=keep,
-                                                   threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu))
-    reduction = Reduction(list(specs), images.shape[1:])
-    try:
-        for row in ds.iter_rows():
-            reduction.add(row)
-    except Exception as exc:
-        raise user_error_in(exc, "feature actors") from exc
+    blocks = [{"shard": s, "rows": local.tolist(), "first_index": first} for s, local, first in real.shard_parts(rows)]
+    reduction = Reduction(list(specs), real.image_shape)
+    kwargs = dict(real=real, specs=specs, keep=keep, threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu)
+    for row in map_actors(blocks, FeatureActor, actors=actor_count(num_actors, use_gpu, cpus_per_actor, len(blocks)),
+                          cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, kwargs=kwargs,
+                          errors_name="feature actors"):
+        reduction.add(row)
     return reduction
 
 

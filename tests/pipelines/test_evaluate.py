@@ -21,8 +21,10 @@ import torch
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 from ddpm.metrics import frechet_distance_features, precision_recall
 from pipelines import cli
-from pipelines.evaluate.quality import (REPORT_ROWS, EvalSettings, InceptionFeatures, evaluate_model, load_data,
-                                prepare_reference, sampler_report)
+from pipelines.evaluate.inception import InceptionFeatures
+from pipelines.evaluate.quality import EvalSettings, evaluate_model, prepare_reference
+from pipelines.evaluate.real import load_data
+from pipelines.evaluate.report import REPORT_ROWS, sampler_report
 from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
 
 N = 50  # samples per set: small, yet enough for FD to separate what it must
@@ -133,7 +135,8 @@ def test_evaluate_model_names_its_numbers_and_depends_only_on_seeds(tmp_path, re
 
 def test_sampler_report_has_every_row_a_table_and_a_plot(tmp_path, reference):
     loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0))
-    report = sampler_report(loaded, reference, EvalSettings(num_samples=N), log=lambda _: None)
+    report = sampler_report(EvalSettings(num_samples=N),
+                            lambda settings: evaluate_model(loaded, reference, settings, log=lambda _: None))
     assert [(e.settings.sampler, e.settings.steps) for e in report.evaluations] == list(REPORT_ROWS)
     for sampler, steps in REPORT_ROWS:
         assert f"| {sampler} | {steps} |" in report.markdown
@@ -251,3 +254,76 @@ def test_cli_writes_files_and_logs_to_mlflow(tmp_path, mlflow_server, capsys):
     assert run.data.tags["eval.rows"] == "ddim5" and run.data.tags["eval.num_samples"] == str(N)
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/evaluation.json", "evaluation/samples_ddim5.png"} <= artifacts
+
+
+# -- the real side, read a shard at a time ------------------------------------------------------------------------
+def write_dataset(root: Path, images: np.ndarray, labels: np.ndarray, shards: int) -> str:
+    """A preprocessed dataset's layout (manifest.json + Parquet shards of image bytes and labels) in ``shards`` parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    names = []
+    for s, rows in enumerate(np.array_split(np.arange(len(images)), shards)):
+        pixels = pa.py_buffer(np.ascontiguousarray(images[rows]).tobytes())
+        column = pa.Array.from_buffers(pa.binary(images[0].nbytes), len(rows), [None, pixels])
+        names.append(f"data/shard-{s:06d}.parquet")
+        pq.write_table(pa.table({"image": column, "label": pa.array(labels[rows], pa.int64())}), root / names[-1])
+    (root / "manifest.json").write_text(json.dumps(
+        {"format_version": 1, "image_shape": list(images.shape[1:]), "shards": names, "fingerprint": "test",
+         "class_names": [str(c) for c in range(int(labels.max()) + 1)], "counts": {"rows": len(images)}}))
+    return str(root)
+
+
+def test_streamed_real_statistics_equal_in_memory_and_the_driver_never_holds_the_dataset(tmp_path, ray_local,
+                                                                                        monkeypatch):
+    """The reference statistics at scale come from feature actors that read the shards themselves: the same moments
+    as the features of the same rows in memory, and the driver's peak (numpy and Python allocations, tracemalloc)
+    stays far below the dataset's size through a whole ``evaluate`` on Ray Data actors."""
+    import tracemalloc
+
+    from ddpm.metrics import FeatureStats
+    from pipelines.evaluate import classifier, features
+    from pipelines.evaluate.quality import evaluate
+    from pipelines.evaluate.real import RealData
+
+    monkeypatch.setitem(classifier.RECIPE, "steps", 30)  # a quick classifier (its own cache key): features, not skill
+    images, labels = (np.concatenate([a] * 4) for a in load_data("digits", 32))  # (7188, 32, 32, 1): 7.4 MB
+    data = write_dataset(tmp_path / "digits32", images, labels, shards=16)
+    real = RealData.open(data)
+    assert len(real) == len(images) and real.num_shards == 16 and np.array_equal(real.labels, labels)
+    assert real.fingerprint() == classifier.fingerprint(images, labels)  # so both paths share the classifier cache
+    clf = classifier.load_or_train(images, labels, log=lambda _: None)
+    rows = clf.train_index[:600]  # spans every shard
+    np.testing.assert_array_equal(real.take(rows), images[rows])
+
+    spec = features.ExtractorSpec("fd_cls", "classifier", clf.to_bytes(), clf.weights_sha256()[:16])
+    streamed = features.real_stats(real, rows, {"fd_cls": spec}, keep=100, num_actors=2)
+    in_memory = clf.features(images[rows])
+    expected = FeatureStats.of(in_memory)
+    got = streamed.stats["fd_cls"]
+    assert got.n == expected.n == len(rows) and streamed.count == len(rows)
+    # The network computes in float32, whose last bits depend on the batch's size (one shard's rows on an actor, all
+    # 600 here): equal to float32's precision, where a wrong row would differ in the first digit.
+    np.testing.assert_allclose(got.mean, expected.mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.cov, expected.cov, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(streamed.kept_features("fd_cls"), in_memory[:100], rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = checkpoint.save(tmp_path / "m", UNet(UNetConfig.preset("tiny", image_size=32, num_classes=10)),
+                            NoiseSchedule.linear(1000), class_names=[str(i) for i in range(10)])
+    # A first run imports what the path needs (code objects count in tracemalloc); the measured one, at another n,
+    # computes its real statistics on the actors again (the cache is per n).
+    evaluate(str(model), data, EvalSettings(num_samples=32, steps=2), num_actors=2, log=lambda _: None)
+    logs: list[str] = []
+    tracemalloc.start()
+    try:
+        (evaluation,), _ = evaluate(str(model), data, EvalSettings(num_samples=64, steps=2), num_actors=2,
+                                    log=logs.append)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert any(line.startswith("[classifier] cached") for line in logs), logs  # the streamed path found it
+    assert sum("on feature actors" in line for line in logs) == 2, logs
+    assert evaluation.n["reference"] == 64 and evaluation.metrics["fd_cls_floor"] > 0
+    assert peak < images.nbytes / 2, f"the driver's peak was {peak:,} bytes for a {images.nbytes:,}-byte dataset"
