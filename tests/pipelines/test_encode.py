@@ -254,9 +254,10 @@ def test_an_output_that_is_the_input_or_another_kind_of_dataset_is_refused_and_n
 
 
 # -- the autoencoder copy is committed with the manifest -----------------------------------------------------------
-def test_a_run_that_dies_before_its_manifest_leaves_the_previous_latents_with_their_own_autoencoder(
+def test_a_run_that_dies_before_its_manifest_keeps_the_previous_latents_and_their_autoencoder_which_training_checks(
         processed, tiny_ae, tmp_path, ray_local, monkeypatch):
     from pipelines.data.dataset import autoencoder_copy
+    from pipelines.train.driver import latent_autoencoder
 
     data = processed[0]
     output = str(tmp_path / "latents")
@@ -283,27 +284,17 @@ def test_a_run_that_dies_before_its_manifest_leaves_the_previous_latents_with_th
     weights = storage.read_bytes(storage.join(folder, autoencoder.WEIGHTS_FILE))
     assert hashlib.sha256(weights).hexdigest() == first["autoencoder"]["sha256"]
     assert weights == (tiny_ae / autoencoder.WEIGHTS_FILE).read_bytes()
+    assert latent_autoencoder(output, first)["uri"] == folder
 
-
-def test_training_refuses_an_autoencoder_copy_whose_sha256_is_not_the_manifests(processed, tiny_ae, tmp_path,
-                                                                                ray_local):
-    from pipelines.train.driver import latent_autoencoder
-
-    data = processed[0]
-    output = str(tmp_path / "latents")
-    manifest = encode(data, str(tiny_ae), output, num_actors=1, batch_size=CHUNK, progress=None)
-    assert latent_autoencoder(output, manifest)["source"]["sha256"] == manifest["autoencoder"]["sha256"]
-
-    torch.manual_seed(2)
-    autoencoder.save(tmp_path / "other-ae", Autoencoder(AutoencoderConfig.preset("tiny")))
-    other = (tmp_path / "other-ae" / autoencoder.WEIGHTS_FILE).read_bytes()
-    folder = storage.join(output, manifest["autoencoder"]["folder"])
-    storage.write_bytes(storage.join(folder, autoencoder.WEIGHTS_FILE), other)
+    # A copy whose weights are not the manifest's (a damaged or hand-edited folder): training refuses it in one
+    # line that names both hashes.
+    wrong = (other / autoencoder.WEIGHTS_FILE).read_bytes()
+    storage.write_bytes(storage.join(folder, autoencoder.WEIGHTS_FILE), wrong)
     with pytest.raises(UserError) as info:
-        latent_autoencoder(output, manifest)
+        latent_autoencoder(output, first)
     message = str(info.value)
     assert "\n" not in message
-    assert hashlib.sha256(other).hexdigest() in message and manifest["autoencoder"]["sha256"] in message
+    assert hashlib.sha256(wrong).hexdigest() in message and first["autoencoder"]["sha256"] in message
 
 
 # -- one unit in every line ---------------------------------------------------------------------------------------
