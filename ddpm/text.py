@@ -60,6 +60,7 @@ CLIP_CONTEXT = 77
 # runs of other non-space characters (tokenization_clip.py)
 _SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _ACTIVATIONS = ("quick_gelu", "gelu")
+_ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 class TextEncoderError(CheckpointError):
@@ -84,13 +85,16 @@ class ClipTokenizer:
     """CLIP's byte-level BPE tokenizer; ``tokenize`` gives transformers' ``CLIPTokenizer`` ids with
     ``padding="max_length", max_length=context_length, truncation=True`` (what Stable Diffusion's pipelines call).
 
-    vocab: token -> id; merges: BPE merges in rank order; context_length: L, the padded length (77 for CLIP).
+    vocab: token -> id; merges: BPE merges in rank order; context_length: L, the padded length (77 for CLIP);
+    added_tokens: added-token definitions ({"content", "normalized", "lstrip", "rstrip", "single_word",
+    "special"}: how such a token typed in a prompt is matched), applied after the four special tokens, a later
+    definition of the same content replacing an earlier one (``load_tokenizer`` lists them as transformers does).
     """
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, context_length: int = CLIP_CONTEXT,
                  bos_token: str = BOS, eos_token: str = EOS, pad_token: str = EOS, unk_token: str = EOS,
-                 learned: bool = False):
-        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+                 added_tokens: Sequence[dict] = (), learned: bool = False):
+        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE
 
         if context_length < 2:
@@ -101,6 +105,7 @@ class ClipTokenizer:
         self.vocab, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.context_length, self.learned = int(context_length), bool(learned)
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.added_tokens = [dict(t) for t in added_tokens]
 
         # The pipeline of transformers 5.x CLIPTokenizer.__init__, step for step.
         backend = Tokenizer(BPE(vocab=self.vocab, merges=self.merges, dropout=None, continuing_subword_prefix="",
@@ -111,8 +116,13 @@ class ClipTokenizer:
             pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
-        # transformers registers its special tokens as added tokens: matched in the raw text before normalisation
-        backend.add_special_tokens(list(dict.fromkeys((unk_token, bos_token, eos_token, pad_token))))
+        # transformers registers its special tokens, then the folder's added tokens, as added tokens: matched in
+        # the raw text (in the normalised text where "normalized" is set) before BPE
+        definitions = {t: {"content": t, "special": True} for t in (bos_token, eos_token, unk_token, pad_token)}
+        definitions.update({t["content"]: t for t in self.added_tokens})
+        for t in definitions.values():
+            token = AddedToken(t["content"], **{k: bool(t[k]) for k in _ADDED_FLAGS if k in t})
+            (backend.add_special_tokens if t.get("special") else backend.add_tokens)([token])
         self.bos_id, self.eos_id = backend.token_to_id(bos_token), backend.token_to_id(eos_token)
         self.pad_id = backend.token_to_id(pad_token)
         backend.post_processor = processors.RobertaProcessing((eos_token, self.eos_id), (bos_token, self.bos_id),
@@ -168,6 +178,9 @@ class ClipTokenizer:
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
                   "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                   "unk_token": self.unk_token, LEARNED_FIELD: self.learned}
+        if self.added_tokens:
+            config["added_tokens_decoder"] = {str(self.vocab.get(t["content"], i)): t
+                                              for i, t in enumerate(self.added_tokens, start=len(self.vocab))}
         (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         return path
 
@@ -212,11 +225,14 @@ def train_tokenizer(captions: Iterable[str], *, vocab_size: int = 4096, min_freq
     return ClipTokenizer(vocab, merges, context_length=context_length, learned=True)
 
 
-def _token(value) -> str | None:
-    """A special token as tokenizer_config.json or special_tokens_map.json writes it: "..." or {"content": "..."}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+def _token(value) -> dict | None:
+    """A special token as tokenizer_config.json or special_tokens_map.json writes it, "..." or {"content": "...",
+    flags}, as an added-token definition."""
+    if isinstance(value, str):
+        return {"content": value, "special": True}
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return {"special": True, **{k: value[k] for k in ("content", *_ADDED_FLAGS) if k in value}}
+    return None
 
 
 def load_tokenizer(path: str | Path, *, context_length: int | None = None) -> ClipTokenizer:
@@ -229,8 +245,8 @@ def load_tokenizer(path: str | Path, *, context_length: int | None = None) -> Cl
     for name in (VOCAB_FILE, MERGES_FILE):
         if not (path / name).is_file():
             if (path / "tokenizer.json").is_file():
-                raise TextEncoderError(f"{path}: no {name} (only tokenizer.json; write vocab.json + merges.txt, "
-                                       f"e.g. with ddpm.text.load_tokenizer's format)")
+                raise TextEncoderError(f"{path}: no {name} (a tokenizer.json alone is not read; a CLIP tokenizer "
+                                       f"folder has {VOCAB_FILE} and {MERGES_FILE})")
             raise TextEncoderError(f"{path}: no {name}; not a CLIP tokenizer folder")
     settings: dict = {}
     for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):  # the second overrides, as transformers 4.x did
@@ -243,12 +259,23 @@ def load_tokenizer(path: str | Path, *, context_length: int | None = None) -> Cl
     max_length = settings.get("model_max_length")
     if isinstance(max_length, (int, float)) and not isinstance(max_length, bool) and 2 <= max_length < 1e6:
         context_length = int(max_length)  # transformers writes 1e30 for "no limit"
-    tokens = {k: _token(settings.get(f"{k}_token")) for k in ("bos", "eos", "pad", "unk")}
-    bos, eos = tokens["bos"] or BOS, tokens["eos"] or EOS
+    tokens = {k: _token(settings.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad")}  # transformers' order
+    decoder = settings.get("added_tokens_decoder") or {}
+    if not (isinstance(decoder, dict) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                              for t in decoder.values())):
+        raise TextEncoderError(f"{path / TOKENIZER_CONFIG_FILE}: added_tokens_decoder must map ids to "
+                               '{"content": ...} objects')
+    # the special tokens with their flags (a plain string has none: a later one replaces an earlier one's), then
+    # added_tokens_decoder's, which transformers lets win
+    added = [t for t in tokens.values() if t is not None]
+    added += [{k: t[k] for k in ("content", *_ADDED_FLAGS) if k in t}
+              for _, t in sorted(decoder.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0)]
+    bos, eos = (tokens["bos"] or {}).get("content", BOS), (tokens["eos"] or {}).get("content", EOS)
+    pad, unk = (tokens["pad"] or {}).get("content", eos), (tokens["unk"] or {}).get("content", eos)
     try:
         return ClipTokenizer(vocab, merges, context_length=context_length or CLIP_CONTEXT, bos_token=bos,
-                             eos_token=eos, pad_token=tokens["pad"] or eos, unk_token=tokens["unk"] or eos,
-                             learned=settings.get(LEARNED_FIELD) is True)
+                             eos_token=eos, pad_token=pad, unk_token=unk,
+                             added_tokens=added, learned=settings.get(LEARNED_FIELD) is True)
     except ValueError as exc:
         raise TextEncoderError(f"{path}: {exc}") from None
 

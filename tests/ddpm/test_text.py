@@ -29,22 +29,27 @@ PROMPTS = [
     "",  # empty
     "1234 3.14 x2",  # digits split one by one
     "a <|endoftext|> inside <|startoftext|>",  # special tokens typed in the prompt
+    "x<|ENDOFTEXT|>y",  # ... matched after lowercasing only where added_tokens_decoder says "normalized"
     "a small red circle " * 30,  # past the 77-token context
 ]
 
 
-def write_sd_tokenizer(folder, tok, pad_token):
+def write_sd_tokenizer(folder, tok, pad_token, added_tokens_decoder: bool):
     """The tokenizer/ folder of a Stable Diffusion checkpoint (transformers 4.x wrote it): vocab.json, merges.txt,
-    tokenizer_config.json and special_tokens_map.json with the special tokens as AddedToken dicts."""
+    tokenizer_config.json and special_tokens_map.json with the special tokens as AddedToken dicts; since 4.34
+    tokenizer_config.json also lists ``added_tokens_decoder``, whose flags change how typed special tokens match."""
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(tok.vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tok.merges),
                                        encoding="utf-8")
-    added = lambda s: {"content": s, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    added = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": True, "rstrip": False,
+                       "single_word": False}
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
         "bos_token": added(text.BOS), "eos_token": added(text.EOS), "unk_token": added(text.EOS),
-        "pad_token": pad_token}))
+        "pad_token": pad_token,
+        **({"added_tokens_decoder": {str(tok.vocab[t]): {**added(t), "special": True} for t in (text.BOS, text.EOS)}}
+           if added_tokens_decoder else {})}))
     (folder / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": added(text.BOS), "eos_token": added(text.EOS), "unk_token": added(text.EOS),
         "pad_token": pad_token}))
@@ -80,7 +85,7 @@ def sd_folder(request, tmp_path_factory, learned):
         specials = [text.BOS, text.EOS]
         vocab = {t: i for i, t in enumerate(specials + [t for t in vocab if t not in specials])}
         learned = text.ClipTokenizer(vocab, learned.merges)
-    write_sd_tokenizer(root / "tokenizer", learned, p["pad"])
+    write_sd_tokenizer(root / "tokenizer", learned, p["pad"], added_tokens_decoder=not p["legacy_eos"])
     torch.manual_seed(0)
     cfg = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
