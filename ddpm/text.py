@@ -481,12 +481,16 @@ class TextEncoder:
     def report(self, prompts: Sequence[str]) -> list[TokenReport]:
         return self.tokenizer.report(prompts)
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (N strings) -> (token states (N, L, width), pooled (N, width)) float32. Every prompt is padded
         to L and attends causally (no padding mask), as Stable Diffusion encodes, so a prompt's states do not
         depend on the rest of the batch."""
-        return self.model(self.tokenize(prompts))
+        return self.encode_ids(self.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (N, L) from ``tokenize`` -> (states (N, L, width), pooled (N, width)), without grad."""
+        return self.model(ids.to(self.device))
 
     def to(self, device: str | torch.device) -> "TextEncoder":
         self.model.to(device)

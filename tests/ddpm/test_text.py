@@ -158,6 +158,7 @@ def test_a_prompt_does_not_depend_on_its_batch(learned):
     torch.testing.assert_close(batched[0][:1], alone[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(batched[1][:1], alone[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(enc.encode(["a cat"])[0], alone[0], atol=0, rtol=0)  # deterministic
+    torch.testing.assert_close(enc.encode_ids(enc.tokenize(["a cat"]))[1], alone[1], atol=0, rtol=0)
 
 
 def test_learned_tokenizer_and_tower_round_trip(tmp_path, learned):
