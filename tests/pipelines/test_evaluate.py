@@ -288,7 +288,9 @@ def test_streamed_real_statistics_equal_in_memory_and_the_driver_never_holds_the
     from pipelines.evaluate.real import RealData
 
     monkeypatch.setitem(classifier.RECIPE, "steps", 30)  # a quick classifier (its own cache key): features, not skill
-    images, labels = (np.concatenate([a] * 4) for a in load_data("digits", 32))  # (7188, 32, 32, 1): 7.4 MB
+    # (28752, 32, 32, 1): 29 MB of pixels in 16 shards, well above what the driver holds besides (about 8 MB here:
+    # the model's weights and their bytes for the actors), so that holding the dataset would show.
+    images, labels = (np.concatenate([a] * 16) for a in load_data("digits", 32))
     data = write_dataset(tmp_path / "digits32", images, labels, shards=16)
     real = RealData.open(data)
     assert len(real) == len(images) and real.num_shards == 16 and np.array_equal(real.labels, labels)
