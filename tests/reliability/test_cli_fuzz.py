@@ -36,7 +36,10 @@ FIXED = {
     "preprocess": ["--input", "/nonexistent/raw", "--output", "{tmp}/processed", "--resolution", "8"],
     "train": ["--data", "/nonexistent/data", "--config", "/nonexistent/c.yaml", "--storage", "{tmp}/runs",
               "--name", "r"],
+    "encode": ["--data", "/nonexistent/data", "--autoencoder", "/nonexistent/ae", "--output", "{tmp}/latents"],
     "train-local": ["--config", "/nonexistent/c.yaml", "--out", "{tmp}/local"],
+    "train-autoencoder": ["--data", "/nonexistent/data", "--config", "/nonexistent/c.yaml", "--storage",
+                          "{tmp}/runs", "--name", "r"],
     "generate": ["--model", "/nonexistent/model", "--out", "{tmp}/g.png"],
     "inpaint": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--mask", "/nonexistent/m.png",
                 "--out", "{tmp}/i.png"],
@@ -83,17 +86,32 @@ def command_lines(draw, command: str, tmp: str) -> list[str]:
     return argv + AFTER.get(command, [])
 
 
+def test_the_fixed_flags_satisfy_every_parser():
+    """Each fuzzed command gets its required flags, so that an example reaches the command and not only argparse."""
+    for command in COMMANDS:
+        argv = [command, *FIXED.get(command, []), *AFTER.get(command, [])]
+        if command == "models":
+            argv = ["models", "promote", "m", "1", "--alias=production"]
+        build_parser(only=command).parse_args(argv)  # SystemExit(2) names the missing flag
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_flag_fails_in_one_line_or_works(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative defaults (configs/digits.yaml, .ddpm/) do not exist here
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
     seen: dict[int, int] = {}
+    reached = [0]  # examples that argparse accepted, so that the command's main() ran its own checks
 
     @settings(max_examples=12, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(argv=command_lines(command, str(tmp_path)))
     def run(argv):
         started = time.monotonic()
+        try:
+            build_parser(only=command).parse_args(argv)
+            reached[0] += 1
+        except SystemExit:  # argparse refused it: main() will say so
+            pass
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse's usage errors
@@ -111,5 +129,6 @@ def test_every_flag_fails_in_one_line_or_works(command, tmp_path, monkeypatch, c
             assert lines[-1].startswith(f"ddpm {command}") and ": error: " in lines[-1], (argv, err)
 
     run()
-    print(f"\n{command}: exit codes {dict(sorted(seen.items()))}")
+    print(f"\n{command}: exit codes {dict(sorted(seen.items()))}, {reached[0]} past argparse")
     assert set(seen) - {0}, "every example succeeded: the fuzz never reached a refusal"
+    assert reached[0], f"no example got past argparse: ddpm {command}'s own checks were never run"
