@@ -87,6 +87,14 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
+def missing_dependency(exc: ModuleNotFoundError) -> str:
+    """One line for a Python that lacks a module the project needs: which module, which Python, and the remedies.
+    A ``ddpm submit`` job runs whatever ``python`` is first on the head's PATH (a ``ray start`` from outside the venv)."""
+    return (f"{sys.executable} has no module {exc.name!r}, which ddpm needs: run ddpm with the project's Python "
+            f"(its venv, or the cluster image deploy/ uses; for a local 'ray start', start Ray from the venv: "
+            f"docs/cluster.md), or give a submitted job its packages with ddpm submit --pip")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -103,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.ray_utils import keep_local_ray_on_loopback
 
     keep_local_ray_on_loopback()  # before any subcommand imports ray
-    args = build_parser(only=command).parse_args(argv)
+    try:
+        parser = build_parser(only=command)
+    except ModuleNotFoundError as exc:  # this interpreter is not the project's environment
+        print(f"ddpm {command}: error: {missing_dependency(exc)}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
     args.verbose = verbose
     if verbose:  # Ray's own logging back on the terminal (pipelines.ray_utils), here and in child processes
         os.environ["DDPM_VERBOSE"] = "1"
@@ -112,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C; a command may say what it closed and where to resume
         print(f"ddpm {command}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"ddpm {command}: error: {missing_dependency(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # one clear line; the traceback on request
         if args.verbose:
             traceback.print_exc()

@@ -263,3 +263,19 @@ def test_runtime_env_ships_the_project_without_local_state_or_secrets():
 def test_uri_with_a_password_is_refused():
     with pytest.raises(UserError, match="MLFLOW_TRACKING_URI holds a password"):
         build_runtime_env(REPO, [], {"MLFLOW_TRACKING_URI": "https://user:hunter2@mlflow.example"})
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "d", "--config", "c.yaml", "--storage", "s", "--name", "n"],  # fails inside main()
+    ["evaluate", "--model", "m", "--data", "d"],  # fails while its module loads
+])
+def test_a_python_without_the_dependencies_fails_in_one_line_with_the_remedies(argv):
+    """What a job sent to a ``ray start`` outside the venv runs: a Python without the project's packages (here the
+    venv's own with ``-S``: no site-packages). One line names the missing module, the Python and the remedies."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-S", "-m", "pipelines.cli", *argv], capture_output=True, text=True,
+                          cwd=repo, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"ddpm {argv[0]}: error: {sys.executable} has no module '"), lines[0]
+    assert "cluster image" in lines[0] and "ddpm submit --pip" in lines[0] and "Traceback" not in done.stderr
