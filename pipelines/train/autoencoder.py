@@ -22,6 +22,7 @@ import ray.train
 from pipelines import registry
 from pipelines import storage as store
 from pipelines import tracking
+from pipelines.config import readable
 from pipelines.data.dataset import is_latent, load_dataset, read_columns, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
@@ -30,7 +31,7 @@ from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, la
 from pipelines.train.driver import default_cpus_per_worker, run_trainer
 from pipelines.train.resources import Workers, check_workers_fit
 from pipelines.train.rows import Blocks
-from pipelines.train.run import finish_run, open_run
+from pipelines.train.run import finish_run, killed_on_interrupt, open_run
 
 # train keys a resumed run must keep: the objective, and what defines the held-out split
 RESUME_FIXED = ("loss", "kl_weight", "seed", "eval_images")
@@ -71,7 +72,7 @@ def train_autoencoder(
     """
     manifest = read_manifest(data)
     check_dataset(config, manifest, data)
-    print("config: " + json.dumps(config.to_dict(), sort_keys=True), flush=True)
+    print(readable(config.to_dict()), flush=True)
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
@@ -84,15 +85,16 @@ def train_autoencoder(
     print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
 
     unlogged: list[str] = []
-    if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
-        print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
-              f"skipping to registration", flush=True)
-        final_uri = previous.uri
-    else:
-        result = _fit(data, config, manifest, storage=storage, name=name, workers=workers, use_gpu=use_gpu,
-                      cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id, tracking_uri=uri)
-        final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
-        unlogged = list((result.metrics or {}).get("unlogged", []))
+    with killed_on_interrupt(run_id, uri, storage, name):
+        if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
+            print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
+                  f"skipping to registration", flush=True)
+            final_uri = previous.uri
+        else:
+            result = _fit(data, config, manifest, storage=storage, name=name, workers=workers, use_gpu=use_gpu,
+                          cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id, tracking_uri=uri)
+            final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
+            unlogged = list((result.metrics or {}).get("unlogged", []))
 
     final: dict = {}
 
@@ -105,9 +107,10 @@ def train_autoencoder(
         return {"scaling_factor": f"{ae['scaling_factor']:.6g}", "downsample_factor": factor,
                 "latent_channels": ae["latent_channels"], "kind": "autoencoder"}
 
-    images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
-                                      config=config, manifest=manifest, log_model=registry.log_autoencoder,
-                                      extra_tags=lineage)
+    with killed_on_interrupt(run_id, uri, storage, name):
+        images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
+                                          config=config, manifest=manifest, log_model=registry.log_autoencoder,
+                                          extra_tags=lineage)
     return AutoencoderTrainResult(run_id, images_seen, final_uri, version, final.get("psnr"), final.get("scaling"),
                                   unlogged)
 

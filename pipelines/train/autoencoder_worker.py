@@ -39,9 +39,9 @@ from pipelines.tracking import RunLogger
 from pipelines.train import ddp, preemption
 from pipelines.train.checkpoints import (MODEL_DIR, TrainingState, read_training_state, report_checkpoint,
                                          resume_from, write_training_state)
-from pipelines.train.progress import Reporter
+from pipelines.train.progress import Progress, Reporter
 from pipelines.train.rows import Blocks, Rows
-from pipelines.train.worker import Throughput, TrainingClock, crossed
+from pipelines.train.worker import Throughput, TrainingClock, checkpoint_cause, crossed
 
 GRID_COLUMNS = 8  # held-out images shown in the grid: originals above their reconstructions
 EVAL_BATCH = 64  # images per forward pass when measuring PSNR and the scaling factor
@@ -204,6 +204,7 @@ def _train(job: AutoencoderJob) -> None:
             logger.log_metrics({"restarts": state.restarts, "resumed_at_images": seen}, step)
         reporter = Reporter(job.progress, total=total, run=job.name,
                             budget_s=tc.max_minutes * 60 if tc.max_minutes is not None else None)
+    progress = Progress(reporter, world, device)  # a line after the first step, then every 30 s
     throughput, sums, last = Throughput(), [0.0, 0.0, 0.0, 0], dict(state.metrics)
     time_spent = clock.spent()
 
@@ -227,6 +228,8 @@ def _train(job: AutoencoderJob) -> None:
         time_spent = clock.spent()
         finished = seen == total or time_spent >= 1
         signalled = None if finished else preemption.signalled_rank(rank, world, device)
+        progress.step(loss=loss, rows=rows, images=n, seen=seen, lr=lr, elapsed_s=clock.seconds(),
+                      finished=finished)
 
         if step % tc.log_every_steps == 0 or finished:
             loss_sum, rec_sum, kl_sum, count = ddp.sum_over_ranks(sums, world, device)
@@ -236,11 +239,8 @@ def _train(job: AutoencoderJob) -> None:
                 logger.log_metrics({k: last[k] for k in ("loss", "rec_loss", "kl", "lr", "grad_norm",
                                                          "images_per_sec", "images_seen")}, step)
             if reporter is not None:
-                window = dict(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
-                              elapsed_s=clock.seconds())
-                reporter.export(**window)
-                if reporter.due(finished):
-                    reporter.report(final=finished, **window)
+                reporter.export(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
+                                elapsed_s=clock.seconds())
             sums = [0.0, 0.0, 0.0, 0]
             throughput.restart()
 
@@ -254,11 +254,13 @@ def _train(job: AutoencoderJob) -> None:
             logger.log_metrics({"psnr_heldout": value, "scaling_factor": factor}, step)
             logger.log_file(encode_png(grid), f"reconstructions/images_{seen:012d}.png")
             throughput.restart()
+            progress.pause()
 
         if checkpoint_now:
             state = TrainingState(step=step, images_seen=seen, train_seconds=clock.seconds(), restarts=state.restarts,
                                   mlflow_run_id=job.run_id, world_size=world, config=config.to_dict(),
-                                  dataset_fingerprint=job.fingerprint, metrics=dict(last))
+                                  dataset_fingerprint=job.fingerprint, metrics=dict(last),
+                                  cause=checkpoint_cause(signalled, finished))
             if signalled is not None and logger is not None:
                 logger.set_tag(f"preempted_{seen:012d}", f"SIGTERM to rank {signalled} of {world}; checkpoint at "
                                                          f"{seen} images, step {step}")
@@ -268,6 +270,7 @@ def _train(job: AutoencoderJob) -> None:
                               endpoint_url=job.endpoint_url, write=write_autoencoder_checkpoint, net=net,
                               optimizer=optimizer, rng_states=ddp.gather_rng(world, device))
             throughput.restart()
+            progress.pause()
             if signalled is not None:
                 preemption.checkpoint_written()
                 raise preemption.Preempted(f"rank {signalled} got SIGTERM; checkpoint written at {seen} images")

@@ -49,6 +49,7 @@ class TrainingState:
     config: dict = field(default_factory=dict)  # the resolved Config.to_dict()
     dataset_fingerprint: str | None = None
     metrics: dict = field(default_factory=dict)  # the last values logged: loss, lr, grad_norm, ...
+    cause: str = ""  # why it was written: "interval" (every checkpoint_every_images), "preemption" (SIGTERM), "final"
 
     def to_json(self, optimizer: dict) -> str:
         """training_state.json's text, with the optimizer's JSON part (see :func:`_flatten_optimizer`)."""

@@ -4,8 +4,10 @@ run. The workers' loop is :mod:`pipelines.train.worker`."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,12 +18,13 @@ from ray.train.torch import TorchTrainer
 
 from pipelines import storage as store
 from pipelines import tracking
+from pipelines.config import readable
 from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
 from pipelines.train.resources import Workers, check_workers_fit
-from pipelines.train.run import fail_run, finish_run, open_run
+from pipelines.train.run import fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
 from pipelines.train.progress import fit_with_progress
 from pipelines.train.rows import Blocks
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
@@ -68,7 +71,7 @@ def train(
     """
     manifest = read_manifest(data)
     config = fit_to_dataset(config, manifest, data)
-    print("config: " + json.dumps(config.to_dict(), sort_keys=True), flush=True)
+    print(readable(config.to_dict()), flush=True)
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
@@ -81,19 +84,20 @@ def train(
     print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
 
     unlogged: list[str] = []
-    if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
-        print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
-              f"skipping to registration", flush=True)
-        final_uri = previous.uri
-    else:
-        result = _fit(data, config, manifest, storage=storage, name=name, workers=workers,
-                      use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id,
-                      tracking_uri=uri)
-        final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
-        unlogged = list((result.metrics or {}).get("unlogged", []))
+    with killed_on_interrupt(run_id, uri, storage, name):
+        if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
+            print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
+                  f"skipping to registration", flush=True)
+            final_uri = previous.uri
+        else:
+            result = _fit(data, config, manifest, storage=storage, name=name, workers=workers,
+                          use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id,
+                          tracking_uri=uri)
+            final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
+            unlogged = list((result.metrics or {}).get("unlogged", []))
 
-    images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
-                                      config=config, manifest=manifest)
+        images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
+                                          config=config, manifest=manifest)
     return TrainResult(run_id, images_seen, final_uri, version, unlogged)
 
 
@@ -196,6 +200,24 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
                        tracking_uri=tracking_uri)
 
 
+class InterruptibleTrainer(TorchTrainer):
+    """A TorchTrainer whose ``fit()`` turns Ctrl-C into ``KeyboardInterrupt`` once the run's workers are stopped.
+
+    Ray Train's own SIGINT handler aborts the controller and then exits the process (status 1, no message) before the
+    command can close its MLflow run (``DataParallelTrainer._register_sigint_handler``, Ray 2.60). A second Ctrl-C
+    while the workers stop interrupts at once.
+    """
+
+    def _register_sigint_handler(self, controller) -> None:
+        def interrupt(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            with contextlib.suppress(Exception):  # abort() ends the controller actor, so the call itself fails
+                ray.get(controller.abort.remote(), timeout=30)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
+
+
 def run_trainer(worker_fn, loop_config: dict, config, *, storage: str, name: str, workers: Workers, use_gpu: bool,
                 cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
     """Run a TorchTrainer of ``worker_fn`` with checkpoints under STORAGE/NAME; returns its Result. Shared by
@@ -221,9 +243,11 @@ def run_trainer(worker_fn, loop_config: dict, config, *, storage: str, name: str
     print(f"training on {workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if use_gpu else ''}; "
           f"checkpoints under {store.join(storage, name)}", flush=True)
     outages = 0
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
     while True:
         try:
-            return fit_with_progress(TorchTrainer, trainer_args)  # rank 0's progress lines printed here
+            return fit_with_progress(InterruptibleTrainer, trainer_args)  # rank 0's progress lines printed here
         except ray.train.TrainingFailedError as exc:
             # Ray Train's controller writes its own state to the store when it registers a checkpoint, and does not
             # retry that: a storage outage at that moment ends the run. Wait for the store, then go on from the last
@@ -235,6 +259,9 @@ def run_trainer(worker_fn, loop_config: dict, config, *, storage: str, name: str
                       f"({outages}/{config.train.max_failures})", flush=True)
                 continue
             raise UserError(_failure_message(exc, config, storage, name, run_id, tracking_uri)) from None
+        finally:
+            if on_main_thread:  # fit() left its Ctrl-C handler behind
+                signal.signal(signal.SIGINT, sigint)
 
 
 def _store_back(storage: str, name: str, waits_s=UPLOAD_RETRY_WAITS_S) -> bool:
@@ -263,14 +290,8 @@ def _failure_message(exc: Exception, config, storage: str, name: str, run_id: st
                            for rank, error in sorted((lost or cause.worker_failures).items()))
     else:
         reason = _one_line(getattr(cause, "controller_failure", None) or cause)
-    try:
-        saved = latest_checkpoint(storage, name)
-    except UserError as store_error:  # the store may be what failed
-        resume = f"the checkpoints in {storage} cannot be read now ({store_error})"
-    else:
-        resume = (f"run the same command to resume from {saved.uri} ({saved.state.images_seen} images)"
-                  if saved is not None else "no checkpoint was written yet")
-    return f"training failed (train.max_failures={config.train.max_failures}): {reason[:300]}; {resume}"
+    return (f"training failed (train.max_failures={config.train.max_failures}): {reason[:300]}; "
+            f"{resume_hint(storage, name)}")
 
 
 def _one_line(error: BaseException) -> str:

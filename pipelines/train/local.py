@@ -126,12 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ddpm import encode_png
 
-    from pipelines.config import load_config
+    from pipelines.config import load_config, readable
 
     if args.minutes is not None and not args.minutes > 0:  # 0 is not "no limit": leave --minutes out for that
         raise UserError(f"--minutes must be positive, got {args.minutes:g}")
     config = load_config(args.config or DIGITS_PRESET, args.set + ([f"train.max_minutes={args.minutes}"] if args.minutes else []))
-    print(f"config: {config.to_dict()}")
+    print(readable(config.to_dict()))
     images, labels = digits_dataset(config.model.image_size)
     run = train_local(config, images, labels, out_dir=args.out, class_names=[str(i) for i in range(10)])
     print(f"trained {run.steps} steps, {run.images_seen} images in {run.seconds:.0f} s; "

@@ -10,10 +10,11 @@ actor the driver created (:func:`printing`), and a thread in the driver prints i
 a Ray job's log alike, without Ray's ``(RayTrainWorker pid=...)`` prefixes. Rank 0 also prints the line itself, so
 it is in the worker's log file too.
 
-A line is sent at most every ``DDPM_PROGRESS_EVERY_S`` seconds (30 by default; the first one right after the first
-logging window, the last one at the end): MLflow still gets every ``train.log_every_steps`` window, and so do Ray's
-own metrics (:class:`RayGauges`: ``ray_ddpm_train_*`` on each node's metrics agent, which Prometheus scrapes on a
-cluster; deploy/monitoring/prometheus.yml).
+Lines come by time, whatever the step rate (:class:`Progress`): the first right after the first step, then one every
+``DDPM_PROGRESS_EVERY_S`` seconds (30 by default), the last at the end. On a slow CPU a step takes seconds, and a
+line every N steps would leave the screen silent for minutes. MLflow still gets every ``train.log_every_steps``
+window, and so do Ray's own metrics (:class:`RayGauges`: ``ray_ddpm_train_*`` on each node's metrics agent, which
+Prometheus scrapes on a cluster; deploy/monitoring/prometheus.yml).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import threading
 import time
 
 import ray
+
+from pipelines.train import ddp
 
 EVERY_ENV = "DDPM_PROGRESS_EVERY_S"
 DEFAULT_EVERY_S = 30.0
@@ -86,8 +89,8 @@ class RayGauges:
 
 
 class Reporter:
-    """Rank 0's side: formats a line per progress window and sends it to the driver's :class:`_Lines` actor; sets
-    the Ray gauges at every logging window."""
+    """Rank 0's side: formats the lines :class:`Progress` asks for and sends them to the driver's :class:`_Lines`
+    actor; sets the Ray gauges at every logging window."""
 
     def __init__(self, sink, *, total: int, budget_s: float | None, every_s: float | None = None,
                  run: str = ""):
@@ -118,6 +121,46 @@ class Reporter:
                     ray.get(sent, timeout=10)
             except Exception:  # the driver (and its actor) went away, or is slow: training goes on
                 self.sink = None
+        return line
+
+
+class Progress:
+    """Every rank's side of the progress lines; call :meth:`step` after every training step, on every rank.
+
+    Rank 0's clock decides when a line is due (:meth:`Reporter.due`) and every rank learns it (one number
+    broadcast per step), because the line's loss is a sum over the ranks, a collective all of them must join. The
+    line's loss is the mean over the rows trained since the last line; its rate counts training steps only
+    (:meth:`pause` after sampling or a checkpoint: their time is not a step's).
+    """
+
+    def __init__(self, reporter: Reporter | None, world: int, device):
+        self.reporter, self.world, self.device = reporter, world, device
+        self._reset()
+        self.mark = time.perf_counter()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.rows, self.images, self.busy_s = 0.0, 0, 0, 0.0
+
+    def pause(self) -> None:
+        """Time from now on counts again: what ran since the last step was not training."""
+        self.mark = time.perf_counter()
+
+    def step(self, *, loss: float, rows: int, images: int, seen: int, lr: float, elapsed_s: float,
+             finished: bool) -> str | None:
+        """Count one step (this rank's ``rows`` of the global batch's ``images``, mean ``loss`` over its rows);
+        returns the line when one was due (on rank 0)."""
+        now = time.perf_counter()
+        self.busy_s, self.mark = self.busy_s + now - self.mark, now
+        self.loss_sum, self.rows, self.images = self.loss_sum + loss * rows, self.rows + rows, self.images + images
+        due = self.reporter is not None and self.reporter.due(finished)
+        if not ddp.from_rank0(float(due), self.world, self.device):
+            return None
+        loss_sum, rows = ddp.sum_over_ranks([self.loss_sum, self.rows], self.world, self.device)
+        line = None
+        if self.reporter is not None:
+            line = self.reporter.report(final=finished, seen=seen, rate=self.images / max(self.busy_s, 1e-9),
+                                        loss=loss_sum / max(rows, 1), lr=lr, elapsed_s=elapsed_s)
+        self._reset()
         return line
 
 

@@ -4,6 +4,7 @@ What the workers log during training goes through :class:`pipelines.tracking.Run
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines import registry, tracking
 from pipelines.errors import UserError
-from pipelines.train.checkpoints import MODEL_DIR, SavedCheckpoint, read_state, stored
+from pipelines.train.checkpoints import MODEL_DIR, SavedCheckpoint, latest_checkpoint, read_state, stored
 
 
 def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data: str,
@@ -124,10 +125,32 @@ def _register_and_close(model_dir: Path, *, run_id: str, register_as: str | None
     return version
 
 
-def fail_run(run_id: str, tracking_uri: str) -> None:
-    """Mark the run FAILED, if the tracking server answers (it may be what failed; the caller's message matters
-    more)."""
+def fail_run(run_id: str, tracking_uri: str, status: str = "FAILED") -> None:
+    """Mark the run FAILED (or ``status``, e.g. KILLED), if the tracking server answers (it may be what failed; the
+    caller's message matters more)."""
     try:
-        tracking.client(tracking_uri).set_terminated(run_id, "FAILED")
+        tracking.client(tracking_uri).set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
+
+
+def resume_hint(storage: str, name: str) -> str:
+    """Where the same command will resume: the run's latest complete checkpoint, or that there is none yet."""
+    try:
+        saved = latest_checkpoint(storage, name)
+    except UserError as store_error:  # the store may be what failed
+        return f"the checkpoints in {storage} cannot be read now ({store_error})"
+    if saved is None:
+        return "no checkpoint was written yet"
+    return f"run the same command to resume from {saved.uri} ({saved.state.images_seen} images)"
+
+
+@contextlib.contextmanager
+def killed_on_interrupt(run_id: str, tracking_uri: str, storage: str, name: str):
+    """Ctrl-C inside the block: the MLflow run marked KILLED rather than left RUNNING, and the interrupt raised
+    again with what the CLI's "interrupted" line adds (the run, and where the same command resumes)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail_run(run_id, tracking_uri, "KILLED")
+        raise KeyboardInterrupt(f"MLflow run {run_id} marked KILLED; {resume_hint(storage, name)}") from None

@@ -24,7 +24,7 @@ from pipelines.config import Config, TrainConfig
 from pipelines.tracking import RunLogger
 from pipelines.train import ddp, preemption
 from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_checkpoint, resume_from
-from pipelines.train.progress import Reporter
+from pipelines.train.progress import Progress, Reporter
 from pipelines.train.rows import Blocks, Rows
 from pipelines.train.samples import sample_grid
 
@@ -90,6 +90,12 @@ class Throughput:
 
     def rate(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def checkpoint_cause(signalled: int | None, finished: bool) -> str:
+    """What a checkpoint records as its cause: a SIGTERM's (it stops the group, whatever else holds), the run's end,
+    or the periodic interval."""
+    return "preemption" if signalled is not None else "final" if finished else "interval"
 
 
 def crossed(seen: int, n: int, every: int) -> bool:
@@ -170,6 +176,7 @@ def _train(job: WorkerJob) -> None:
     if rank == 0:
         reporter = Reporter(job.progress, total=total, run=job.name,
                             budget_s=tc.max_minutes * 60 if tc.max_minutes is not None else None)
+    progress = Progress(reporter, world, device)  # a line after the first step, then every 30 s
     throughput, loss_sum, loss_rows, last = Throughput(), 0.0, 0, {}
     time_spent = clock.spent()
 
@@ -200,6 +207,8 @@ def _train(job: WorkerJob) -> None:
         time_spent = clock.spent()
         finished = seen == total or time_spent >= 1
         signalled = None if finished else preemption.signalled_rank(rank, world, device)  # a SIGTERM somewhere?
+        progress.step(loss=loss, rows=rows, images=n, seen=seen, lr=lr, elapsed_s=clock.seconds(),
+                      finished=finished)
 
         if step % tc.log_every_steps == 0 or finished:
             loss_sum, loss_rows = ddp.sum_over_ranks([loss_sum, loss_rows], world, device)
@@ -208,11 +217,8 @@ def _train(job: WorkerJob) -> None:
             if logger is not None:
                 logger.log_metrics(last, step)
             if reporter is not None:
-                window = dict(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
-                              elapsed_s=clock.seconds())
-                reporter.export(**window)
-                if reporter.due(finished):
-                    reporter.report(final=finished, **window)
+                reporter.export(seen=seen, rate=last["images_per_sec"], loss=last["loss"], lr=lr,
+                                elapsed_s=clock.seconds())
             loss_sum, loss_rows = 0.0, 0
             throughput.restart()
 
@@ -221,11 +227,13 @@ def _train(job: WorkerJob) -> None:
             logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder),
                             f"samples/images_{seen:012d}.png")
             throughput.restart()
+            progress.pause()
 
         if crossed(seen, n, tc.checkpoint_every_images) or finished or signalled is not None:
             state = TrainingState(step=step, images_seen=seen, train_seconds=clock.seconds(), restarts=state.restarts,
                                   ema_updates=ema.num_updates, mlflow_run_id=job.run_id, world_size=world,
-                                  config=config.to_dict(), dataset_fingerprint=job.fingerprint, metrics=last)
+                                  config=config.to_dict(), dataset_fingerprint=job.fingerprint, metrics=last,
+                                  cause=checkpoint_cause(signalled, finished))
             if signalled is not None and logger is not None:
                 logger.set_tag(f"preempted_{seen:012d}", f"SIGTERM to rank {signalled} of {world}; checkpoint at "
                                                          f"{seen} images, step {step}")
@@ -239,6 +247,7 @@ def _train(job: WorkerJob) -> None:
                               autoencoder=decoder,
                               autoencoder_source=job.autoencoder["source"] if job.autoencoder else None)
             throughput.restart()
+            progress.pause()
             if signalled is not None:
                 preemption.checkpoint_written()
                 raise preemption.Preempted(f"rank {signalled} got SIGTERM; checkpoint written at {seen} images")
