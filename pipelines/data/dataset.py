@@ -2,7 +2,8 @@
 
 A dataset written by ``ddpm preprocess`` (:mod:`pipelines.data.preprocess`) is a folder or prefix with Parquet
 shards and ``manifest.json``; each row holds ``image`` (fixed_size_binary of H*W*C uint8), ``label``, ``key`` and
-``sha256``. Training and evaluation read it through this module only.
+``sha256``, and, in a captioned dataset (``ddpm preprocess --captions``, :func:`is_captioned`), ``caption``.
+Training and evaluation read it through this module only.
 
 A latent dataset written by ``ddpm encode`` (:mod:`pipelines.data.encode`) has the same layout with
 ``manifest["kind"] == "latents"``: ``image`` then holds an (h, w, c) latent as ``manifest["dtype"]`` (float32)
@@ -55,6 +56,11 @@ def image_dtype(manifest: dict) -> np.dtype:
 def is_latent(manifest: dict) -> bool:
     """Whether the dataset holds an autoencoder's latents (``ddpm encode``) rather than pixels."""
     return manifest.get("kind") == "latents"
+
+
+def is_captioned(manifest: dict) -> bool:
+    """Whether the shards have a ``caption`` column (``ddpm preprocess --captions``)."""
+    return "caption_policy" in manifest
 
 
 def dataset_kind(manifest: dict) -> str:
@@ -138,7 +144,8 @@ def load_dataset(
     """The dataset at ``uri`` as a Ray Dataset, reading only the shards its manifest lists.
 
     Columns: ``image`` as (H, W, C) uint8 tensors (batches come out as (B, H, W, C)), ``label`` int64, ``key`` and
-    ``sha256`` strings. Pass ``columns`` to read fewer, e.g. ``["image", "label"]`` for training.
+    ``sha256`` strings, and ``caption`` (str) in a captioned dataset. Pass ``columns`` to read fewer, e.g.
+    ``["image", "label"]`` for training.
     """
     import ray
 
@@ -170,3 +177,12 @@ def load_numpy(uri: str, *, endpoint_url: str | None = None) -> tuple[np.ndarray
     table = read_columns(uri, manifest["shards"], ["image", "label"], endpoint_url)
     images = images_from_arrow(table.column("image"), manifest["image_shape"], image_dtype(manifest)).copy()
     return images, table.column("label").to_numpy()
+
+
+def load_captions(uri: str, *, endpoint_url: str | None = None) -> list[str]:
+    """A captioned dataset's captions without Ray, in shard order: ``captions[i]`` is the caption of
+    ``load_numpy(uri)[0][i]`` ("" for an image kept without one). A UserError for a dataset without captions."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    if not is_captioned(manifest):
+        raise UserError(f"{uri} has no captions: run ddpm preprocess --captions on captioned images")
+    return read_columns(uri, manifest["shards"], ["caption"], endpoint_url).column("caption").to_pylist()

@@ -10,7 +10,7 @@ The work, and where it runs::
             file extensions)
     tasks   read bytes -> sha256 -> decode (PNG, JPEG, WebP, BMP, GIF's first frame) -> L or RGB -> centre crop
             -> LANCZOS resize -> Parquet shard; Ray Data fuses the map with the write, so pixels never pass through
-            the driver
+            the driver. With ``--captions``, each image's ``NAME.txt`` is read in the same task
     driver  fingerprint from the shards' key and sha256 columns; manifest.json written last, as the commit
 
 Output layout::
@@ -30,6 +30,7 @@ Shard schema (``format_version`` 1)::
     label   int64                     class id, -1 when unlabelled
     key     string                    the source object's path relative to INPUT
     sha256  string                    hex digest of the source object's bytes
+    caption string                    only with ``--captions``: the image's caption, "" when it has none
 
 Fixed-size binary rather than Ray's tensor extension type: every Parquet reader (pyarrow, pandas, DuckDB, Spark)
 reads it as it is, and NumPy views a column of it as (N, H, W, C) without a copy. ``load_dataset`` and
@@ -58,6 +59,8 @@ from PIL import Image, ImageOps
 
 from ddpm.images import to_mode  # shared with ddpm inpaint and POST /inpaint
 from pipelines import storage
+from pipelines.data.captions import (MAX_BYTES, METADATA, POLICIES, SOURCE_MANIFEST, BadCaption, decode_caption,
+                                     is_sidecar, read_metadata, text_file)
 from pipelines.data.dataset import FORMAT_VERSION, MANIFEST, check_output, read_columns
 from pipelines.data.generations import delete_quietly, delete_stale, new_run
 from pipelines.data.photos import SETTINGS_FILE as PHOTOS_SETTINGS
@@ -120,18 +123,17 @@ def prepare_image(data: bytes, resolution: int, channels: int, *, upscale: bool 
 # Shards
 
 
-def shard_schema(resolution: int, channels: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("image", pa.binary(resolution * resolution * channels), nullable=False),
-            pa.field("label", pa.int64(), nullable=False),
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("sha256", pa.string(), nullable=False),
-        ]
-    )
+def shard_schema(resolution: int, channels: int, captioned: bool = False) -> pa.Schema:
+    fields = [
+        pa.field("image", pa.binary(resolution * resolution * channels), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields + [pa.field("caption", pa.string(), nullable=False)] if captioned else fields)
 
 
-def _read_ahead(read: Callable[[str], tuple[bytes, str]], keys: Sequence[str]) -> Iterator[tuple[bytes, str]]:
+def _read_ahead(read: Callable[[int], tuple], keys: Sequence[int]) -> Iterator[tuple]:
     """``read(key)`` for each key, in order, with up to ``_READ_AHEAD`` reads in flight on threads.
 
     I/O and hashing release the GIL, so they overlap the decoding in the calling thread.
@@ -155,41 +157,56 @@ def _prepare_batch(
     resolution: int,
     channels: int,
     upscale: bool,
+    captioned: bool = False,
 ) -> pa.Table:
-    """Ray Data task: rows (key, label) -> rows of :func:`shard_schema`, one per usable image.
+    """Ray Data task: rows (key, label[, caption, caption_file]) -> rows of :func:`shard_schema`, one per usable
+    image.
 
-    The bytes are read here, inside the task, so they never travel through the driver or the object store. Objects
-    that are not usable images go to a small JSON report under ``report_uri``, named after the batch's first key,
-    so that a retried task overwrites its report rather than adding a second one.
+    The bytes are read here, inside the task, so they never travel through the driver or the object store; so is
+    a caption file (``caption_file``, where the driver found no ``caption`` in a metadata.jsonl). Objects that are
+    not usable images, or whose caption is not usable text, go to a small JSON report under ``report_uri``, named
+    after the batch's first key, so that a retried task overwrites its report rather than adding a second one.
     """
     fs, root = storage.filesystem_for(input_uri, endpoint_url)
     keys = batch.column("key").to_pylist()
     labels = batch.column("label").to_numpy()
+    given = batch.column("caption").to_pylist() if captioned else [None] * len(keys)
+    files = batch.column("caption_file").to_pylist() if captioned else [None] * len(keys)
 
-    def read(key: str) -> tuple[bytes, str]:
-        with fs.open_input_stream(f"{root}/{key}") as f:
+    def read(i: int) -> tuple[bytes, str, bytes | None]:
+        with fs.open_input_stream(f"{root}/{keys[i]}") as f:
             data = f.read()
-        return data, hashlib.sha256(data).hexdigest()
+        text = None
+        if files[i] is not None:
+            with fs.open_input_stream(f"{root}/{files[i]}") as f:
+                text = f.read(MAX_BYTES + 3)  # enough to tell "too long" after stripping a newline
+        return data, hashlib.sha256(data).hexdigest(), text
 
     images = np.empty((len(keys), resolution, resolution, channels), dtype=np.uint8)  # (B, H, W, C)
-    kept, digests, skipped = [], [], []
+    kept, digests, captions, skipped = [], [], [], []
     # An object store answers each GET after a network round trip, so reads run ahead on threads; a local disk
     # answers in microseconds, and there threads would only add their own cost (about 15% CPU per image).
-    reads = _read_ahead(read, keys) if input_uri.startswith("s3://") else map(read, keys)
-    for i, (data, digest) in enumerate(reads):
+    indices = range(len(keys))
+    reads = _read_ahead(read, indices) if input_uri.startswith("s3://") else map(read, indices)
+    for i, (data, digest, text) in enumerate(reads):
         try:
             images[len(kept)] = prepare_image(data, resolution, channels, upscale=upscale)
+            caption = decode_caption(text) if text is not None else given[i] or ""
         except UnusableImage as exc:
             skipped.append({"key": keys[i], "reason": str(exc)})
             continue
+        except BadCaption as exc:
+            skipped.append({"key": keys[i], "reason": f"caption {files[i]}: {exc}"})
+            continue
         kept.append(i)
         digests.append(digest)
+        captions.append(caption)
 
     if skipped:
         name = hashlib.sha256(keys[0].encode()).hexdigest()[:16]
         storage.write_json(storage.join(report_uri, f"skipped-{name}.json"), skipped, endpoint_url)
     n = len(kept)
-    schema = shard_schema(resolution, channels)
+    schema = shard_schema(resolution, channels, captioned)
     pixels = pa.py_buffer(images[:n])  # the first n rows of a C-contiguous array: one buffer, no copy
     columns = [
         pa.FixedSizeBinaryArray.from_buffers(schema.field("image").type, n, [None, pixels]),
@@ -197,6 +214,8 @@ def _prepare_batch(
         pa.array([keys[i] for i in kept], pa.string()),
         pa.array(digests, pa.string()),
     ]
+    if captioned:
+        columns.append(pa.array(captions, pa.string()))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -204,34 +223,86 @@ def _prepare_batch(
 # The run
 
 
-def fingerprint(pairs: Iterable[tuple[str, str]], settings: dict) -> str:
-    """sha256 over the settings and the sorted (key, sha256) pairs of the rows kept.
+def fingerprint(rows: Iterable[tuple[str, ...]], settings: dict) -> str:
+    """sha256 over the settings and the sorted (key, sha256[, caption sha256]) rows kept.
 
     Same source bytes and settings, same fingerprint, whatever the order of listing, the bucket, or the machine;
     one changed, added or removed image, or another resolution, gives another. The settings are included so that a
-    fingerprint names one dataset: the same images at 32 and at 64 pixels are not the same training data.
+    fingerprint names one dataset: the same images at 32 and at 64 pixels are not the same training data. A
+    captioned dataset's rows carry their caption's sha256 (a digest, so that no caption text can fake a field
+    separator): one edited caption gives another fingerprint. Rows of (key, sha256) hash as they always did.
     """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for key, digest in sorted(pairs):
-        h.update(f"{key}\0{digest}\n".encode())
+    for row in sorted(rows):
+        h.update(("\0".join(row) + "\n").encode())
     return h.hexdigest()
 
 
-def _triage(entries: list[storage.FileEntry], exclude: str | None) -> tuple[list[str], list[dict]]:
-    """Split a listing into candidate image keys and the objects skipped without reading them."""
-    candidates, skipped = [], []
+def caption_digest(caption: str) -> str:
+    """What a row's caption adds to :func:`fingerprint`."""
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
+
+
+def _triage(entries: list[storage.FileEntry], exclude: str | None
+            ) -> tuple[list[str], list[dict], list[storage.FileEntry]]:
+    """Split a listing into candidate image keys, the objects skipped without reading them, and the sidecars
+    (captions and manifests of the images, :func:`pipelines.data.captions.is_sidecar`)."""
+    entries = [e for e in entries  # ours, not the user's
+               if not (exclude and e.key.startswith(exclude) or e.key == PHOTOS_SETTINGS)]
+    images = {e.key for e in entries if posixpath.splitext(e.key)[1].lower() in IMAGE_EXTENSIONS}
+    texts = {text_file(key) for key in images}
+    candidates, skipped, sidecars = [], [], []
     for entry in entries:
-        if exclude and entry.key.startswith(exclude) or entry.key == PHOTOS_SETTINGS:  # ours, not the user's
-            continue
         extension = posixpath.splitext(entry.key)[1].lower()
-        if extension not in IMAGE_EXTENSIONS:
+        if is_sidecar(entry.key, texts):
+            sidecars.append(entry)
+        elif extension not in IMAGE_EXTENSIONS:
             what = f"{extension!r} extension" if extension else "no extension"
             skipped.append({"key": entry.key, "reason": f"not an image file ({what})"})
         elif entry.size == 0:
             skipped.append({"key": entry.key, "reason": "empty object (0 bytes)"})
         else:
             candidates.append(entry.key)
-    return candidates, skipped
+    return candidates, skipped, sidecars
+
+
+def _find_captions(rows: list[dict], sidecars: list[storage.FileEntry], policy: str, skipped: list[dict],
+                   input_uri: str, endpoint_url: str | None) -> dict:
+    """Give each row its ``caption`` (from a metadata.jsonl, read here) or its ``caption_file`` (a ``NAME.txt``,
+    read by the task), in place; an image with neither is kept with "" or, under "required", moved from ``rows``
+    to ``skipped``. Returns the manifest's ``captions`` section; ``uncaptioned`` lists the images with neither.
+    """
+    listed = {e.key for e in sidecars}
+    metadata = read_metadata(input_uri, [k for k in listed if posixpath.basename(k) == METADATA], endpoint_url)
+    unmatched = len(metadata.keys() - {row["key"] for row in rows})  # a file_name that names no image file
+    found = {"metadata.jsonl": 0, "txt": 0}
+    uncaptioned, keep = [], []
+    for row in rows:
+        text, file = metadata.get(row["key"]), text_file(row["key"])
+        if text is not None:
+            try:  # the same rules as a caption file's; JSON may hold text that UTF-8 cannot encode (a lone surrogate)
+                text = decode_caption(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                skipped.append({"key": row["key"], "reason": "caption in metadata.jsonl: not UTF-8 (lone surrogate)"})
+                continue
+            except BadCaption as exc:
+                skipped.append({"key": row["key"], "reason": f"caption in metadata.jsonl: {exc}"})
+                continue
+            row.update(caption=text, caption_file=None)
+            found["metadata.jsonl"] += 1
+        elif file in listed:
+            row.update(caption=None, caption_file=file)
+            found["txt"] += 1
+        else:
+            uncaptioned.append(row["key"])
+            if policy == "required":
+                skipped.append({"key": row["key"], "reason": "no caption (no NAME.txt, no metadata.jsonl line)"})
+                continue
+            row.update(caption="", caption_file=None)
+        keep.append(row)
+    rows[:] = keep
+    return {"max_bytes": MAX_BYTES, "found": found, "metadata_unmatched": unmatched,
+            "uncaptioned": uncaptioned}
 
 
 def _nested_prefix(output_uri: str, input_uri: str) -> str | None:
@@ -249,6 +320,7 @@ def preprocess(
     channels: int = 3,
     labels_from_dirs: bool = True,
     small: str = "skip",
+    captions: str | None = None,
     batch_size: int | None = None,
     endpoint_url: str | None = None,
     progress: Callable[[str], None] | None = print,
@@ -256,8 +328,11 @@ def preprocess(
     """Preprocess every image under ``input_uri`` into shards under ``output_uri``; returns the manifest written.
 
     ``small`` says what happens to an image whose shorter side is below ``resolution``: "skip" (reported in the
-    manifest) or "upscale". ``batch_size`` is the number of images per Ray task and per shard; by default about 4
-    tasks per CPU of the cluster and at most 64 MiB of pixels each. ``progress`` gets a line every
+    manifest) or "upscale". ``captions`` reads each image's caption into a ``caption`` column
+    (:mod:`pipelines.data.captions`): None for none (the shards and fingerprint of an uncaptioned dataset), "keep"
+    to keep an image without a caption with the empty caption, "required" to quarantine it. ``batch_size`` is the
+    number of images per Ray task and per shard; by default about 4 tasks per CPU of the cluster and at most 64 MiB
+    of pixels each. ``progress`` gets a line every
     ``PROGRESS_EVERY_S`` seconds while the tasks run (objects done of the total, images/s) and one at the end.
     """
     if resolution < 1:
@@ -266,21 +341,33 @@ def preprocess(
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     if small not in SMALL_POLICIES:
         raise ValueError(f"small must be one of {SMALL_POLICIES}, got {small!r}")
+    if captions not in (None, *POLICIES):
+        raise ValueError(f"captions must be None or one of {POLICIES}, got {captions!r}")
     endpoint_url = storage.resolve_endpoint(endpoint_url)  # resolved once here, so every task uses the same one
     settings = {"format_version": FORMAT_VERSION, "resolution": resolution, "channels": channels,
                 "labels_from_dirs": labels_from_dirs, "small": small}
+    if captions:  # only then: an uncaptioned dataset keeps the settings, and so the fingerprint, it always had
+        settings["caption_policy"] = captions
 
     # 1. Driver: list, and set aside what cannot be an image without reading it.
-    candidates, skipped = _triage(storage.list_files(input_uri, endpoint_url), _nested_prefix(output_uri, input_uri))
+    candidates, skipped, sidecars = _triage(storage.list_files(input_uri, endpoint_url),
+                                            _nested_prefix(output_uri, input_uri))
     if not candidates:
         if "://" not in input_uri and not Path(input_uri).is_dir():  # an empty s3:// prefix is not an error to name
             raise UserError(f"{input_uri}: no such folder")
         raise UserError(f"no image files under {input_uri} ({len(skipped)} other objects)")
     check_output(output_uri, "images", "ddpm preprocess", inputs={"--input": input_uri}, endpoint_url=endpoint_url)
-    objects = len(candidates) + len(skipped)
+    objects = len(candidates) + len(skipped) + len(sidecars)
     class_names = sorted({key.split("/", 1)[0] for key in candidates if "/" in key}) if labels_from_dirs else []
     class_ids = {name: i for i, name in enumerate(class_names)}
     rows = [{"key": key, "label": class_ids.get(key.split("/", 1)[0], -1) if "/" in key else -1} for key in candidates]
+    source_manifest = None
+    if any(e.key == SOURCE_MANIFEST for e in sidecars):
+        source_manifest = storage.read_json(storage.join(input_uri, SOURCE_MANIFEST), endpoint_url)
+    caption_info = _find_captions(rows, sidecars, captions, skipped, input_uri, endpoint_url) if captions else None
+    if not rows:
+        raise UserError(f"no usable images under {input_uri}: all {objects} objects were skipped, "
+                        f"e.g. {skipped[0]['key']}: {skipped[0]['reason']}")
 
     # 2. Ray Data: a new generation of shards, next to whatever is committed now. The first write doubles as a
     #    check that OUTPUT is writable, before any image is decoded.
@@ -290,7 +377,8 @@ def preprocess(
     storage.write_json(storage.join(scratch_uri, "started.json"), {"input": input_uri, **settings}, endpoint_url)
     try:
         task_kwargs = dict(input_uri=input_uri, report_uri=scratch_uri, endpoint_url=endpoint_url,
-                           resolution=resolution, channels=channels, upscale=small == "upscale")
+                           resolution=resolution, channels=channels, upscale=small == "upscale",
+                           captioned=bool(captions))
         _write_shards(rows, generation_uri, batch_size, task_kwargs, progress)
 
         # 3. Driver: what the tasks kept (from the shards themselves) and skipped (from their reports).
@@ -303,7 +391,11 @@ def preprocess(
             raise UserError(f"no usable images under {input_uri}: all {objects} objects were skipped, "
                             f"e.g. {skipped[0]['key']}: {skipped[0]['reason']}")
 
-        kept = read_columns(output_uri, shards, ["key", "sha256", "label"], endpoint_url)
+        kept = read_columns(output_uri, shards, ["key", "sha256", "label"] + (["caption"] if captions else []),
+                            endpoint_url)
+        rows_kept = list(zip(kept["key"].to_pylist(), kept["sha256"].to_pylist()))
+        if captions:
+            rows_kept = [(*row, caption_digest(c)) for row, c in zip(rows_kept, kept["caption"].to_pylist())]
 
         # 4. Commit: manifest.json names the new generation, in one atomic write.
         labels = kept["label"].to_numpy()
@@ -321,9 +413,19 @@ def preprocess(
                 "per_class": dict(zip(class_names, per_class.tolist())),
             },
             "skipped": sorted(skipped, key=lambda s: s["key"]),
-            "fingerprint": fingerprint(zip(kept["key"].to_pylist(), kept["sha256"].to_pylist()), settings),
+            "fingerprint": fingerprint(rows_kept, settings),
             "shards": shards,
         }
+        if sidecars:
+            manifest["counts"]["sidecars"] = len(sidecars)
+        if caption_info is not None:
+            if captions == "keep":  # an uncaptioned image that did not decode is reported as that, not as this
+                kept_keys = set(kept["key"].to_pylist())
+                caption_info["uncaptioned"] = [k for k in caption_info["uncaptioned"] if k in kept_keys]
+            manifest["counts"]["uncaptioned"] = len(caption_info["uncaptioned"])
+            manifest["captions"] = caption_info
+        if source_manifest is not None:
+            manifest["source_manifest"] = source_manifest
         storage.write_json(storage.join(output_uri, MANIFEST), manifest, endpoint_url)
     except BaseException:
         delete_quietly(generation_uri, endpoint_url)  # no manifest names it
