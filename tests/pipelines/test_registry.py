@@ -274,7 +274,8 @@ def test_an_autoencoder_version_is_logged_quietly_and_takes_an_alias(home, mlflo
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DDPM_HOME": str(home)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "signature" not in done.stderr and "input example" not in done.stderr, done.stderr
+    assert "Failed to infer model signature" not in done.stderr, done.stderr  # MLflow's warnings, both ways
+    assert "An input example was not provided" not in done.stderr, done.stderr
     version = done.stdout.strip().splitlines()[-1]
 
     assert cli.main(["models", "promote", name, version, "--alias", "production", "--tracking-uri", uri]) == 0
