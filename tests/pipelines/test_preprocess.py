@@ -1,7 +1,8 @@
 """The ingest stage end to end: real Ray Data, a real S3 endpoint (moto), real folders, real image files.
 
 The raw set is 60 of scikit-learn's digits in class folders (40 PNG, 20 JPEG) plus three objects that must be
-skipped and reported: a corrupt PNG, an empty object and a text file.
+skipped and reported: a corrupt PNG, an empty object and a text file; and one caption beside an image, which is a
+sidecar (counted apart, not reported as junk) even without ``--captions``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ray
 from PIL import Image
 
 from pipelines import cli, storage
-from pipelines.data.dataset import load_dataset, load_numpy, read_manifest
+from pipelines.data.dataset import load_captions, load_dataset, load_numpy, read_manifest
 from pipelines.data.digits import digits, write_images
 from pipelines.data.preprocess import UnusableImage, prepare_image, preprocess
 from pipelines.errors import UserError
@@ -38,6 +39,7 @@ def make_raw(uri: str) -> dict[str, tuple[np.ndarray, int]]:
     storage.write_bytes(storage.join(uri, "3/corrupt.png"), b"\x89PNG\r\n\x1a\n" + b"not really a png")
     storage.write_bytes(storage.join(uri, "5/empty.png"), b"")
     storage.write_bytes(storage.join(uri, "notes.txt"), b"not an image")
+    storage.write_bytes(storage.join(uri, keys[0][:-4] + ".txt"), b"a handwritten digit")  # a caption
     return {key: (images[i], int(labels[i])) for i, key in enumerate(keys)}
 
 
@@ -58,7 +60,7 @@ def processed_s3(s3):
 def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
     raw, out, source, manifest = processed_s3
     assert manifest["counts"] == {
-        "objects": 63, "rows": 60, "skipped": 3,
+        "objects": 64, "rows": 60, "skipped": 3, "sidecars": 1,
         "per_class": {str(c): sum(label == c for _, label in source.values()) for c in range(10)},
     }
     assert manifest["class_names"] == [str(c) for c in range(10)] and manifest["image_shape"] == [8, 8, 1]
@@ -66,6 +68,10 @@ def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
     for item in manifest["skipped"]:
         assert item["reason"].startswith(EXPECTED_SKIPS[item["key"]])
     assert read_manifest(out) == manifest
+    # Without --captions nothing about captions: no policy, section or column, and the fingerprint as before.
+    assert not {"caption_policy", "captions", "source_manifest"} & manifest.keys()
+    with pytest.raises(UserError, match="has no captions: run ddpm preprocess --captions"):
+        load_captions(out)
 
     # Ray Dataset: every image with its label; PNGs exactly as written, JPEGs within their compression error.
     rows = by_key(out)
