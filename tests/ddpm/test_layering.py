@@ -13,7 +13,7 @@ from pathlib import Path
 import ddpm
 
 PACKAGE = Path(ddpm.__file__).parent
-FORBIDDEN = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "fastapi", "starlette")
+FORBIDDEN = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "fastapi", "starlette", "transformers")
 
 
 def core_modules() -> list[str]:
