@@ -7,9 +7,10 @@
     filled = inpaint(model, schedule, image, mask, sampler="ddpm", steps=250, resample_jumps=10, resample_times=10)
     ae = autoencoder.load(path)  # ours or a diffusers AutoencoderKL folder; ae.encode(x) -> scaled latents
     enc = text.load(path)  # a CLIP text encoder (ours or HF's); enc.encode(prompts) -> (states, pooled)
+    model, tokenizer = clip.load(path)  # a CLIP the platform trained; text.load(path) reads its text half
 """
 
-from . import autoencoder, checkpoint, text
+from . import autoencoder, checkpoint, clip, text
 from .autoencoder import Autoencoder, AutoencoderConfig
 from .ema import EMA
 from .generation import FORWARD_ROWS, fixed_size_forward, generate_images, image_seeds, inpaint_images
@@ -24,7 +25,7 @@ from .unet import UNet, UNetConfig, count_parameters
 
 __all__ = [
     "Autoencoder", "AutoencoderConfig", "EMA", "FORWARD_ROWS", "NoiseSchedule", "UNet", "UNetConfig",
-    "DEFAULT_STEPS", "SAMPLERS", "autoencoder", "checkpoint",
+    "DEFAULT_STEPS", "SAMPLERS", "autoencoder", "checkpoint", "clip",
     "count_parameters", "diffusion_loss", "encode_png", "fixed_size_forward", "frechet_distance",
     "frechet_distance_features", "from_uint8", "generate_images", "image_seeds", "inpaint", "inpaint_images", "lr_at",
     "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "text", "timesteps",
