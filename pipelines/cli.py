@@ -24,12 +24,12 @@ import traceback
 
 # subcommand -> module that implements it
 SUBCOMMANDS: dict[str, str] = {
-    "data": "pipelines.data.command",
+    "data": "pipelines.commands.data",
     "preprocess": "pipelines.commands.preprocess",
     "encode": "pipelines.commands.encode",
-    "train": "pipelines.train.command",
-    "train-local": "pipelines.train.local",
-    "train-autoencoder": "pipelines.train.autoencoder_command",
+    "train": "pipelines.commands.train",
+    "train-local": "pipelines.commands.train_local",
+    "train-autoencoder": "pipelines.commands.train_autoencoder",
     "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",

@@ -1,4 +1,4 @@
-"""scikit-learn's digits as image files, and the image writer that ``ddpm data`` (``pipelines/data/command.py``) uses.
+"""scikit-learn's digits as image files, and the image writer that ``ddpm data`` (``pipelines/commands/data.py``) uses.
 
 The layout is the common one for labelled images, one folder per class::
 

@@ -1,8 +1,7 @@
 """Training: ``ddpm train`` on Ray Train (DDP), tracked in MLflow, and ``ddpm train-local`` (one process, core only).
 
-Who does what in ``ddpm train``::
+Who does what in ``ddpm train`` (its flags and main are ``pipelines/commands/train.py``, which calls driver.train)::
 
-    command      the CLI: flags, example, main -> driver.train
     driver       fit the config to the dataset's manifest, find the run's latest checkpoint (resume), start the
                  TorchTrainer, wait out storage outages that stop it, then finish the run
     run          the MLflow run: open (or reopen the one the checkpoint names), register the final model, close
@@ -15,11 +14,11 @@ Who does what in ``ddpm train``::
     progress     rank 0's progress line, printed by the driver; training progress as Ray metrics
     checkpoints  the checkpoint folder (no pickle) and TrainingState, the latest whole one in storage, upload
     samples      sample grids from fixed seeds
-    local        ``ddpm train-local``
+    local        ``ddpm train-local``'s training (its flags: ``pipelines/commands/train_local.py``)
 
-``ddpm train-autoencoder`` (latent diffusion's first stage) runs on the same machinery::
+``ddpm train-autoencoder`` (latent diffusion's first stage; flags in ``pipelines/commands/train_autoencoder.py``)
+runs on the same machinery::
 
-    autoencoder_command   the CLI -> autoencoder.train_autoencoder
     autoencoder           its driver: check the data, hold out the PSNR images, start the TorchTrainer, register
     autoencoder_worker    its loop: reconstruction + KL, held-out PSNR, the measured scaling factor, checkpoints
     autoencoder_config    its YAML (model: an AutoencoderConfig preset; train: its settings)
