@@ -3,9 +3,10 @@
 By default a stage prints only its own progress. Ray's INFO lines, Ray Data's per-dataset banners and progress
 reports, and everything Ray's worker processes print (Ray Train's controller, the training workers, Ray Data's split
 coordinator) go to the Ray session's log files (``<session>/logs/``: ``worker-*.out``, ``ray-data/ray-data.log``,
-and ``ddpm-driver-<pid>.log`` for this process's Ray loggers), not to the terminal. ``ddpm --verbose <command>``
-(environment: ``DDPM_VERBOSE=1``) brings them all back. Warnings and errors of this process's Ray loggers are
-printed either way.
+``ddpm-driver-<pid>.log`` for this process's Ray loggers, and ``ddpm-driver-<pid>.err`` for what native code writes
+to this process's file descriptor 2), not to the terminal. ``ddpm --verbose <command>`` (environment:
+``DDPM_VERBOSE=1``) brings them all back. Warnings and errors of this process's Ray loggers, and everything written
+through Python's ``sys.stderr`` (our one-line errors, tracebacks, warnings), are printed either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 VERBOSE_ENV = "DDPM_VERBOSE"
 # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1 and every Ray port
@@ -112,6 +114,8 @@ def quiet_ray_logging() -> None:
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         to_file._ddpm = "file"
         ray_logger.addHandler(to_file)
+    if session is not None:
+        _native_stderr_to(os.path.join(session, f"ddpm-driver-{os.getpid()}.err"))
     try:
         import ray.data
         from ray.data._internal.logging import SessionFileHandler
@@ -126,6 +130,46 @@ def quiet_ray_logging() -> None:
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")
+
+
+_NATIVE_STDERR: dict[str, str] = {}  # {"path": where file descriptor 2 now goes}, once per process
+
+
+def _native_stderr_to(path: str) -> None:
+    """Point file descriptor 2 at ``path`` and keep Python's ``sys.stderr`` on the terminal. Once per process.
+
+    Why the descriptor: the driver's core worker starts Ray's C++ log (``RayLog::StartRayLog``, Ray 2.60) with two
+    sinks, the session's ``python-core-driver-*.log`` (INFO and above) and a stderr sink for ERROR and above that no
+    setting turns off (``RAY_BACKEND_LOG_LEVEL`` sets both sinks' level; ``RAY_LOG_TO_STDERR=1`` moves the file's
+    lines to the terminal too). Lines such as ``core_worker.cc: ... has constructor arguments in the object store
+    and max_restarts > 0`` are thus already in the session's log and reach the terminal only through fd 2.
+
+    ``sys.stderr`` becomes a stream on a duplicate of the old fd 2, and logging handlers that wrote to the old one
+    move to it, so our errors, tracebacks and warnings still print. Child processes started later inherit the file
+    as their fd 2 (the stages capture their children's output). Skipped when ``sys.stderr`` is not this process's
+    fd 2 (pytest's capture, an embedding host): its writes do not go through fd 2 then.
+    """
+    if _NATIVE_STDERR or sys.stderr is None or sys.stderr is not sys.__stderr__:
+        return
+    try:
+        if sys.stderr.fileno() != 2:
+            return
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except (OSError, ValueError):  # no fd behind sys.stderr, or the log folder is not writable: leave fd 2 as is
+        return
+    old = sys.stderr
+    old.flush()
+    terminal = os.dup(2)
+    os.dup2(target, 2)
+    os.close(target)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=old.encoding, errors=old.errors)
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(sys.stderr)
+    _NATIVE_STDERR["path"] = path
 
 
 def _session_log_dir() -> str | None:
