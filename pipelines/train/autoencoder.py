@@ -25,13 +25,13 @@ from pipelines import tracking
 from pipelines.config import readable
 from pipelines.data.dataset import is_latent, load_dataset, read_columns, read_manifest
 from pipelines.errors import UserError
-from pipelines.ray_utils import init_ray
+from pipelines.ray_utils import init_ray, verbose
 from pipelines.train.autoencoder_worker import AutoencoderJob, train_autoencoder_worker
 from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, latest_checkpoint
 from pipelines.train.driver import default_cpus_per_worker, run_trainer
 from pipelines.train.resources import Workers, check_workers_fit
 from pipelines.train.rows import Blocks
-from pipelines.train.run import finish_run, killed_on_interrupt, open_run
+from pipelines.train.run import CONFIG_ARTIFACT, finish_run, killed_on_interrupt, open_run
 
 # train keys a resumed run must keep: the objective, and what defines the held-out split
 RESUME_FIXED = ("loss", "kl_weight", "seed", "eval_images")
@@ -72,7 +72,8 @@ def train_autoencoder(
     """
     manifest = read_manifest(data)
     check_dataset(config, manifest, data)
-    print(readable(config.to_dict()), flush=True)
+    if verbose():  # else one line below says where the resolved config is: it is 80 lines
+        print(readable(config.to_dict()), flush=True)
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
@@ -82,7 +83,8 @@ def train_autoencoder(
     check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
+    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}; the resolved config is its params and its "
+          f"{CONFIG_ARTIFACT} artifact (--verbose prints it here)", flush=True)
 
     unlogged: list[str] = []
     with killed_on_interrupt(run_id, uri, storage, name):

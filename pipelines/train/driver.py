@@ -21,10 +21,10 @@ from pipelines import tracking
 from pipelines.config import readable
 from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset, read_manifest
 from pipelines.errors import UserError
-from pipelines.ray_utils import init_ray
+from pipelines.ray_utils import init_ray, verbose
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
 from pipelines.train.resources import Workers, check_workers_fit
-from pipelines.train.run import fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
+from pipelines.train.run import CONFIG_ARTIFACT, fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
 from pipelines.train.progress import fit_with_progress
 from pipelines.train.rows import Blocks
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
@@ -71,7 +71,8 @@ def train(
     """
     manifest = read_manifest(data)
     config = fit_to_dataset(config, manifest, data)
-    print(readable(config.to_dict()), flush=True)
+    if verbose():  # else one line below says where the resolved config is: it is 80 lines
+        print(readable(config.to_dict()), flush=True)
     previous = latest_checkpoint(storage, name)
     if previous is not None:
         check_resumable(previous.state, config, name)
@@ -81,7 +82,8 @@ def train(
     check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}", flush=True)
+    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}; the resolved config is its params and its "
+          f"{CONFIG_ARTIFACT} artifact (--verbose prints it here)", flush=True)
 
     unlogged: list[str] = []
     with killed_on_interrupt(run_id, uri, storage, name):

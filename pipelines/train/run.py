@@ -15,8 +15,12 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipelines import registry, tracking
+from pipelines.config import readable
 from pipelines.errors import UserError
 from pipelines.train.checkpoints import MODEL_DIR, SavedCheckpoint, latest_checkpoint, read_state, stored
+
+
+CONFIG_ARTIFACT = "config.yaml"  # the resolved config of a run, beside its params
 
 
 def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data: str,
@@ -24,6 +28,7 @@ def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data:
     """The MLflow run id: a new run with params and lineage tags, or the previous checkpoint's run, reopened.
 
     A reopened run gets a tag ``resume_<images>_changes`` listing the config values that differ from the checkpoint's.
+    A new run also keeps the resolved config as indented YAML, the artifact ``config.yaml``.
     """
     tags = {
         "ddpm.run_name": name,
@@ -52,6 +57,7 @@ def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data:
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         params = [Param(k, v) for k, v in tracking.flatten(config.to_dict()).items()]
         client.log_batch(run.info.run_id, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_text(run.info.run_id, readable(config.to_dict()), CONFIG_ARTIFACT)  # the params, as a person reads them
         return run.info.run_id
     except MlflowException as exc:
         raise UserError(f"MLflow at {tracking.redact_uri(uri)}: {str(exc).splitlines()[0]}") from None

@@ -53,7 +53,8 @@ def kept_cluster():
 RAY_NOISE = ("(RayTrainWorker", "(TrainController", "(SplitCoordinator", "(PlacementGroupCleaner", "(raylet)",
              "Starting execution of Dataset", "Execution plan of Dataset", "Reporting training result",
              "RayDeprecationWarning", "Failed to query Ray Train Controller", "Grad strides do not match",
-             "Token authentication is enabled", " INFO ", "WARNING ")
+             "Token authentication is enabled", " INFO ", "WARNING ", "core_worker.cc",
+             "Failed to infer model signature")
 
 
 def test_quickstart_end_to_end(tmp_path, kept_cluster):

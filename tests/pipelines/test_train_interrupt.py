@@ -76,5 +76,8 @@ def test_ctrl_c_says_interrupted_exits_130_and_marks_the_run_killed(command, dig
     assert err[-1] == (f"ddpm {command}: interrupted; MLflow run {run.info.run_id} marked KILLED; "
                        f"no checkpoint was written yet"), err
     assert run.info.status == "KILLED"
-    config = lines[lines.index("config:"):]
-    assert config[1] == "  model:" and max(len(line) for line in lines) < 200
+    # The resolved config is one line's mention on the terminal and indented YAML in the run's config.yaml.
+    [where] = [line for line in lines if line.startswith(f"MLflow run {run.info.run_id} at ")]
+    assert "config.yaml artifact" in where and max(len(line) for line in lines) < 200
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text().splitlines()
+    assert config[0] == "config:" and "  model:" in config
