@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_weights, write_folder
+from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_config_file
 
 FORMAT, VERSION = "ddpm-autoencoder", 1
@@ -475,13 +475,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
         raise AutoencoderError(f"{path / CONFIG_FILE}: neither a {FORMAT!r} folder nor a diffusers AutoencoderKL "
                                f"(format {config.get('format')!r})")
     ae = Autoencoder(cfg)
-    expected = ae.state_dict()
-    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
-    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
-                 for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    if problems:
-        raise AutoencoderError(f"{path}: weights do not match config.json ({len(problems)} problems, "
-                               f"first: {sorted(problems)[0]})")
+    check_weights(state, ae.state_dict(), path, AutoencoderError)
     ae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return ae.to(device).eval()

@@ -26,7 +26,7 @@ import torch
 
 from . import autoencoder as ae_format
 from .autoencoder import Autoencoder
-from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_weights, write_folder
+from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_config_file
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 from .unet import UNet, UNetConfig
@@ -137,14 +137,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
     tensors = read_weights(path / WEIGHTS_FILE)
     prefix = f"{weights}."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    expected = dict(model.named_parameters())
-    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
-    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(p.shape)}"
-                 for k, p in expected.items() if k in state and state[k].shape != p.shape]
-    if problems:
-        raise CheckpointError(f"{path}: weights do not match config.json ({len(problems)} problems, "
-                              f"first: {sorted(problems)[0]})")
+    check_weights(state, dict(model.named_parameters()), path)
     model.load_state_dict(state, strict=False)  # strict on parameters above; the UNet has no buffers
     model.to(device).eval()
     decoder = None

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import text
-from .folder_format import WEIGHTS_FILE, CheckpointError, read_weights, write_folder
+from .folder_format import WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_json
 
 FORMAT, VERSION = "ddpm-clip", 1
@@ -382,7 +382,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedClip:
         raise ClipError(f"{path / CLIP_DIR / 'config.json'}: not a CLIP this module can build ({exc})") from None
     model = Clip(cfg)
     state = read_weights(path / CLIP_DIR / WEIGHTS_FILE, ClipError)
-    _check_keys(state, model.state_dict(), path / CLIP_DIR)
+    check_weights(state, model.state_dict(), path / CLIP_DIR, ClipError)
     model.load_state_dict(state, strict=True)
 
     encoder = text.load(path)  # text_encoder/ + tokenizer/, and their own checks
@@ -395,13 +395,3 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedClip:
         raise ClipError(f"{path / text.TOKENIZER_DIR}: does not fit the CLIP ({encoder.tokenizer.vocab_size} tokens, "
                         f"context {encoder.tokenizer.context_length})")
     return LoadedClip(model.to(device).eval(), encoder.tokenizer)
-
-
-def _check_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], folder: Path) -> None:
-    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
-    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
-                 for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    if problems:
-        raise ClipError(f"{folder}: weights do not match config.json ({len(problems)} problems, first: "
-                        f"{sorted(problems)[0]})")

@@ -64,3 +64,17 @@ def read_weights(file: str | Path, error: type[CheckpointError] = CheckpointErro
         raise error(f"{file.parent}: no {file.name}") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise error(f"{file}: unreadable or truncated ({exc})") from None
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], folder: str | Path,
+                  error: type[CheckpointError] = CheckpointError) -> None:
+    """Refuse (``error``, one line) weights whose names or shapes differ from the model's ``expected`` tensors (its
+    state dict, or its parameters), naming how many differ and the first, so a folder whose config.json does not
+    describe its weights is never half loaded."""
+    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
+    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
+    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
+                 for k, t in expected.items() if k in state and state[k].shape != t.shape]
+    if problems:
+        raise error(f"{folder}: weights do not match config.json ({len(problems)} problems, "
+                    f"first: {sorted(problems)[0]})")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .folder_format import CheckpointError, read_config, read_weights, write_folder
+from .folder_format import CheckpointError, check_weights, read_config, read_weights, write_folder
 
 ENCODER_DIR, TOKENIZER_DIR = "text_encoder", "tokenizer"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -568,14 +568,7 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None,
                                f"({exc})") from None
     state = from_hf_state(read_weights(_weights_file(encoder_dir), error=TextEncoderError))
     model = TextTransformer(cfg)
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
-    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}"
-                 for k, t in expected.items() if k in state and state[k].shape != t.shape]
-    if problems:
-        raise TextEncoderError(f"{encoder_dir}: weights do not match config.json ({len(problems)} problems, "
-                               f"first: {sorted(problems)[0]})")
+    check_weights(state, model.state_dict(), encoder_dir, TextEncoderError)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     tok = load_tokenizer(tokenizer_dir, context_length=cfg.max_position_embeddings)
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipelines.errors import UserError
 
 HELP = "train a DDPM on Ray Train (DDP), tracked in MLflow, and register the result as a model version"
 EXAMPLE = """example:
@@ -55,14 +54,9 @@ def main(args: argparse.Namespace) -> int:
     # Here, not at the top: both import torch (and the driver Ray), which --help must not pay for.
     from pipelines.config import load_config
     from pipelines.train.driver import train
+    from pipelines.train.resources import workers_from_flags
 
-    from pipelines.train.resources import Workers
-
-    workers = Workers.parse(args.num_workers, "--num-workers")
-    if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
-        raise UserError("--cpus-per-worker must be at least 1")
-    if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
-        raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
+    workers = workers_from_flags(args)
     config = load_config(args.config, args.set)
     # The driver's MLflow calls fail in seconds, not after MLflow's default minutes of backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipelines.errors import UserError
 
 HELP = "train latent diffusion's KL autoencoder on Ray Train (DDP), tracked in MLflow, and register it"
 EXAMPLE = """example:
@@ -57,13 +56,9 @@ def main(args: argparse.Namespace) -> int:
     # Here, not at the top: both import torch (and the driver Ray), which --help must not pay for.
     from pipelines.train.autoencoder import train_autoencoder
     from pipelines.train.autoencoder_config import load_config
-    from pipelines.train.resources import Workers
+    from pipelines.train.resources import workers_from_flags
 
-    workers = Workers.parse(args.num_workers, "--num-workers")
-    if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
-        raise UserError("--cpus-per-worker must be at least 1")
-    if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
-        raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
+    workers = workers_from_flags(args)
     config = load_config(args.config, args.set)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     result = train_autoencoder(args.data, config, storage=args.storage, name=args.name, num_workers=workers,

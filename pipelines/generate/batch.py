@@ -12,15 +12,8 @@ The work, and where it runs::
             shard calls ddpm.generate_images on the shard's seeds and hands the images to the sink
     driver  progress (images/s) from the rows coming back; at the end, the manifest from the shards' commit files
 
-Output layout (the rest in :mod:`pipelines.generate.shards`)::
-
-    OUTPUT/job.json                    what is being made: model, sampler settings, seeds, labels, shard size, format
-    OUTPUT/images/seed-000123.png      png: one file per image, named by its seed
-    OUTPUT/data/shard-000000.parquet   parquet: one file per shard; rows of pipelines.data.preprocess's schema
-                                       (image = H*W*C raw uint8 bytes, label, key = "seed-000123", sha256 of the
-                                       pixels) plus ``seed``
-    OUTPUT/shards/shard-000000.json    a shard's commit: written after its images, lists their seeds, labels, sha256s
-    OUTPUT/manifest.json               written last: job.json's fields, counts, the fingerprint of all the images
+Output layout: ``OUTPUT/job.json`` (what is being made: model, sampler settings, seeds, labels, shard size, format)
+beside the images, the shards' commit files and the manifest that :mod:`pipelines.generate.shards` describes.
 
 Resuming: a shard is committed when its ``shards/`` file exists (each object is written whole: a PUT, or a rename
 on a local disk), so a rerun with the same arguments lists OUTPUT once and generates only the shards without one;

@@ -6,7 +6,6 @@ Each case is one of issue 26's findings, run through the real entry point (``pip
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

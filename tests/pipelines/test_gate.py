@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import load_config
-from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
+from pipelines.evaluate.gate import decide_promotion
 
 # The bad first version of the issue: photos-latent on an AVX2-only CPU, FD-cls 4,771 against a floor of 19.2.
 BLOBS = {"fd_cls": 4771.0, "fd_cls_floor": 19.2, "fd_cls_ratio": 4771.0 / 19.2, "recall": 0.004}
