@@ -4,6 +4,7 @@ the same files for a seed, and ``ddpm preprocess`` ingests them with the photos 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -11,13 +12,17 @@ from PIL import Image
 
 from pipelines import cli, storage
 from pipelines.data.dataset import load_numpy, read_manifest
-from pipelines.data.photos import PHOTOS
+from pipelines.data.photos import PHOTOS, SETTINGS_FILE
+
+RECORD = SETTINGS_FILE  # what a folder of crops was made with: a rerun with other settings is refused
 
 PHOTO_NAMES = sorted(PHOTOS)  # the class ids preprocess gives: sorted folder names
 
 
 def files(uri: str) -> dict[str, bytes]:
-    return {e.key: storage.read_bytes(storage.join(uri, e.key)) for e in storage.list_files(uri)}
+    """The images written under ``uri``, by key (the generator's record, ``_photos.json``, apart)."""
+    return {e.key: storage.read_bytes(storage.join(uri, e.key)) for e in storage.list_files(uri)
+            if e.key != RECORD}
 
 
 def write(out, *flags: str) -> dict[str, bytes]:
@@ -52,6 +57,9 @@ def test_a_seed_gives_the_same_files(crops):
     assert a == b
     assert set(c) == set(a) and all(c[k] != a[k] for k in a)  # same layout, other crops
     assert {k: d[k] for k in a} == a  # crop i does not depend on the count: the default seed is 0
+    record = json.loads(storage.read_bytes(storage.join(str(crops[0]), RECORD)))
+    assert {k: record[k] for k in ("dataset", "size", "seed", "count")} == {"dataset": "photos", "size": 32,
+                                                                            "seed": 0, "count": 40}
 
 
 def test_bad_flags_are_refused_in_one_line(tmp_path, capsys):
@@ -83,7 +91,7 @@ def test_preprocess_ingests_the_photos_with_their_labels(crops, tmp_path, ray_lo
 def test_photos_to_a_bucket(bucket, tmp_path):
     uri = f"s3://{bucket}/raw/photos"
     assert cli.main(["data", "photos", "--output", uri, "--count", "16", "--size", "16", "--format", "jpeg"]) == 0
-    keys = sorted(e.key for e in storage.list_files(uri))
+    keys = sorted(e.key for e in storage.list_files(uri) if e.key != RECORD)
     assert len(keys) == 16 and keys[0] == "astronaut/0000.jpeg" and {k.split("/")[0] for k in keys} == set(PHOTOS)
     local = write(tmp_path, "--count", "16", "--size", "16", "--format", "jpeg")
     assert files(uri) == local  # the same bytes wherever they go
