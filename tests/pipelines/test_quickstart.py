@@ -87,7 +87,7 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert stage in out  # every stage reports progress
     assert "digits version 1 (not promoted: below the bar: fd_cls" in out and "(at most 0.01x)" in out
-    [warning] = [line for line in printed if "warning:" in line]
+    [warning] = [line for line in printed if "warning:" in line and "was not promoted" in line]
     assert warning.strip().startswith("warning: digits version 1 was not promoted (below the bar: fd_cls")
     assert warning.endswith("and no version holds production: serving it by version number")
     assert "[4/6] serving models:/digits/1 with Ray Serve" in out
