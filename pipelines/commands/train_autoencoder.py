@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from pipelines.commands.training_flags import add_training_arguments, workers_from_flags
 
 HELP = "train latent diffusion's KL autoencoder on Ray Train (DDP), tracked in MLflow, and register it"
 EXAMPLE = """example:
@@ -27,36 +28,13 @@ ddpm encode --autoencoder models:/NAME/VERSION takes.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="URI", help="output of ddpm preprocess (has manifest.json)")
-    parser.add_argument("--config", required=True, metavar="YAML", help="a preset, e.g. configs/autoencoder-f4.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set train.total_images=20000; repeatable")
-    parser.add_argument("--num-workers", default="1", metavar="N|MIN-MAX",
-                        help="Ray Train workers (default: 1), or an elastic range such as 1-4")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
-    parser.add_argument("--cpus-per-worker", type=int, default=None, metavar="K",
-                        help="CPUs reserved per worker, which also sets its thread count "
-                             "(default: the cluster's CPUs / N, at most one node's)")
-    parser.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default=None,
-                        help="where the workers go (default: SPREAD on CPU, PACK on GPU)")
-    parser.add_argument("--storage", required=True, metavar="URI",
-                        help="checkpoints go to URI/NAME/: s3://bucket/prefix or a folder all nodes share")
-    parser.add_argument("--name", required=True, help="run name; the same name resumes from its last checkpoint")
-    parser.add_argument("--register-as", default=None, metavar="AE_NAME",
-                        help="register the final autoencoder as a new version of AE_NAME")
-    parser.add_argument("--tracking-uri", default=None, metavar="URI",
-                        help="MLflow server (default: $MLFLOW_TRACKING_URI, else the embedded store in .ddpm/)")
-    parser.add_argument("--experiment", default="ddpm", help="MLflow experiment (default: ddpm)")
-    parser.add_argument("--resource-wait-s", type=float, default=None, metavar="S",
-                        help="how long to wait for the workers' CPUs/GPUs before failing (default: 30 on a local "
-                             "Ray, 600 on a cluster)")
+    add_training_arguments(parser, preset="configs/autoencoder-f4.yaml", registers="autoencoder")
 
 
 def main(args: argparse.Namespace) -> int:
     # Here, not at the top: both import torch (and the driver Ray), which --help must not pay for.
     from pipelines.train.autoencoder import train_autoencoder
     from pipelines.train.autoencoder_config import load_config
-    from pipelines.train.resources import workers_from_flags
 
     workers = workers_from_flags(args)
     config = load_config(args.config, args.set)

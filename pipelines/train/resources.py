@@ -61,17 +61,6 @@ class Workers:
         return f"{self.min}-{self.max}" if self.elastic else str(self.min)
 
 
-def workers_from_flags(args) -> Workers:
-    """The training commands' worker flags (``ddpm train``, ``ddpm train-autoencoder``): ``--num-workers`` parsed,
-    ``--cpus-per-worker`` and ``--resource-wait-s`` checked, each fault one line naming its flag."""
-    workers = Workers.parse(args.num_workers, "--num-workers")
-    if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
-        raise UserError("--cpus-per-worker must be at least 1")
-    if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
-        raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
-    return workers
-
-
 def default_wait_s() -> float:
     return CLUSTER_WAIT_S if os.environ.get("RAY_ADDRESS") else LOCAL_WAIT_S
 
