@@ -72,7 +72,9 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     command = [sys.executable, "-m", "pipelines.cli", "quickstart", "--eval-samples", "100", "--workdir", str(workdir),
                "--samples", str(samples), "--port", str(port := free_port())]
     minutes = 0.5  # the training budget; its check below allows the same 2 minutes of slack as at 1 minute
-    done = subprocess.run([*command, "--minutes", str(minutes), "--set", "pipeline.gate_max_ratio=0.01"], env=env,
+    # A log every 5 steps: a half minute on a slow CPU (AVX2 only, or a busy one) may not reach the preset's 20.
+    done = subprocess.run([*command, "--minutes", str(minutes), "--set", "pipeline.gate_max_ratio=0.01",
+                           "--set", "train.log_every_steps=5"], env=env,
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = (done.stdout + done.stderr).splitlines()
@@ -130,7 +132,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     assert "the local cluster the previous quickstart left" in again.stdout
     assert "stopped the previous quickstart's endpoint" in again.stdout
     assert "digits version 2 (promoted to production: no incumbent" in again.stdout
-    assert "[4/6] serving models:/digits@production with Ray Serve" in again.stdout and "warning:" not in again.stdout
+    assert "[4/6] serving models:/digits@production with Ray Serve" in again.stdout
+    assert "was not promoted" not in again.stdout  # (the 100-sample evaluation's small-n warning is there, rightly)
     promoted = client.get_model_version_by_alias("digits", "production")
     assert str(promoted.version) == "2" and promoted.tags["gate.decision"] == "promote"
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
