@@ -31,7 +31,7 @@ from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, la
 from pipelines.train.driver import default_cpus_per_worker, run_trainer
 from pipelines.train.resources import Workers, check_workers_fit
 from pipelines.train.rows import Blocks
-from pipelines.train.run import CONFIG_ARTIFACT, finish_run, killed_on_interrupt, open_run
+from pipelines.train.run import finish_run, killed_on_interrupt, open_run
 
 # train keys a resumed run must keep: the objective, and what defines the held-out split
 RESUME_FIXED = ("loss", "kl_weight", "seed", "eval_images")
@@ -83,8 +83,6 @@ def train_autoencoder(
     check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}; the resolved config is its params and its "
-          f"{CONFIG_ARTIFACT} artifact (--verbose prints it here)", flush=True)
 
     unlogged: list[str] = []
     with killed_on_interrupt(run_id, uri, storage, name):

@@ -24,7 +24,7 @@ from pipelines.errors import UserError
 from pipelines.ray_utils import init_ray, verbose
 from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
 from pipelines.train.resources import Workers, check_workers_fit
-from pipelines.train.run import CONFIG_ARTIFACT, fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
+from pipelines.train.run import fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
 from pipelines.train.progress import fit_with_progress
 from pipelines.train.rows import Blocks
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
@@ -82,8 +82,6 @@ def train(
     check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
     uri = tracking_uri or tracking.tracking_uri()
     run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}; the resolved config is its params and its "
-          f"{CONFIG_ARTIFACT} artifact (--verbose prints it here)", flush=True)
 
     unlogged: list[str] = []
     with killed_on_interrupt(run_id, uri, storage, name):

@@ -28,8 +28,17 @@ def open_run(uri: str, experiment: str, name: str, config, manifest: dict, data:
     """The MLflow run id: a new run with params and lineage tags, or the previous checkpoint's run, reopened.
 
     A reopened run gets a tag ``resume_<images>_changes`` listing the config values that differ from the checkpoint's.
-    A new run also keeps the resolved config as indented YAML, the artifact ``config.yaml``.
+    A new run also keeps the resolved config as indented YAML, the artifact ``config.yaml``. Says in one line which
+    run it is and where its config is.
     """
+    run_id = _open_run(uri, experiment, name, config, manifest, data, previous)
+    print(f"MLflow run {run_id} at {tracking.redact_uri(uri)}; the resolved config is its params and its "
+          f"{CONFIG_ARTIFACT} artifact (--verbose prints it here)", flush=True)
+    return run_id
+
+
+def _open_run(uri: str, experiment: str, name: str, config, manifest: dict, data: str,
+              previous: SavedCheckpoint | None) -> str:
     tags = {
         "ddpm.run_name": name,
         "dataset_fingerprint": manifest["fingerprint"],
