@@ -74,7 +74,7 @@ def run_rank(rank: int, world: int, port: int, args, results) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(n):
-                train_step(v["model"], v["opt"], schedule, x_0, lr=1e-4, class_labels=y,
+                train_step(v["model"], v["opt"], schedule, x_0, lr=1e-4, condition=y,
                            prediction_type="v_prediction", min_snr_gamma=5.0, timestep_sampling="importance",
                            grad_clip=1.0, autocast_dtype=dtype)
         dist.barrier()

@@ -54,7 +54,7 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ddpm import checkpoint, fixed_size_forward, generate_images, image_seeds
+    from ddpm import checkpoint, fixed_size_forward, from_labels, generate_images, image_seeds
     from ddpm.metrics import FeatureStats, frechet_distance_stats, precision_recall
     from pipelines.evaluate.classifier import net_features, net_from_bytes
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             x = generate_images(loaded, image_seeds(args.seed + a, b - a), steps=args.steps,
                                 guidance_scale=args.guidance, forward=forward, batch_size=b - a,
-                                class_labels=None if sample_labels is None else sample_labels[a:b])
+                                condition=from_labels(None if sample_labels is None else sample_labels[a:b], b - a))
             f = net_features(net, x)
             took = time.perf_counter() - start
             partial = part.with_suffix(".tmp.npz")
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> None:
         elif done < n:
             rest = generate_images(loaded, image_seeds(args.seed + done, n - done), steps=args.steps,
                                    guidance_scale=args.guidance, forward=forward, batch_size=n - done,
-                                   class_labels=None if sample_labels is None else sample_labels[done:n])
+                                   condition=from_labels(None if sample_labels is None else sample_labels[done:n],
+                                                         n - done))
             total = total.merge(FeatureStats.of(net_features(net, rest)))
         return total
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ddpm import FORWARD_ROWS, NoiseSchedule, UNet, UNetConfig, generate_images
+from ddpm import FORWARD_ROWS, NoiseSchedule, UNet, UNetConfig, from_labels, generate_images
 from ddpm.checkpoint import LoadedModel
 
 
@@ -39,7 +39,8 @@ def main() -> None:
         best, images = float("inf"), None
         for _ in range(args.rounds):
             start = time.perf_counter()
-            images = generate_images(loaded, seeds, class_labels=labels, steps=args.steps, forward_rows=rows,
+            images = generate_images(loaded, seeds, condition=from_labels(labels, len(seeds)), steps=args.steps,
+                                     forward_rows=rows,
                                      batch_size=args.images)
             best = min(best, time.perf_counter() - start)
         return args.images / best, images

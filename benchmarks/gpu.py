@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ddpm import (NoiseSchedule, UNet, UNetConfig, checkpoint, count_parameters, fixed_size_forward,  # noqa: E402
-                  generate_images, noise_from_seeds, sample, to_uint8)
+                  from_labels, generate_images, noise_from_seeds, sample, to_uint8)
 from ddpm.ema import EMA  # noqa: E402
 from ddpm.graphs import graphed_forward  # noqa: E402
 from ddpm.losses import diffusion_loss  # noqa: E402
@@ -126,7 +126,7 @@ def _correctness_preset(preset, args, device, cpu, schedule, rows, steps, report
     seeds = list(range(1000, 1000 + n))
     labels = [i % cpu_model.config.num_classes for i in range(n)] if conditional else None
     guidance = 1.1 if conditional else 1.0
-    settings = dict(class_labels=labels, sampler="ddim", steps=steps, guidance_scale=guidance)
+    settings = dict(condition=from_labels(labels, n), sampler="ddim", steps=steps, guidance_scale=guidance)
     cpu_loaded = checkpoint.LoadedModel(cpu_model, schedule, "sample")
     gpu_loaded = checkpoint.LoadedModel(gpu_model, schedule, "sample")
     graphed = graphed_forward(gpu_model, rows)
@@ -164,9 +164,10 @@ def _correctness_preset(preset, args, device, cpu, schedule, rows, steps, report
     other_labels = None if labels is None else [1, 2, labels[k], *[(i * 7) % classes for i in range(rows + 2)]]
     for name, fwd in (("graphed", graphed), ("eager fixed-size", None)):
         extra = dict(forward=fwd) if fwd is not None else dict(forward_rows=rows)
-        alone = generate_images(gpu_loaded, [seeds[k]], **{**settings, "class_labels": None if labels is None
-                                                            else labels[k:k + 1]}, **extra)
-        mixed = generate_images(gpu_loaded, others, **{**settings, "class_labels": other_labels}, **extra)[2]
+        alone = generate_images(gpu_loaded, [seeds[k]], **{**settings, "condition": from_labels(
+            None if labels is None else labels[k:k + 1], 1)}, **extra)
+        mixed = generate_images(gpu_loaded, others, **{**settings, "condition": from_labels(other_labels, len(others))},
+                                **extra)[2]
         report(f"| {preset} | GPU {name}: image alone == same seed in a mixed batch of {len(others)} | "
                f"{bool(np.array_equal(alone[0], mixed))} |")
 

@@ -159,7 +159,7 @@ def gflop_per_image(config) -> float:
     x = torch.zeros(8, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     y = torch.zeros(8, dtype=torch.long) if config.train.class_conditional else None
     with FlopCounterMode(display=False) as counter:
-        diffusion_loss(net, schedule, x, class_labels=y, prediction_type=config.train.prediction_type).backward()
+        diffusion_loss(net, schedule, x, condition=y, prediction_type=config.train.prediction_type).backward()
     return counter.get_total_flops() / 8 / 1e9
 
 
@@ -215,7 +215,7 @@ def speed(names: list[str], steps: int = 10) -> str:
         x = torch.randn(tc.batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
         y = torch.randint(0, 10, (tc.batch_size,)) if tc.class_conditional else None
         steps_of[n] = (tc.batch_size, functools.partial(train_step, net, optimizer, schedule, x, lr=tc.lr,
-                                                        class_labels=y, **tc.step_options(x.device)))
+                                                        condition=y, **tc.step_options(x.device)))
     seconds = dict.fromkeys(names, 0.0)
     for i in range(steps + 2):  # the first two steps warm up
         for n, (_, step) in steps_of.items():

@@ -34,7 +34,7 @@ def baseline_step(net, optimizer, schedule, x_0, y, shadow, ema_decay, options) 
     dtype = options["autocast_dtype"]
     autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        loss = diffusion_loss(net, schedule, x_0, class_labels=y, prediction_type=options["prediction_type"],
+        loss = diffusion_loss(net, schedule, x_0, condition=y, prediction_type=options["prediction_type"],
                               min_snr_gamma=options["min_snr_gamma"], timestep_sampling=options["timestep_sampling"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -86,7 +86,7 @@ def main() -> int:
         "torch's CPU defaults (per-tensor loops)": lambda: baseline_step(base_net, base_opt, schedule, x_0, y, shadow,
                                                                          tc.ema_decay, options),
         "shipped (foreach clip, fused AdamW, foreach EMA)": lambda: (
-            train_step(net, optimizer, schedule, x_0, lr=tc.lr, class_labels=y, **options), ema.update(net)),
+            train_step(net, optimizer, schedule, x_0, lr=tc.lr, condition=y, **options), ema.update(net)),
     }
     rates: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(args.rounds):

@@ -60,7 +60,7 @@ def plain_loop(config, images, labels, steps: int, window: int) -> list[float]:
         y = drop_labels(torch.from_numpy(labels[index]), tc.label_dropout) if tc.class_conditional else None
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=tc.warmup_images // tc.batch_size, total_steps=steps,
                    decay=tc.lr_decay)
-        train_step(net, optimizer, schedule, x_0, lr=lr, class_labels=y, **options)
+        train_step(net, optimizer, schedule, x_0, lr=lr, condition=y, **options)
         ema.update(net)
         if (step + 1) % window == 0:
             now = time.perf_counter()

@@ -10,6 +10,9 @@
       autoencoder/        latent models only: the autoencoder the U-Net's samples are decoded with
                           (``ddpm.autoencoder``'s folder); config.json then also holds "autoencoder": {"source": ...,
                           "image_shape": [C, H, W] of the decoded images}
+      text/               text models only: the frozen text encoder whose token states the U-Net attends to
+                          (``ddpm.text``'s layout: text/text_encoder/ + text/tokenizer/); config.json then also holds
+                          "text_encoder": {"source": ..., "folder": "text", "context_length": L, "width": D}
 
 The folder is read and written by ``ddpm.folder_format`` (as the autoencoder's is), which also holds
 ``CheckpointError``. Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs
@@ -21,24 +24,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from . import autoencoder as ae_format
+from . import text as text_format
 from .autoencoder import Autoencoder
+from .conditioning import Condition, encode_prompts, from_labels
 from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_config_file
 from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .settings import SettingError, check_for_model
+from .text import TextEncoder
 from .unet import UNet, UNetConfig
 
 FORMAT, VERSION = "ddpm-checkpoint", 1
-AUTOENCODER_DIR = "autoencoder"
+AUTOENCODER_DIR, TEXT_DIR = "autoencoder", "text"
 
 
 @dataclass
 class LoadedModel:
-    """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings, and
-    for a latent model the autoencoder whose decoder turns its samples into pixels."""
+    """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings, for
+    a latent model the autoencoder whose decoder turns its samples into pixels, and for a text model its frozen text
+    encoder."""
 
     model: UNet
     schedule: NoiseSchedule
@@ -46,6 +55,7 @@ class LoadedModel:
     class_names: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     autoencoder: Autoencoder | None = None  # on the model's device, eval mode
+    text_encoder: TextEncoder | None = None  # on the model's device, frozen
 
     @property
     def config(self) -> UNetConfig:
@@ -66,6 +76,43 @@ class LoadedModel:
         f = self.autoencoder.downsample_factor
         return (self.autoencoder.config.in_channels, h * f, w * f)
 
+    def condition(self, count: int, *, class_labels: int | Sequence[int] | None = None,
+                  prompts: str | Sequence[str] | None = None,
+                  negative_prompts: str | Sequence[str] | None = None) -> Condition | None:
+        """The Condition of a request for ``count`` images, or None (an unconditional or class model without a
+        label). class_labels / prompts / negative_prompts: one for all, or one per image.
+
+        A text model always gets text: no prompt (or "") is the empty prompt's encoding, the unconditional model
+        caption dropout trained (whether such a row is guided is ``ddpm.settings.guided``'s business). Refused
+        with a ``SettingError`` (a ValueError naming the field, shown as it is by the CLI and HTTP): a prompt to a
+        model without a text encoder, a class label to a text model, a class this model does not have.
+        """
+        if self.text_encoder is None:
+            if prompts is not None or negative_prompts is not None:
+                field_ = "prompt" if prompts is not None else "negative_prompt"
+                raise SettingError(field_, "this model takes no prompt; it has no text encoder"
+                                   + (" (it takes a class label)" if self.config.num_classes else ""))
+            labels = from_labels(class_labels, count)
+            if labels is not None:
+                for label in dict.fromkeys(labels.labels.tolist()):  # the rule ddpm.settings applies to a request
+                    check_for_model(steps=None, class_label=label, num_classes=self.config.num_classes,
+                                    num_timesteps=self.schedule.num_timesteps)
+            return labels
+        if class_labels is not None:
+            raise SettingError("class_label", "this model takes a prompt, not a class label")
+        for field_, values in (("prompt", prompts), ("negative_prompt", negative_prompts)):
+            if values is not None and not isinstance(values, str) and (
+                    isinstance(values, (bytes, dict)) or not all(isinstance(v, str) for v in values)):
+                raise SettingError(field_, "must be a string")
+        prompts = "" if prompts is None else prompts
+        rows = [prompts] * count if isinstance(prompts, str) else list(prompts)
+        if len(rows) != count:
+            raise SettingError("prompt", f"got {len(rows)} prompts for {count} images")
+        negatives = negative_prompts
+        if negatives is not None and not isinstance(negatives, str) and len(list(negatives)) != count:
+            raise SettingError("negative_prompt", f"got {len(list(negatives))} negative prompts for {count} images")
+        return encode_prompts(self.text_encoder, rows, negatives)
+
 
 def save(
     path: str | Path,
@@ -78,15 +125,26 @@ def save(
     metadata: dict | None = None,
     autoencoder: Autoencoder | None = None,
     autoencoder_source: dict | None = None,
+    text_encoder: TextEncoder | None = None,
+    text_encoder_source: dict | None = None,
 ) -> Path:
     """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``.
 
     A latent model passes its ``autoencoder`` (saved into ``autoencoder/``) and ``autoencoder_source``, where it
     came from (e.g. ``{"uri": "models:/photos-ae/3", "name": "photos-ae", "version": "3"}``), recorded in config.json.
+    A text model (``text_dim`` > 0) passes its ``text_encoder`` (saved into ``text/``, ``ddpm.text``'s layout) and
+    ``text_encoder_source`` the same way.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    text_dim = model.config.text_dim
+    if (text_encoder is None) != (text_dim == 0) or (text_encoder is not None and text_encoder.width != text_dim):
+        raise ValueError(f"a U-Net with text_dim {text_dim} needs " + (
+            "no text encoder" if text_dim == 0 else f"a text encoder of width {text_dim}") + (
+            "" if text_encoder is None else f"; got one of width {text_encoder.width}"))
     path = Path(path)
+    if text_encoder is not None:
+        text_format.save(path / TEXT_DIR, text_encoder.tokenizer, text_encoder.model)
     if autoencoder is not None:
         ae_format.save(path / AUTOENCODER_DIR, autoencoder, metadata={"source": autoencoder_source or {}})
     raw = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
@@ -109,6 +167,9 @@ def save(
         f = autoencoder.downsample_factor
         config["autoencoder"] = {"source": autoencoder_source or {}, "folder": AUTOENCODER_DIR,
                                  "image_shape": [autoencoder.config.in_channels, h * f, w * f]}
+    if text_encoder is not None:
+        config["text_encoder"] = {"source": text_encoder_source or {}, "folder": TEXT_DIR,
+                                  "context_length": text_encoder.context_length, "width": text_encoder.width}
     return write_folder(path, tensors, config)
 
 
@@ -146,8 +207,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
         if decoder.config.latent_channels != unet_config.in_channels:
             raise CheckpointError(f"{path}: the U-Net takes {unet_config.in_channels} channels but its autoencoder's "
                                   f"latents have {decoder.config.latent_channels}")
+    encoder = _load_text_encoder(path, config.get("text_encoder"), unet_config.text_dim, device)
     return LoadedModel(model, schedule, config["prediction_type"], config.get("class_names", []),
-                       config.get("metadata", {}), decoder)
+                       config.get("metadata", {}), decoder, encoder)
+
+
+def _load_text_encoder(path: Path, entry: dict | None, text_dim: int, device) -> TextEncoder | None:
+    """The text encoder a text model pins (config.json's "text_encoder"), checked against the U-Net's text_dim."""
+    if not entry:
+        if text_dim:
+            raise CheckpointError(f"{path}: the U-Net attends to text of width {text_dim} but the checkpoint has "
+                                  f"no text encoder (config.json has no \"text_encoder\")")
+        return None
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path / CONFIG_FILE}: \"text_encoder\" must be an object")
+    encoder = text_format.load(path / entry.get("folder", TEXT_DIR), device=device)
+    if encoder.width != text_dim:
+        raise CheckpointError(f"{path}: the U-Net attends to text of width {text_dim} but its text encoder's token "
+                              f"states have width {encoder.width}")
+    return encoder
 
 
 def load_training_weights(path: str | Path) -> tuple[dict, dict]:

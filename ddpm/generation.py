@@ -14,6 +14,8 @@ Two rules make an image depend only on its seed and settings, never on which ima
   :func:`fixed_size_forward` runs the network on exactly ``forward_rows`` rows at a time, padding the last chunk;
   at one fixed shape a row's result does not depend on the other rows. ``forward_rows`` is therefore a setting
   like the sampler: two paths give the same bytes at the same ``forward_rows`` (the endpoint's ``micro_batch``).
+  A prompt's token states obey the same rule (``ddpm.conditioning.encode_prompts`` encodes a fixed number of
+  prompts per call), so an image from a prompt does not depend on the other prompts of its batch either.
 
 A latent model (``loaded.autoencoder`` set) samples latents the same way and decodes them here, also ``forward_rows``
 at a time, so every path above gets pixels, and an image still depends on its seed alone. Inpainting a latent model
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoadedModel
+from .conditioning import Condition, as_condition
 from .images import to_uint8
 from .inpainting import check_mask, check_pixels, inpaint
 from .sampling import Model, noise_from_seeds, sample
@@ -57,7 +60,8 @@ def fixed_size_forward(model: Model, size: int) -> Model:
     if size < 1:
         raise ValueError(f"forward rows must be at least 1, got {size}")
 
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, cond: Condition | torch.Tensor | None = None) -> torch.Tensor:
+        cond = as_condition(cond)
         outputs = []
         for start in range(0, x.shape[0], size):
             n = min(size, x.shape[0] - start)
@@ -66,12 +70,10 @@ def fixed_size_forward(model: Model, size: int) -> Model:
             xs[:n] = x[start:start + n]
             ts = t[start:start + 1].repeat(size)  # padding rows take a real timestep, read without a host sync
             ts[:n] = t[start:start + n]
-            if y is None:
+            if cond is None:
                 out = model(xs, ts)
-            else:
-                ys = y.new_full((size,), -1)  # padding rows take the null class
-                ys[:n] = y[start:start + n]
-                out = model(xs, ts, ys)
+            else:  # padding rows take the null class and zero text (Condition.pad_to), in fresh buffers too
+                out = model(xs, ts, cond.select(slice(start, start + n)).pad_to(size))
             outputs.append(out[:n])
         return torch.cat(outputs)
 
@@ -112,23 +114,19 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _labels(class_labels: int | Sequence[int] | None, count: int) -> torch.Tensor | None:
-    """None (unconditional), one class for every image, or one per image -> (count,) int64 on the CPU."""
-    if class_labels is None:
-        return None
-    if isinstance(class_labels, (int, np.integer)):
-        return torch.full((count,), int(class_labels), dtype=torch.long)
-    labels = torch.as_tensor(np.asarray(class_labels), dtype=torch.long).reshape(-1)
-    if labels.shape[0] != count:
-        raise ValueError(f"got {labels.shape[0]} class labels for {count} seeds")
-    return labels
+def _condition(condition: Condition | torch.Tensor | None, count: int) -> Condition | None:
+    """The request's condition, checked to have one row per seed."""
+    condition = as_condition(condition)
+    if condition is not None and len(condition) != count:
+        raise ValueError(f"got a condition of {len(condition)} rows for {count} seeds")
+    return condition
 
 
 def generate_images(
     loaded: LoadedModel,
     seeds: Sequence[int],
     *,
-    class_labels: int | Sequence[int] | None = None,
+    condition: Condition | None = None,
     sampler: str = "ddim",
     steps: int | None = None,
     eta: float = 0.0,
@@ -140,25 +138,26 @@ def generate_images(
 ) -> np.ndarray:
     """Images (len(seeds), H, W, C) uint8 from ``loaded`` (its network on its own device), image i from ``seeds[i]``.
 
-    class_labels: None, one class for all, or one per seed. sampler, steps, eta, guidance_scale: as for
+    condition: None, or one row per seed (``ddpm.conditioning.Condition``: ``from_labels`` for class labels,
+    ``encode_prompts`` or ``loaded.condition`` for prompts). sampler, steps, eta, guidance_scale: as for
     :func:`ddpm.sampling.sample`. forward_rows: rows per network call (:func:`fixed_size_forward`); None runs each
     batch at its own size (faster for one odd-sized request, but then an image can depend on its batch).
-    forward: a ready-made replacement for the network call (x, t, y) -> output, e.g. a captured CUDA graph; it
+    forward: a ready-made replacement for the network call (x, t, cond) -> output, e.g. a captured CUDA graph; it
     must keep the fixed-shape property itself. batch_size: images per sampler call; it bounds memory only and
     never changes a pixel. progress(n): called after each batch with the images done so far.
     """
     device = _device_of(loaded)
     if forward is None:
         forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
-    labels = _labels(class_labels, len(seeds))
+    condition = _condition(condition, len(seeds))
     chunks = []
     for start in range(0, len(seeds), batch_size):
         part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
         x_T, generators = noise_from_seeds(part, loaded.sample_shape, device)  # (B, C, H, W), latent or pixels
-        y = None if labels is None else labels[start:start + len(part)].to(device)
+        c = None if condition is None else condition.select(slice(start, start + len(part))).to(device)
         with torch.inference_mode(), _autocast(device):
             x_0 = sample(forward, loaded.schedule, x_T, sampler=sampler, steps=steps, eta=eta,
-                         prediction_type=loaded.prediction_type, class_labels=y, guidance_scale=guidance_scale,
+                         prediction_type=loaded.prediction_type, condition=c, guidance_scale=guidance_scale,
                          generator=generators)
             x_0 = _to_pixels(loaded, x_0, forward_rows)
         chunks.append(to_uint8(x_0))  # (B, H, W, C)
@@ -176,7 +175,7 @@ def inpaint_images(
     known: torch.Tensor,
     masks: torch.Tensor,
     *,
-    class_labels: int | Sequence[int] | None = None,
+    condition: Condition | None = None,
     sampler: str = "ddim",
     steps: int | None = None,
     eta: float = 0.0,
@@ -189,7 +188,9 @@ def inpaint_images(
     """RePaint (:func:`ddpm.inpainting.inpaint`) with the same seed and kernel rules as :func:`generate_images`.
 
     known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
-    Image i draws all its noise from ``seeds[i]``. Returns (N, H, W, C) uint8 whose kept pixels equal ``known``'s.
+    Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for :func:`generate_images`)
+    is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8 whose kept pixels
+    equal ``known``'s.
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
     latent model encodes them to have unit standard deviation and leave [-1, 1], as they should.
@@ -200,7 +201,7 @@ def inpaint_images(
     if known.shape[0] != len(seeds):
         raise ValueError(f"got {known.shape[0]} images for {len(seeds)} seeds")
     generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
-    labels = _labels(class_labels, len(seeds))
+    condition = _condition(condition, len(seeds))
     known, masks = known.to(device), masks.to(device)
     check_mask(known, masks)  # in pixels, before a latent model's mask is pooled to the latents' grid
     check_pixels(known)
@@ -214,7 +215,7 @@ def inpaint_images(
             target_mask = F.max_pool2d(masks.float().amax(dim=1, keepdim=True), f)
         x_0 = inpaint(forward, loaded.schedule, target, target_mask, sampler=sampler, steps=steps,
                       eta=eta, prediction_type=loaded.prediction_type,
-                      class_labels=None if labels is None else labels.to(device), guidance_scale=guidance_scale,
+                      condition=None if condition is None else condition.to(device), guidance_scale=guidance_scale,
                       resample_jumps=resample_jumps, resample_times=resample_times, generator=generators)
         if loaded.autoencoder is not None:
             x_0 = _to_pixels(loaded, x_0, forward_rows)

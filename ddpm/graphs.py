@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .conditioning import Condition
 from .generation import fixed_size_forward
 from .sampling import Model
 
@@ -57,7 +58,7 @@ def graphed_forward(model: nn.Module, rows: int, *, conditional: bool | None = N
             raise ValueError("pass conditional=True/False: the model has no config.num_classes to read it from")
         conditional = config.num_classes > 0
     device = next(model.parameters()).device
-    if device.type != "cuda":
+    if device.type != "cuda" or getattr(getattr(model, "config", None), "text_dim", 0):  # text: not recorded yet
         return fixed_size_forward(model, rows)
     key = (rows, bool(conditional), bool(channels_last))
     with _CACHE_LOCK:
@@ -94,7 +95,8 @@ class GraphedForward:
         """How many graphs have been captured (one per autocast setting, dtype, image shape and mode)."""
         return len(self._recordings)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Condition | torch.Tensor | None = None) -> torch.Tensor:
+        y = y.labels if isinstance(y, Condition) else y  # a class model's condition is its labels
         if y is not None and not self.conditional:
             if bool((y >= 0).any()):
                 raise ValueError("this model is unconditional: class labels must be None or -1")

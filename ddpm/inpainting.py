@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from .conditioning import Condition, as_condition
 from .sampling import Generator, Model, plan, predict, randn, update, x0_eps
 from .schedule import NoiseSchedule
 
@@ -119,7 +120,7 @@ def inpaint(
     eta: float = 0.0,
     spacing: str = "trailing",
     prediction_type: str = "epsilon",
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     resample_jumps: int = 1,
     resample_times: int = 1,
@@ -133,7 +134,7 @@ def inpaint(
     is the pixels' check, which :func:`ddpm.inpaint_images` applies).
 
     mask: (B, 1, H, W) or (B, C, H, W), 1 = generate, 0 = keep (see :func:`check_mask`).
-    sampler, steps, eta, spacing, prediction_type, class_labels, guidance_scale, clip_x0: as for
+    sampler, steps, eta, spacing, prediction_type, condition, guidance_scale, clip_x0: as for
     :func:`ddpm.sampling.sample` ("ddpm", "ddim" or "dpm++"; DPM-Solver++ restarts at first order after each jump,
     since its two-step history does not survive a jump back in time).
     resample_jumps (RePaint's jump length j) and resample_times (RePaint's resampling count r, 1 = plain
@@ -158,6 +159,7 @@ def inpaint(
     alpha_bar = [ab[t] for t in ts] + [1.0]  # alpha_bar at each walk position k = 0 .. n (clean data)
     x0_known = image.float()  # (B, C, H, W)
     device = x0_known.device
+    condition = None if condition is None else as_condition(condition).to(device)  # a prompt repaints to it
 
     # 1. x_T ~ N(0, I)
     x = randn(x0_known.shape, generator, device)  # (B, C, H, W)
@@ -175,7 +177,7 @@ def inpaint(
             x = torch.where(generate, x, x_known)
             # 6-8. unknown region: one step of the sampler on the combined x_t (it predicts both regions; the
             #      known part of the result is replaced again before the next step, and pasted back at the end)
-            out = predict(model, x, t, class_labels, guidance_scale)
+            out = predict(model, x, t, condition, guidance_scale)
             x0, eps = x0_eps(out, x, alpha_bar[k], prediction_type, clip_x0)
             x, history = update(sampler, x, x0, eps, alpha_bar[k], alpha_bar[k + 1], final=k + 1 == n, eta=eta,
                                generator=generator, history=history)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .conditioning import Condition, as_condition
 from .schedule import PREDICTION_TYPES, NoiseSchedule
 
 TIMESTEP_SAMPLING = ("uniform", "importance")
@@ -20,7 +21,7 @@ def diffusion_loss(
     schedule: NoiseSchedule,
     x_0: torch.Tensor,
     *,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     min_snr_gamma: float | None = None,
     timestep_sampling: str = "uniform",
@@ -28,7 +29,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """E_{t ~ U{0..T-1}, eps ~ N(0, I)} w(t) || target - model(x_t, t) ||^2, a scalar.
 
-    x_0: (B, C, H, W) in [-1, 1]. The target is eps, x_0 or v = sqrt(ab) eps - sqrt(1 - ab) x_0.
+    x_0: (B, C, H, W) in [-1, 1]; condition: what each row is conditioned on (a ``Condition`` of B rows, or (B,)
+    labels), moved to x_0's device. The target is eps, x_0 or v = sqrt(ab) eps - sqrt(1 - ab) x_0.
     min-SNR-gamma (Hang et al. 2023) caps the weight of easy, low-noise steps: in x_0 terms the weight is
     min(SNR, gamma), which is min(SNR, gamma)/SNR for an eps target and min(SNR, gamma)/(SNR + 1) for v.
     Without it, w = 1: plain L_simple in the chosen parameterisation.
@@ -50,7 +52,8 @@ def diffusion_loss(
         weight = w.to(x_0.device, torch.float32)[t]  # indexed where t is: no device-to-host copy per step
     eps = torch.randn(x_0.shape, device=x_0.device, dtype=x_0.dtype, generator=generator)
     x_t = schedule.q_sample(x_0, t, eps)
-    pred = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
+    condition = as_condition(condition)
+    pred = model(x_t, t) if condition is None else model(x_t, t, condition.to(x_0.device))
 
     target = {"epsilon": eps, "sample": x_0}.get(prediction_type)
     if target is None:

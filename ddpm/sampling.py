@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .conditioning import Condition, as_condition, guided
 from .schedule import NoiseSchedule
 
 Model = Callable[..., torch.Tensor]
@@ -72,26 +73,29 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device="cpu"):
 
 
 # -- the model, with guidance -------------------------------------------------------------------------------------
-def guided(class_label, guidance_scale: float) -> bool:
-    """Whether a request runs classifier-free guidance: a class label and w != 1 (two network rows per image)."""
-    return class_label is not None and guidance_scale != 1.0
+# guided(condition, w), the one rule for "this request runs classifier-free guidance", lives in ddpm.conditioning;
+# it is imported here, where it is used, and re-exported from here by ddpm.settings.
 
 
-def predict(model: Model, x: torch.Tensor, t: int, class_labels, guidance_scale: float) -> torch.Tensor:
+def predict(model: Model, x: torch.Tensor, t: int, condition: Condition | torch.Tensor | None,
+            guidance_scale: float) -> torch.Tensor:
     """The model's output at timestep t for the batch x (B, C, H, W), with classifier-free guidance.
 
-    Guidance (Ho & Salimans 2022): out = out_uncond + w (out_cond - out_uncond), label -1 = the null class;
-    w = 1 is the plain conditional model. Both branches run as one batch of 2B.
+    condition: a ``Condition`` of B rows (a (B,) label tensor is short for one with labels), or None.
+    Guidance (Ho & Salimans 2022): out = out_neg + w (out_cond - out_neg), where the negative is the condition's
+    null form (``Condition.null``: label -1, or the empty / negative prompt); w = 1 is the plain conditional model.
+    Both branches run as one batch of 2B.
     """
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    if class_labels is None:
+    condition = as_condition(condition)
+    if condition is None:
         return model(x, tt).float()
-    y = class_labels.to(x.device)
-    if not guided(y, guidance_scale):
-        return model(x, tt, y).float()
-    both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)])).float()
-    cond, uncond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    c = condition.to(x.device)
+    if not guided(c, guidance_scale):
+        return model(x, tt, c).float()
+    both = model(torch.cat([x, x]), torch.cat([tt, tt]), Condition.cat([c, c.null()])).float()
+    cond, neg = both.chunk(2)
+    return neg + guidance_scale * (cond - neg)
 
 
 def x0_eps(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str, clip_x0: bool):
@@ -115,9 +119,10 @@ def x0_eps(out: torch.Tensor, x: torch.Tensor, ab: float, prediction_type: str, 
     return x0, eps
 
 
-def score(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+def score(model: Model, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
+          condition: Condition | torch.Tensor | None = None) -> torch.Tensor:
     """grad_x log p_t(x_t) = -eps_theta(x_t, t) / sqrt(1 - alpha_bar_t), for an eps-prediction model."""
-    eps = model(x_t, t) if y is None else model(x_t, t, y)
+    eps = model(x_t, t) if condition is None else model(x_t, t, condition)
     sigma = (1 - schedule.alphas_cumprod.to(x_t.device)[t]).sqrt().to(eps.dtype)
     return -eps / sigma.reshape(-1, *([1] * (eps.dim() - 1)))
 
@@ -201,7 +206,7 @@ def sample(
     spacing: str = "trailing",
     variance: str = "fixed_small",
     prediction_type: str = "epsilon",
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     clip_x0: bool = False,
     generator: Generator = None,
@@ -213,15 +218,18 @@ def sample(
     steps, the respaced process of Nichol & Dhariwal 2021), "ddim" (Song et al. 2021, ``eta`` in [0, 1]; eta = 0 is
     deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
     steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
+    condition: what each of the B images is conditioned on (``ddpm.conditioning.Condition``, row-aligned with
+    x_T; a (B,) label tensor is short for class labels), guided with ``guidance_scale`` w (:func:`predict`).
     """
     ts, ab = plan(schedule, sampler, steps, spacing, eta, variance, prediction_type)
     x = x_T.float()
+    condition = None if condition is None else as_condition(condition).to(x.device)
     history = None  # DPM-Solver++'s previous (x_0, lambda)
 
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         ab_t, ab_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
-        out = predict(model, x, t, class_labels, guidance_scale)
+        out = predict(model, x, t, condition, guidance_scale)
         x0, eps = x0_eps(out, x, ab_t, prediction_type, clip_x0)
         x, history = update(sampler, x, x0, eps, ab_t, ab_prev, final=t_prev < 0, eta=eta, variance=variance,
                            generator=generator, history=history)

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .conditioning import Condition
 from .losses import diffusion_loss
 from .schedule import NoiseSchedule
 
@@ -68,6 +69,27 @@ def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None = N
     return torch.where((drop < p).to(y.device), torch.full_like(y, -1), y)
 
 
+def drop_condition(condition: Condition, p: float, generator: torch.Generator | None = None) -> Condition:
+    """Replace each row with its null form (``Condition.null``: label -1, or the empty caption's encoding that
+    ``encode_prompts`` carries as the negative) with probability p: caption / label dropout, which trains the
+    unconditional branch of classifier-free guidance. The result has no negative."""
+    null = condition.null()
+    if p <= 0:
+        return Condition(condition.labels, condition.text, condition.pooled)
+    where = condition.labels if condition.labels is not None else condition.text
+    drop = torch.rand(len(condition), generator=generator,
+                      device=where.device if generator is None else generator.device)
+    drop = (drop < p).to(where.device)  # (B,) True = use the null row
+
+    def mix(kept: torch.Tensor | None, dropped: torch.Tensor | None) -> torch.Tensor | None:
+        if kept is None:
+            return None
+        return torch.where(drop.reshape(-1, *([1] * (kept.dim() - 1))), dropped.to(kept.device), kept)
+
+    return Condition(mix(condition.labels, null.labels), mix(condition.text, null.text),
+                     mix(condition.pooled, null.pooled))
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -75,7 +97,7 @@ def train_step(
     x_0: torch.Tensor,
     *,
     lr: float,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     min_snr_gamma: float | None = None,
     timestep_sampling: str = "uniform",
@@ -84,6 +106,7 @@ def train_step(
 ) -> tuple[float, float]:
     """Loss, backward, clip, step. Returns (loss, gradient norm before clipping).
 
+    condition: what each row of x_0 is conditioned on (a ``Condition``, or (B,) labels); None: unconditional.
     ``model`` may be a DistributedDataParallel wrapper: the backward pass then all-reduces the gradients.
     ``autocast_dtype`` (e.g. torch.bfloat16, see :func:`autocast_dtype`) runs the forward pass under autocast; the
     loss is fp32.
@@ -93,7 +116,7 @@ def train_step(
     autocast = (torch.autocast(device_type=x_0.device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
     with autocast:
-        loss = diffusion_loss(model, schedule, x_0, class_labels=class_labels, prediction_type=prediction_type,
+        loss = diffusion_loss(model, schedule, x_0, condition=condition, prediction_type=prediction_type,
                               min_snr_gamma=min_snr_gamma, timestep_sampling=timestep_sampling)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -7,6 +7,11 @@ down block to its mirror up block. The timestep enters through a sinusoidal embe
 two-layer MLP. With ``num_classes > 0`` a learned class embedding is added to the time embedding; index
 ``num_classes`` is the learned *null* class used for classifier-free guidance, and a label of -1 selects it.
 
+With ``text_dim`` D > 0 the network is text-conditioned as Stable Diffusion's (Rombach et al. 2022) and Imagen's
+U-Nets are: after each self-attention block, a cross-attention block attends from the image features to the L token
+states of a frozen text encoder, and the encoder's pooled output, projected, is added to the time embedding. The
+conditioning arrives as one ``ddpm.conditioning.Condition``.
+
 With ``patch_size`` p > 1 the image is folded into p x p patches first (``pixel_unshuffle``: (C, H, W) ->
 (C p^2, H/p, W/p)) and unfolded at the end, so the U-Net works on an (H/p)-sized grid at about 1/p^2 of the cost;
 "simple diffusion" (Hoogeboom et al. 2023) does the same for high-resolution images.
@@ -20,6 +25,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .conditioning import Condition, as_condition
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class UNetConfig:
     num_heads: int = 1
     patch_size: int = 1  # p: the U-Net runs on the (image_size / p)-sized grid; attention_resolutions refer to it
     zero_init: bool = False  # start every residual branch and the output at 0, as DDPM's own code does
+    text_dim: int = 0  # D, the width of the text encoder's token states; 0: no text (no cross-attention)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -46,6 +54,8 @@ class UNetConfig:
         if self.grid_size % 2 ** (levels - 1):
             raise ValueError(f"the U-Net's grid ({self.grid_size} = image_size / patch_size) is not divisible by "
                              f"2^{levels - 1} for {levels} levels")
+        if isinstance(self.text_dim, bool) or not isinstance(self.text_dim, int) or self.text_dim < 0:
+            raise ValueError(f"text_dim must be a whole number >= 0, got {self.text_dim!r}")
         for c in {self.base_channels * m for m in self.channel_mults}:
             if c % min(self.num_groups, c) or c % self.num_heads:
                 raise ValueError(f"{c} channels are not divisible by num_groups/num_heads")
@@ -144,6 +154,31 @@ class AttnBlock(nn.Module):
         return x + self.proj(out)
 
 
+class CrossAttnBlock(nn.Module):
+    """Cross-attention from the H*W positions to the L text tokens: x + proj(softmax(q k^T / sqrt(d)) v),
+    q = W_q norm(x), k = W_k text, v = W_v text. No padding mask: every one of the L positions is attended, as in
+    Stable Diffusion (the padded tokens' states carry the prompt too, through causal attention)."""
+
+    def __init__(self, channels: int, text_dim: int, groups: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1, bias=False)
+        self.k = nn.Linear(text_dim, channels, bias=False)
+        self.v = nn.Linear(text_dim, channels, bias=False)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        q = self.q(self.norm(x)).reshape(b, heads, d, h * w).transpose(-1, -2)  # (B, heads, HW, d)
+        k = self.k(text).reshape(b, -1, heads, d).transpose(1, 2)  # (B, heads, L, d)
+        v = self.v(text).reshape(b, -1, heads, d).transpose(1, 2)  # (B, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -163,7 +198,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta: (x_t (B, C, H, W), t (B,) int64[, y (B,) int64]) -> (B, C, H, W)."""
+    """eps_theta: (x_t (B, C, H, W), t (B,) int64[, cond]) -> (B, C, H, W); cond a ``Condition`` or (B,) labels."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -173,6 +208,8 @@ class UNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         # num_classes + 1 rows: the last one is the learned null class for classifier-free guidance.
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes > 0 else None
+        # the text encoder's pooled output (B, D) -> (B, 4ch), added to the time embedding
+        self.pooled_proj = nn.Linear(cfg.text_dim, temb_dim) if cfg.text_dim > 0 else None
         patch_channels = cfg.in_channels * cfg.patch_size ** 2
         self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
@@ -185,7 +222,7 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(in_ch, out_ch, temb_dim, cfg.dropout, groups)]
                 if res in cfg.attention_resolutions:
-                    layers.append(AttnBlock(out_ch, groups, cfg.num_heads))
+                    layers += self._attention(out_ch)
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(out_ch)
                 in_ch = out_ch
@@ -196,7 +233,7 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList([
             ResBlock(in_ch, in_ch, temb_dim, cfg.dropout, groups),
-            AttnBlock(in_ch, groups, cfg.num_heads),
+            *self._attention(in_ch),
             ResBlock(in_ch, in_ch, temb_dim, cfg.dropout, groups),
         ])
 
@@ -207,7 +244,7 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(in_ch + skip_channels.pop(), out_ch, temb_dim, cfg.dropout, groups)]
                 if res in cfg.attention_resolutions:
-                    layers.append(AttnBlock(out_ch, groups, cfg.num_heads))
+                    layers += self._attention(out_ch)
                 self.up.append(nn.ModuleList(layers))
                 in_ch = out_ch
             if level != 0:
@@ -220,18 +257,34 @@ class UNet(nn.Module):
             # Ho et al.'s diffusion_tf (init_scale=0.) and ADM (zero_module): each residual block and attention block
             # starts as the identity and the network's output as 0, so early training shapes a shallow network.
             last_layers = [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
-            last_layers += [m.proj for m in self.modules() if isinstance(m, AttnBlock)]
+            last_layers += [m.proj for m in self.modules() if isinstance(m, (AttnBlock, CrossAttnBlock))]
             for layer in last_layers + [self.conv_out]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
+    def _attention(self, channels: int) -> list[nn.Module]:
+        """The attention blocks at an attention resolution: self-attention, then cross-attention to the text."""
+        cfg = self.config
+        blocks = [AttnBlock(channels, cfg.num_groups, cfg.num_heads)]
+        if cfg.text_dim > 0:
+            blocks.append(CrossAttnBlock(channels, cfg.text_dim, cfg.num_groups, cfg.num_heads))
+        return blocks
+
     @staticmethod
-    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def _run(layers: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         for layer in layers:
-            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, temb)
+            elif isinstance(layer, CrossAttnBlock):
+                h = layer(h, text)
+            else:
+                h = layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                cond: Condition | torch.Tensor | None = None) -> torch.Tensor:
+        cond = as_condition(cond)
+        y = None if cond is None else cond.labels  # (B,) int64 or None
         temb = self.temb(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, 4ch)
         if self.class_emb is not None:
             null = self.config.num_classes
@@ -239,18 +292,27 @@ class UNet(nn.Module):
             temb = temb + self.class_emb(y)
         elif y is not None and bool((y >= 0).any()):
             raise ValueError("this model is unconditional: class labels must be None or -1")
+        text = None
+        if self.pooled_proj is not None:
+            if cond is None or cond.text is None:
+                raise ValueError("this model is text-conditioned: pass a Condition with text "
+                                 "(ddpm.conditioning.encode_prompts; the empty prompt for unconditional rows)")
+            text = cond.text.to(x.dtype)  # (B, L, D)
+            temb = temb + self.pooled_proj(cond.pooled.to(x.dtype))  # (B, 4ch)
+        elif cond is not None and cond.text is not None:
+            raise ValueError("this model takes no text (it has no cross-attention): leave the prompt out")
 
         p = self.config.patch_size
         h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # (B, C p^2, H/p, W/p) -> (B, ch, H/p, W/p)
         skips = [h]
         for layers in self.down:
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, text)
             skips.append(h)
-        h = self._run(self.mid, h, temb)
+        h = self._run(self.mid, h, temb, text)
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(layers, h, temb)
+            h = self._run(layers, h, temb, text)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(out, p) if p > 1 else out  # (B, C, H, W)
 

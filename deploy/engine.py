@@ -18,8 +18,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_uint8, generate_images, image_seeds,
-                  inpaint_images)
+from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_labels, from_uint8, generate_images,
+                  image_seeds, inpaint_images)
 from ddpm.images import EditInputError, decode_edit_inputs
 from ddpm.settings import SettingError, check_for_model, guided
 from deploy.schemas import MAX_EDIT_PIXELS
@@ -273,8 +273,8 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
         labels = None
         if settings.class_label is not None:
             labels = [job.class_label for job in group for _ in range(job.num_images)]
-        common = dict(class_labels=labels, sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                      guidance_scale=settings.guidance_scale, forward=forward)
+        common = dict(condition=from_labels(labels, len(seeds)), sampler=settings.sampler, steps=settings.steps,
+                      eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward)
         if settings.edit is None:
             images = generate_images(served.loaded, seeds, batch_size=len(seeds), **common)  # (N, H, W, C)
         else:

@@ -67,10 +67,11 @@ class DDPMGenerator(PythonModel):
                         num_timesteps=self.loaded.schedule.num_timesteps)
 
     def _generate(self, request: PredictRequest):
-        from ddpm import generate_images, image_seeds
+        from ddpm import from_labels, generate_images, image_seeds
 
         seeds = request.seeds if request.seeds is not None else image_seeds(request.seed, request.num_images)
-        return generate_images(self.loaded, seeds, class_labels=request.class_label, sampler=request.sampler,
+        return generate_images(self.loaded, seeds, condition=from_labels(request.class_label, len(seeds)),
+                               sampler=request.sampler,
                                steps=request.steps, guidance_scale=request.guidance_scale)  # (N, H, W, C) uint8
 
 

@@ -158,7 +158,7 @@ def generate_shards(args: argparse.Namespace) -> int:
 
 def generate_file(args: argparse.Namespace) -> int:
     """grid.png or images.npz: every image in this process's memory, sampled here."""
-    from ddpm import checkpoint, encode_png, generate_images, image_seeds, make_grid
+    from ddpm import checkpoint, encode_png, from_labels, generate_images, image_seeds, make_grid
     from ddpm.graphs import graphed_forward
     from ddpm.settings import SettingError, check_for_model, check_settings
     from pipelines.registry import resolve_model
@@ -182,7 +182,8 @@ def generate_file(args: argparse.Namespace) -> int:
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
     try:
         # The endpoint's network call (a CUDA graph on a GPU, the fixed-shape forward on the CPU): the same bytes.
-        images = generate_images(loaded, image_seeds(args.seed, args.num_images), class_labels=args.class_label,
+        images = generate_images(loaded, image_seeds(args.seed, args.num_images),
+                                 condition=from_labels(args.class_label, args.num_images),
                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
                                  guidance_scale=args.guidance_scale,
                                  forward=graphed_forward(loaded.model, args.batch_size),

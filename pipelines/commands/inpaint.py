@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from ddpm import checkpoint, encode_png, from_uint8, inpaint_images
+    from ddpm import checkpoint, encode_png, from_labels, from_uint8, inpaint_images
     from ddpm.settings import SettingError, check_for_model, check_settings
 
     from pipelines.registry import resolve_model
@@ -109,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         known = from_uint8(image[None])  # (1, C, H, W) in [-1, 1]
         mask = torch.as_tensor(generate, dtype=torch.float32)[None, None]  # (1, 1, H, W), 1 = generate
-        filled = inpaint_images(loaded, [args.seed], known, mask, class_labels=args.class_label, sampler=args.sampler,
+        filled = inpaint_images(loaded, [args.seed], known, mask, condition=from_labels(args.class_label, 1),
+                                sampler=args.sampler,
                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                                 resample_jumps=args.resample_jumps, resample_times=args.resample_times)[0]  # (H, W, C)
     except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps

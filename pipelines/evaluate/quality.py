@@ -258,7 +258,7 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batc
 
     ``settings.num_samples`` must match the reference's n (the floor is only the floor at that n).
     """
-    from ddpm import generate_images, image_seeds
+    from ddpm import from_labels, generate_images, image_seeds
     from ddpm.metrics import FeatureStats
 
     n = reference.num_samples
@@ -268,7 +268,8 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batc
     loaded.model.to(device)
     start = time.perf_counter()
     # The core's one path: the same pixels as ddpm generate and POST /generate for these seeds and settings.
-    images = generate_images(loaded, image_seeds(settings.seed, n), class_labels=labels, sampler=settings.sampler,
+    images = generate_images(loaded, image_seeds(settings.seed, n), condition=from_labels(labels, n),
+                             sampler=settings.sampler,
                              steps=settings.steps, guidance_scale=settings.guidance_scale, batch_size=batch_size)
     seconds = time.perf_counter() - start
     features = {metric: extract(images) for metric, extract in reference.extractors.items()}

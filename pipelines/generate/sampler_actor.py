@@ -42,7 +42,7 @@ class ShardSampler:
                 for key in out[0]}
 
     def shard(self, shard: int) -> dict:
-        from ddpm import generate_images
+        from ddpm import from_labels, generate_images
 
         done = self.sink.committed(shard)
         if done is not None:
@@ -52,7 +52,8 @@ class ShardSampler:
         labels = self.labels.at(rows.start, rows.stop)
         start = time.perf_counter()
         s = self.sampling
-        images = generate_images(self.loaded, seeds, class_labels=labels, sampler=s.sampler, steps=s.steps, eta=s.eta,
+        condition = from_labels(labels, len(seeds))
+        images = generate_images(self.loaded, seeds, condition=condition, sampler=s.sampler, steps=s.steps, eta=s.eta,
                                  guidance_scale=s.guidance_scale, forward=self.forward, batch_size=len(seeds))
         seconds = time.perf_counter() - start
         return self.sink.put(shard, rows, seeds, labels, images) | {"seconds": seconds}

@@ -74,7 +74,7 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
         y = drop_labels(labels[idx], tc.label_dropout, g) if tc.class_conditional else None
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
                    time_spent=tc.time_spent(time.monotonic() - start))
-        loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, class_labels=y, **step_options)
+        loss, grad_norm = train_step(model, optimizer, schedule, x0, lr=lr, condition=y, **step_options)
         ema.update(model)
         losses.append(loss)
         step, seen = step + 1, seen + n

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpm import generate_images, make_grid
+from ddpm import from_labels, generate_images, make_grid
 from ddpm.checkpoint import LoadedModel
 
 
@@ -16,5 +16,6 @@ def sample_grid(loaded: LoadedModel, *, rows: int, columns: int, steps: int, fir
     """
     seeds = [first_seed + i for i in range(rows * columns)]
     labels = np.arange(rows).repeat(columns) if loaded.config.num_classes else None  # (rows * columns,)
-    images = generate_images(loaded, seeds, class_labels=labels, sampler="ddim", steps=steps)  # (N, H, W, C)
+    images = generate_images(loaded, seeds, condition=from_labels(labels, len(seeds)), sampler="ddim",
+                             steps=steps)  # (N, H, W, C)
     return make_grid(images, ncols=columns)

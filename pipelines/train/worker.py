@@ -199,7 +199,7 @@ def _train(job: WorkerJob) -> None:
         share.weight = rows / n
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
                    time_spent=time_spent)
-        loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, class_labels=y, **step_options)
+        loss, grad_norm = train_step(model, optimizer, schedule, x_0, lr=lr, condition=y, **step_options)
         ema.update(net)
         step, seen = step + 1, seen + n
         loss_sum, loss_rows = loss_sum + loss * rows, loss_rows + rows

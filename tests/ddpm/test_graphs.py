@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, fixed_size_forward, generate_images
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, fixed_size_forward, from_labels, generate_images
 from ddpm.graphs import GraphedForward, graphed_forward
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
@@ -48,9 +48,10 @@ def test_cpu_fallback_pads_so_that_a_row_does_not_depend_on_its_batch(tiny):
 def test_generate_images_with_the_graphed_forward_matches_forward_rows(tiny):
     loaded = checkpoint.LoadedModel(tiny, NoiseSchedule.linear(), "epsilon")
     seeds = [5, 6, 7, 8, 9]
-    graphed = generate_images(loaded, seeds, class_labels=[0, 1, 2, 0, 1], steps=4, guidance_scale=1.5,
+    labels = from_labels([0, 1, 2, 0, 1], 5)
+    graphed = generate_images(loaded, seeds, condition=labels, steps=4, guidance_scale=1.5,
                               forward=graphed_forward(tiny, 4))
-    plain = generate_images(loaded, seeds, class_labels=[0, 1, 2, 0, 1], steps=4, guidance_scale=1.5, forward_rows=4)
+    plain = generate_images(loaded, seeds, condition=labels, steps=4, guidance_scale=1.5, forward_rows=4)
     np.testing.assert_array_equal(graphed, plain)
 
 

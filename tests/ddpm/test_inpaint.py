@@ -63,7 +63,7 @@ def _random_case(shape, seed, mask_channels=1):
 def test_known_pixels_come_back_exactly(tiny, schedule, sampler, jumps, times):
     image, mask = _random_case((2, 1, 8, 8), seed=1)
     out = inpaint(tiny, schedule, image, mask, sampler=sampler, steps=6, eta=0.5, resample_jumps=jumps,
-                  resample_times=times, class_labels=torch.tensor([0, 2]), guidance_scale=2.0,
+                  resample_times=times, condition=torch.tensor([0, 2]), guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(0))
     keep = mask.expand_as(image) == 0
     assert torch.equal(out[keep], image[keep])
@@ -84,7 +84,7 @@ def test_per_channel_mask_keeps_exactly_its_channels(schedule):
 def test_with_nothing_known_inpainting_is_sampling(tiny, schedule, sampler):
     """An all-ones mask leaves nothing to replace: deterministic samplers give exactly ``sample``'s output from the
     same x_T (the first draw of each image's generator), conditioning and guidance included."""
-    kw = dict(sampler=sampler, steps=8, class_labels=torch.tensor([1, 2]), guidance_scale=3.0)
+    kw = dict(sampler=sampler, steps=8, condition=torch.tensor([1, 2]), guidance_scale=3.0)
     x_T, gens = noise_from_seeds([4, 5], (1, 8, 8))
     ref = sample(tiny, schedule, x_T, generator=gens, **kw)
     out = inpaint(tiny, schedule, torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8), generator=_generators([4, 5]),

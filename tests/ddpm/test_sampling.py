@@ -130,12 +130,12 @@ def test_fixed_generator_is_deterministic(schedule, tiny):
 def test_classifier_free_guidance_combines_branches(schedule):
     """out = uncond + w (cond - uncond); w = 1 is the conditional model, w = 0 the unconditional one."""
 
-    def model(x, t, y):
-        return torch.where(y[:, None, None, None] < 0, torch.zeros_like(x), torch.ones_like(x))
+    def model(x, t, cond):
+        return torch.where(cond.labels[:, None, None, None] < 0, torch.zeros_like(x), torch.ones_like(x))
 
     x_T = torch.zeros(2, *SHAPE)
     y = torch.tensor([0, 1])
-    run = lambda w: sample(model, schedule, x_T, sampler="ddim", steps=1, class_labels=y, guidance_scale=w)  # noqa
+    run = lambda w: sample(model, schedule, x_T, sampler="ddim", steps=1, condition=y, guidance_scale=w)  # noqa
     # One DDIM step from t = 999 to clean data returns x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) with eps = w.
     ab = schedule.alphas_cumprod[999].item()
     for w in (0.0, 1.0, 3.0):

@@ -32,7 +32,7 @@ def test_zero_init_starts_every_branch_at_zero_and_still_trains():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(3):
         train_step(model, optimizer, NoiseSchedule.linear(1000), x.clamp(-1, 1), lr=1e-3,
-                   class_labels=torch.tensor([0, 1, 2, 0]))
+                   condition=torch.tensor([0, 1, 2, 0]))
     assert torch.count_nonzero(model(x, t)) > 0 and torch.count_nonzero(block(h, torch.randn(2, 64)) - h) > 0
     default = UNetConfig.preset("tiny")
     assert not default.zero_init and UNetConfig.from_dict(  # checkpoints saved before the option load as before

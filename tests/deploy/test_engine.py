@@ -26,7 +26,7 @@ def test_fixed_size_forward_makes_an_image_independent_of_its_batch(guidance_sca
 
     def run(seeds, labels):
         x_T, generators = noise_from_seeds(seeds, (1, 8, 8))
-        return sample(forward, schedule, x_T, sampler="ddim", steps=4, class_labels=torch.tensor(labels),
+        return sample(forward, schedule, x_T, sampler="ddim", steps=4, condition=torch.tensor(labels),
                       guidance_scale=guidance_scale, generator=generators)
 
     alone = run([6], [1])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, encode_png, generate_images, image_seeds
+from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, encode_png, from_labels, generate_images, image_seeds
 from pipelines import cli, storage
 from pipelines.errors import UserError
 from pipelines.generate.batch import generate_to
@@ -50,7 +50,8 @@ def read_pngs(output: str, seeds: list[int]) -> tuple[np.ndarray, list[bytes]]:
 
 def single_process(path: Path, seed: int, n: int, labels) -> np.ndarray:
     """What ``ddpm generate --out images.npz`` computes: the core's one path in this process."""
-    return generate_images(checkpoint.load(path), image_seeds(seed, n), class_labels=labels, steps=STEPS)
+    return generate_images(checkpoint.load(path), image_seeds(seed, n), condition=from_labels(labels, n),
+                           steps=STEPS)
 
 
 # -- the pixels ---------------------------------------------------------------------------------------------------
@@ -184,8 +185,8 @@ def test_a_killed_actor_is_restarted_its_shard_retried_and_reruns_regenerate_onl
 
 
 def single_process_at(path: Path, n: int, steps: int) -> np.ndarray:
-    return generate_images(checkpoint.load(path), image_seeds(0, n), class_labels=np.arange(n) % CLASSES,
-                           steps=steps)
+    labels = from_labels(np.arange(n) % CLASSES, n)
+    return generate_images(checkpoint.load(path), image_seeds(0, n), condition=labels, steps=steps)
 
 
 def s3_delete(output: str, key: str) -> None:

@@ -1,0 +1,195 @@
+"""What a batch is conditioned on: one object for class labels, text and (next) a CLIP image embedding.
+
+A :class:`Condition` travels row-aligned with x_t through the U-Net, the losses, the samplers, RePaint and the one
+generation function; a model reads the fields it takes. Its *null* form is what classifier-free guidance (Ho &
+Salimans 2022) drops to, and what caption dropout trains: the null class (label -1) for a class model, the empty
+prompt's encoding (or a negative prompt's) for a text model, carried as ``negative``::
+
+    out = out(x_t, t, negative) + w (out(x_t, t, cond) - out(x_t, t, negative))
+
+Text conditions come from :func:`encode_prompts` (a frozen ``ddpm.text.TextEncoder``, Stable Diffusion's
+conditioning): token states for cross-attention and the pooled output for the time embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .text import TextEncoder
+
+# Prompts encoded per text-encoder call, the last call padded: at a fixed shape a prompt's states do not depend on
+# the other prompts of the batch (the rule of ddpm.generation.fixed_size_forward, for the text encoder).
+ENCODE_ROWS = 8
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
+class Condition:
+    """What each row of a batch is conditioned on; a model reads the fields it takes (B rows each)."""
+
+    labels: torch.Tensor | None = None  # (B,) int64; -1 = the learned null class
+    text: torch.Tensor | None = None  # (B, L, D) token states of a frozen text encoder (cross-attention's keys/values)
+    pooled: torch.Tensor | None = None  # (B, D) the text encoder's pooled output (added to the time embedding)
+    negative: "Condition | None" = None  # row-aligned: what classifier-free guidance pushes away from
+
+    def __post_init__(self):
+        if self.labels is None and self.text is None:
+            raise ValueError("a Condition needs class labels or text")
+        if (self.text is None) != (self.pooled is None):
+            raise ValueError("a Condition's text and pooled embedding come together (both or neither)")
+        if self.labels is not None and self.labels.dim() != 1:
+            raise ValueError(f"labels must have shape (B,), got {tuple(self.labels.shape)}")
+        if self.text is not None and (self.text.dim() != 3 or self.pooled.dim() != 2
+                                      or self.pooled.shape[1] != self.text.shape[2]):
+            raise ValueError(f"text must be (B, L, D) and pooled (B, D), got {tuple(self.text.shape)} and "
+                             f"{tuple(self.pooled.shape)}")
+        rows = {t.shape[0] for t in (self.labels, self.text, self.pooled) if t is not None}
+        if len(rows) != 1:
+            raise ValueError(f"a Condition's fields have different row counts: {sorted(rows)}")
+        if self.negative is not None:
+            n = self.negative
+            if len(n) != len(self) or n.fields() != self.fields() or n.negative is not None:
+                raise ValueError(f"the negative condition must have the same rows ({len(self)}) and fields "
+                                 f"({', '.join(self.fields())}) and no negative of its own; got {len(n)} rows of "
+                                 f"{', '.join(n.fields())}")
+
+    def fields(self) -> tuple[str, ...]:
+        """The names of the fields that are set (``negative`` aside), e.g. ("labels",) or ("text", "pooled")."""
+        return tuple(name for name in ("labels", "text", "pooled") if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return (self.labels if self.labels is not None else self.text).shape[0]
+
+    def null(self) -> "Condition":
+        """What guidance drops to, row for row: the negative if set, else the null class (labels -> -1)."""
+        if self.negative is not None:
+            return self.negative
+        if self.text is not None:
+            raise ValueError("a text condition has no null form of its own: build it with "
+                             "ddpm.conditioning.encode_prompts, which adds the empty (or negative) prompt's encoding")
+        return Condition(labels=torch.full_like(self.labels, -1))
+
+    def select(self, index: slice | torch.Tensor) -> "Condition":
+        """The rows ``index`` (a slice or an index tensor) of every field, the negative's too."""
+        pick = (lambda t: None if t is None else t[index]) if isinstance(index, slice) else (
+            lambda t: None if t is None else t[index.to(t.device)])
+        return Condition(pick(self.labels), pick(self.text), pick(self.pooled),
+                         None if self.negative is None else self.negative.select(index))
+
+    def pad_to(self, rows: int) -> "Condition":
+        """``rows`` rows in fresh buffers: these rows, then padding rows of the null class (label -1) and zeros
+        (text, pooled). Same shape and strides for every chunk, as ``ddpm.fixed_size_forward`` needs."""
+        n = len(self)
+        if rows < n:
+            raise ValueError(f"cannot pad {n} rows to {rows}")
+
+        def pad(t: torch.Tensor | None, fill) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = t.new_full((rows, *t.shape[1:]), fill)
+            out[:n] = t
+            return out
+
+        return Condition(pad(self.labels, -1), pad(self.text, 0), pad(self.pooled, 0),
+                         None if self.negative is None else self.negative.pad_to(rows))
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Condition":
+        """On ``device``; ``dtype`` applies to the float fields (text, pooled) only."""
+        move = lambda t: None if t is None else t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa
+        return Condition(move(self.labels), move(self.text), move(self.pooled),
+                         None if self.negative is None else self.negative.to(device, dtype))
+
+    @staticmethod
+    def cat(conditions: Sequence["Condition"]) -> "Condition":
+        """The rows of ``conditions`` one after the other (same fields each); negatives concatenated when every
+        condition has one, else None."""
+        if not conditions:
+            raise ValueError("Condition.cat needs at least one condition")
+        fields = conditions[0].fields()
+        if any(c.fields() != fields for c in conditions):
+            raise ValueError(f"cannot concatenate conditions with different fields: "
+                             f"{sorted({c.fields() for c in conditions})}")
+        join = lambda name: torch.cat([getattr(c, name) for c in conditions]) if name in fields else None  # noqa
+        negatives = [c.negative for c in conditions]
+        negative = Condition.cat(negatives) if all(n is not None for n in negatives) else None
+        return Condition(join("labels"), join("text"), join("pooled"), negative)
+
+
+def as_condition(condition: Condition | torch.Tensor | None) -> Condition | None:
+    """A Condition as it is; a (B,) int64 label tensor as ``Condition(labels=...)`` (the shorthand of class models);
+    None as None."""
+    if condition is None or isinstance(condition, Condition):
+        return condition
+    if isinstance(condition, torch.Tensor):
+        return Condition(labels=condition)
+    raise TypeError(f"expected a Condition, a (B,) label tensor or None, got {type(condition).__name__}")
+
+
+def from_labels(class_labels: int | Sequence[int] | np.ndarray | torch.Tensor | None,
+                count: int) -> Condition | None:
+    """None (unconditional), one class for every image, or one per image -> a Condition of (count,) int64 labels
+    on the CPU."""
+    if class_labels is None:
+        return None
+    if isinstance(class_labels, Integral):
+        return Condition(labels=torch.full((count,), int(class_labels), dtype=torch.long))
+    if isinstance(class_labels, torch.Tensor):
+        labels = class_labels.detach().to("cpu", torch.long).reshape(-1)
+    else:
+        labels = torch.as_tensor(np.asarray(class_labels), dtype=torch.long).reshape(-1)
+    if labels.shape[0] != count:
+        raise ValueError(f"got {labels.shape[0]} class labels for {count} seeds")
+    return Condition(labels=labels)
+
+
+def _per_row(values: str | Sequence[str], count: int, what: str) -> list[str]:
+    rows = [values] * count if isinstance(values, str) else list(values)
+    if len(rows) != count:
+        raise ValueError(f"got {len(rows)} {what} for {count} rows")
+    bad = next((v for v in rows if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{what} must be strings, got {type(bad).__name__}")
+    return rows
+
+
+def encode_prompts(encoder: "TextEncoder", prompts: Sequence[str],
+                   negative_prompts: str | Sequence[str] | None = None, *, rows: int = ENCODE_ROWS) -> Condition:
+    """prompts (B strings) -> a text Condition: token states (B, L, D), pooled (B, D), and as its negative the
+    encoding of ``negative_prompts`` (one for all or one per row; default "", the empty prompt, which caption
+    dropout trains as the unconditional model).
+
+    Each distinct string (prompts and negatives together) is encoded once, ``rows`` strings per encoder call with
+    the last call padded, so a row's states never depend on the other prompts in the batch.
+    """
+    prompts = _per_row(prompts, len(prompts) if not isinstance(prompts, str) else 1, "prompts")
+    negatives = _per_row("" if negative_prompts is None else negative_prompts, len(prompts), "negative prompts")
+    if not prompts:
+        raise ValueError("encode_prompts needs at least one prompt")
+    distinct = list(dict.fromkeys(prompts + negatives))  # string -> its row, in first-seen order
+    row = {s: i for i, s in enumerate(distinct)}
+    ids = encoder.tokenize(distinct)  # (U, L) int64
+    states, pooled = [], []
+    for start in range(0, len(distinct), rows):
+        n = min(rows, len(distinct) - start)
+        chunk = ids.new_zeros((rows, ids.shape[1]))  # (rows, L), padding rows of id 0
+        chunk[:n] = ids[start:start + n]
+        s, p = encoder.encode_ids(chunk)  # (rows, L, D), (rows, D)
+        states.append(s[:n])
+        pooled.append(p[:n])
+    states, pooled = torch.cat(states), torch.cat(pooled)  # (U, L, D), (U, D)
+    take = lambda strings: torch.tensor([row[s] for s in strings], device=states.device)  # noqa
+    p, n = take(prompts), take(negatives)
+    return Condition(text=states[p], pooled=pooled[p], negative=Condition(text=states[n], pooled=pooled[n]))
+
+
+def guided(condition, guidance_scale: float) -> bool:
+    """Whether a request or batch runs classifier-free guidance (two network rows per image): it has a condition
+    (a class label, a non-empty prompt, a Condition or label tensor) and w != 1."""
+    if condition is None or (isinstance(condition, str) and condition == ""):
+        return False
+    return guidance_scale != 1.0
