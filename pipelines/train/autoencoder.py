@@ -3,10 +3,10 @@ machinery (workers and their fit to the cluster, the row order, DDP collectives,
 MLflow run and its lineage tags, registration), then register the result as an autoencoder version that
 ``ddpm encode`` and latent training resolve (:func:`pipelines.registry.resolve_autoencoder`).
 
-The data are a processed dataset (``ddpm preprocess`` output). The first ``train.eval_images`` rows of a seeded
-shuffle (by the rows' ``sha256``, so the split does not depend on how Ray reads the shards) are held out: never
-trained on, they give the PSNR logged at every checkpoint. The worker loop is
-:mod:`pipelines.train.autoencoder_worker`.
+The data are a processed dataset (``ddpm preprocess`` output). ``train.eval_images`` rows are held out
+(:mod:`pipelines.train.held_out`): never trained on, they give the PSNR logged at every checkpoint. The run is
+:func:`pipelines.train.stage.run_stage`'s; the worker loop is :mod:`pipelines.train.loop` with
+:class:`pipelines.train.autoencoder_worker.AutoencoderTask`.
 """
 
 from __future__ import annotations
@@ -17,25 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import ray.train
 
 from pipelines import registry
 from pipelines import storage as store
-from pipelines import tracking
-from pipelines.config import readable
-from pipelines.data.dataset import is_latent, load_dataset, read_columns, read_manifest
+from pipelines.data.dataset import is_latent
 from pipelines.errors import UserError
-from pipelines.ray_utils import init_ray, verbose
-from pipelines.train.autoencoder_worker import AutoencoderJob, train_autoencoder_worker
-from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, latest_checkpoint
-from pipelines.train.driver import default_cpus_per_worker, run_trainer
-from pipelines.train.resources import Workers, check_workers_fit
+from pipelines.train.autoencoder_worker import AutoencoderTask
+from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState
+from pipelines.train.held_out import split
+from pipelines.train.loop import LoopJob, train_loop_worker
+from pipelines.train.resources import Workers
 from pipelines.train.rows import Blocks
-from pipelines.train.run import finish_run, killed_on_interrupt, open_run
+from pipelines.train.stage import Stage, check_not_past_end, run_stage
 
 # train keys a resumed run must keep: the objective, and what defines the held-out split
 RESUME_FIXED = ("loss", "kl_weight", "seed", "eval_images")
-
 
 @dataclass(frozen=True)
 class AutoencoderTrainResult:
@@ -64,38 +60,12 @@ def train_autoencoder(
     resource_wait_s: float | None = None,
 ) -> AutoencoderTrainResult:
     """Train ``config`` (:class:`pipelines.train.autoencoder_config.AutoencoderRunConfig`) on the images at ``data``,
-    checkpoints to STORAGE/NAME; the arguments are those of :func:`pipelines.train.driver.train`.
+    checkpoints to STORAGE/NAME; the arguments are those of :func:`pipelines.train.stage.run_stage`.
 
     Running it again with the same ``name`` resumes from the run's latest complete checkpoint in the same MLflow
     run (raise ``train.total_images`` to train further); a run that already holds its final checkpoint only
     registers (idempotent: the version is found again by its run_id and images_seen tags).
     """
-    manifest = read_manifest(data)
-    check_dataset(config, manifest, data)
-    if verbose():  # else one line below says where the resolved config is: it is 80 lines
-        print(readable(config.to_dict()), flush=True)
-    previous = latest_checkpoint(storage, name)
-    if previous is not None:
-        check_resumable(previous.state, config, name)
-    workers = Workers.parse(num_workers)
-    init_ray()
-    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers.max)
-    check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
-    uri = tracking_uri or tracking.tracking_uri()
-    run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-
-    unlogged: list[str] = []
-    with killed_on_interrupt(run_id, uri, storage, name):
-        if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
-            print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
-                  f"skipping to registration", flush=True)
-            final_uri = previous.uri
-        else:
-            result = _fit(data, config, manifest, storage=storage, name=name, workers=workers, use_gpu=use_gpu,
-                          cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id, tracking_uri=uri)
-            final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
-            unlogged = list((result.metrics or {}).get("unlogged", []))
-
     final: dict = {}
 
     def lineage(folder: Path) -> dict:
@@ -107,16 +77,18 @@ def train_autoencoder(
         return {"scaling_factor": f"{ae['scaling_factor']:.6g}", "downsample_factor": factor,
                 "latent_channels": ae["latent_channels"], "kind": "autoencoder"}
 
-    with killed_on_interrupt(run_id, uri, storage, name):
-        images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
-                                          config=config, manifest=manifest, log_model=registry.log_autoencoder,
-                                          extra_tags=lineage)
-    return AutoencoderTrainResult(run_id, images_seen, final_uri, version, final.get("psnr"), final.get("scaling"),
-                                  unlogged)
+    stage = Stage(check=check_dataset, check_resumable=check_resumable, launch=_launch,
+                  log_model=registry.log_autoencoder, extra_tags=lineage)
+    result = run_stage(stage, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
+                       cpus_per_worker=cpus_per_worker, placement=placement, register_as=register_as,
+                       tracking_uri=tracking_uri, experiment=experiment, resource_wait_s=resource_wait_s)
+    return AutoencoderTrainResult(result.run_id, result.images_seen, result.checkpoint, result.model_version,
+                                  final.get("psnr"), final.get("scaling"), result.unlogged)
 
 
-def check_dataset(config, manifest: dict, data: str) -> None:
-    """Pixels (not latents), of the model's channels, with sides divisible by its downsampling factor f."""
+def check_dataset(config, manifest: dict, data: str):
+    """Pixels (not latents), of the model's channels, with sides divisible by its downsampling factor f; returns
+    ``config`` unchanged."""
     if is_latent(manifest):
         raise UserError(f"{data} is a latent dataset (ddpm encode output); train the autoencoder on the processed "
                         f"images (ddpm preprocess output)")
@@ -133,6 +105,7 @@ def check_dataset(config, manifest: dict, data: str) -> None:
     if rows and config.train.eval_images >= rows:
         raise UserError(f"{data} has {rows} images, not more than train.eval_images={config.train.eval_images} "
                         f"held out; set --set train.eval_images=N with N < {rows}")
+    return config
 
 
 def check_resumable(state: TrainingState, config, name: str) -> None:
@@ -148,71 +121,21 @@ def check_resumable(state: TrainingState, config, name: str) -> None:
         if saved["train"].get(key) != current["train"].get(key):
             raise UserError(f"run {name} was trained with train.{key}={saved['train'].get(key)!r}, "
                             f"not {current['train'].get(key)!r}; use another --name for a new run")
-    if state.images_seen > config.train.total_images:
-        raise UserError(f"run {name} has already seen {state.images_seen} images, more than "
-                        f"train.total_images={config.train.total_images}")
-
-
-def held_out_keys(data: str, manifest: dict, eval_images: int, seed: int) -> list[str]:
-    """The sha256 of the held-out rows, in their order: the first ``eval_images`` of a permutation drawn from
-    ``seed`` over the rows in the manifest's shard order (only the sha256 column is read)."""
-    keys = read_columns(data, manifest["shards"], ["sha256"], None).column("sha256").to_pylist()
-    if eval_images >= len(keys):
-        raise UserError(f"{data} has {len(keys)} images, not more than train.eval_images={eval_images} held out; "
-                        f"set --set train.eval_images=N with N < {len(keys)}")
-    order = np.random.default_rng([seed, 0xE7A1]).permutation(len(keys))
-    chosen: dict[str, None] = {}  # ordered; identical images (one sha256) are held out together
-    for i in order:
-        chosen.setdefault(keys[i])
-        if len(chosen) == eval_images:
-            break
-    return list(chosen)
-
-
-def _select(batch: dict, keys: list[str], keep: bool) -> dict:
-    """Ray Data map: the rows whose sha256 is (``keep``) or is not in ``keys``; the sha256 column dropped when not
-    kept."""
-    mask = np.isin(batch["sha256"].astype(str), np.asarray(keys, dtype=str))
-    mask = mask if keep else ~mask
-    return {k: v[mask] for k, v in batch.items() if keep or k != "sha256"}
+    check_not_past_end(state, config, name)
 
 
 def _split(data: str, manifest: dict, config) -> tuple[Blocks, np.ndarray]:
     """(the training rows as Blocks, the held-out images (eval_images, H, W, C) uint8 in their fixed order)."""
     tc = config.train
-    keys = held_out_keys(data, manifest, tc.eval_images, tc.seed)
-    base = load_dataset(data, columns=["image", "label", "sha256"])
-    base.context.enable_progress_bars = False
-    base = base.materialize()
-    held = base.map_batches(_select, batch_format="numpy", fn_kwargs={"keys": keys, "keep": True}).take_all()
-    rank = {key: i for i, key in enumerate(keys)}
-    held = sorted(held, key=lambda row: (rank[str(row["sha256"])], str(row["sha256"])))[:tc.eval_images]
-    held_images = np.stack([np.asarray(row["image"], dtype=np.uint8) for row in held])  # (E, H, W, C)
-    train = (base.map_batches(_select, batch_format="numpy", fn_kwargs={"keys": keys, "keep": False})
-             .random_shuffle(seed=tc.seed).materialize())
-    blocks = Blocks.of(train)
-    if blocks.num_rows == 0:
-        raise UserError(f"{data}: no images left to train on after holding out {len(held_images)}")
-    return blocks, held_images
+    blocks, held = split(data, manifest, eval_images=tc.eval_images, seed=tc.seed)
+    return blocks, np.stack([np.asarray(row["image"], dtype=np.uint8) for row in held])  # (E, H, W, C)
 
 
-def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers: Workers, use_gpu: bool,
-         cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
-    """Run the TorchTrainer; returns its Result (the final checkpoint in ``result.checkpoint``). Failures, retries
-    and storage outages are handled as in ``ddpm train`` (:func:`pipelines.train.driver.run_trainer`)."""
+def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_id: str, tracking_uri: str):
+    """(the worker function, its loop config): the split in Ray's object store and the workers' job."""
     blocks, held_images = _split(data, manifest, config)
     print(f"{blocks.num_rows} training images, {len(held_images)} held out", flush=True)
-    job = AutoencoderJob(
-        config=config,
-        fingerprint=manifest["fingerprint"],
-        run_id=run_id,
-        tracking_uri=tracking_uri,
-        storage=storage,
-        name=name,
-        endpoint_url=store.resolve_endpoint(None),
-        blocks=blocks,
-        held_out=ray.put(held_images),
-    )
-    return run_trainer(train_autoencoder_worker, job.loop_config(), config, storage=storage, name=name,
-                       workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement,
-                       run_id=run_id, tracking_uri=tracking_uri)
+    job = LoopJob(config=config, task=AutoencoderTask(config=config, held_out=ray.put(held_images)),
+                  fingerprint=manifest["fingerprint"], run_id=run_id, tracking_uri=tracking_uri, storage=storage,
+                  name=name, endpoint_url=store.resolve_endpoint(None), blocks=blocks)
+    return train_loop_worker, job.loop_config()

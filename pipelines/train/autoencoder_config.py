@@ -22,9 +22,9 @@ from pathlib import Path
 
 
 from ddpm.autoencoder import AutoencoderConfig
-from ddpm.training import PRECISIONS
 from pipelines.config import _strict, apply_overrides, read_yaml, set_by, unknown_section_source
 from pipelines.errors import UserError
+from pipelines.train.loop_config import LoopTrainConfig
 
 SECTIONS = ("model", "train")
 MEASURED = ("scaling_factor", "shift_factor")  # model fields that training measures, never set in a config
@@ -32,71 +32,22 @@ LOSSES = ("l1", "l2")
 
 
 @dataclass(frozen=True)
-class AutoencoderTrainConfig:
-    total_images: int = 200_000           # the run ends after exactly this many training images ...
-    max_minutes: float | None = None      # ... or this many minutes of training, if sooner (the LR decays over both)
-    batch_size: int = 32                  # global batch, split evenly across workers
-    lr: float = 1e-3
-    lr_decay: str = "cosine"              # "constant" or "cosine" (to 0 at total_images or max_minutes)
-    warmup_images: int = 3_200
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0             # AdamW's; 0 is plain Adam
-    grad_clip: float = 1.0
+class AutoencoderTrainConfig(LoopTrainConfig):
+    """The shared train keys (:class:`pipelines.train.loop_config.LoopTrainConfig`) and the autoencoder's."""
+
     loss: str = "l1"                      # reconstruction: "l1" (LDM's pixel term) or "l2", mean over pixels
     kl_weight: float = 1e-6               # LDM's weight; the KL is normalised as LDM's (see the worker's docstring)
     random_flip: bool = True
-    seed: int = 0                         # weights, the held-out split, the row order
-    precision: str = "auto"               # "auto" (bf16 on CUDA and bf16 CPUs, else fp32), "fp32" or "bf16"
-    eval_images: int = 64                 # held out (first rows after a seeded shuffle), never trained on: PSNR
     scaling_images: int = 256             # training rows the scaling factor is measured on at each checkpoint
-    log_every_steps: int = 50
-    checkpoint_every_images: int = 50_000
-    sample_every_images: int = 50_000     # held-out PSNR and the originals-over-reconstructions grid (also at
-                                          # every checkpoint and at the end)
-    num_checkpoints_to_keep: int = 2
-    max_failures: int = 2
-    elastic_check_s: float = 60.0         # an elastic run (--num-workers MIN-MAX) looks for room to grow this often
+
+    POSITIVE = (*LoopTrainConfig.POSITIVE, "scaling_images")
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise UserError(f"train.loss must be l1 or l2, got {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.lr_decay not in ("constant", "cosine"):
-            raise UserError(f"train.lr_decay must be constant or cosine, got {self.lr_decay!r}")
-        for name in ("total_images", "batch_size", "checkpoint_every_images", "sample_every_images",
-                     "eval_images", "scaling_images", "log_every_steps", "num_checkpoints_to_keep"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_images", "max_failures"):
-            if getattr(self, name) < 0:
-                raise UserError(f"train.{name} must be at least 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UserError(f"train.lr must be positive, got {self.lr}")
+        super().__post_init__()
         if not self.kl_weight >= 0:
             raise UserError(f"train.kl_weight must be at least 0, got {self.kl_weight}")
-        if not 0 <= self.adam_beta2 < 1:
-            raise UserError(f"train.adam_beta2 must be in [0, 1), got {self.adam_beta2}")
-        if not self.elastic_check_s >= 0:
-            raise UserError(f"train.elastic_check_s must be at least 0, got {self.elastic_check_s}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
-
-    def build_optimizer(self, params):
-        """Adam (AdamW with ``weight_decay``) with beta1 0.9, fused where torch has a fused kernel."""
-        import torch
-
-        params = list(params)
-        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-        cls = torch.optim.AdamW if self.weight_decay else torch.optim.Adam
-        return cls(params, lr=self.lr, betas=(0.9, self.adam_beta2), weight_decay=self.weight_decay, fused=fused)
-
-    def time_spent(self, seconds: float) -> float:
-        """The fraction of ``max_minutes`` that ``seconds`` of training used; 0 without a time limit."""
-        return seconds / (self.max_minutes * 60) if self.max_minutes is not None else 0.0
-
-    def finished(self, images_seen: int, seconds: float) -> bool:
-        return images_seen >= self.total_images or self.time_spent(seconds) >= 1
 
 
 @dataclass(frozen=True)

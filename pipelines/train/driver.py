@@ -1,42 +1,23 @@
-"""The ``ddpm train`` driver: fit the config to the dataset, resume or open the MLflow run, start the TorchTrainer
-over the dataset, wait out storage outages that stop it, then register the final checkpoint's model and close the
-run. The workers' loop is :mod:`pipelines.train.worker`."""
+"""The ``ddpm train`` driver: its :class:`pipelines.train.stage.Stage` (fit the config to the dataset, refuse an
+incompatible resume, put the dataset in Ray's object store and launch the workers); the rest of the run (workers,
+the MLflow run, the TorchTrainer, registration) is :func:`pipelines.train.stage.run_stage`'s. The workers' loop is
+:mod:`pipelines.train.worker`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-
-import ray
-import ray.train
-from ray.train.torch import TorchTrainer
+from dataclasses import replace
 
 from pipelines import storage as store
-from pipelines import tracking
-from pipelines.config import readable
-from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset, read_manifest
+from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset
 from pipelines.errors import UserError
-from pipelines.ray_utils import init_ray, verbose
-from pipelines.train.checkpoints import UPLOAD_RETRY_WAITS_S, TrainingState, latest_checkpoint
-from pipelines.train.resources import Workers, check_workers_fit
-from pipelines.train.run import fail_run, finish_run, killed_on_interrupt, open_run, resume_hint
-from pipelines.train.progress import fit_with_progress
+from pipelines.train.checkpoints import TrainingState
+from pipelines.train.resources import Workers
 from pipelines.train.rows import Blocks
+from pipelines.train.stage import Stage, StageResult, check_not_past_end, run_stage
 from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
 
-
-@dataclass(frozen=True)
-class TrainResult:
-    run_id: str
-    images_seen: int
-    checkpoint: str  # URI of the final checkpoint folder
-    model_version: str | None  # None without --register-as
-    unlogged: list[str] = field(default_factory=list)  # what never reached the tracking server
+TrainResult = StageResult  # run_id, images_seen, checkpoint (URI), model_version, unlogged
 
 
 def train(
@@ -62,43 +43,11 @@ def train(
 
     ``num_workers`` is a fixed N or an elastic range ``"MIN-MAX"`` (:class:`pipelines.train.resources.Workers`):
     the global batch, the steps and the order of the images stay those of the config whatever the group's size.
-
-    ``cpus_per_worker`` defaults to the cluster's CPUs divided among the workers (at most one node's worth): Ray sets
-    a worker's thread count from its CPU reservation, and a CPU worker with fewer threads than cores is that much
-    slower. ``placement`` defaults to SPREAD on CPUs (each worker gets a node's cores to itself) and PACK on GPUs
-    (NCCL within a node is faster than across nodes). Before anything is created, the cluster must be able to
-    hold the workers (:func:`pipelines.train.resources.check_workers_fit`, waiting up to ``resource_wait_s``).
+    The rest (workers, CPUs, placement, the MLflow run, registration) is :func:`pipelines.train.stage.run_stage`.
     """
-    manifest = read_manifest(data)
-    config = fit_to_dataset(config, manifest, data)
-    if verbose():  # else one line below says where the resolved config is: it is 80 lines
-        print(readable(config.to_dict()), flush=True)
-    previous = latest_checkpoint(storage, name)
-    if previous is not None:
-        check_resumable(previous.state, config, name)
-    workers = Workers.parse(num_workers)
-    init_ray()
-    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers.max)
-    check_workers_fit(workers.min, {"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}, wait_s=resource_wait_s)
-    uri = tracking_uri or tracking.tracking_uri()
-    run_id = open_run(uri, experiment, name, config, manifest, data, previous)
-
-    unlogged: list[str] = []
-    with killed_on_interrupt(run_id, uri, storage, name):
-        if previous is not None and config.train.finished(previous.state.images_seen, previous.state.train_seconds):
-            print(f"run {name} already holds its final checkpoint ({previous.state.images_seen} images); "
-                  f"skipping to registration", flush=True)
-            final_uri = previous.uri
-        else:
-            result = _fit(data, config, manifest, storage=storage, name=name, workers=workers,
-                          use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, placement=placement, run_id=run_id,
-                          tracking_uri=uri)
-            final_uri = store.join(storage, name, Path(result.checkpoint.path).name)
-            unlogged = list((result.metrics or {}).get("unlogged", []))
-
-        images_seen, version = finish_run(final_uri, run_id=run_id, register_as=register_as, tracking_uri=uri,
-                                          config=config, manifest=manifest)
-    return TrainResult(run_id, images_seen, final_uri, version, unlogged)
+    return run_stage(DDPM_STAGE, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
+                     cpus_per_worker=cpus_per_worker, placement=placement, register_as=register_as,
+                     tracking_uri=tracking_uri, experiment=experiment, resource_wait_s=resource_wait_s)
 
 
 def fit_to_dataset(config, manifest: dict, data: str):
@@ -153,28 +102,11 @@ def check_resumable(state: TrainingState, config, name: str) -> None:
                                 f"not {current[section].get(key)!r}; use another --name for a new run")
     if saved["train"]["prediction_type"] != config.train.prediction_type:
         raise UserError(f"run {name} was trained with train.prediction_type={saved['train']['prediction_type']}")
-    if state.images_seen > config.train.total_images:
-        raise UserError(f"run {name} has already seen {state.images_seen} images, more than "
-                        f"train.total_images={config.train.total_images}")
+    check_not_past_end(state, config, name)
 
 
-def default_cpus_per_worker(num_workers: int) -> int:
-    """The cluster's CPUs shared among the workers, at most one node's worth (a worker cannot span nodes)."""
-    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    return max(1, min(int(max(per_node, default=1)), int(sum(per_node) // num_workers)))
-
-
-def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers: Workers, use_gpu: bool,
-         cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
-    """Run the TorchTrainer; returns its Result (the final checkpoint in ``result.checkpoint``).
-
-    A worker (or node) that dies is replaced by Ray Train (``train.max_failures`` times) and the group restarts from
-    the last checkpoint (:func:`pipelines.train.checkpoints.resume_from`). When the retries run out, the one-line
-    error names the checkpoint the same command will resume from. An elastic group (``workers.elastic``) also
-    restarts, from the latest checkpoint, when Ray Train resizes it: it looks for more room every
-    ``train.elastic_check_s`` seconds.
-    """
-    cpus = cpus_per_worker
+def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_id: str, tracking_uri: str):
+    """(the worker function, its loop config): the dataset in Ray's object store and the workers' job."""
     # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once so that each
     # block mixes the classes, and the workers take their rows from its blocks (pipelines.train.rows): training
     # then needs no read tasks, so the workers may reserve every CPU of their nodes.
@@ -195,108 +127,9 @@ def _fit(data: str, config, manifest: dict, *, storage: str, name: str, workers:
         blocks=blocks,
         autoencoder=latent_autoencoder(data, manifest),
     )
-    return run_trainer(train_worker, job.loop_config(), config, storage=storage, name=name, workers=workers,
-                       use_gpu=use_gpu, cpus_per_worker=cpus, placement=placement, run_id=run_id,
-                       tracking_uri=tracking_uri)
+    return train_worker, job.loop_config()
 
 
-class InterruptibleTrainer(TorchTrainer):
-    """A TorchTrainer whose ``fit()`` turns Ctrl-C into ``KeyboardInterrupt`` once the run's workers are stopped.
-
-    Ray Train's own SIGINT handler aborts the controller and then exits the process (status 1, no message) before the
-    command can close its MLflow run (``DataParallelTrainer._register_sigint_handler``, Ray 2.60). A second Ctrl-C
-    while the workers stop interrupts at once.
-    """
-
-    def _register_sigint_handler(self, controller) -> None:
-        def interrupt(signum, frame):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            with contextlib.suppress(Exception):  # abort() ends the controller actor, so the call itself fails
-                ray.get(controller.abort.remote(), timeout=30)
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, interrupt)
+DDPM_STAGE = Stage(check=fit_to_dataset, check_resumable=check_resumable, launch=_launch)
 
 
-def run_trainer(worker_fn, loop_config: dict, config, *, storage: str, name: str, workers: Workers, use_gpu: bool,
-                cpus_per_worker: int, placement: str | None, run_id: str, tracking_uri: str):
-    """Run a TorchTrainer of ``worker_fn`` with checkpoints under STORAGE/NAME; returns its Result. Shared by
-    ``ddpm train`` and ``ddpm train-autoencoder``: ``config.train`` gives the retries, checkpoints kept and the
-    elastic check; a failure that ends the run becomes one line naming where it will resume."""
-    fs, root = store.filesystem_for(storage)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer_args = dict(
-        train_loop_per_worker=worker_fn,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers.scaling(), use_gpu=use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=placement or ("PACK" if use_gpu else "SPREAD"),
-                                               elastic_resize_monitor_interval_s=config.train.elastic_check_s),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=root,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.num_checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-        ),
-    )
-    print(f"training on {workers} worker(s) x {cpus_per_worker} CPU{' + 1 GPU' if use_gpu else ''}; "
-          f"checkpoints under {store.join(storage, name)}", flush=True)
-    outages = 0
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
-    while True:
-        try:
-            return fit_with_progress(InterruptibleTrainer, trainer_args)  # rank 0's progress lines printed here
-        except ray.train.TrainingFailedError as exc:
-            # Ray Train's controller writes its own state to the store when it registers a checkpoint, and does not
-            # retry that: a storage outage at that moment ends the run. Wait for the store, then go on from the last
-            # complete checkpoint, as the same command run again would (at most train.max_failures times).
-            if (isinstance(exc, ray.train.ControllerError) and store.explain(str(exc)) is not None
-                    and outages < config.train.max_failures and _store_back(storage, name)):
-                outages += 1
-                print(f"storage came back after an outage that stopped Ray Train's controller; resuming "
-                      f"({outages}/{config.train.max_failures})", flush=True)
-                continue
-            raise UserError(_failure_message(exc, config, storage, name, run_id, tracking_uri)) from None
-        finally:
-            if on_main_thread:  # fit() left its Ctrl-C handler behind
-                signal.signal(signal.SIGINT, sigint)
-
-
-def _store_back(storage: str, name: str, waits_s=UPLOAD_RETRY_WAITS_S) -> bool:
-    """Whether the store answers again within about a minute (the wait of a checkpoint upload)."""
-    for wait_s in waits_s:
-        time.sleep(wait_s)
-        try:
-            latest_checkpoint(storage, name)
-            return True
-        except UserError:
-            continue
-    return False
-
-
-def _failure_message(exc: Exception, config, storage: str, name: str, run_id: str, tracking_uri: str) -> str:
-    """One line: why training stopped, and where it will resume (the same command resumes from there)."""
-    fail_run(run_id, tracking_uri)
-    cause = exc.__cause__ or exc
-    explained = store.explain(str(cause))
-    if explained:
-        reason = f"{storage}: {explained}"
-    elif getattr(cause, "worker_failures", None):  # ray.train.WorkerGroupError: rank -> its error
-        # a rank whose process or node died fails its health check; the others' errors are then only echoes of it
-        lost = {rank: error for rank, error in cause.worker_failures.items() if "health check" in str(error)}
-        reason = "; ".join(f"rank {rank}: {'worker lost: ' if lost else ''}{_one_line(error)[:150]}"
-                           for rank, error in sorted((lost or cause.worker_failures).items()))
-    else:
-        reason = _one_line(getattr(cause, "controller_failure", None) or cause)
-    return (f"training failed (train.max_failures={config.train.max_failures}): {reason[:300]}; "
-            f"{resume_hint(storage, name)}")
-
-
-def _one_line(error: BaseException) -> str:
-    """An error in one line: its message's first line, or for a quoted traceback its last (the exception)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return lines[-1] if any(line.startswith("Traceback (most recent call last)") for line in lines) else lines[0]
