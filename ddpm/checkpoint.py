@@ -100,18 +100,19 @@ class LoadedModel:
             return labels
         if class_labels is not None:
             raise SettingError("class_label", "this model takes a prompt, not a class label")
-        for field_, values in (("prompt", prompts), ("negative_prompt", negative_prompts)):
-            if values is not None and not isinstance(values, str) and (
-                    isinstance(values, (bytes, dict)) or not all(isinstance(v, str) for v in values)):
-                raise SettingError(field_, "must be a string")
-        prompts = "" if prompts is None else prompts
-        rows = [prompts] * count if isinstance(prompts, str) else list(prompts)
-        if len(rows) != count:
-            raise SettingError("prompt", f"got {len(rows)} prompts for {count} images")
-        negatives = negative_prompts
-        if negatives is not None and not isinstance(negatives, str) and len(list(negatives)) != count:
-            raise SettingError("negative_prompt", f"got {len(list(negatives))} negative prompts for {count} images")
-        return encode_prompts(self.text_encoder, rows, negatives)
+        return encode_prompts(self.text_encoder, _strings("prompt", prompts, count),
+                              _strings("negative_prompt", negative_prompts, count))
+
+
+def _strings(field_: str, values: str | Sequence[str] | None, count: int) -> list[str]:
+    """One string per image from None (the empty prompt), one string for all, or one per image; else SettingError."""
+    values = "" if values is None else values
+    rows = [values] * count if isinstance(values, str) else values
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(v, str) for v in rows):
+        raise SettingError(field_, "must be a string, or one string per image")
+    if len(rows) != count:
+        raise SettingError(field_, f"got {len(rows)} for {count} images")
+    return list(rows)
 
 
 def save(

@@ -166,7 +166,7 @@ def encode_prompts(encoder: "TextEncoder", prompts: Sequence[str],
     Each distinct string (prompts and negatives together) is encoded once, ``rows`` strings per encoder call with
     the last call padded, so a row's states never depend on the other prompts in the batch.
     """
-    prompts = _per_row(prompts, len(prompts) if not isinstance(prompts, str) else 1, "prompts")
+    prompts = _per_row(prompts, 1 if isinstance(prompts, str) else len(prompts), "prompts")
     negatives = _per_row("" if negative_prompts is None else negative_prompts, len(prompts), "negative prompts")
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
