@@ -1,6 +1,6 @@
 """The rules for a request for images, in one place: the CLI (``ddpm generate``, ``ddpm inpaint``), the MLflow
 pyfunc model and the HTTP endpoint all call these two functions, so they accept and refuse the same settings.
-Whether a request is guided (two network rows per image) is :func:`ddpm.sampling.guided`, re-exported here.
+Whether a request is guided (two network rows per image) is :func:`ddpm.conditioning.guided`, re-exported here.
 
 :func:`check_settings` holds what is wrong whatever the model; :func:`check_for_model` what a particular model
 refuses (a class it does not have, more steps than its timesteps). A refusal is a :class:`SettingError` that
@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from .sampling import DEFAULT_STEPS, SAMPLERS, guided
+from .conditioning import guided
+from .sampling import DEFAULT_STEPS, SAMPLERS
 
 MAX_STEPS = 1000  # the longest chain a request may ask for (the schedules here have T = 1000)
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) mod 2^32
