@@ -291,7 +291,8 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _AllGather.apply(x, sizes, rank), sum(sizes[:rank])
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, *,
+                     reduction: str = "mean") -> torch.Tensor:
     """CLIP's symmetric cross-entropy (Radford et al. 2021, figure 3), a scalar.
 
     image_emb, text_emb: (b, E) unit-norm, row i of each a pair; logit_scale: the multiplier exp(t) (``Clip.scale``).
@@ -302,7 +303,11 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
     Each worker's loss is the mean over its own rows, so with equal local batches the workers' mean (what DDP's
     averaged gradients follow) is the loss of the whole global batch, and its gradient is that loss's gradient.
+    ``reduction="sum"`` gives the sum over this worker's rows instead: 0 for a worker with no rows, which still
+    joins the gathers (forward and backward), so that workers with unequal shares can weight their sums exactly.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"expected two (B, E) embeddings of one shape, got {tuple(image_emb.shape)} and "
                          f"{tuple(text_emb.shape)}")
@@ -311,7 +316,9 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     labels = offset + torch.arange(image_emb.shape[0], device=image_emb.device)
     logits_img = logit_scale * image_emb @ all_texts.T  # (b, N): image i against every text
     logits_txt = logit_scale * text_emb @ all_images.T  # (b, N): text i against every image
-    return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
+    total = (F.cross_entropy(logits_img, labels, reduction="sum")
+             + F.cross_entropy(logits_txt, labels, reduction="sum")) / 2
+    return total if reduction == "sum" else total / image_emb.shape[0]
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "pipelines.commands.train",
     "train-local": "pipelines.commands.train_local",
     "train-autoencoder": "pipelines.commands.train_autoencoder",
+    "train-clip": "pipelines.commands.train_clip",
     "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",

@@ -1,5 +1,6 @@
-"""The flags every training command shares (``ddpm train``, ``ddpm train-autoencoder``): the data, the preset, the
-workers and where they run, the run's name and storage, MLflow. One place, so that every trainer reads the same."""
+"""The flags every training command shares (``ddpm train``, ``ddpm train-autoencoder``, ``ddpm train-clip``): the
+data, the preset, the workers and where they run, the run's name and storage, MLflow. One place, so that every
+trainer reads the same."""
 
 from __future__ import annotations
 

@@ -61,6 +61,12 @@ def autoencoder_kind() -> Wanted:
                   lambda c: c.get("format") == FORMAT or c.get("_class_name") == "AutoencoderKL", "autoencoder")
 
 
+def clip_kind() -> Wanted:
+    from ddpm.clip import FORMAT
+
+    return Wanted(f"CLIP (clip/config.json with format {FORMAT!r})", lambda c: c.get("format") == FORMAT, "CLIP")
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
     body = uri[len("models:/"):].strip("/")
@@ -105,6 +111,12 @@ def resolve_model(uri: str, tracking_uri: str | None = None, *, say=None) -> Res
 def resolve_autoencoder(uri: str, tracking_uri: str | None = None, *, say=None) -> ResolvedModel:
     """An autoencoder folder (ours, or a downloaded diffusers AutoencoderKL) to pass to ``ddpm.autoencoder.load``."""
     return resolve(uri, autoencoder_kind(), tracking_uri, say=say)
+
+
+def resolve_clip(uri: str, tracking_uri: str | None = None, *, say=None) -> ResolvedModel:
+    """A CLIP folder (``ddpm.clip.save``'s) to pass to ``ddpm.clip.load``, or ``ddpm.text.load`` for its text tower."""
+    found = resolve(uri, clip_kind(), tracking_uri, say=say)
+    return ResolvedModel(found.path.parent, found.name, found.version, found.alias)  # ROOT/clip/ -> ROOT
 
 
 def find_checkpoint(root: Path) -> Path:

@@ -1,8 +1,8 @@
 """Logging, registering, promoting and listing model versions in the MLflow registry.
 
 A registered version is an MLflow ``python_function`` model whose artifact is a folder in the core's format: a DDPM
-(``checkpoint``, see :mod:`pipelines.pyfunc_model`) or an autoencoder (``autoencoder``, see
-:mod:`pipelines.pyfunc_autoencoder`), tagged with its lineage: the training run, the dataset fingerprint, the config
+(``checkpoint``, see :mod:`pipelines.pyfunc_model`), an autoencoder (``autoencoder``, see
+:mod:`pipelines.pyfunc_autoencoder`) or a CLIP (``clip``, see :mod:`pipelines.pyfunc_clip`), tagged with its lineage: the training run, the dataset fingerprint, the config
 hash and the final metrics. Aliases (``staging``, ``production``) point at versions; Serve follows an alias.
 """
 
@@ -19,9 +19,11 @@ from pipelines.registry.resolve import autoencoder_kind, checkpoint_kind, find_f
 ALIASES = ("production", "staging")
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact key, and its folder name inside the model
 AUTOENCODER_ARTIFACT = "autoencoder"  # the same for a registered autoencoder
+CLIP_ARTIFACT = "clip"  # the same for a registered CLIP
 # MLflow "models from code": these files are copied by path into the model artifact (pipelines/, beside this package)
 _PYFUNC_MODEL = Path(__file__).resolve().parents[1] / "pyfunc_model.py"
 _PYFUNC_AUTOENCODER = Path(__file__).resolve().parents[1] / "pyfunc_autoencoder.py"
+_PYFUNC_CLIP = Path(__file__).resolve().parents[1] / "pyfunc_clip.py"
 
 
 def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
@@ -67,6 +69,29 @@ def log_autoencoder(folder: str | Path, *, run_id: str, tracking_uri: str) -> st
             signature=_autoencoder_signature(), input_example=_autoencoder_example(folder),
             code_paths=[str(Path(ddpm.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+    return info.model_uri
+
+
+def log_clip(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log the CLIP folder (``ddpm.clip.save``'s: clip/, text_encoder/, tokenizer/) into run ``run_id`` as a pyfunc
+    model named "clip" (:mod:`pipelines.pyfunc_clip`: texts or images -> embeddings); returns its ``models:/`` URI.
+    :func:`resolve_clip` finds the folder again; ``ddpm.text.load`` on it reads the text tower."""
+    import mlflow
+    import torch
+
+    import ddpm
+
+    cache.quiet_progress()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="clip",
+            python_model=str(_PYFUNC_CLIP),  # a model from code, as log_model's
+            artifacts={CLIP_ARTIFACT: str(folder)},
+            code_paths=[str(Path(ddpm.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "tokenizers",
                               f"mlflow=={mlflow.__version__}"],
         )
     return info.model_uri

@@ -2,8 +2,10 @@
 
 Who does what in ``ddpm train`` (its flags and main are ``pipelines/commands/train.py``, which calls driver.train)::
 
-    driver       fit the config to the dataset's manifest, find the run's latest checkpoint (resume), start the
-                 TorchTrainer, wait out storage outages that stop it, then finish the run
+    stage        the one Ray Train machinery every trainer runs (run_stage): the dataset check, the run's latest
+                 checkpoint (resume), the workers and whether the cluster holds them, the MLflow run, the
+                 TorchTrainer (retries, storage outages, one-line failures), registration of the final model
+    driver       ddpm train's Stage: fit the config to the dataset's manifest, launch its workers
     run          the MLflow run: open (or reopen the one the checkpoint names), register the final model, close
     worker       the loop each of the N workers runs (gloo on CPU, NCCL on GPU); rank 0 logs and checkpoints
     resources    N or MIN-MAX workers (elastic); whether the cluster can hold them, checked before anything starts
@@ -16,10 +18,17 @@ Who does what in ``ddpm train`` (its flags and main are ``pipelines/commands/tra
     samples      sample grids from fixed seeds
     local        ``ddpm train-local``'s training (its flags: ``pipelines/commands/train_local.py``)
 
-``ddpm train-autoencoder`` (latent diffusion's first stage; flags in ``pipelines/commands/train_autoencoder.py``)
-runs on the same machinery::
+``ddpm train-autoencoder`` and ``ddpm train-clip`` (flags in ``pipelines/commands/train_autoencoder.py`` and
+``train_clip.py``) run on the same machinery, and share one worker loop::
 
-    autoencoder           its driver: check the data, hold out the PSNR images, start the TorchTrainer, register
-    autoencoder_worker    its loop: reconstruction + KL, held-out PSNR, the measured scaling factor, checkpoints
+    loop                  the worker loop of a one-model stage: rows, DDP steps, logging, evaluation, checkpoints,
+                          exact resume; a stage adds a LoopTask (its model, loss, evaluation, checkpoint folder)
+    loop_config           the train section those stages share
+    held_out              the fixed held-out split (by sha256) they evaluate on
+    autoencoder           its driver: check the data, hold out the PSNR images, run the stage, register
+    autoencoder_worker    its LoopTask: reconstruction + KL, held-out PSNR, the measured scaling factor
     autoencoder_config    its YAML (model: an AutoencoderConfig preset; train: its settings)
+    clip                  its driver: check the captions, hold out the retrieval images, learn the tokenizer
+    clip_worker           its LoopTask: the contrastive loss over the global batch, held-out retrieval
+    clip_config           its YAML (model: the CLIP's sizes; train: its settings)
 """

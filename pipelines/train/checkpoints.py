@@ -3,7 +3,9 @@ through a storage outage, and handing it to Ray Train.
 
 A checkpoint is one folder, STORAGE/NAME/checkpoint_<images seen, 12 digits>/::
 
-    model/                        the core's format (ddpm.checkpoint.save): raw + EMA weights, config.json
+    model/                        the core's format (ddpm.checkpoint.save): raw + EMA weights, config.json;
+                                  or another stage's model folder (an autoencoder; a CLIP: clip/, text_encoder/,
+                                  tokenizer/, see MODEL_LAYOUTS)
     training_state.json           a TrainingState's fields, "format", "version", and the optimizer's param groups
                                   and non-tensor state ("optimizer")
     training_state.safetensors    the optimizer's tensors ("optimizer.<param index>.<name>"), every rank's RNG
@@ -32,6 +34,12 @@ MODEL_DIR = "model"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_FORMAT, STATE_VERSION = "ddpm-training-state", 1
+# the files a whole model/ holds: a DDPM's or an autoencoder's (one folder), or a CLIP's (ddpm.clip.save)
+MODEL_LAYOUTS = {
+    "single": ("config.json", "model.safetensors"),
+    "clip": ("clip/config.json", "clip/model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json"),
+}
 UPLOAD_RETRY_WAITS_S = (1, 2, 4, 8, 15, 30)  # a checkpoint upload waits out about a minute of storage outage
 
 
@@ -191,9 +199,11 @@ def complete_checkpoint(uri: str, endpoint_url: str | None = None) -> TrainingSt
 
 def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -> TrainingState | None:
     """The training state of the checkpoint folder at ``uri`` (file -> size) if all its files are whole, else None."""
-    if not {STATE_JSON, STATE_TENSORS, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors"} <= sizes.keys():
+    layout = "clip" if any(k.startswith(f"{MODEL_DIR}/clip/") for k in sizes) else "single"
+    model_files = [f"{MODEL_DIR}/{name}" for name in MODEL_LAYOUTS[layout]]
+    if not {STATE_JSON, STATE_TENSORS, *model_files} <= sizes.keys():
         return None
-    for tensors in (STATE_TENSORS, f"{MODEL_DIR}/model.safetensors"):
+    for tensors in (STATE_TENSORS, *(f for f in model_files if f.endswith(".safetensors"))):
         # safetensors: an 8-byte header length n, n bytes of JSON header, then the data the header's offsets cover
         head = store.read_head(store.join(uri, tensors), 8, endpoint_url)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -205,7 +215,8 @@ def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -
         if sizes[tensors] != 8 + n + end:
             return None
     try:
-        json.loads(store.read_bytes(store.join(uri, MODEL_DIR, "config.json"), endpoint_url))
+        for config in (f for f in model_files if f.endswith(".json")):
+            json.loads(store.read_bytes(store.join(uri, config), endpoint_url))
         return TrainingState.from_json(json.loads(store.read_bytes(store.join(uri, STATE_JSON), endpoint_url)))
     except (ValueError, TypeError):
         return None
