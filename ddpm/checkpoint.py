@@ -87,19 +87,14 @@ class LoadedModel:
         with a ``SettingError`` (a ValueError naming the field, shown as it is by the CLI and HTTP): a prompt to a
         model without a text encoder, a class label to a text model, a class this model does not have.
         """
+        labels = from_labels(class_labels, count)
+        present = lambda values: None if values is None else ""  # noqa: E731 (check_for_model reads only "given")
+        for label in dict.fromkeys(labels.labels.tolist()) if labels is not None else [None]:
+            check_for_model(steps=None, class_label=label, num_classes=self.config.num_classes,
+                            num_timesteps=self.schedule.num_timesteps, prompt=present(prompts),
+                            negative_prompt=present(negative_prompts), takes_text=self.text_encoder is not None)
         if self.text_encoder is None:
-            if prompts is not None or negative_prompts is not None:
-                field_ = "prompt" if prompts is not None else "negative_prompt"
-                raise SettingError(field_, "this model takes no prompt; it has no text encoder"
-                                   + (" (it takes a class label)" if self.config.num_classes else ""))
-            labels = from_labels(class_labels, count)
-            if labels is not None:
-                for label in dict.fromkeys(labels.labels.tolist()):  # the rule ddpm.settings applies to a request
-                    check_for_model(steps=None, class_label=label, num_classes=self.config.num_classes,
-                                    num_timesteps=self.schedule.num_timesteps)
             return labels
-        if class_labels is not None:
-            raise SettingError("class_label", "this model takes a prompt, not a class label")
         return encode_prompts(self.text_encoder, _strings("prompt", prompts, count),
                               _strings("negative_prompt", negative_prompts, count))
 

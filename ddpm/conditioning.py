@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .text import TextEncoder
+    from .text import TextEncoder, TokenReport
 
 # Prompts encoded per text-encoder call, the last call padded: at a fixed shape a prompt's states do not depend on
 # the other prompts of the batch (the rule of ddpm.generation.fixed_size_forward, for the text encoder).
@@ -193,3 +193,17 @@ def guided(condition, guidance_scale: float) -> bool:
     if condition is None or (isinstance(condition, str) and condition == ""):
         return False
     return guidance_scale != 1.0
+
+
+def describe(report: "TokenReport", context_length: int | None = None) -> str:
+    """What tokenizing a prompt lost, as the warning every door prints or returns ("" when nothing was lost), e.g.
+    "12 tokens past the 77-token context were dropped; unknown words: 'purple', 'hexagon'"."""
+    parts = []
+    if report.dropped_tokens:
+        context = "the context" if context_length is None else f"the {context_length}-token context"
+        n = report.dropped_tokens
+        parts.append(f"{n} token{'s' if n != 1 else ''} past {context} {'were' if n != 1 else 'was'} dropped")
+    if report.unknown_words:
+        parts.append(f"unknown word{'s' if len(report.unknown_words) != 1 else ''}: "
+                     + ", ".join(repr(w) for w in report.unknown_words))
+    return "; ".join(parts)

@@ -3,7 +3,7 @@ pyfunc model and the HTTP endpoint all call these two functions, so they accept 
 Whether a request is guided (two network rows per image) is :func:`ddpm.conditioning.guided`, re-exported here.
 
 :func:`check_settings` holds what is wrong whatever the model; :func:`check_for_model` what a particular model
-refuses (a class it does not have, more steps than its timesteps). A refusal is a :class:`SettingError` that
+refuses (a class it does not have, more steps than its timesteps, a prompt without a text encoder). A refusal is a :class:`SettingError` that
 names the field as the HTTP API spells it (``guidance_scale``); the CLI turns that into its flag
 (``--guidance-scale``), the endpoint into a 422 with ``loc: ["body", field]``.
 """
@@ -20,6 +20,7 @@ MAX_STEPS = 1000  # the longest chain a request may ask for (the schedules here 
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) mod 2^32
 MAX_RESAMPLE_TIMES = 100  # RePaint's r; the cost is about r times the steps
 MAX_IMAGES = 64  # per request to a server (POST /generate, the pyfunc model); ddpm generate writes files instead
+MAX_PROMPT_BYTES = 1000  # UTF-8 bytes of a prompt or negative prompt: CLIP's 77 tokens are ~300 characters of English
 
 
 class SettingError(ValueError):
@@ -46,12 +47,26 @@ def _float(field: str, value, low: float, high: float | None = None) -> None:
                            else f"must be at least {low:g}, got {value:g}")
 
 
+def _prompt(field: str, value) -> None:
+    if not isinstance(value, str):
+        raise SettingError(field, f"must be a string, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's "\ud800" can carry: no tokenizer takes it
+        raise SettingError(field, "must be valid Unicode text (it has a lone surrogate)") from None
+    if size > MAX_PROMPT_BYTES:
+        raise SettingError(field, f"must be at most {MAX_PROMPT_BYTES} bytes (UTF-8), got {size}")
+
+
 def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, seed: int | None = 0,
                    class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
-                   resample_times: int | None = None, num_images: int | None = None) -> None:
+                   resample_times: int | None = None, num_images: int | None = None, prompt: str | None = None,
+                   negative_prompt: str | None = None) -> None:
     """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
     error); ``seed`` None means "draw one"; the resample settings are checked when given (inpainting);
-    ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits)."""
+    ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits).
+    ``prompt`` None or "" is unconditional; a non-empty ``negative_prompt`` needs a non-empty prompt and guidance
+    (w != 1), since only the guided prediction neg + w (cond - neg) reads it."""
     if num_images is not None:
         _int("num_images", num_images, 1, MAX_IMAGES)
     if sampler not in SAMPLERS:
@@ -63,10 +78,21 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
         _int("seed", seed, 0, MAX_SEED)
     if class_label is not None:
         _int("class_label", class_label, 0)
+    for field, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if value is not None:
+            _prompt(field, value)
+    if class_label is not None and prompt:
+        raise SettingError("prompt", "send a class label or a prompt, not both")
+    if negative_prompt and not prompt:
+        raise SettingError("negative_prompt", "needs a prompt (guidance pushes the prompt away from it)")
     _float("guidance_scale", guidance_scale, 0.0)
-    if guidance_scale != 1.0 and not guided(class_label, guidance_scale):  # a scale that would guide nothing
-        raise SettingError("guidance_scale", "applies only with a class label (classifier-free guidance mixes the "
-                                             "conditional and unconditional predictions)")
+    condition = class_label if class_label is not None else prompt  # what guided() reads: a label or a prompt
+    if guidance_scale != 1.0 and not guided(condition, guidance_scale):  # a scale that would guide nothing
+        raise SettingError("guidance_scale", "applies only with a class label or a non-empty prompt (classifier-"
+                                             "free guidance mixes the conditional and unconditional predictions)")
+    if negative_prompt and guidance_scale == 1.0:
+        raise SettingError("negative_prompt", "applies only with guidance: set guidance_scale != 1 (at w = 1 the "
+                                              "prediction is the prompt's alone)")
     if resample_jumps is not None:
         _int("resample_jumps", resample_jumps, 1, MAX_STEPS)
     if resample_times is not None:
@@ -78,11 +104,20 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
                                                  f"resample_times 1); got {resample_jumps}")
 
 
-def check_for_model(*, steps: int | None, class_label: int | None, num_classes: int, num_timesteps: int) -> None:
-    """Refuse what this model cannot do: more steps than its T, a class it does not have, any class when it is
+def check_for_model(*, steps: int | None, class_label: int | None, num_classes: int, num_timesteps: int,
+                    prompt: str | None = None, negative_prompt: str | None = None, takes_text: bool = False) -> None:
+    """Refuse what this model cannot do: more steps than its T, a prompt when it has no text encoder
+    (``takes_text`` False), a class label when it is a text model, a class it does not have, any class when it is
     unconditional."""
     if steps is not None and steps > num_timesteps:
         raise SettingError("steps", f"must be at most {num_timesteps}, this model's number of timesteps; got {steps}")
+    if not takes_text:
+        for field, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is not None:
+                raise SettingError(field, "this model takes no prompt; it has no text encoder"
+                                   + (" (it takes a class label)" if num_classes else ""))
+    elif class_label is not None:
+        raise SettingError("class_label", "this model is conditioned on text: send a prompt instead")
     if class_label is None:
         return
     if num_classes == 0:

@@ -100,3 +100,30 @@ def planted_pickle(sentinel: Path) -> bytes:
     from the tests, so any process can run it.
     """
     return pickle.dumps(_WritesSentinel(Path(sentinel)), protocol=4)
+
+
+TEXT_CAPTIONS = ("a small red circle", "a large blue square", "a green triangle above a yellow circle",
+                 "a cyan square left of a magenta triangle")
+TEXT_CONTEXT = 16  # tokens: short, so that a test prompt runs past it easily
+
+
+def save_text_checkpoint(path: Path, *, seed: int = 0, width: int = 16, context: int = TEXT_CONTEXT,
+                         captions=TEXT_CAPTIONS, **unet_overrides) -> Path:
+    """A tiny random text model (8x8x1 U-Net with cross-attention of ``width``, a one-layer text encoder whose
+    tokenizer is learned from ``captions`` and pads to ``context`` tokens) saved as a checkpoint folder at ``path``.
+
+    Random, not trained: different prompts give different images, and a word not in ``captions`` is unknown.
+    """
+    import torch
+
+    from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, text
+
+    tok = text.train_tokenizer(list(captions), vocab_size=600, context_length=context)
+    torch.manual_seed(seed)
+    cfg = text.TextConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=context,
+                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    encoder = text.TextEncoder(tok, text.TextTransformer(cfg))
+    net = UNet(UNetConfig.preset("tiny", text_dim=width, **unet_overrides))
+    return checkpoint.save(path, net, NoiseSchedule.linear(1000), text_encoder=encoder,
+                           text_encoder_source={"uri": "tests.support.save_text_checkpoint"})

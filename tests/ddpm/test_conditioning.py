@@ -230,7 +230,7 @@ def test_requests_a_model_cannot_take_are_refused(loaded, encoder, tmp_path):
     with pytest.raises(SettingError, match="class_label: unknown class 3"):
         classes.condition(2, class_labels=[0, 3])
     assert classes.condition(2, class_labels=1).labels.tolist() == [1, 1] and classes.condition(2) is None
-    with pytest.raises(SettingError, match="class_label: this model takes a prompt"):
+    with pytest.raises(SettingError, match="class_label: this model is conditioned on text"):
         loaded.condition(1, class_labels=0)
     with pytest.raises(SettingError, match="prompt: must be a string"):
         loaded.condition(1, prompts=[3])
