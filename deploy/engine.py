@@ -6,6 +6,8 @@ without Ray or FastAPI, on any machine the core runs on (a GPU box included).
 Images come from the core's one path (:func:`ddpm.generate_images`, :func:`ddpm.inpaint_images`): per-image seeds
 and a fixed-shape forward of ``micro_batch`` rows make an image independent of the requests that shared its batch,
 so the PNG bytes match whether a request ran alone or batched, and match ``ddpm generate`` at the same rows.
+A text model's prompts are per image, like class labels: requests with different prompts share a batch, and each
+distinct prompt of the batch is encoded once (:func:`batch_condition`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import torch
 
 from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_labels, from_uint8, generate_images,
                   image_seeds, inpaint_images)
+from ddpm.conditioning import Condition, describe
 from ddpm.images import EditInputError, decode_edit_inputs
-from ddpm.settings import SettingError, check_for_model, guided
+from ddpm.settings import MAX_PROMPT_BYTES, SettingError, check_for_model, guided
 from deploy.schemas import MAX_EDIT_PIXELS
 
 
@@ -50,6 +53,8 @@ class Job:
     class_label: int | None
     guidance_scale: float
     edit: Edit | None = None  # None: sample; else inpaint ``edit.image``, one result per seed
+    prompt: str | None = None  # a text model's prompt; None or "": the empty prompt, the unconditional model
+    negative_prompt: str | None = None  # what guidance pushes away from; None: the empty prompt
 
     def seeds(self) -> list[int]:
         """Image i's seed: (seed + i) mod 2^32 (``ddpm.image_seeds``)."""
@@ -59,8 +64,9 @@ class Job:
         """Jobs with equal keys can share one call to ``ddpm.sample``.
 
         The key holds every setting that ``sample`` takes once per batch: sampler, step count, eta, guidance scale
-        and the conditioning mode (class labels themselves are per image). A setting the sampler ignores is
-        normalized away (eta outside DDIM, guidance without labels) so that it does not split batches for nothing.
+        and the conditioning mode (class labels and prompts themselves are per image, so a prompt is not in the
+        key). A setting the sampler ignores is normalized away (eta outside DDIM, guidance without a label or
+        prompt) so that it does not split batches for nothing.
         """
         conditional = self.class_label is not None
         resampling = None if self.edit is None else (
@@ -70,7 +76,7 @@ class Job:
 
     def guided(self) -> bool:
         """Classifier-free guidance on (``ddpm.settings.guided``): each model call runs two network rows per image."""
-        return guided(self.class_label, self.guidance_scale)
+        return guided(self.class_label if self.class_label is not None else self.prompt, self.guidance_scale)
 
     def model_calls(self) -> int:
         """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.repaint_walk``):
@@ -100,6 +106,7 @@ class Generated:
     model: dict  # name, version, alias of the weights that made the images
     timings_ms: dict
     batch: dict  # requests and images that shared the forward passes
+    prompt_report: dict | None = None  # a text model's: what tokenizing the prompts lost (:func:`prompt_report`)
 
 
 @dataclass(frozen=True)
@@ -147,14 +154,17 @@ class ServedModel:
         dtype = next(ae.parameters()).dtype
         z = torch.zeros(1, *self.loaded.sample_shape, device=device)  # (1, c, h, w)
         t = torch.zeros(1, dtype=torch.long, device=device)
-        y = torch.zeros(1, dtype=torch.long, device=device) if self.loaded.config.num_classes else None
-        unet = flops(self.loaded.model, z, t, y)
+        unet = flops(self.loaded.model, z, t, _one_row_condition(self.loaded, device))
         pixels = torch.zeros(1, *self.loaded.image_shape, device=device, dtype=dtype)  # (1, C, H, W)
         return {"decode": math.ceil(flops(ae.decode, z.to(dtype)) / unet),
                 "encode": math.ceil(flops(ae.encode, pixels) / unet)}
 
     def cost(self, job: Job) -> int:
-        """What ``job`` costs in U-Net rows (image-steps): num_images x (network rows + decode [+ encode])."""
+        """What ``job`` costs in U-Net rows (image-steps): num_images x (network rows + decode [+ encode]).
+
+        A prompt adds nothing: the text encoder runs once per distinct prompt per batch, not per step, so it is
+        less than one U-Net row for the whole request (shapes-text's encoder: about a tenth of one U-Net row per
+        prompt, docs/serving.md), and a budget counted in rows would only round it away."""
         codec = self.codec_rows["decode"] + (self.codec_rows["encode"] if job.edit is not None else 0)
         return job.num_images * (job.network_rows() + codec)
 
@@ -162,13 +172,25 @@ class ServedModel:
         c = self.loaded.config
         channels, resolution, _ = self.loaded.image_shape  # a latent model's decoded images
         classes = self.loaded.class_names or [str(i) for i in range(c.num_classes)]
+        text = self.loaded.text_encoder
         return self.identity() | {
             "resolution": resolution, "channels": channels, "num_classes": c.num_classes, "classes": classes,
             "latent": self.loaded.autoencoder is not None,
             "samplers": list(SAMPLERS), "default_steps": dict(DEFAULT_STEPS),
             "num_timesteps": self.loaded.schedule.num_timesteps, "prediction_type": self.loaded.prediction_type,
             "device": str(self.device), "autoencoder_rows": self.codec_rows,
+            "takes_prompt": text is not None,  # a text model: POST /generate takes "prompt", not "class_label"
+            "prompt_context_length": None if text is None else text.context_length,  # tokens; the rest is dropped
+            "max_prompt_bytes": MAX_PROMPT_BYTES,
         }
+
+
+def _one_row_condition(loaded: checkpoint.LoadedModel, device: torch.device) -> Condition | None:
+    """What one row of the network is conditioned on, to count its FLOPs: the empty prompt for a text model, class
+    0 for a class model, None for an unconditional one."""
+    if loaded.text_encoder is not None:
+        return loaded.condition(1).to(device)
+    return None if not loaded.config.num_classes else from_labels(0, 1).to(device)
 
 
 # -- loading and sampling ------------------------------------------------------------------------------------------
@@ -198,9 +220,10 @@ def check(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejecte
     cfg = served.loaded.config
     try:
         check_for_model(steps=job.steps, class_label=job.class_label, num_classes=cfg.num_classes,
-                        num_timesteps=served.loaded.schedule.num_timesteps)
+                        num_timesteps=served.loaded.schedule.num_timesteps, prompt=job.prompt,
+                        negative_prompt=job.negative_prompt, takes_text=served.loaded.text_encoder is not None)
     except SettingError as exc:
-        hint = " (see GET /v1/model)" if exc.field == "class_label" else ""
+        hint = " (see GET /v1/model)" if exc.field in ("class_label", "prompt", "negative_prompt") else ""
         return Rejected(exc.field, exc.reason + hint)
     cost = served.cost(job)
     if max_cost is not None and cost > max_cost:
@@ -253,9 +276,38 @@ def network_call(served: ServedModel, micro_batch: int | None):
     return graphed_forward(served.loaded.model, micro_batch)
 
 
+def batch_condition(served: ServedModel, jobs: list[Job]) -> Condition | None:
+    """A text model's Condition for every image of ``jobs``, in order (one row per seed; no prompt = the empty
+    prompt): each distinct prompt and negative prompt of the batch is tokenized and encoded once
+    (``ddpm.conditioning.encode_prompts``, whose fixed-size encoder calls keep a row independent of the others).
+    None for a model without a text encoder."""
+    if served.loaded.text_encoder is None or not jobs:
+        return None
+    per_image = lambda texts: [t or "" for job, t in zip(jobs, texts) for _ in range(job.num_images)]  # noqa
+    prompts = per_image([job.prompt for job in jobs])
+    return served.loaded.condition(len(prompts), prompts=prompts,
+                                   negative_prompts=per_image([job.negative_prompt for job in jobs]))
+
+
+def prompt_report(job: Job, served: ServedModel) -> dict | None:
+    """What tokenizing a text model's ``job`` lost, per prompt it sent (``ddpm.text.TokenReport``): tokens past the
+    context (dropped, as CLIP truncates) and words a learned tokenizer never saw, with the warning worded by
+    ``ddpm.conditioning.describe``. None for a model without a text encoder."""
+    encoder = served.loaded.text_encoder
+    if encoder is None:
+        return None
+    sent = {name: text for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)) if text}
+    reports = dict(zip(sent, encoder.report(list(sent.values())))) if sent else {}
+    warnings = [f"{name}: {describe(r, encoder.context_length)}" for name, r in reports.items()
+                if r.dropped_tokens or r.unknown_words]
+    return {name: {"dropped_tokens": r.dropped_tokens, "unknown_words": list(r.unknown_words)}
+            for name, r in reports.items()} | {"warnings": warnings}
+
+
 def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
              edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> list[np.ndarray]:
-    """Sample (or inpaint) every job's images, one core call per group of jobs that share settings.
+    """Sample (or inpaint) every job's images, one core call per group of jobs that share settings; a text model's
+    prompts are encoded once for the whole batch (:func:`batch_condition`) and each group takes its rows.
     ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``.
 
     Returns one (num_images, H, W, C) uint8 array per job, in order.
@@ -264,16 +316,23 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.batch_key(), []).append(i)
+    text = batch_condition(served, jobs)  # (sum of num_images) rows, or None
+    first_row = np.cumsum([0] + [job.num_images for job in jobs])  # job i's images are rows first_row[i]...
 
     results: dict[int, np.ndarray] = {}
     for members in groups.values():
         group = [jobs[i] for i in members]
         settings = group[0]
         seeds = [s for job in group for s in job.seeds()]
-        labels = None
-        if settings.class_label is not None:
-            labels = [job.class_label for job in group for _ in range(job.num_images)]
-        common = dict(condition=from_labels(labels, len(seeds)), sampler=settings.sampler, steps=settings.steps,
+        if text is not None:
+            condition = text.select(torch.tensor([r for i in members
+                                                  for r in range(first_row[i], first_row[i] + jobs[i].num_images)]))
+        else:
+            labels = None
+            if settings.class_label is not None:
+                labels = [job.class_label for job in group for _ in range(job.num_images)]
+            condition = from_labels(labels, len(seeds))
+        common = dict(condition=condition, sampler=settings.sampler, steps=settings.steps,
                       eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward)
         if settings.edit is None:
             images = generate_images(served.loaded, seeds, batch_size=len(seeds), **common)  # (N, H, W, C)
@@ -309,5 +368,6 @@ def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
     batch = {"requests": len(valid), "images": sum(items[i].job.num_images for i in valid)}
     for i, imgs in zip(valid, images):
         outcomes[i] = Generated(imgs, items[i].job.seeds(), served.identity(),
-                                {"queue": (started - items[i].received) * 1000, "sample": sample_ms}, batch)
+                                {"queue": (started - items[i].received) * 1000, "sample": sample_ms}, batch,
+                                prompt_report(items[i].job, served))
     return [outcomes[i] for i in range(len(items))]

@@ -148,12 +148,25 @@ def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
     try:
         check_settings(sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
                        class_label=body.class_label, guidance_scale=body.guidance_scale,
-                       num_images=body.num_images, **resample)
+                       num_images=body.num_images, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                       **resample)
     except SettingError as exc:
         raise _reject(exc.field, exc.reason) from None
     seed = body.seed if body.seed is not None else secrets.randbits(32)
     steps = body.steps if body.steps is not None else DEFAULT_STEPS[body.sampler]
-    return Job(body.num_images, body.sampler, steps, body.eta, seed, body.class_label, body.guidance_scale, edit)
+    return Job(body.num_images, body.sampler, steps, body.eta, seed, body.class_label, body.guidance_scale, edit,
+               prompt=body.prompt, negative_prompt=body.negative_prompt)
+
+
+def _prompt_headers(report: dict) -> dict[str, str]:
+    """A text model's PNG answer says what tokenizing lost (``deploy.engine.prompt_report``):
+    ``X-Prompt-Dropped-Tokens`` (the prompt's tokens past the context) and, when there are any,
+    ``X-Prompt-Warnings`` (the warnings as one JSON list). Header values are Latin-1, and a prompt's words may not
+    be: the JSON escapes everything outside ASCII."""
+    headers = {"X-Prompt-Dropped-Tokens": str(report.get("prompt", {}).get("dropped_tokens", 0))}
+    if report["warnings"]:
+        headers["X-Prompt-Warnings"] = json.dumps(report["warnings"], ensure_ascii=True)
+    return headers
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -241,11 +254,16 @@ class Ingress:
                        "X-Batch-Images": str(outcome.batch["images"])}
             if outcome.model["version"] is not None:  # a checkpoint folder has no name or version
                 headers |= {"X-Model-Name": outcome.model["name"], "X-Model-Version": outcome.model["version"]}
+            if outcome.prompt_report is not None:
+                headers |= _prompt_headers(outcome.prompt_report)
             return Response(encode_png(make_grid(outcome.images)), media_type="image/png", headers=headers)
         encode_started = time.monotonic()
         images = [base64.b64encode(encode_png(image)).decode("ascii") for image in outcome.images]
         done = time.monotonic()
         timings = outcome.timings_ms | {"encode": (done - encode_started) * 1000, "total": (done - started) * 1000}
-        return JSONResponse({"images": images, "seeds": outcome.seeds, "model": outcome.model,
-                             "timings_ms": {k: round(v, 2) for k, v in timings.items()}, "batch": outcome.batch})
+        answer = {"images": images, "seeds": outcome.seeds, "model": outcome.model,
+                  "timings_ms": {k: round(v, 2) for k, v in timings.items()}, "batch": outcome.batch}
+        if outcome.prompt_report is not None:
+            answer["prompt_report"] = outcome.prompt_report
+        return JSONResponse(answer)
 

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ddpm.generation import FORWARD_ROWS
-from ddpm.settings import MAX_IMAGES, MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
+from ddpm.settings import MAX_IMAGES, MAX_PROMPT_BYTES, MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
 
 MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
 MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
@@ -39,13 +39,25 @@ class GenerateRequest(BaseModel):
                        description="DDIM noise scale in [0, 1]: 0 deterministic, 1 DDPM-like")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses (seed + i) mod 2^32; random if absent")
     class_label: int | None = Field(None, description="conditional models only; null samples the unconditional model")
-    guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="classifier-free guidance weight w")
+    # max_length counts characters, the rule (ddpm.settings) UTF-8 bytes: a string has at most as many characters as
+    # bytes, so this bound never refuses what the rule accepts; it only stops a huge string before the rule runs.
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_BYTES,
+                               description=f"text models only (GET /v1/model: takes_prompt); at most "
+                                           f"{MAX_PROMPT_BYTES} bytes of UTF-8; tokens past the encoder's context "
+                                           f"are dropped and reported; null or \"\" samples the unconditional "
+                                           f"model")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_BYTES,
+                                        description="what guidance pushes away from (instead of the empty prompt); "
+                                                    "needs a prompt and guidance_scale != 1")
+    guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                  description="classifier-free guidance weight w, with a class label or a prompt")
     output: Literal["png", "json"] = "png"
 
 
 class InpaintRequest(GenerateRequest):
     """The body of ``POST /inpaint``: ``image`` and ``mask`` plus the settings of ``POST /generate``; each of the
-    ``num_images`` results fills the same image with the next seed."""
+    ``num_images`` results fills the same image with the next seed. With a ``prompt`` (a text model), the masked
+    region is repainted to that description."""
 
     image: str = Field(min_length=1, max_length=MAX_EDIT_BASE64, description="base64 PNG (or JPEG, WebP, BMP, GIF)")
     mask: str = Field(min_length=1, max_length=MAX_EDIT_BASE64,

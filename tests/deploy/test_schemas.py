@@ -43,6 +43,16 @@ def test_bad_app_args_are_rejected_by_name(args, complaint):
         AppArgs(**args)
 
 
+def test_the_openapi_schema_documents_the_prompt_fields():
+    from deploy.ingress import api
+
+    schemas = api.openapi()["components"]["schemas"]
+    for name in ("GenerateRequest", "InpaintRequest"):
+        fields = schemas[name]["properties"]
+        assert "takes_prompt" in fields["prompt"]["description"] and {"type": "string", "maxLength": 1000} in fields["prompt"]["anyOf"]
+        assert "guidance_scale" in fields["negative_prompt"]["description"]
+
+
 def test_request_defaults():
     body = GenerateRequest()
     assert (body.num_images, body.sampler, body.steps, body.output) == (4, "ddim", None, "png")
@@ -59,6 +69,9 @@ SETTING_VALUES = {
     "guidance_scale": [0.0, 1.0, 3.5, -0.5],
     "resample_jumps": [1, 4, 5, 0],
     "resample_times": [1, 2, 100, 101, 0],
+    # "é" is 2 bytes of UTF-8: 400 of them fit MAX_PROMPT_BYTES (1000), 501 do not, in fewer than 1000 characters
+    "prompt": [None, "", "a red circle", "é" * 400, "é" * 501, "x" * 1001, "\ud800", 3],
+    "negative_prompt": [None, "", "a blue square", "é" * 501, ["a"]],
 }
 
 
