@@ -64,6 +64,11 @@ class TrainConfig:
     timestep_sampling: str = "uniform"    # or "importance": t drawn in proportion to its loss weight (ddpm.losses)
     class_conditional: bool = False       # use the dataset's labels (with label dropout for guidance)
     label_dropout: float = 0.1
+    # A text-conditioned model (Stable Diffusion's conditioning): the frozen CLIP text encoder, a registered CLIP
+    # (models:/NAME/VERSION or models:/NAME@ALIAS, from ddpm train-clip) or a folder ddpm.text.load reads (a Stable
+    # Diffusion folder's text_encoder/ + tokenizer/); model.text_dim is set from its width. null: no text.
+    text_encoder: str | None = None
+    caption_dropout: float = 0.1          # a caption replaced by "" this often: the unconditional branch of guidance
     random_flip: bool = True
     seed: int = 0
     precision: str = "auto"               # "auto" (bf16 on CUDA and bf16 CPUs, else fp32), "fp32" or "bf16"
@@ -95,6 +100,11 @@ class TrainConfig:
             raise UserError(f"train.elastic_check_s must be at least 0, got {self.elastic_check_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
+        for name in ("label_dropout", "caption_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"train.{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.text_encoder is not None and (not isinstance(self.text_encoder, str) or not self.text_encoder.strip()):
+            raise UserError(f"train.text_encoder must be a models:/ URI or a folder (or null), got {self.text_encoder!r}")
 
     def build_optimizer(self, params):
         """Adam or AdamW over ``params`` with this config's lr, weight decay and beta2 (beta1 stays 0.9).

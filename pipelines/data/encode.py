@@ -21,7 +21,9 @@ The work, and where it runs::
 Output layout (what the training code reads; see :mod:`pipelines.data.dataset`)::
 
     OUTPUT/manifest.json                      kind "latents", dtype float32, image_shape [h, w, c], pixel_shape
-                                              [H, W, C], shards, counts, fingerprint, source, autoencoder, flip
+                                              [H, W, C], shards, counts, fingerprint, source, autoencoder, flip;
+                                              a captioned source's caption_policy, captions and source_manifest
+                                              (the shards then carry its caption column)
     OUTPUT/data-<run>/part-*.parquet          the shards of the generation that manifest.json names
     OUTPUT/data-<run>/autoencoder/            the autoencoder they were made with: config.json + model.safetensors
                                               (ddpm.autoencoder's format); the manifest names it and its sha256
@@ -95,7 +97,7 @@ def encode(
     """
     from ddpm import autoencoder as ae_format
 
-    from pipelines.data.dataset import MANIFEST, check_output, is_latent, read_manifest
+    from pipelines.data.dataset import MANIFEST, check_output, is_captioned, is_latent, read_manifest
     from pipelines.registry import resolve_autoencoder
     from pipelines.tracking import redact_uri
 
@@ -183,6 +185,8 @@ def encode(
             "flip": bool(flip),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if is_captioned(source):  # the captions travel with their latents (the source fingerprint covers them)
+            manifest.update({k: source[k] for k in ("caption_policy", "captions", "source_manifest") if k in source})
         storage.write_json(storage.join(output_uri, MANIFEST), manifest, endpoint_url)
     except BaseException:
         delete_quietly(generation_uri, endpoint_url)  # no manifest names it
@@ -225,6 +229,7 @@ def _run_actors(data_uri: str, source: dict, payload: dict[str, bytes], generati
     or write task needs a CPU beside the actors (with every CPU held by an actor, such tasks would wait forever),
     and only a few integers per shard travel through the driver.
     """
+    from pipelines.data.dataset import is_captioned
     from pipelines.ray_utils import init_ray
 
     init_ray()
@@ -240,7 +245,7 @@ def _run_actors(data_uri: str, source: dict, payload: dict[str, bytes], generati
     actors = max(1, min(actors, len(items)))
     kwargs = dict(payload=put_payload(payload), data_uri=data_uri, pixel_shape=source["image_shape"],
                   generation=generation, output_uri=output_uri, endpoint_url=endpoint_url, forward_rows=batch_size,
-                  flip=flip, threads=cpus, use_gpu=use_gpu)
+                  flip=flip, threads=cpus, use_gpu=use_gpu, captioned=is_captioned(source))
     log(f"[encode] {total:,} images from {data_uri} on {actors} {'GPU' if use_gpu else 'CPU'} actor(s)"
         f"{'' if use_gpu else f' of {cpus:g} CPU(s)'}: {len(items)} shards of up to {shard_rows} images, "
         f"{batch_size} per encoder call")

@@ -11,7 +11,8 @@ bit for bit, what a single-process loop of the same chunk size and thread count 
 test_encode.py).
 
 Shard columns: ``image`` fixed_size_binary(h*w*c*4), the latent as float32 in row-major (h, w, c) order; ``label``
-int64, ``key`` and ``sha256`` strings copied from the source row (the mirrored copy of ``--flip`` has key + "#flip").
+int64, ``key`` and ``sha256`` strings, and a captioned dataset's ``caption``, copied from the source row (the
+mirrored copy of ``--flip`` has key + "#flip" and the same caption).
 """
 
 from __future__ import annotations
@@ -61,19 +62,23 @@ def encode_images(ae, images: np.ndarray, rows: int, flip: bool = False) -> np.n
     return latents
 
 
-def shard_bytes(latents: np.ndarray, labels: np.ndarray, keys: list[str], digests: list[str]) -> bytes:
-    """One shard as Parquet bytes: image (float32 h*w*c, row-major), label, key, sha256."""
+def shard_bytes(latents: np.ndarray, labels: np.ndarray, keys: list[str], digests: list[str],
+                captions: list[str] | None = None) -> bytes:
+    """One shard as Parquet bytes: image (float32 h*w*c, row-major), label, key, sha256[, caption]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n, h, w, c = latents.shape
     image_type = pa.binary(h * w * c * 4)
     data = np.ascontiguousarray(latents, dtype="<f4")
-    table = pa.Table.from_arrays(
-        [pa.FixedSizeBinaryArray.from_buffers(image_type, n, [None, pa.py_buffer(data)]),
-         pa.array(labels, pa.int64()), pa.array(keys, pa.string()), pa.array(digests, pa.string())],
-        schema=pa.schema([pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), False),
-                          pa.field("key", pa.string(), False), pa.field("sha256", pa.string(), False)]))
+    arrays = [pa.FixedSizeBinaryArray.from_buffers(image_type, n, [None, pa.py_buffer(data)]),
+              pa.array(labels, pa.int64()), pa.array(keys, pa.string()), pa.array(digests, pa.string())]
+    schema = [pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), False),
+              pa.field("key", pa.string(), False), pa.field("sha256", pa.string(), False)]
+    if captions is not None:
+        arrays.append(pa.array(captions, pa.string()))
+        schema.append(pa.field("caption", pa.string(), False))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(schema))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -84,7 +89,8 @@ class LatentEncoder:
     latent shard under the generation folder and returns its summary."""
 
     def __init__(self, payload, data_uri: str, pixel_shape, generation: str, output_uri: str,
-                 endpoint_url: str | None, forward_rows: int, flip: bool, threads: int, use_gpu: bool):
+                 endpoint_url: str | None, forward_rows: int, flip: bool, threads: int, use_gpu: bool,
+                 captioned: bool = False):
         from ddpm import autoencoder
 
         device = setup_torch(threads, use_gpu)
@@ -95,6 +101,7 @@ class LatentEncoder:
         self._cached: tuple[str, Any] | None = None  # the last source shard read: pieces of one often follow
         self.generation, self.output_uri, self.endpoint_url = generation, output_uri, endpoint_url
         self.forward_rows, self.flip = forward_rows, flip
+        self.columns = ["image", "label", "key", "sha256"] + (["caption"] if captioned else [])
 
     def _source(self, shard: str):
         """The source shard's rows (a pyarrow Table), read once per run of consecutive pieces of it."""
@@ -104,7 +111,7 @@ class LatentEncoder:
             self._cached = None  # free the previous one first
             fs, root = storage.filesystem_for(self.data_uri, self.endpoint_url)
             with storage.user_errors(storage.join(self.data_uri, shard), self.endpoint_url):
-                table = pq.read_table(f"{root}/{shard}", filesystem=fs, columns=["image", "label", "key", "sha256"])
+                table = pq.read_table(f"{root}/{shard}", filesystem=fs, columns=self.columns)
             self._cached = (shard, table)
         return self._cached[1]
 
@@ -121,13 +128,15 @@ class LatentEncoder:
         keys = rows.column("key").to_pylist()
         labels = rows.column("label").to_numpy().astype(np.int64)
         digests = rows.column("sha256").to_pylist()
+        captions = rows.column("caption").to_pylist() if "caption" in self.columns else None
         latents = encode_images(self.ae, images, self.forward_rows, self.flip)  # (B or 2B, h, w, c)
         if self.flip:
             keys = keys + [k + FLIP_SUFFIX for k in keys]
             labels, digests = np.concatenate([labels, labels]), digests + digests
+            captions = captions + captions if captions is not None else None
         # Named after its rows, so that a retried call overwrites its own shard rather than adding a second one.
         name = hashlib.sha256(f"{keys[0]}\0{len(keys)}".encode()).hexdigest()[:16]
         shard = f"{self.generation}/part-{name}.parquet"
-        storage.write_bytes(storage.join(self.output_uri, shard), shard_bytes(latents, labels, keys, digests),
+        storage.write_bytes(storage.join(self.output_uri, shard), shard_bytes(latents, labels, keys, digests, captions),
                             self.endpoint_url)
         return {"shard": shard, "rows": len(keys), "images": len(images), "seconds": time.perf_counter() - began}

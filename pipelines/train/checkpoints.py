@@ -94,14 +94,16 @@ def images_in_name(path: str) -> int:
 
 def write_checkpoint(folder: Path, *, net, schedule, ema, optimizer, state: TrainingState,
                      rng_states: dict[str, torch.Tensor], prediction_type: str, class_names: list[str],
-                     autoencoder=None, autoencoder_source: dict | None = None) -> None:
+                     autoencoder=None, autoencoder_source: dict | None = None, text_encoder=None,
+                     text_encoder_source: dict | None = None) -> None:
     """Write the checkpoint layout of the module docstring into ``folder``; a latent model's ``model/`` also
-    carries its ``autoencoder`` (see ``ddpm.checkpoint``)."""
+    carries its ``autoencoder``, a text model's its ``text_encoder`` (see ``ddpm.checkpoint``)."""
     checkpoint.save(folder / MODEL_DIR, net, schedule, ema_state=ema.state_dict(), prediction_type=prediction_type,
                     class_names=list(class_names),
                     metadata={"images_seen": state.images_seen, "step": state.step,
                               "mlflow_run_id": state.mlflow_run_id},
-                    autoencoder=autoencoder, autoencoder_source=autoencoder_source)
+                    autoencoder=autoencoder, autoencoder_source=autoencoder_source,
+                    text_encoder=text_encoder, text_encoder_source=text_encoder_source)
     write_training_state(folder, state=state, optimizer=optimizer, rng_states=rng_states)
 
 

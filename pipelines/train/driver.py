@@ -5,17 +5,21 @@ the MLflow run, the TorchTrainer, registration) is :func:`pipelines.train.stage.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 
 from pipelines import storage as store
-from pipelines.data.dataset import autoencoder_copy, is_latent, load_dataset
+from pipelines.data.dataset import autoencoder_copy, is_captioned, is_latent, load_dataset, read_columns
 from pipelines.errors import UserError
 from pipelines.train.checkpoints import TrainingState
 from pipelines.train.resources import Workers
 from pipelines.train.rows import Blocks
 from pipelines.train.stage import Stage, StageResult, check_not_past_end, run_stage
-from pipelines.train.worker import FAIL_AFTER_ENV, WorkerJob, train_worker
+from pipelines.train.text_encoder import ResolvedTextEncoder, check_pinned, for_workers, resolve_text_encoder, tag
+from pipelines.train.worker import FAIL_AFTER_ENV, SAMPLE_TEXT_ROWS, WorkerJob, train_worker
 
 TrainResult = StageResult  # run_id, images_seen, checkpoint (URI), model_version, unlogged
 
@@ -44,17 +48,28 @@ def train(
     ``num_workers`` is a fixed N or an elastic range ``"MIN-MAX"`` (:class:`pipelines.train.resources.Workers`):
     the global batch, the steps and the order of the images stay those of the config whatever the group's size.
     The rest (workers, CPUs, placement, the MLflow run, registration) is :func:`pipelines.train.stage.run_stage`.
+
+    A text model (``train.text_encoder``) resolves its text encoder here, once, before anything else
+    (:mod:`pipelines.train.text_encoder`); a resumed run must resolve it to the weights its checkpoints carry.
     """
-    return run_stage(DDPM_STAGE, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
+    stage = DDPM_STAGE
+    if config.train.text_encoder:
+        text = resolve_text_encoder(config.train.text_encoder, tracking_uri)
+        check_pinned(text, storage, name)
+        stage = replace(stage, check=partial(fit_to_dataset, text_encoder=text),
+                        launch=partial(_launch, text_encoder=text))
+    return run_stage(stage, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
                      cpus_per_worker=cpus_per_worker, placement=placement, register_as=register_as,
                      tracking_uri=tracking_uri, experiment=experiment, resource_wait_s=resource_wait_s)
 
 
-def fit_to_dataset(config, manifest: dict, data: str):
-    """Check the model's image shape against the dataset's; set the number of classes for conditional training.
+def fit_to_dataset(config, manifest: dict, data: str, text_encoder: ResolvedTextEncoder | None = None):
+    """Check the model's image shape against the dataset's; set the number of classes for conditional training,
+    or the width of the text encoder's token states (``model.text_dim``) for a text model.
 
     A latent dataset (``ddpm encode``) sets the model's input shape from its manifest: the latents' side and
-    channels follow from the autoencoder, not from the recipe.
+    channels follow from the autoencoder, not from the recipe. ``text_encoder``: ``train.text_encoder`` resolved
+    (:func:`pipelines.train.text_encoder.resolve_text_encoder`; resolved here when not given).
     """
     h, w, c = manifest["image_shape"]
     m = config.model
@@ -78,7 +93,33 @@ def fit_to_dataset(config, manifest: dict, data: str):
         if not classes:
             raise UserError(f"{data} has no class labels; set --set train.class_conditional=false")
         config = config.with_num_classes(len(classes))
-    return config
+    return _fit_text(config, manifest, data, text_encoder)
+
+
+def _fit_text(config, manifest: dict, data: str, text_encoder: ResolvedTextEncoder | None):
+    """A text model's checks: captions to condition on, no class labels beside them; text_dim = the encoder's
+    width."""
+    tc = config.train
+    if not tc.text_encoder:
+        if config.model.text_dim:
+            raise UserError(f"model.text_dim={config.model.text_dim} is set from the text encoder's width: set "
+                            f"--set train.text_encoder=URI (or model.text_dim=0)")
+        return config
+    if not is_captioned(manifest):
+        raise UserError(f"{data} has no captions for train.text_encoder to encode: run ddpm preprocess --captions "
+                        f"on captioned images (or set --set train.text_encoder=null)")
+    if tc.class_conditional:
+        raise UserError("train.class_conditional and train.text_encoder: a model is conditioned on class labels or "
+                        "on captions, not both; set --set train.class_conditional=false")
+    text_encoder = text_encoder or resolve_text_encoder(tc.text_encoder)
+    return replace(config, model=replace(config.model, text_dim=text_encoder.width))
+
+
+def sample_captions(data: str, manifest: dict, count: int = SAMPLE_TEXT_ROWS) -> tuple[str, ...]:
+    """The captions of a text model's sample grids: the dataset's first ``count`` distinct non-empty ones, in shard
+    order (only the caption column is read)."""
+    captions = read_columns(data, manifest["shards"], ["caption"], None).column("caption").to_pylist()
+    return tuple(c for c in dict.fromkeys(captions) if c)[:count]
 
 
 def latent_autoencoder(data: str, manifest: dict) -> dict | None:
@@ -105,12 +146,15 @@ def check_resumable(state: TrainingState, config, name: str) -> None:
     check_not_past_end(state, config, name)
 
 
-def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_id: str, tracking_uri: str):
-    """(the worker function, its loop config): the dataset in Ray's object store and the workers' job."""
+def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_id: str, tracking_uri: str,
+            text_encoder: ResolvedTextEncoder | None = None):
+    """(the worker function, its loop config): the dataset in Ray's object store and the workers' job; a text
+    model's rows carry their captions, and its text encoder travels to the workers the same way."""
     # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once so that each
     # block mixes the classes, and the workers take their rows from its blocks (pipelines.train.rows): training
     # then needs no read tasks, so the workers may reserve every CPU of their nodes.
-    dataset = load_dataset(data, columns=["image", "label"]).random_shuffle(seed=config.train.seed)
+    columns = ["image", "label"] + (["caption"] if text_encoder is not None else [])
+    dataset = load_dataset(data, columns=columns).random_shuffle(seed=config.train.seed)
     dataset.context.enable_progress_bars = False
     blocks = Blocks.of(dataset.materialize())
     fail_after = os.environ.get(FAIL_AFTER_ENV)
@@ -126,10 +170,26 @@ def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_i
         fail_after_images=int(fail_after) if fail_after else None,
         blocks=blocks,
         autoencoder=latent_autoencoder(data, manifest),
+        text_encoder=for_workers(text_encoder) if text_encoder is not None else None,
+        sample_captions=sample_captions(data, manifest) if text_encoder is not None else (),
     )
     return train_worker, job.loop_config()
 
 
-DDPM_STAGE = Stage(check=fit_to_dataset, check_resumable=check_resumable, launch=_launch)
+def version_tags(folder: Path) -> dict:
+    """A text model's registered version names its text encoder (``text_encoder``), as a latent model names its
+    autoencoder; read from the final checkpoint, which carries it."""
+    from ddpm.checkpoint import CONFIG_FILE
+
+    from pipelines.train.checkpoints import MODEL_DIR
+
+    entry = json.loads((folder / MODEL_DIR / CONFIG_FILE).read_text()).get("text_encoder")
+    if not entry:
+        return {}
+    source = entry.get("source") or {}
+    return {"text_encoder": tag(source), "text_encoder_sha256": str(source.get("sha256"))}
+
+
+DDPM_STAGE = Stage(check=fit_to_dataset, check_resumable=check_resumable, launch=_launch, extra_tags=version_tags)
 
 

@@ -26,15 +26,16 @@ import ray
 
 @dataclass(frozen=True)
 class Blocks:
-    """The dataset as Ray object refs to numpy blocks (``{"image": (k, H, W, C) uint8, "label": (k,) int64}``) and
-    each block's row count: what the driver hands every worker."""
+    """The dataset as Ray object refs to numpy blocks (``{"image": (k, H, W, C) uint8, "label": (k,) int64}``, and
+    ``"caption": (k,)`` strings for a text model) and each block's row count: what the driver hands every worker."""
 
     refs: tuple  # ObjectRef per block
     sizes: tuple[int, ...]
 
     @classmethod
     def of(cls, dataset) -> "Blocks":
-        """From a materialized Ray Dataset with ``image`` and ``label`` columns (empty blocks left out)."""
+        """From a materialized Ray Dataset with ``image`` and ``label`` (and ``caption``) columns (empty blocks left
+        out)."""
         refs = dataset.to_numpy_refs()
         sizes = ray.get([_num_rows.remote(ref) for ref in refs])
         kept = [(ref, size) for ref, size in zip(refs, sizes) if size > 0]
@@ -113,3 +114,10 @@ class Rows:
             images.append(data["image"][rows])  # fancy indexing copies: the step may write to them
             labels.append(data["label"][rows])
         return np.concatenate(images), np.concatenate(labels)
+
+    def captions(self, start: int, n: int) -> list[str]:
+        """The captions at positions ``[start, start + n)``, the rows :meth:`take` gives for the same positions."""
+        captions = []
+        for block, rows in self.order.at(start, n):
+            captions.extend(str(c) for c in self._block(block)["caption"][rows])
+        return captions

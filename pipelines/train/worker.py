@@ -18,7 +18,8 @@ import torch
 
 from ddpm import EMA, UNet, autoencoder, encode_png, from_uint8
 from ddpm.checkpoint import LoadedModel
-from ddpm.training import drop_labels, lr_at, random_flip, train_step
+from ddpm.conditioning import Condition, encode_prompts
+from ddpm.training import drop_condition, drop_labels, lr_at, random_flip, train_step
 from pipelines import storage as store
 from pipelines.config import Config, TrainConfig
 from pipelines.tracking import RunLogger
@@ -27,6 +28,7 @@ from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_c
 from pipelines.train.progress import Progress, Reporter
 from pipelines.train.rows import Blocks, Rows
 from pipelines.train.samples import sample_grid
+from pipelines.train.text_encoder import load_on_worker
 
 # Test hook, for the test suite only: the last rank raises right after the first checkpoint at or past N images, in
 # an attempt that started below N, so the failure happens once and the retry finishes the run.
@@ -34,6 +36,8 @@ FAIL_AFTER_ENV = "DDPM_TEST_FAIL_AFTER_IMAGES"
 SAMPLE_STEPS = 25  # DDIM steps for the sample grids: enough to judge progress, cheap next to training
 SAMPLE_COLUMNS = 8
 SAMPLE_CLASS_ROWS = 10  # a class-conditional grid shows the first 10 classes, one row each
+SAMPLE_TEXT_ROWS = 4  # a text model's grid: the dataset's first distinct captions, one row each
+SAMPLE_GUIDANCE = 3.0  # ... with classifier-free guidance, as prompts are sampled
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class WorkerJob:
     progress: object | None = None  # the driver's progress actor (pipelines.train.progress.printing); None: no lines
     # a latent dataset's autoencoder: {"uri": its folder in storage, "source": where it came from}; None for pixels
     autoencoder: dict | None = None
+    # a text model's frozen text encoder: {"payload": its files in Ray's object store, "source": uri, name, version,
+    # sha256} (pipelines.train.text_encoder.for_workers); None for a model without text
+    text_encoder: dict | None = None
+    sample_captions: tuple[str, ...] = ()  # a text model's sample grid rows
 
     def loop_config(self) -> dict:
         """Ray Train's ``train_loop_config``: it must be a dict (Ray's run-state export validates one)."""
@@ -136,6 +144,8 @@ def _train(job: WorkerJob) -> None:
         state = replace(state, restarts=state.restarts + 1)
     step_options = tc.step_options(device)
     net.to(device)
+    # a text model's frozen text encoder, on every rank: each encodes its own rows' captions
+    encoder = load_on_worker(job.text_encoder, device) if job.text_encoder else None
     if world > 1:  # DDP's gradient buckets then take every gradient in place (ddp.match_grad_layout)
         ddp.match_grad_layout(net, lambda: _probe_step(net, config, device, step_options["autocast_dtype"]))
     model = ray.train.torch.prepare_model(net)  # on the device; wrapped in DDP when world > 1
@@ -196,6 +206,9 @@ def _train(job: WorkerJob) -> None:
         y = None
         if tc.class_conditional:
             y = drop_labels(torch.from_numpy(labels[:used]).to(device), tc.label_dropout)
+        elif encoder is not None:  # token states + pooled (each distinct caption encoded once), some dropped to ""
+            captions = rows_of.captions(seen + min(rank * m, n - 1), used)
+            y = drop_condition(encode_prompts(encoder, captions), tc.caption_dropout)
         share.weight = rows / n
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
                    time_spent=time_spent)
@@ -224,7 +237,7 @@ def _train(job: WorkerJob) -> None:
 
         if logger is not None and (crossed(seen, n, tc.sample_every_images) or finished):
             ema.copy_to(sampler_net)
-            logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder),
+            logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder, encoder, job.sample_captions),
                             f"samples/images_{seen:012d}.png")
             throughput.restart()
             progress.pause()
@@ -245,7 +258,9 @@ def _train(job: WorkerJob) -> None:
                               optimizer=optimizer, rng_states=ddp.gather_rng(world, device),
                               prediction_type=tc.prediction_type, class_names=job.class_names,
                               autoencoder=decoder,
-                              autoencoder_source=job.autoencoder["source"] if job.autoencoder else None)
+                              autoencoder_source=job.autoencoder["source"] if job.autoencoder else None,
+                              text_encoder=encoder,
+                              text_encoder_source=job.text_encoder["source"] if job.text_encoder else None)
             throughput.restart()
             progress.pause()
             if signalled is not None:
@@ -265,7 +280,10 @@ def _probe_step(net: UNet, config: Config, device, autocast_dtype) -> None:
     rows = 4
     x = torch.zeros(rows, m.in_channels, m.image_size, m.image_size, device=device)  # (B, C, H, W)
     t = torch.zeros(rows, dtype=torch.long, device=device)
-    y = torch.zeros(rows, dtype=torch.long, device=device) if m.num_classes else None
+    y = Condition(labels=torch.zeros(rows, dtype=torch.long, device=device)) if m.num_classes else None
+    if m.text_dim:  # two token states of zeros: the layouts do not depend on the context length
+        y = Condition(text=torch.zeros(rows, 2, m.text_dim, device=device),
+                      pooled=torch.zeros(rows, m.text_dim, device=device))
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
@@ -283,15 +301,23 @@ def _load_autoencoder(job: WorkerJob, device):
         return autoencoder.load(folder, device=device)
 
 
-def _sample_grid_png(sampler_net: UNet, schedule, config: Config, decoder=None) -> bytes:
+def _sample_grid_png(sampler_net: UNet, schedule, config: Config, decoder=None, encoder=None,
+                     captions: tuple[str, ...] = ()) -> bytes:
     """A PNG grid from ``sampler_net`` (holding the EMA weights): DDIM with few steps, the same seeds every time;
     a latent model's samples decoded by ``decoder``.
 
-    Class-conditional: one row per class (the first 10), ``SAMPLE_COLUMNS`` seeds per row; else 8 x 8.
+    Class-conditional: one row per class (the first 10), ``SAMPLE_COLUMNS`` seeds per row; a text model (its
+    ``encoder``): one row per caption, guided, the caption written under its row; else 8 x 8.
     """
     sampler_net.eval()
     num_classes = config.model.num_classes
-    loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type, autoencoder=decoder)
-    grid = sample_grid(loaded, rows=min(num_classes, SAMPLE_CLASS_ROWS) if num_classes else SAMPLE_COLUMNS,
-                       columns=SAMPLE_COLUMNS, steps=min(SAMPLE_STEPS, schedule.num_timesteps))
+    loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type, autoencoder=decoder,
+                         text_encoder=encoder)
+    steps = min(SAMPLE_STEPS, schedule.num_timesteps)
+    if encoder is not None:
+        grid = sample_grid(loaded, rows=len(captions), columns=SAMPLE_COLUMNS, steps=steps, captions=captions,
+                           guidance_scale=SAMPLE_GUIDANCE)
+    else:
+        grid = sample_grid(loaded, rows=min(num_classes, SAMPLE_CLASS_ROWS) if num_classes else SAMPLE_COLUMNS,
+                           columns=SAMPLE_COLUMNS, steps=steps)
     return encode_png(grid)
