@@ -14,12 +14,19 @@ seed+1, ...``, mod 2^32). Image ``i`` depends only on its own seed and the setti
 path ``ddpm.generate_images``: the same pixels as ``ddpm generate`` and ``POST /generate``. The answer is the
 images of all requests, in order, stacked into one (N, H, W, C) uint8 array.
 
+A text model takes ``prompt`` (and ``negative_prompt``): ``[{"prompt": "a red circle", "seed": 3,
+"guidance_scale": 3}]``; no prompt (or "") is unconditional. What tokenizing a prompt lost (tokens past the
+context, words the tokenizer never saw) is raised as a :class:`PromptWarning` (``warnings.warn``), worded by
+``ddpm.conditioning.describe`` as the CLI prints it.
+
 Every request passes the rules of the other doors first (``ddpm.settings``: ``check_settings``, with at most
 ``MAX_IMAGES`` images per request, then ``check_for_model``), so a bad one raises the same ``SettingError`` message
 that ``ddpm generate`` prints and ``POST /generate`` answers, before any image is made.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -36,6 +43,12 @@ class PredictRequest(BaseModel):
     steps: int | None = None  # None: the sampler's default (1000, 50, 20)
     class_label: int | None = None
     guidance_scale: float = 1.0
+    prompt: str | None = None  # a text model's; None or "": unconditional
+    negative_prompt: str | None = None  # what guidance steers the prompt away from (needs guidance_scale != 1)
+
+
+class PromptWarning(UserWarning):
+    """A prompt was cut at the text encoder's context, or holds words its tokenizer never saw."""
 
 
 class DDPMGenerator(PythonModel):
@@ -59,19 +72,36 @@ class DDPMGenerator(PythonModel):
 
         num_images = len(request.seeds) if request.seeds is not None else request.num_images
         check_settings(sampler=request.sampler, steps=request.steps, seed=request.seed,
-                       class_label=request.class_label, guidance_scale=request.guidance_scale, num_images=num_images)
+                       class_label=request.class_label, guidance_scale=request.guidance_scale, num_images=num_images,
+                       prompt=request.prompt, negative_prompt=request.negative_prompt)
         for seed in request.seeds or []:
             check_settings(seed=seed)
         check_for_model(steps=request.steps, class_label=request.class_label,
                         num_classes=self.loaded.config.num_classes,
-                        num_timesteps=self.loaded.schedule.num_timesteps)
+                        num_timesteps=self.loaded.schedule.num_timesteps, prompt=request.prompt,
+                        negative_prompt=request.negative_prompt, takes_text=self.loaded.text_encoder is not None)
+
+    def _warn(self, request: PredictRequest) -> None:
+        """What tokenizing the request's prompts lost, one PromptWarning each."""
+        from ddpm.conditioning import describe
+
+        encoder = self.loaded.text_encoder
+        named = [(f, p) for f, p in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)) if p]
+        if encoder is None or not named:
+            return
+        for (field, _), report in zip(named, encoder.report([p for _, p in named])):
+            said = describe(report, encoder.context_length)
+            if said:
+                warnings.warn(f"{field}: {said}", PromptWarning, stacklevel=3)
 
     def _generate(self, request: PredictRequest):
-        from ddpm import from_labels, generate_images, image_seeds
+        from ddpm import generate_images, image_seeds
 
+        self._warn(request)
         seeds = request.seeds if request.seeds is not None else image_seeds(request.seed, request.num_images)
-        return generate_images(self.loaded, seeds, condition=from_labels(request.class_label, len(seeds)),
-                               sampler=request.sampler,
+        condition = self.loaded.condition(len(seeds), class_labels=request.class_label, prompts=request.prompt,
+                                          negative_prompts=request.negative_prompt)
+        return generate_images(self.loaded, seeds, condition=condition, sampler=request.sampler,
                                steps=request.steps, guidance_scale=request.guidance_scale)  # (N, H, W, C) uint8
 
 

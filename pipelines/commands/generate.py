@@ -4,6 +4,10 @@ Image ``i`` is drawn from seed ``(K + i) mod 2^32`` alone, through the core's on
 the same command gives the same images whatever the batch, ``--seed 5 --num-images 1`` is image 5 of ``--seed 0
 --num-images 8``, and ``POST /generate`` returns the same pixels for the same seed and settings.
 
+A text model takes ``--prompt`` (and ``--negative-prompt``), or ``--prompts FILE`` for a folder or s3:// output:
+``--num-images`` per prompt, image j of prompt k from seed ``(K + j) mod 2^32`` (``pipelines.generate.prompts``),
+the bytes of a ``--prompt`` run with that prompt and seed.
+
 Two outputs: ``--out grid.png`` / ``images.npz`` samples in this process and writes one file; ``--output`` a folder or
 an ``s3://`` prefix runs the batch job (:mod:`pipelines.generate.batch`): Ray Data sampler actors write shards of PNG
 files or Parquet rows with a manifest, at any N, resumable, with the same pixels.
@@ -32,6 +36,11 @@ EXAMPLE = """example:
 this process. Any other --out/--output is a folder or s3:// prefix: Ray Data actors write images/seed-000123.png files
 (or data/*.parquet rows: image bytes, seed, label) in shards, then manifest.json (model, settings, seeds,
 fingerprint). Rerunning the same command resumes: only shards not yet committed are generated.
+
+--prompts FILE: one prompt a line, or JSONL of {"prompt": ..., "negative_prompt": ...}; each prompt gets
+--num-images images, image j of prompt k (counting prompts from 0) from seed K+j, written as
+images/p<k, 5 digits>-seed-<K+j>.png (Parquet: key and caption columns). A prompt past the text encoder's context
+is truncated as CLIP does, and words its tokenizer never saw are kept as pieces: both are printed as warnings.
 """
 
 OUTPUT_SUFFIXES = (".png", ".npz")
@@ -64,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
-    parser.add_argument("--num-images", type=int, default=16, metavar="N", help="how many images (default: 16)")
+    parser.add_argument("--num-images", type=int, default=16, metavar="N",
+                        help="how many images, per prompt with --prompts (default: 16)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     parser.add_argument("--steps", type=int, default=None, metavar="S",
                         help="denoising steps (default: the sampler's, 1000/50/20 for ddpm/ddim/dpm++)")
@@ -76,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class id for a class-conditional model (default: unconditional)")
     labels.add_argument("--labels", choices=("balanced",), default=None,
                         help="balanced: image i gets class i mod (number of classes), equal counts per class")
+    labels.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="what a text model draws (default: the empty prompt, unconditional)")
+    labels.add_argument("--prompts", default=None, metavar="FILE",
+                        help="a text model's prompts, one a line or JSONL ({\"prompt\": ..., \"negative_prompt\": "
+                             "...}), --num-images each; for a folder or s3:// output")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="what guidance steers --prompt away from (needs --guidance-scale != 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
     parser.add_argument("--batch-size", type=int, default=FORWARD_ROWS, metavar="B",
@@ -115,9 +132,31 @@ def is_file_output(out: str) -> bool:
 def main(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
+    if args.prompts is not None and args.negative_prompt is not None:
+        raise UserError("--negative-prompt: goes with --prompt; in a --prompts file give each prompt its own as "
+                        "JSONL {\"prompt\": ..., \"negative_prompt\": ...}")
     if is_file_output(args.out):
+        if args.prompts is not None:
+            raise UserError(f"--prompts: writes one image per prompt and seed; give --out a folder or s3:// prefix, "
+                            f"not {args.out}")
         return generate_file(args)
     return generate_shards(args)
+
+
+def single_prompt(args: argparse.Namespace):
+    """--prompt (and --negative-prompt) as the job's Prompts, or none."""
+    from pipelines.generate.prompts import Prompts
+
+    return Prompts.none() if args.prompt is None else Prompts.one(args.prompt, args.negative_prompt)
+
+
+def print_warnings(tokenizer, prompts, flag: str = "--prompt") -> None:
+    """What tokenizing the prompts lost, one line each on stderr (a text model only)."""
+    from pipelines.generate.prompts import prompt_warnings
+
+    if tokenizer is not None:
+        for line in prompt_warnings(tokenizer, prompts, flag):
+            print(line, file=sys.stderr)
 
 
 def generate_shards(args: argparse.Namespace) -> int:
@@ -126,12 +165,20 @@ def generate_shards(args: argparse.Namespace) -> int:
     from pipelines.generate.batch import generate_to
     from pipelines.generate.job import Labels, Plan, Sampling
     from pipelines.generate.model_source import ModelSource
+    from pipelines.generate.prompts import read_prompts
 
     try:  # the flags alone first, before the registry is asked
         check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                       class_label=0 if args.labels else args.class_label, guidance_scale=args.guidance_scale)
+                       class_label=0 if args.labels else args.class_label,
+                       guidance_scale=args.guidance_scale if args.prompts is None else 1.0,  # the file's, below
+                       prompt=args.prompt, negative_prompt=args.negative_prompt)
     except SettingError as exc:
         raise flag_error(exc) from None
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts, args.guidance_scale, args.endpoint_url)
+        plan = Plan(args.seed, args.num_images * len(prompts), args.shard_size, per_prompt=args.num_images)
+    else:
+        prompts, plan = single_prompt(args), Plan(args.seed, args.num_images, args.shard_size)
     if args.shard_size < 1 or args.cpus_per_actor < 1:
         raise UserError("--shard-size and --cpus-per-actor must be at least 1")
     if args.device != "cpu":
@@ -145,11 +192,12 @@ def generate_shards(args: argparse.Namespace) -> int:
     else:
         labels = Labels.none()
     sampling = Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size)
-    plan = Plan(args.seed, args.num_images, args.shard_size)
+    print_warnings(source.tokenizer, prompts, "--prompt" if args.prompts is None else f"--prompts {args.prompts}")
     manifest = generate_to(args.out, source, plan, sampling, labels, fmt=args.format, num_actors=args.num_actors,
                            cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
-                           log=lambda line: print(line, file=sys.stderr))
-    where = "images/seed-*.png" if args.format == "png" else "data/*.parquet"
+                           log=lambda line: print(line, file=sys.stderr), prompts=prompts)
+    where = ("images/p*-seed-*.png" if plan.per_prompt else "images/seed-*.png") if args.format == "png" \
+        else "data/*.parquet"
     name = f"{source.name} version {source.version}" if source.name else str(source.path)
     print(f"wrote {manifest['counts']['rows']:,} images ({'x'.join(map(str, source.image_shape))}) from {name} to "
           f"{args.out} ({where}, manifest.json); fingerprint {manifest['fingerprint'][:16]}")
@@ -158,7 +206,7 @@ def generate_shards(args: argparse.Namespace) -> int:
 
 def generate_file(args: argparse.Namespace) -> int:
     """grid.png or images.npz: every image in this process's memory, sampled here."""
-    from ddpm import checkpoint, encode_png, from_labels, generate_images, image_seeds, make_grid
+    from ddpm import checkpoint, encode_png, generate_images, image_seeds, make_grid
     from ddpm.graphs import graphed_forward
     from ddpm.settings import SettingError, check_for_model, check_settings
     from pipelines.registry import resolve_model
@@ -167,7 +215,8 @@ def generate_file(args: argparse.Namespace) -> int:
     if args.labels:
         raise UserError("--labels balanced is for a folder or s3:// output; give --class-label C for a grid or .npz")
     settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                    class_label=args.class_label, guidance_scale=args.guidance_scale)
+                    class_label=args.class_label, guidance_scale=args.guidance_scale, prompt=args.prompt,
+                    negative_prompt=args.negative_prompt)
     try:
         check_settings(**settings)  # the rules of POST /generate and the pyfunc model, before anything is loaded
     except SettingError as exc:
@@ -176,14 +225,18 @@ def generate_file(args: argparse.Namespace) -> int:
     loaded = checkpoint.load(resolved.path, device=args.device)
     try:
         check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
-                        num_timesteps=loaded.schedule.num_timesteps)
+                        num_timesteps=loaded.schedule.num_timesteps, prompt=args.prompt,
+                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None)
     except SettingError as exc:
         raise flag_error(exc) from None
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
+    print_warnings(loaded.text_encoder, single_prompt(args))
     try:
         # The endpoint's network call (a CUDA graph on a GPU, the fixed-shape forward on the CPU): the same bytes.
         images = generate_images(loaded, image_seeds(args.seed, args.num_images),
-                                 condition=from_labels(args.class_label, args.num_images),
+                                 condition=loaded.condition(args.num_images, class_labels=args.class_label,
+                                                            prompts=args.prompt,
+                                                            negative_prompts=args.negative_prompt),
                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
                                  guidance_scale=args.guidance_scale,
                                  forward=graphed_forward(loaded.model, args.batch_size),

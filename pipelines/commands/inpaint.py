@@ -3,7 +3,8 @@
 The library function is :func:`ddpm.inpaint_images` (RePaint, :func:`ddpm.inpaint`); this command reads the two
 images, checks them against the model and each other, and writes the result. Image and mask must have the model's size (``--resize`` stretches both to
 it, the mask with nearest-neighbour so it stays black and white); the image is converted to the model's channels
-(grey or RGB). One seed gives one result, the same as ``POST /inpaint`` returns for that seed and settings.
+(grey or RGB). One seed gives one result, the same as ``POST /inpaint`` returns for that seed and settings. A text
+model repaints the masked region to ``--prompt`` (SDEdit/RePaint's "denoising with new conditions").
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXAMPLE = """example:
   ddpm inpaint --model .ddpm/local/digits --image photo.png --mask hole.png --resize --seed 3 --out filled.png
   ddpm inpaint --model models:/digits/3 --image digit.png --mask right-half.png --sampler ddpm --steps 250 \\
       --resample-jumps 10 --resample-times 10 --class-label 7 --out seven.png
+  ddpm inpaint --model models:/shapes-text@production --image scene.png --mask left-half.png \
+      --prompt "a large blue square" --guidance-scale 3 --out repainted.png
 
 The mask is a black-and-white image of the image's size: white (255) = generate, black (0) = keep.
 Outpainting: paste the image onto a canvas of the model's size and paint the new border white in the mask.
@@ -64,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default: 0)")
     parser.add_argument("--class-label", type=int, default=None, metavar="C",
                         help="class id for a class-conditional model (default: unconditional)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="what a text model paints into the mask (default: the empty prompt, unconditional)")
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="what guidance steers --prompt away from (needs --guidance-scale != 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
     parser.add_argument("--resample-jumps", type=int, default=1, metavar="J",
@@ -81,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from ddpm import checkpoint, encode_png, from_labels, from_uint8, inpaint_images
+    from ddpm import checkpoint, encode_png, from_uint8, inpaint_images
     from ddpm.settings import SettingError, check_for_model, check_settings
 
+    from pipelines.commands.generate import print_warnings, single_prompt
     from pipelines.registry import resolve_model
 
     out = Path(args.out)
@@ -92,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     try:  # the rules of POST /inpaint, before anything is loaded
         check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
-                       resample_jumps=args.resample_jumps, resample_times=args.resample_times)
+                       resample_jumps=args.resample_jumps, resample_times=args.resample_times, prompt=args.prompt,
+                       negative_prompt=args.negative_prompt)
     except SettingError as exc:
         raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
@@ -100,17 +109,20 @@ def main(args: argparse.Namespace) -> int:
     channels, size, _ = loaded.image_shape
     try:
         check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
-                        num_timesteps=loaded.schedule.num_timesteps)
+                        num_timesteps=loaded.schedule.num_timesteps, prompt=args.prompt,
+                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None)
     except SettingError as exc:
         raise flag_error(exc) from None
+    print_warnings(loaded.text_encoder, single_prompt(args))
 
     image, generate = read_inputs(args.image, args.mask, size, channels, args.resize)
 
     try:
         known = from_uint8(image[None])  # (1, C, H, W) in [-1, 1]
         mask = torch.as_tensor(generate, dtype=torch.float32)[None, None]  # (1, 1, H, W), 1 = generate
-        filled = inpaint_images(loaded, [args.seed], known, mask, condition=from_labels(args.class_label, 1),
-                                sampler=args.sampler,
+        condition = loaded.condition(1, class_labels=args.class_label, prompts=args.prompt,
+                                     negative_prompts=args.negative_prompt)
+        filled = inpaint_images(loaded, [args.seed], known, mask, condition=condition, sampler=args.sampler,
                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                                 resample_jumps=args.resample_jumps, resample_times=args.resample_times)[0]  # (H, W, C)
     except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps

@@ -37,6 +37,7 @@ from pipelines.errors import UserError
 from pipelines.generate.job import FORMATS, Labels, Plan, Sampling, check_job
 from pipelines.generate.model_source import ModelSource
 from pipelines.generate.progress import ProgressLine
+from pipelines.generate.prompts import Prompts
 from pipelines.generate.sampler_actor import run_shards
 from pipelines.generate.shards import MANIFEST, ShardWriter, build_manifest, committed_shards
 
@@ -47,8 +48,9 @@ KIND, JOB_VERSION = "ddpm-generated", 1
 def generate_to(output: str, source: ModelSource, plan: Plan, sampling: Sampling, labels: Labels, *,
                 fmt: str = "png", num_actors: int | None = None, cpus_per_actor: float = 1, use_gpu: bool = False,
                 endpoint_url: str | None = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, prompts: Prompts | None = None) -> dict:
     """Generate ``plan``'s images into ``output`` (a folder or an ``s3://`` prefix); returns the manifest.
+    ``prompts``: a text model's, one for all or a file's (``Plan.per_prompt`` images each).
 
     Resumes: shards committed by an earlier run with the same job are kept, the rest are generated (module
     docstring). ``progress``: print a line on stderr every few seconds (images done, this run's images/s, time left).
@@ -58,9 +60,13 @@ def generate_to(output: str, source: ModelSource, plan: Plan, sampling: Sampling
     if plan.num_images < 1 or plan.shard_images < 1:
         raise UserError("--num-images and --shard-size must be at least 1")
     sampling = sampling.resolved()
-    check_job(source, sampling, labels, fmt)
+    prompts = prompts or Prompts.none()
+    if (prompts.kind == "file") != bool(plan.per_prompt) or plan.per_prompt * len(prompts) not in (0, plan.num_images):
+        raise ValueError(f"a plan of {plan.per_prompt} images per prompt for {len(prompts)} {prompts.kind} prompts "
+                         f"cannot make {plan.num_images} images")
+    check_job(source, sampling, labels, fmt, prompts)
     endpoint_url = storage.resolve_endpoint(endpoint_url)  # resolved once here, so every actor uses the same one
-    job = describe_job(source, plan, sampling, labels, fmt, use_gpu)
+    job = describe_job(source, plan, sampling, labels, fmt, use_gpu, prompts)
 
     # 1. What is there: the first request, so a missing bucket or an unreachable store fails before any work.
     if "://" not in output and Path(output).is_file():
@@ -98,9 +104,10 @@ def generate_to(output: str, source: ModelSource, plan: Plan, sampling: Sampling
             if line is not None:
                 line(done[0])
 
-        sink = ShardWriter(output, fmt, endpoint_url, source.image_shape)
+        sink = ShardWriter(output, fmt, endpoint_url, source.image_shape, plan, prompts)
         actors = run_shards(source, plan, sampling, labels, sink, missing, num_actors=num_actors,
-                            cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, on_row=on_row, errors_name=output)
+                            cpus_per_actor=cpus_per_actor, use_gpu=use_gpu, on_row=on_row, errors_name=output,
+                            prompts=prompts)
         seconds = time.monotonic() - started
         log(f"[generate] {new[0]:,} images in {seconds:.1f} s with {actors} actor(s): "
             f"{new[0] / max(seconds, 1e-9):.1f} images/s")
@@ -136,11 +143,14 @@ def _delete_file(uri: str, endpoint_url: str | None) -> None:
 
 
 def describe_job(source: ModelSource, plan: Plan, sampling: Sampling, labels: Labels, fmt: str,
-                 use_gpu: bool) -> dict:
+                 use_gpu: bool, prompts: Prompts | None = None) -> dict:
     """job.json: everything the images depend on (the device type too: GPU kernels and bf16 give other bits)."""
-    return {"kind": KIND, "version": JOB_VERSION, "model": source.identity(), "sampling": asdict(sampling.resolved()),
-            "seeds": plan.describe(), "labels": labels.describe(), "format": fmt, "shard_images": plan.shard_images,
-            "image_shape": list(source.image_shape), "device": "cuda" if use_gpu else "cpu"}
+    job = {"kind": KIND, "version": JOB_VERSION, "model": source.identity(), "sampling": asdict(sampling.resolved()),
+           "seeds": plan.describe(), "labels": labels.describe(), "format": fmt, "shard_images": plan.shard_images,
+           "image_shape": list(source.image_shape), "device": "cuda" if use_gpu else "cpu"}
+    if prompts is not None and prompts.kind != "none":  # absent otherwise: jobs written before prompts still resume
+        job["prompts"] = prompts.describe()
+    return job
 
 
 def _check_same_job(output: str, existing: dict, job: dict) -> None:

@@ -1,8 +1,10 @@
-"""What a batch generation job makes: the sampler settings, each image's class, the seeds cut into shards.
+"""What a batch generation job makes: the sampler settings, each image's class or prompt, the seeds cut into shards.
 
 Image i (i = 0..N-1) has seed ``(K + i) mod 2^32`` (``ddpm.image_seeds``) and, with labels, the class
-``Labels.at(i)``. Shard j holds images ``j*S .. min((j+1)*S, N) - 1``: the unit of work, of commit and of
-resumption. :func:`check_job` refuses, before anything runs, what the model cannot make.
+``Labels.at(i)``. With a prompts file (``pipelines.generate.prompts``) of n images per prompt, image i = k n + j is
+prompt k's j-th and has seed ``(K + j) mod 2^32`` instead. Shard j holds images ``j*S .. min((j+1)*S, N) - 1``: the
+unit of work, of commit and of resumption. :func:`check_job` refuses, before anything runs, what the model cannot
+make.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pipelines.errors import UserError
 
 if TYPE_CHECKING:
     from pipelines.generate.model_source import ModelSource
+    from pipelines.generate.prompts import Prompts
 
 FORMATS = ("png", "parquet")
 SHARD_IMAGES = 256  # images per shard: the unit of work, of commit and of resumption
@@ -99,11 +102,13 @@ class Labels:
 
 @dataclass(frozen=True)
 class Plan:
-    """Seeds K..K+N-1 (mod 2^32) cut into shards of ``shard_images``."""
+    """Seeds K..K+N-1 (mod 2^32) cut into shards of ``shard_images``; with ``per_prompt`` n > 0 (a prompts file),
+    image i is prompt i // n's, from seed K + (i mod n)."""
 
     seed: int
     num_images: int
     shard_images: int = SHARD_IMAGES
+    per_prompt: int = 0
 
     @property
     def num_shards(self) -> int:
@@ -117,30 +122,47 @@ class Plan:
     def seeds(self, rows: range) -> list[int]:
         from ddpm import image_seeds
 
+        if self.per_prompt:
+            return [(self.seed + i % self.per_prompt) % 2**32 for i in rows]  # (K + j) mod 2^32, j = i mod n
         return image_seeds(self.seed + rows.start, len(rows))  # (K + i) mod 2^32 for i in rows
 
+    def prompt_indices(self, rows: range) -> list[int]:
+        """The prompt k of each image in ``rows``: i // n with a prompts file, else 0 (the one prompt, if any)."""
+        return [i // self.per_prompt for i in rows] if self.per_prompt else [0] * len(rows)
+
     def describe(self) -> dict:
+        if self.per_prompt:
+            return {"first": self.seed, "count": self.num_images, "per_prompt": self.per_prompt,
+                    "last": (self.seed + self.per_prompt - 1) % 2**32}
         last = (self.seed + self.num_images - 1) % 2**32
         return {"first": self.seed, "count": self.num_images, "last": last}
 
 
-def check_job(source: ModelSource, sampling: Sampling, labels: Labels, fmt: str | None = None) -> None:
+def check_job(source: ModelSource, sampling: Sampling, labels: Labels, fmt: str | None = None,
+              prompts: Prompts | None = None) -> None:
     """Refuse, before anything runs, what this model cannot make: the rules of ``POST /generate``
-    (``ddpm.settings``) plus the batch job's own (labels for every image, a format that holds the images)."""
+    (``ddpm.settings``) plus the batch job's own (labels for every image, a format that holds the images). Each
+    prompt of a file was checked on reading (``read_prompts``); here the job's prompts as a whole."""
     from ddpm.settings import SettingError, check_for_model, check_settings
 
     from pipelines.errors import flag_error
 
     class_label = labels.class_label if labels.kind == "class" else None
+    prompt = None if prompts is None else prompts.representative()
     try:
         if labels.kind in ("balanced", "given"):
+            if source.takes_text:
+                raise SettingError("labels", "this model is conditioned on text: give --prompt or --prompts instead")
             if source.num_classes == 0:
                 raise SettingError("labels", "this model is unconditional: leave the labels out")
             class_label = 0  # stands for every class below: the guidance rule applies as for one class
+        negative = None if prompts is None or prompts.kind != "one" else prompts.negatives[0]
         check_settings(sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta, seed=0,
-                       class_label=class_label, guidance_scale=sampling.guidance_scale)
+                       class_label=class_label, guidance_scale=sampling.guidance_scale, prompt=prompt,
+                       negative_prompt=negative)
         check_for_model(steps=sampling.steps, class_label=class_label if labels.kind == "class" else None,
-                        num_classes=source.num_classes, num_timesteps=source.num_timesteps)
+                        num_classes=source.num_classes, num_timesteps=source.num_timesteps, prompt=prompt,
+                        takes_text=source.takes_text)
         if labels.kind == "given" and len(labels.given) and not 0 <= labels.given.min() <= labels.given.max() \
                 < source.num_classes:
             raise SettingError("labels", f"labels must be in 0..{source.num_classes - 1} for this model")

@@ -9,7 +9,7 @@ Actors load it with :func:`load_model` from the files :meth:`ModelSource.payload
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class ModelSource:
     num_timesteps: int
     class_names: tuple
     autoencoder: Any = None  # a latent model's autoencoder source (uri, name, version, sha256); None for pixels
+    takes_text: bool = False  # a text model: it takes prompts, not class labels
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # a text model's, for the prompt warnings
 
     @classmethod
     def resolve(cls, uri: str, tracking_uri: str | None = None) -> "ModelSource":
@@ -49,7 +51,8 @@ class ModelSource:
         return cls(uri, Path(resolved.path), resolved.name, resolved.version, resolved.alias,
                    _folder_sha256(Path(resolved.path)), (height, width, channels), loaded.config.num_classes,
                    loaded.schedule.num_timesteps, tuple(loaded.class_names),
-                   decoder.get("source") if decoder else None)
+                   decoder.get("source") if decoder else None, loaded.text_encoder is not None,
+                   None if loaded.text_encoder is None else loaded.text_encoder.tokenizer)
 
     def identity(self) -> dict:
         """What a job's images depend on about the model (the alias is not: it may move to the same version)."""

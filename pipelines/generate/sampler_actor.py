@@ -19,6 +19,7 @@ import numpy as np
 from pipelines.actors import actor_count, get_payload, map_actors, put_payload, setup_torch
 from pipelines.generate.job import Labels, Plan, Sampling
 from pipelines.generate.model_source import ModelSource, load_model
+from pipelines.generate.prompts import Prompts
 from pipelines.generate.shards import Sink
 
 
@@ -26,13 +27,14 @@ class ShardSampler:
     """Ray Data callable class: loads the model once per actor, then maps shard numbers to the sink's summaries."""
 
     def __init__(self, payload, plan: Plan, sampling: Sampling, labels: Labels, sink: Sink, threads: int,
-                 use_gpu: bool, weights: str = "ema"):
+                 use_gpu: bool, weights: str = "ema", prompts: Prompts | None = None):
         from ddpm.graphs import graphed_forward
 
         self.device = setup_torch(threads, use_gpu)
         self.loaded = load_model(get_payload(payload), self.device, weights)
         self.forward = graphed_forward(self.loaded.model, sampling.forward_rows)  # the endpoint's network call
         self.plan, self.sampling, self.labels, self.sink = plan, sampling, labels, sink
+        self.prompts = prompts or Prompts.none()
         self.sink.setup(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -42,7 +44,7 @@ class ShardSampler:
                 for key in out[0]}
 
     def shard(self, shard: int) -> dict:
-        from ddpm import from_labels, generate_images
+        from ddpm import generate_images
 
         done = self.sink.committed(shard)
         if done is not None:
@@ -52,7 +54,10 @@ class ShardSampler:
         labels = self.labels.at(rows.start, rows.stop)
         start = time.perf_counter()
         s = self.sampling
-        condition = from_labels(labels, len(seeds))
+        # the shard's rows' Condition: class labels, or prompts (each distinct one encoded once, batch-invariant)
+        prompts, negatives = self.prompts.at(self.plan.prompt_indices(rows))
+        condition = self.loaded.condition(len(seeds), class_labels=labels, prompts=prompts,
+                                          negative_prompts=negatives)
         images = generate_images(self.loaded, seeds, condition=condition, sampler=s.sampler, steps=s.steps, eta=s.eta,
                                  guidance_scale=s.guidance_scale, forward=self.forward, batch_size=len(seeds))
         seconds = time.perf_counter() - start
@@ -66,7 +71,7 @@ class ShardSampler:
 def run_shards(source: ModelSource, plan: Plan, sampling: Sampling, labels: Labels, sink: Sink, shards: list[int], *,
                num_actors: int | None = None, cpus_per_actor: float = 1, use_gpu: bool = False,
                on_row: Callable[[dict], None] = lambda row: None, weights: str = "ema",
-               errors_name: str = "") -> int:
+               errors_name: str = "", prompts: Prompts | None = None) -> int:
     """Map sampler actors over ``shards``; ``on_row`` gets each shard's summary on the driver as it comes back.
 
     Returns the number of actors used. Memory stays bounded at any N: shards flow through Ray Data's streaming
@@ -79,7 +84,7 @@ def run_shards(source: ModelSource, plan: Plan, sampling: Sampling, labels: Labe
     init_ray()
     actors = actor_count(num_actors, use_gpu, cpus_per_actor, len(shards))
     kwargs = dict(payload=put_payload(source.payload()), plan=plan, sampling=sampling, labels=labels, sink=sink,
-                  threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu, weights=weights)
+                  threads=max(1, int(cpus_per_actor)), use_gpu=use_gpu, weights=weights, prompts=prompts)
     for row in map_actors([{"shard": j} for j in shards], ShardSampler, actors=actors, cpus_per_actor=cpus_per_actor,
                           use_gpu=use_gpu, kwargs=kwargs, errors_name=errors_name):
         on_row(row)

@@ -2,10 +2,12 @@
 
 Output layout (FORMAT png or parquet)::
 
-    OUTPUT/images/seed-000123.png      png: one file per image, named by its seed
+    OUTPUT/images/seed-000123.png      png: one file per image, named by its seed; with a prompts file by its
+                                       prompt's index too: images/p00007-seed-000123.png
     OUTPUT/data/shard-000000.parquet   parquet: one file per shard; rows of pipelines.data.preprocess's schema
-                                       (image = H*W*C raw uint8 bytes, label, key = "seed-000123", sha256 of the
-                                       pixels) plus ``seed``
+                                       (image = H*W*C raw uint8 bytes, label, key = "seed-000123" or
+                                       "p00007-seed-000123", sha256 of the pixels) plus ``seed``, and with
+                                       prompts ``caption`` (the image's prompt)
     OUTPUT/shards/shard-000000.json    a shard's commit: written after its images, lists their seeds, labels, sha256s
     OUTPUT/manifest.json               written last: job.json's fields, counts, the fingerprint of all the images
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.generate.job import Labels, Plan
+from pipelines.generate.prompts import Prompts
 
 if TYPE_CHECKING:
     from pipelines.generate.model_source import ModelSource
@@ -58,6 +61,14 @@ def png_name(seed: int) -> str:
     return f"seed-{seed:06d}"
 
 
+def image_keys(plan: Plan, rows: range) -> list[str]:
+    """The names of images ``rows``: seed-000123, or with a prompts file p00007-seed-000123 (prompt k = 7)."""
+    seeds = plan.seeds(rows)
+    if not plan.per_prompt:
+        return [png_name(s) for s in seeds]
+    return [f"p{k:05d}-{png_name(s)}" for k, s in zip(plan.prompt_indices(rows), seeds)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sinks: what an actor does with a shard's images
 
@@ -71,8 +82,10 @@ class Sink(Protocol):
 class ShardWriter:
     """Writes a shard's images (PNG files or one Parquet file), then its commit file. Returns a small summary."""
 
-    def __init__(self, output: str, fmt: str, endpoint_url: str | None, image_shape: Sequence[int]):
+    def __init__(self, output: str, fmt: str, endpoint_url: str | None, image_shape: Sequence[int], plan: Plan,
+                 prompts: Prompts | None = None):
         self.output, self.fmt, self.endpoint_url, self.image_shape = output, fmt, endpoint_url, tuple(image_shape)
+        self.plan, self.prompts = plan, prompts or Prompts.none()
 
     def setup(self, device) -> None:
         pass
@@ -92,37 +105,46 @@ class ShardWriter:
 
         digests = image_digests(images)
         per_image = None if labels is None else np.broadcast_to(np.asarray(labels), (len(rows),)).tolist()
+        keys = image_keys(self.plan, rows)
+        captions, _ = self.prompts.at(self.plan.prompt_indices(rows))
         if self.fmt == "png":
-            files = [f"images/{png_name(s)}.png" for s in seeds]
+            files = [f"images/{key}.png" for key in keys]
             with ThreadPoolExecutor(_IO_THREADS) as pool:
                 list(pool.map(lambda fi: storage.write_bytes(storage.join(self.output, fi[0]), encode_png(fi[1]),
                                                              self.endpoint_url), zip(files, images)))
         else:
             files = [f"data/shard-{shard:06d}.parquet"]
             storage.write_bytes(storage.join(self.output, files[0]),
-                                parquet_shard(images, seeds, per_image, digests), self.endpoint_url)
+                                parquet_shard(images, seeds, per_image, digests, keys, captions), self.endpoint_url)
         commit = {"shard": shard, "first_index": rows.start, "seeds": seeds, "labels": per_image, "sha256": digests,
                   "files": files}
+        if self.plan.per_prompt:
+            commit["prompt_index"] = self.plan.prompt_indices(rows)
         storage.write_json(self.commit_uri(shard), commit, self.endpoint_url)  # the commit: after every image
         return {"shard": shard, "count": len(rows), "new": len(rows)}
 
 
-def parquet_shard(images: np.ndarray, seeds: list[int], labels: list[int] | None, digests: list[str]) -> bytes:
-    """One shard as Parquet bytes: ``pipelines.data.preprocess``'s schema (image, label, key, sha256) plus seed."""
+def parquet_shard(images: np.ndarray, seeds: list[int], labels: list[int] | None, digests: list[str],
+                  keys: list[str], captions: list[str] | None = None) -> bytes:
+    """One shard as Parquet bytes: ``pipelines.data.preprocess``'s schema (image, label, key, sha256) plus seed,
+    and ``caption`` (each image's prompt) when the job has prompts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n, h, w, c = images.shape
     image_type = pa.binary(h * w * c)
-    table = pa.Table.from_arrays(
-        [pa.FixedSizeBinaryArray.from_buffers(image_type, n, [None, pa.py_buffer(np.ascontiguousarray(images))]),
-         pa.array(labels if labels is not None else [-1] * n, pa.int64()),
-         pa.array([png_name(s) for s in seeds], pa.string()),
-         pa.array(digests, pa.string()),
-         pa.array(seeds, pa.int64())],
-        schema=pa.schema([pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), False),
-                          pa.field("key", pa.string(), False), pa.field("sha256", pa.string(), False),
-                          pa.field("seed", pa.int64(), False)]))
+    arrays = [pa.FixedSizeBinaryArray.from_buffers(image_type, n, [None, pa.py_buffer(np.ascontiguousarray(images))]),
+              pa.array(labels if labels is not None else [-1] * n, pa.int64()),
+              pa.array(keys, pa.string()),
+              pa.array(digests, pa.string()),
+              pa.array(seeds, pa.int64())]
+    fields = [pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), False),
+              pa.field("key", pa.string(), False), pa.field("sha256", pa.string(), False),
+              pa.field("seed", pa.int64(), False)]
+    if captions is not None:
+        arrays.append(pa.array(captions, pa.string()))
+        fields.append(pa.field("caption", pa.string(), False))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
@@ -139,7 +161,7 @@ def committed_shards(listing: set[str], plan: Plan, fmt: str) -> set[int]:
         if f"shards/shard-{j:06d}.json" not in listing:
             continue
         if fmt == "png":
-            files = [f"images/{png_name(s)}.png" for s in plan.seeds(plan.rows(j))]
+            files = [f"images/{key}.png" for key in image_keys(plan, plan.rows(j))]
         else:
             files = [f"data/shard-{j:06d}.parquet"]
         if all(f in listing for f in files):
@@ -164,7 +186,9 @@ def build_manifest(output: str, job: dict, plan: Plan, fmt: str, source: ModelSo
                 "counts": {"rows": plan.num_images, "shards": plan.num_shards,
                            "per_class": dict(zip(class_names, per_class)) if per_class is not None else {}}}
     if fmt == "png":
-        manifest["files"] = "images/seed-<seed, at least 6 digits>.png for each seed of the range"
+        manifest["files"] = ("images/p<prompt index, 5 digits>-seed-<seed, at least 6 digits>.png for each prompt "
+                             "and each seed of the range" if plan.per_prompt else
+                             "images/seed-<seed, at least 6 digits>.png for each seed of the range")
     else:  # a dataset manifest too (pipelines.data.dataset.read_manifest)
         manifest |= {"format_version": DATASET_FORMAT_VERSION, "class_names": class_names if per_class else [],
                      "shards": [f"data/shard-{j:06d}.parquet" for j in range(plan.num_shards)],
