@@ -2,8 +2,7 @@
 each distinct prompt is encoded once per batch, an image's bytes are those ``ddpm.generate_images`` gives for its
 prompt alone, and what a model cannot take is refused by field. Serve over HTTP is in test_serve_prompts.py.
 
-The model is ``tests.support.save_text_checkpoint``'s tiny random text model, saved again predicting x_0 (an
-epsilon model with random weights drives nearly every pixel to 0 or 255, where "equal bytes" would hold trivially).
+The model is ``tests.deploy.text_model``'s tiny random text model (8x8x1, predicting x_0).
 """
 
 from __future__ import annotations
@@ -15,13 +14,7 @@ import torch
 from ddpm import Autoencoder, AutoencoderConfig, UNet, UNetConfig, checkpoint, generate_images
 from ddpm.generation import FORWARD_ROWS
 from deploy.engine import Job, Queued, ServedModel, check, run_batch
-from tests.support import save_text_checkpoint
-
-
-def save_text_model(path, seed: int = 0):
-    """``save_text_checkpoint``'s model and encoder, saved again as an x_0 model."""
-    raw = checkpoint.load(save_text_checkpoint(path.with_name(path.name + "-raw"), seed=seed))
-    return checkpoint.save(path, raw.model, raw.schedule, prediction_type="sample", text_encoder=raw.text_encoder)
+from tests.deploy.text_model import save_text_model
 
 
 @pytest.fixture(scope="module")
