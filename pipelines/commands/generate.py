@@ -86,9 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class id for a class-conditional model (default: unconditional)")
     labels.add_argument("--labels", choices=("balanced",), default=None,
                         help="balanced: image i gets class i mod (number of classes), equal counts per class")
-    labels.add_argument("--prompt", default=None, metavar="TEXT",
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
                         help="what a text model draws (default: the empty prompt, unconditional)")
-    labels.add_argument("--prompts", default=None, metavar="FILE",
+    parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="a text model's prompts, one a line or JSONL ({\"prompt\": ..., \"negative_prompt\": "
                              "...}), --num-images each; for a folder or s3:// output")
     parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
@@ -132,6 +132,8 @@ def is_file_output(out: str) -> bool:
 def main(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
+    if args.prompts is not None and (args.prompt is not None or args.class_label is not None or args.labels):
+        raise UserError("--prompts: gives every image its prompt; leave out --prompt, --class-label and --labels")
     if args.prompts is not None and args.negative_prompt is not None:
         raise UserError("--negative-prompt: goes with --prompt; in a --prompts file give each prompt its own as "
                         "JSONL {\"prompt\": ..., \"negative_prompt\": ...}")

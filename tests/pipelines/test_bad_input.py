@@ -46,7 +46,8 @@ GENERATE_CASES = [
     (["--steps", "1001"], {"steps": 1001}, "--steps: must be in [1, 1000], got 1001"),
     (["--guidance-scale", "-2", "--class-label", "1"], {"guidance_scale": -2.0, "class_label": 1},
      "--guidance-scale: must be at least 0, got -2"),
-    (["--guidance-scale", "3"], {"guidance_scale": 3.0}, "--guidance-scale: applies only with a class label"),
+    (["--guidance-scale", "3"], {"guidance_scale": 3.0},
+     "--guidance-scale: applies only with a class label or a non-empty prompt"),
     (["--guidance-scale", "nan", "--class-label", "1"], {"guidance_scale": float("nan"), "class_label": 1},
      "--guidance-scale: must be a finite number"),
     (["--seed", "-1"], {"seed": -1}, f"--seed: must be in [0, {MAX_SEED}], got -1"),
@@ -54,6 +55,17 @@ GENERATE_CASES = [
     (["--class-label", "3"], {"class_label": 3}, "--class-label: unknown class 3; this model has classes 0..2"),
     (["--class-label", "7"], {"class_label": 7}, "--class-label: unknown class 7; this model has classes 0..2"),
     (["--num-images", "5000", "--steps", "1"], None, "a PNG grid holds at most 4096 images"),
+    # prompts (issue 33): this model has no text encoder; the rules of any model come first
+    (["--prompt", "a red circle"], {"prompt": "a red circle"},
+     "--prompt: this model takes no prompt; it has no text encoder (it takes a class label)"),
+    (["--prompt", ""], {"prompt": ""}, "--prompt: this model takes no prompt"),
+    (["--prompt", "é" * 501], {"prompt": "é" * 501}, "--prompt: must be at most 1000 bytes (UTF-8), got 1002"),
+    (["--negative-prompt", "blurry", "--guidance-scale", "2"], {"negative_prompt": "blurry", "guidance_scale": 2.0},
+     "--negative-prompt: needs a prompt"),
+    (["--prompt", "a red circle", "--negative-prompt", "blurry"],
+     {"prompt": "a red circle", "negative_prompt": "blurry"}, "--negative-prompt: applies only with guidance"),
+    (["--prompt", "a red circle", "--class-label", "1"], {"prompt": "a red circle", "class_label": 1},
+     "--prompt: send a class label or a prompt, not both"),
 ]
 
 
