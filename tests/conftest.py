@@ -110,7 +110,7 @@ def mlflow_server(tmp_path_factory):
 
 
 # The files that take longest, longest first (seconds on a fresh clone, AVX2-only CPU, `pytest --durations`): the
-# run's processes (`-n`, `--dist loadfile`) take whole files in collection order (`--no-loadscopereorder`: xdist
+# run's processes (`-n`, `--dist loadfile`) take whole files in collection order (`--no-loadscope-reorder`: xdist
 # otherwise orders files by their number of tests), so starting these first keeps one long file from running alone
 # at the end while the other processes sit idle.
 LONGEST_FIRST = (
