@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.errors import UserError
+
 
 @dataclass
 class LocalRun:
@@ -53,6 +55,8 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
     from ddpm.training import drop_labels, lr_at, random_flip, train_step
 
     tc = config.train
+    if tc.text_encoder or config.model.text_dim:
+        raise UserError("ddpm train-local trains no text models (the digits have no captions); use ddpm train")
     if tc.class_conditional:
         config = config.with_num_classes(int(labels.max()) + 1)
     torch.manual_seed(tc.seed)

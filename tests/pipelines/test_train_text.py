@@ -241,3 +241,9 @@ def test_rows_give_each_position_its_caption(ray_local):
     images, labels = rows.take(5, 20)  # past the end of a pass: the next one's order
     captions = rows.captions(5, 20)
     assert captions == [f"block {int(im[0, 0, 0])} row {int(y)}" for im, y in zip(images, labels)]
+
+
+def test_train_local_refuses_a_text_model(capsys, tmp_path):
+    code = cli.main(["train-local", "--set", "train.text_encoder=/some/folder", "--out", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "ddpm train-local trains no text models" in err[0], err
