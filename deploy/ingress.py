@@ -3,9 +3,10 @@
 The ingress holds no model and reserves no CPU. It checks the API key and the body's size (middlewares), parses the
 body (pydantic, unknown fields rejected: a 422 naming the field), applies the rules every door applies
 (``ddpm.settings.check_settings``), sends the job to the Sampler deployment (``deploy.sampler``) and encodes the
-images it gets back as one PNG grid or JSON of base64 PNGs. What depends on the model (class labels, step count,
-an edit's image size, the request's cost in U-Net rows) the sampler checks against the snapshot that runs the job;
-its refusal comes back here as a 422 naming the field.
+images it gets back as one PNG grid or JSON of base64 PNGs. What depends on the model (class labels or prompts,
+step count, an edit's image size, the request's cost in U-Net rows) the sampler checks against the snapshot that
+runs the job; its refusal comes back here as a 422 naming the field. A text model's answer also says what
+tokenizing its prompts lost (``prompt_report`` in JSON, ``X-Prompt-*`` headers with a PNG).
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the deployment class by value, and FastAPI must

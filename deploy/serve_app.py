@@ -17,15 +17,16 @@ application with :func:`build_app` (import path ``deploy.serve_app:build_app``).
 
 The properties the design rests on:
 
-1. **An image depends only on its seed and settings.** Requests that share settings run as one call to the core's
-   one generation path (``ddpm.generate_images``; ``ddpm.inpaint_images`` for ``POST /inpaint``), each image with its
+1. **An image depends only on its seed and settings** (its prompt or class label included). Requests that share
+   settings (prompts and labels are per image) run as one call to the core's one generation path
+   (``ddpm.generate_images``; ``ddpm.inpaint_images`` for ``POST /inpaint``), each image with its
    own noise generator, and the network always runs at one fixed batch shape (``micro_batch``), so a request's PNG
    bytes are the same whether it ran alone or batched, and the same as ``ddpm generate`` returns (``ddpm.generation``
    explains why the fixed shape is needed).
 2. **A model swap is one reference assignment** (``deploy.sampler``).
 3. **Bad input never reaches the model.** The ingress validates the body (pydantic, unknown fields rejected); the
-   sampler checks what depends on the model (class labels, step count, an edit's image size, the cost in U-Net rows)
-   against the snapshot that will run the batch. Every rejection is a 4xx that names the field.
+   sampler checks what depends on the model (class labels or prompts, step count, an edit's image size, the cost in
+   U-Net rows) against the snapshot that will run the batch. Every rejection is a 4xx that names the field.
 4. **No version serves before its canary passes** (``deploy.sampler``).
 
 ``GET /metrics`` serves Prometheus text (``deploy.metrics``): requests by route and status, latency and queue-time
