@@ -125,9 +125,9 @@ class ShardWriter:
 
 
 def parquet_shard(images: np.ndarray, seeds: list[int], labels: list[int] | None, digests: list[str],
-                  keys: list[str], captions: list[str] | None = None) -> bytes:
+                  keys: list[str] | None = None, captions: list[str] | None = None) -> bytes:
     """One shard as Parquet bytes: ``pipelines.data.preprocess``'s schema (image, label, key, sha256) plus seed,
-    and ``caption`` (each image's prompt) when the job has prompts."""
+    and ``caption`` (each image's prompt) when the job has prompts. ``keys`` default to seed-000123."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -135,7 +135,7 @@ def parquet_shard(images: np.ndarray, seeds: list[int], labels: list[int] | None
     image_type = pa.binary(h * w * c)
     arrays = [pa.FixedSizeBinaryArray.from_buffers(image_type, n, [None, pa.py_buffer(np.ascontiguousarray(images))]),
               pa.array(labels if labels is not None else [-1] * n, pa.int64()),
-              pa.array(keys, pa.string()),
+              pa.array(keys if keys is not None else [png_name(s) for s in seeds], pa.string()),
               pa.array(digests, pa.string()),
               pa.array(seeds, pa.int64())]
     fields = [pa.field("image", image_type, nullable=False), pa.field("label", pa.int64(), False),
