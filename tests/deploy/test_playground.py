@@ -3,7 +3,8 @@
 Serve runs a tiny class-conditional checkpoint on 127.0.0.1. The browser loads the page, sets a seed, presses
 Generate, waits for the images and checks they decoded; in Edit mode it uploads a PNG, paints a mask stroke and
 inpaints; an out-of-range value shows the server's message next to its field; with an API key, the page asks for it
-once; a latent model (a U-Net on latents carrying its autoencoder) works in the same page, in pixels. A screenshot
+once; a latent model (a U-Net on latents carrying its autoencoder) works in the same page, in pixels; a text model
+shows a prompt box in both modes (and no class box), and the image changes with the prompt typed. A screenshot
 is saved under the test's output folder (``tests/output/playground.png``, also used by README).
 """
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.deploy.text_model import save_text_model
 from tests.support import start_local_ray, free_port, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
@@ -45,12 +47,14 @@ def endpoint(tmp_path_factory):
     latent = save_tiny_latent(tmp_path_factory.mktemp("latent") / "ckpt")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Three apps share the 2-CPU test Ray: at the default 1 CPU per replica the third would wait for a CPU forever.
-    share = {"num_cpus": 0.5}
+    text = save_text_model(tmp_path_factory.mktemp("text") / "ckpt")
+    # Four apps share the 2-CPU test Ray: at the default 1 CPU per replica the third would wait for a CPU forever.
+    share = {"num_cpus": 0.25}
     serve.run(build_app({"model_uri": str(path), "max_cost": 2000, **share}), name="open", route_prefix="/")
     serve.run(build_app({"model_uri": str(path), "api_key": API_KEY, **share}), name="locked",
               route_prefix="/locked")
     serve.run(build_app({"model_uri": str(latent), **share}), name="latent", route_prefix="/latent")
+    serve.run(build_app({"model_uri": str(text), **share}), name="text", route_prefix="/text")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=120)
     yield url
@@ -76,6 +80,7 @@ def paint_stroke(page, upload: Path, start: tuple[float, float], end: tuple[floa
     page.click("#mode-edit")
     page.set_input_files("#edit-file", str(upload))
     page.wait_for_function("edit.hasImage", timeout=30_000)
+    page.locator("#edit-mask").scroll_into_view_if_needed()  # the mouse works in the viewport's coordinates
     box = page.locator("#edit-mask").bounding_box()
 
     def at(fx: float, fy: float) -> tuple[float, float]:
@@ -195,4 +200,43 @@ def test_a_latent_model_generates_and_inpaints_in_pixels(endpoint, browser, tmp_
                            "[...document.querySelectorAll('#gallery img')].every(i => i.complete)", timeout=120_000)
     assert page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.naturalWidth)") == [32, 32]
     assert page.text_content(".error[data-for='mask']") == ""
+    page.close()
+
+
+def test_a_text_model_takes_a_typed_prompt_in_both_modes(endpoint, browser, tmp_path):
+    page = browser.new_page()
+    page.goto(endpoint + "/text/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('prompts of up to 8 tokens')",
+                           timeout=60_000)
+    assert page.locator("#prompt").is_visible() and page.locator("#class_label").is_hidden()
+    page.fill("#seed", "3")
+    page.fill("#num_images", "2")
+    page.fill("#steps", "3")
+
+    def images_for(prompt: str) -> list[str]:
+        page.fill("#prompt", prompt)
+        page.evaluate("document.getElementById('status').textContent = ''")  # so the wait sees the new answer
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.includes('2 images in') || "
+                               "[...document.querySelectorAll('.error')].some(e => e.textContent)", timeout=120_000)
+        errors = page.eval_on_selector_all(".error", "es => es.map(e => e.textContent).filter(t => t)")
+        assert errors == [], errors
+        return page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.src)")
+
+    red, blue = images_for("a small red circle"), images_for("a large blue square")
+    assert len(red) == len(blue) == 2 and red != blue  # the typed prompt changes the images
+    assert images_for("a small red circle") == red  # and only the prompt: the same prompt and seed, the same bytes
+    assert page.text_content("#prompt-warnings") == ""
+    images_for("a pink circle")  # a word the tokenizer never saw is reported, not ignored
+    assert "unknown word: 'pink'" in page.text_content("#prompt-warnings")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "playground-prompt.png"), full_page=True)
+
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8)).save(upload)
+    paint_stroke(page, upload, (0.55, 0.0), (0.55, 1.0))  # x = 4.4 model pixels: column 4 (a brush of radius 0.5)
+    assert 0 < page.evaluate("edit.mask.reduce((a, b) => a + b, 0)") < 64
+    assert page.locator("#prompt").is_visible()  # Edit mode keeps the prompt: repaint the mask to it
+    repainted = images_for("a large blue square")
+    assert len(repainted) == 2 and repainted != red
     page.close()
