@@ -263,6 +263,17 @@ def test_class_label_on_an_unconditional_model_is_a_422(server):
     assert r.status_code == 422 and "unconditional" in r.text
 
 
+@pytest.mark.parametrize("app", ["plain", "reg"])
+def test_a_prompt_to_a_model_without_a_text_encoder_is_a_422(server, app):
+    r = generate(f"{server}/{app}/generate", headers={"Authorization": f"Bearer {API_KEY}"}, prompt="a red circle",
+                 steps=2)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and "no text encoder" in error["msg"]
+    assert "takes_prompt" not in r.text and requests.get(f"{server}/{app}/v1/model", headers={
+        "Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT).json()["takes_prompt"] is False
+
+
 def test_api_key_guards_every_route_but_healthz(server):
     plain, good = f"{server}/plain", {"Authorization": f"Bearer {API_KEY}"}
     assert requests.get(f"{plain}/healthz", timeout=TIMEOUT).status_code == 200
