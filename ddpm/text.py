@@ -172,7 +172,8 @@ class ClipTokenizer:
         """Write vocab.json, merges.txt and tokenizer_config.json (transformers reads them as a CLIPTokenizer)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / VOCAB_FILE).write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        vocab = dict(sorted(self.vocab.items(), key=lambda item: item[1]))  # by id: the same tokenizer, the same bytes
+        (path / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (path / MERGES_FILE).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),
                                         encoding="utf-8")
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
