@@ -115,6 +115,8 @@ def mlflow_server(tmp_path_factory):
 # at the end while the other processes sit idle.
 LONGEST_FIRST = (
     "tests/pipelines/test_quickstart.py",  # 336
+    "tests/pipelines/test_train_text.py",  # 205 (-n 0, load ~8)
+    "tests/pipelines/test_train_clip.py",  # 173 (-n 0)
     "tests/reliability/test_training_faults.py",  # 190
     "tests/pipelines/test_latent_pipeline.py",  # 187
     "tests/reliability/test_elastic.py",  # 176
