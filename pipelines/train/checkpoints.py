@@ -35,11 +35,10 @@ STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_FORMAT, STATE_VERSION = "ddpm-training-state", 1
 # the files a whole model/ holds: a DDPM's or an autoencoder's (one folder), or a CLIP's (ddpm.clip.save)
-MODEL_LAYOUTS = {
-    "single": ("config.json", "model.safetensors"),
-    "clip": ("clip/config.json", "clip/model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
-             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json"),
-}
+_FOLDER = ("config.json", "model.safetensors")
+_TEXT = ("text_encoder/config.json", "text_encoder/model.safetensors",  # ddpm.text.save's layout
+         "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json")
+MODEL_LAYOUTS = {"single": _FOLDER, "clip": ("clip/config.json", "clip/model.safetensors", *_TEXT)}
 UPLOAD_RETRY_WAITS_S = (1, 2, 4, 8, 15, 30)  # a checkpoint upload waits out about a minute of storage outage
 
 
@@ -205,6 +204,14 @@ def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -
     model_files = [f"{MODEL_DIR}/{name}" for name in MODEL_LAYOUTS[layout]]
     if not {STATE_JSON, STATE_TENSORS, *model_files} <= sizes.keys():
         return None
+    if layout == "single":  # a DDPM's config.json names the folders it carries: a latent model's, a text model's
+        try:
+            config = json.loads(store.read_bytes(store.join(uri, MODEL_DIR, "config.json"), endpoint_url))
+            model_files += _carried_files(config)
+        except (ValueError, TypeError, AttributeError):
+            return None
+        if not set(model_files) <= sizes.keys():
+            return None
     for tensors in (STATE_TENSORS, *(f for f in model_files if f.endswith(".safetensors"))):
         # safetensors: an 8-byte header length n, n bytes of JSON header, then the data the header's offsets cover
         head = store.read_head(store.join(uri, tensors), 8, endpoint_url)
@@ -222,6 +229,19 @@ def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -
         return TrainingState.from_json(json.loads(store.read_bytes(store.join(uri, STATE_JSON), endpoint_url)))
     except (ValueError, TypeError):
         return None
+
+
+def _carried_files(config: dict) -> list[str]:
+    """The files of the folders a ddpm checkpoint's config.json says it carries (``ddpm.checkpoint``: a latent
+    model's autoencoder/, a text model's text/), as paths under the checkpoint folder."""
+    if config.get("format") != checkpoint.FORMAT:  # an autoencoder's folder carries nothing
+        return []
+    files = []
+    for entry, folder, names in (("autoencoder", checkpoint.AUTOENCODER_DIR, _FOLDER),
+                                 ("text_encoder", checkpoint.TEXT_DIR, _TEXT)):
+        if config.get(entry):
+            files += [f"{MODEL_DIR}/{config[entry].get('folder', folder)}/{name}" for name in names]
+    return files
 
 
 def stored(uri: str, endpoint_url: str | None = None) -> ray.train.Checkpoint:

@@ -266,3 +266,34 @@ def test_encode_carries_the_captions_to_the_latents(shapes_s3, tmp_path):
     captions = lambda uri, m: dict(zip(*[read_columns(uri, m["shards"], ["key", "caption"], None)[c].to_pylist()
                                          for c in ("key", "caption")]))  # noqa: E731
     assert captions(latents, manifest) == captions(shapes_s3, source) and len(captions(latents, manifest)) == 160
+
+
+def test_a_text_models_checkpoint_is_whole_only_with_its_text_encoder(tmp_path):
+    """latest_checkpoint's completeness check reads what a DDPM's config.json says it carries: a text model's
+    checkpoint missing a file of its text/ folder, or with its encoder's weights cut short, is passed over (it would
+    not load), and a whole one is found."""
+    import shutil
+
+    import torch
+
+    from ddpm import checkpoint
+    from pipelines.train.checkpoints import MODEL_DIR, TrainingState, complete_checkpoint, write_training_state
+    from tests.support import save_text_checkpoint
+
+    whole = tmp_path / "checkpoint_000000000032"
+    save_text_checkpoint(whole / MODEL_DIR)
+    net = checkpoint.load(whole / MODEL_DIR).model
+    write_training_state(whole, state=TrainingState(step=2, images_seen=32),
+                         optimizer=torch.optim.Adam(net.parameters()), rng_states={"rng.cpu.0": torch.get_rng_state()})
+    assert complete_checkpoint(str(whole)).images_seen == 32
+
+    for cut in ("text/tokenizer/vocab.json", "text/text_encoder/model.safetensors", "text/text_encoder/config.json"):
+        broken = tmp_path / f"broken-{cut.replace('/', '-')}"
+        shutil.copytree(whole, broken)
+        (broken / MODEL_DIR / cut).unlink()
+        assert complete_checkpoint(str(broken)) is None, cut
+    truncated = tmp_path / "truncated"
+    shutil.copytree(whole, truncated)
+    weights = truncated / MODEL_DIR / "text" / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert complete_checkpoint(str(truncated)) is None
