@@ -15,18 +15,15 @@ Validating a config loads torch (the core) but never Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
 from ddpm.autoencoder import AutoencoderConfig
-from pipelines.config import _strict, apply_overrides, read_yaml, set_by, unknown_section_source
+from pipelines.config import _strict, apply_overrides, read_yaml, set_by
 from pipelines.errors import UserError
-from pipelines.train.loop_config import LoopTrainConfig
+from pipelines.train.loop_config import LoopTrainConfig, read_sections, recipe_hash
 
-SECTIONS = ("model", "train")
 MEASURED = ("scaling_factor", "shift_factor")  # model fields that training measures, never set in a config
 LOSSES = ("l1", "l2")
 
@@ -60,23 +57,13 @@ class AutoencoderRunConfig:
 
     def hash(self) -> str:
         """A short, stable hash of the recipe (model and train sections), for registry tags."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_hash(self.to_dict())
 
 
 def from_dict(raw: dict, source: str = "config", given: dict[str, str] | None = None) -> AutoencoderRunConfig:
     """The run's config from nested sections; ``given``: the keys ``--set`` gave (:func:`pipelines.config.set_by`)."""
     given = given or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: the top level must be a mapping of sections (model, train), "
-                        f"got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise UserError(f"{unknown_section_source(unknown[0], source, given)}: unknown section {unknown[0]!r}; "
-                        f"expected model, train")
-    for section in SECTIONS:
-        if not isinstance(raw.get(section) or {}, dict):
-            raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
-    model = dict(raw.get("model") or {})
+    model, train = read_sections(raw, source, given)
     measured = sorted(set(model) & set(MEASURED))
     if measured:
         who = given.get(f"model.{measured[0]}", source)
@@ -90,7 +77,7 @@ def from_dict(raw: dict, source: str = "config", given: dict[str, str] | None = 
         base.pop(key, None)
     return AutoencoderRunConfig(
         model=_strict(AutoencoderConfig, {**base, **model}, f"{source}: model", given),
-        train=_strict(AutoencoderTrainConfig, dict(raw.get("train") or {}), f"{source}: train", given),
+        train=_strict(AutoencoderTrainConfig, train, f"{source}: train", given),
     )
 
 

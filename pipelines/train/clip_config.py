@@ -12,18 +12,14 @@ An unknown key anywhere is an error that names it; overrides are ``--set section
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ddpm.clip import ClipConfig
 from ddpm.text import ClipTokenizer
-from pipelines.config import _strict, apply_overrides, read_yaml, set_by, unknown_section_source
-from pipelines.errors import UserError
-from pipelines.train.loop_config import LoopTrainConfig
+from pipelines.config import _strict, apply_overrides, read_yaml, set_by
+from pipelines.train.loop_config import LoopTrainConfig, read_sections, recipe_hash
 
-SECTIONS = ("model", "train")
 MIN_VOCAB = 2 * 256 + 2  # ddpm.text.train_tokenizer's smallest: bytes, bytes + "</w>", BOS, EOS
 
 
@@ -89,25 +85,16 @@ class ClipRunConfig:
 
     def hash(self) -> str:
         """A short, stable hash of the recipe (model and train sections), for registry tags."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return recipe_hash(self.to_dict())
 
 
 def from_dict(raw: dict, source: str = "config", given: dict[str, str] | None = None) -> ClipRunConfig:
     """The run's config from nested sections; ``given``: the keys ``--set`` gave (:func:`pipelines.config.set_by`)."""
     given = given or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: the top level must be a mapping of sections (model, train), "
-                        f"got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise UserError(f"{unknown_section_source(unknown[0], source, given)}: unknown section {unknown[0]!r}; "
-                        f"expected model, train")
-    for section in SECTIONS:
-        if not isinstance(raw.get(section) or {}, dict):
-            raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
+    model, train = read_sections(raw, source, given)
     return ClipRunConfig(
-        model=_strict(ClipModelConfig, dict(raw.get("model") or {}), f"{source}: model", given),
-        train=_strict(ClipTrainConfig, dict(raw.get("train") or {}), f"{source}: train", given),
+        model=_strict(ClipModelConfig, model, f"{source}: model", given),
+        train=_strict(ClipTrainConfig, train, f"{source}: train", given),
     )
 
 

@@ -4,10 +4,36 @@ own section subclasses it with its objective's keys. Lengths carry their unit in
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from ddpm.training import PRECISIONS
+from pipelines.config import unknown_section_source
 from pipelines.errors import UserError
+
+SECTIONS = ("model", "train")  # a loop stage's config file: its model and its train section
+
+
+def read_sections(raw, source: str, given: dict[str, str]) -> tuple[dict, dict]:
+    """(model, train) mappings of a loop stage's config file, or a UserError naming the file (or the ``--set``,
+    ``given``: :func:`pipelines.config.set_by`) for anything else at the top level."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections (model, train), "
+                        f"got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"{unknown_section_source(unknown[0], source, given)}: unknown section {unknown[0]!r}; "
+                        f"expected model, train")
+    for section in SECTIONS:
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"{source}: section {section} must be a mapping of keys to values, got {raw[section]!r}")
+    return dict(raw.get("model") or {}), dict(raw.get("train") or {})
+
+
+def recipe_hash(config_dict: dict) -> str:
+    """A short, stable hash of a resolved config (its sections as a dict), for registry tags."""
+    return hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
