@@ -40,6 +40,8 @@ FIXED = {
     "train-local": ["--config", "/nonexistent/c.yaml", "--out", "{tmp}/local"],
     "train-autoencoder": ["--data", "/nonexistent/data", "--config", "/nonexistent/c.yaml", "--storage",
                           "{tmp}/runs", "--name", "r"],
+    "train-clip": ["--data", "/nonexistent/data", "--config", "/nonexistent/c.yaml", "--storage", "{tmp}/runs",
+                   "--name", "r"],
     "generate": ["--model", "/nonexistent/model", "--out", "{tmp}/g.png"],
     "inpaint": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--mask", "/nonexistent/m.png",
                 "--out", "{tmp}/i.png"],
