@@ -108,28 +108,3 @@ def mlflow_server(tmp_path_factory):
     yield server
     server.stop()
 
-
-# The files that take longest, longest first (seconds on a fresh clone, AVX2-only CPU, `pytest --durations`): the
-# run's processes (`-n`, `--dist loadfile`) take whole files in collection order (`--no-loadscope-reorder`: xdist
-# otherwise orders files by their number of tests), so starting these first keeps one long file from running alone
-# at the end while the other processes sit idle.
-LONGEST_FIRST = (
-    "tests/pipelines/test_quickstart.py",  # 336
-    "tests/pipelines/test_train_text.py",  # 205 (-n 0, load ~8)
-    "tests/pipelines/test_train_clip.py",  # 173 (-n 0)
-    "tests/reliability/test_training_faults.py",  # 190
-    "tests/pipelines/test_latent_pipeline.py",  # 187
-    "tests/reliability/test_elastic.py",  # 176
-    "tests/pipelines/test_train.py",  # 150
-    "tests/pipelines/test_evaluate.py",  # 140
-    "tests/reliability/test_storage_faults.py",  # 110
-    "tests/pipelines/test_train_interrupt.py",  # 95
-    "tests/pipelines/test_inpaint_command.py",  # 90
-    "tests/pipelines/test_train_autoencoder.py",  # 70
-    "tests/pipelines/test_train_local.py",  # 63
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
