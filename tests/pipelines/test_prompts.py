@@ -4,7 +4,6 @@ for what tokenizing lost. A tiny random text model (tests.support.save_text_chec
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
