@@ -107,7 +107,7 @@ def test_elastic_run_grows_shrinks_and_checkpoints_on_sigterm(digits_8px, head_n
     assert exited_s < 60  # the worker checkpointed and exited: the command did not wait out its limit
     events["signalled"] = datetime.fromisoformat(sent).timestamp()
 
-    [run] = client.search_runs([tracking.ensure_experiment("reliability", mlflow_server.uri)])
+    run = run_named(client, name)  # by its name: the session's MLflow server holds the other reliability runs too
     assert run.info.status == "FINISHED" and run.data.metrics["images_seen"] == total
     sizes = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"),
                                           key=lambda m: m.timestamp)]
