@@ -92,6 +92,23 @@ class _WritesSentinel:
         return Path.write_text, (self.sentinel, "unpickled\n")
 
 
+def logged_pyfunc(checkpoint: Path, tracking_uri: str, experiment: str):
+    """``checkpoint`` logged as the MLflow pyfunc model (``pipelines.registry.log_model``) into a new run of
+    ``experiment`` on ``tracking_uri``, and loaded back by MLflow as a user would."""
+    import mlflow
+
+    from pipelines import registry, tracking
+
+    run_id = tracking.client(tracking_uri).create_run(tracking.ensure_experiment(experiment, tracking_uri)).info.run_id
+    model_uri = registry.log_model(checkpoint, run_id=run_id, tracking_uri=tracking_uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def planted_pickle(sentinel: Path) -> bytes:
     """A well-formed pickle whose unpickling writes the file ``sentinel`` (it calls ``pathlib.Path.write_text``).
 

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from pipelines.commands.training_flags import add_training_arguments, workers_from_flags
+from pipelines.commands.training_flags import add_training_arguments, run_training
 
 HELP = "train a DDPM on Ray Train (DDP), tracked in MLflow, and register the result as a model version"
 EXAMPLE = """example:
@@ -32,17 +31,4 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.train.driver import train
 
-    workers = workers_from_flags(args)
-    config = load_config(args.config, args.set)
-    # The driver's MLflow calls fail in seconds, not after MLflow's default minutes of backoff.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    result = train(args.data, config, storage=args.storage, name=args.name, num_workers=workers,
-                   use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, placement=args.placement,
-                   register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                   resource_wait_s=args.resource_wait_s)
-    print(f"trained {args.name} to {result.images_seen} images; checkpoint {result.checkpoint}; "
-          f"MLflow run {result.run_id}" + (f"; models:/{args.register_as}/{result.model_version}"
-                                           if result.model_version else ""))
-    for item in result.unlogged:
-        print(f"warning: not logged to MLflow: {item}")
-    return 0
+    return run_training(args, load_config, train)

@@ -5,9 +5,8 @@ nor Ray."""
 from __future__ import annotations
 
 import argparse
-import os
 
-from pipelines.commands.training_flags import add_training_arguments, workers_from_flags
+from pipelines.commands.training_flags import add_training_arguments, run_training
 
 HELP = "train latent diffusion's KL autoencoder on Ray Train (DDP), tracked in MLflow, and register it"
 EXAMPLE = """example:
@@ -36,19 +35,8 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.train.autoencoder import train_autoencoder
     from pipelines.train.autoencoder_config import load_config
 
-    workers = workers_from_flags(args)
-    config = load_config(args.config, args.set)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    result = train_autoencoder(args.data, config, storage=args.storage, name=args.name, num_workers=workers,
-                               use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                               placement=args.placement, register_as=args.register_as,
-                               tracking_uri=args.tracking_uri, experiment=args.experiment,
-                               resource_wait_s=args.resource_wait_s)
-    psnr = f"{result.psnr_heldout:.2f} dB" if result.psnr_heldout is not None else "not measured"
-    print(f"trained {args.name} to {result.images_seen} images; checkpoint {result.checkpoint}; "
-          f"MLflow run {result.run_id}"
-          + (f"; models:/{args.register_as}/{result.model_version}" if result.model_version else "")
-          + f"; held-out PSNR {psnr}; scaling factor {result.scaling_factor:.4g}")
-    for item in result.unlogged:
-        print(f"warning: not logged to MLflow: {item}")
-    return 0
+    def summary(result) -> str:
+        psnr = f"{result.psnr_heldout:.2f} dB" if result.psnr_heldout is not None else "not measured"
+        return f"; held-out PSNR {psnr}; scaling factor {result.scaling_factor:.4g}"
+
+    return run_training(args, load_config, train_autoencoder, summary)

@@ -4,9 +4,8 @@ calls :func:`pipelines.train.clip.train_clip`. Kept cheap to import: ``--help`` 
 from __future__ import annotations
 
 import argparse
-import os
 
-from pipelines.commands.training_flags import add_training_arguments, workers_from_flags
+from pipelines.commands.training_flags import add_training_arguments, run_training
 
 HELP = "train a small CLIP (image and text towers, contrastive) on captioned data on Ray Train, and register it"
 EXAMPLE = """example:
@@ -32,18 +31,8 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.train.clip import train_clip
     from pipelines.train.clip_config import load_config
 
-    workers = workers_from_flags(args)
-    config = load_config(args.config, args.set)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    result = train_clip(args.data, config, storage=args.storage, name=args.name, num_workers=workers,
-                        use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, placement=args.placement,
-                        register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                        resource_wait_s=args.resource_wait_s)
-    scores = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in sorted(result.retrieval.items()))
-    print(f"trained {args.name} to {result.images_seen} images; checkpoint {result.checkpoint}; "
-          f"MLflow run {result.run_id}"
-          + (f"; models:/{args.register_as}/{result.model_version}" if result.model_version else "")
-          + f"; held-out text->image retrieval: {scores or 'not measured'}")
-    for item in result.unlogged:
-        print(f"warning: not logged to MLflow: {item}")
-    return 0
+    def summary(result) -> str:
+        scores = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in sorted(result.retrieval.items()))
+        return f"; held-out text->image retrieval: {scores or 'not measured'}"
+
+    return run_training(args, load_config, train_clip, summary)

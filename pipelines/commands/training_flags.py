@@ -50,3 +50,26 @@ def workers_from_flags(args: argparse.Namespace):
     if args.resource_wait_s is not None and not args.resource_wait_s >= 0:
         raise UserError(f"--resource-wait-s must be at least 0, got {args.resource_wait_s}")
     return workers
+
+
+def run_training(args: argparse.Namespace, load_config, trainer, summary=lambda result: "") -> int:
+    """The body of every training command: check the flags, read the config (``load_config(path, overrides)``), run
+    ``trainer(data, config, storage=, name=, ...)`` (a :func:`pipelines.train.stage.run_stage` driver) and print one
+    line, ``summary(result)`` appending what the stage measured."""
+    import os
+
+    workers = workers_from_flags(args)
+    config = load_config(args.config, args.set)
+    # The driver's MLflow calls fail in seconds, not after MLflow's default minutes of backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    result = trainer(args.data, config, storage=args.storage, name=args.name, num_workers=workers,
+                     use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, placement=args.placement,
+                     register_as=args.register_as, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                     resource_wait_s=args.resource_wait_s)
+    print(f"trained {args.name} to {result.images_seen} images; checkpoint {result.checkpoint}; "
+          f"MLflow run {result.run_id}"
+          + (f"; models:/{args.register_as}/{result.model_version}" if result.model_version else "")
+          + summary(result))
+    for item in result.unlogged:
+        print(f"warning: not logged to MLflow: {item}")
+    return 0

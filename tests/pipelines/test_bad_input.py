@@ -18,6 +18,7 @@ import torch
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 from ddpm.settings import MAX_SEED
 from pipelines.cli import main
+from tests.support import logged_pyfunc
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
 
@@ -79,19 +80,7 @@ def test_generate_refuses_what_the_endpoint_refuses(tiny, tmp_path, capsys, flag
 @pytest.fixture(scope="module")
 def pyfunc_model(tiny, mlflow_server):
     """``tiny`` logged as the MLflow pyfunc model (``pipelines.registry.log_model``) and loaded back by MLflow."""
-    import mlflow
-
-    from pipelines import registry, tracking
-
-    uri = mlflow_server.uri
-    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("bad-input", uri)).info.run_id
-    model_uri = registry.log_model(tiny, run_id=run_id, tracking_uri=uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return logged_pyfunc(tiny, mlflow_server.uri, "bad-input")
 
 
 def field_message(cli_message: str) -> str:

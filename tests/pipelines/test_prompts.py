@@ -13,7 +13,7 @@ from PIL import Image
 
 from ddpm import checkpoint, generate_images, image_seeds
 from pipelines.cli import main
-from tests.support import TEXT_CONTEXT, save_text_checkpoint
+from tests.support import TEXT_CONTEXT, logged_pyfunc, save_text_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,19 +185,7 @@ def test_inpaint_repaints_the_mask_to_the_prompt(text_model, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def text_pyfunc(text_model, mlflow_server):
-    import mlflow
-
-    from pipelines import registry, tracking
-
-    uri = mlflow_server.uri
-    run_id = tracking.client(uri).create_run(tracking.ensure_experiment("prompts", uri)).info.run_id
-    model_uri = registry.log_model(text_model, run_id=run_id, tracking_uri=uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    return logged_pyfunc(text_model, mlflow_server.uri, "prompts")
 
 
 def test_the_pyfunc_model_takes_a_prompt_with_the_bytes_of_the_command_line(text_pyfunc, text_model, tmp_path,
