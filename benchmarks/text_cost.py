@@ -7,6 +7,8 @@
    caption once), caption dropout (``drop_condition``), ``train_step``, EMA update; class (baseline) = label
    dropout, ``train_step``, EMA update. Batch 64 of 32x32 RGB ``pipelines.data.shapes`` scenes, one warm-up step
    per model, then rounds that alternate the two models so that the machine's noise hits both alike;
+   timed in CPU seconds of this process (its own work, what a shared machine's other processes barely move) and in
+   wall seconds (what a quiet machine gives);
 3. the serving engine at 32 clients, 32 distinct prompts against one shared prompt (``benchmarks/text_engine.py``).
 
 Widths and training settings: configs/shapes-text.yaml (U-Net, train section); the text tower:
@@ -14,8 +16,8 @@ configs/clip-shapes.yaml's text widths, random weights, the tokenizer learned on
 ``ddpm train-clip`` learns it. FLOPs come from torch's FlopCounterMode (exact for the matmuls and convolutions, which
 dominate). Random weights cost what trained ones do.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_cost.py [--rows 8] [--rounds 5] [--train-rounds 4]
-        [--train-steps 2] [--engine-rounds 3] [--engine-steps 10]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_cost.py [--rows 8] [--rounds 5] [--train-rounds 6]
+        [--train-steps 1] [--engine-rounds 3] [--engine-steps 10]
 """
 
 from __future__ import annotations
@@ -52,14 +54,23 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def best_time(fn, rounds: int) -> float:
+def best_cpu_time(fn, rounds: int) -> float:
+    """The least CPU time (this process's) of ``rounds`` calls after a warm-up: on a shared machine the CPU time a
+    call took is its own work, its wall time also the other processes' share of the cores."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 @dataclasses.dataclass
@@ -110,12 +121,12 @@ def forward_table(text_net: UNet, class_net: UNet, encoder: text.TextEncoder, ca
     class_net.eval()
     text_net.eval()
     with torch.no_grad():
-        measured = [(name, flops(fn) / n, best_time(fn, rounds) / n) for name, fn in rows]
+        measured = [(name, flops(fn) / n, best_cpu_time(fn, rounds) / n) for name, fn in rows]
     base_flops, base_s = measured[0][1], measured[0][2]
-    lines = ["| | GFLOP / row | x baseline | ms / row | x baseline |", "|---|---:|---:|---:|---:|"]
+    lines = ["| | GFLOP / row | x baseline | CPU ms / row | x baseline |", "|---|---:|---:|---:|---:|"]
     for name, f, s in measured:
         lines.append(f"| {name} | {f / 1e9:.4f} | {f / base_flops:.3f} | {s * 1e3:.2f} | {s / base_s:.3f} |")
-    lines.append(f"\n({n} rows, best of {rounds}; context {encoder.context_length} tokens)")
+    lines.append(f"\n({n} rows a call, least CPU time of {rounds}; context {encoder.context_length} tokens)")
     return lines
 
 
@@ -161,41 +172,39 @@ class TrainingRun:
 
 def training_table(text_config: Config, class_config: Config, scenes: Scenes, encoder: text.TextEncoder, *,
                    rounds: int, steps: int) -> list[str]:
-    runs = {"class-conditional (baseline)": TrainingRun(class_config, scenes, None),
-            "text (captions encoded in the step)": TrainingRun(text_config, scenes, encoder)}
-    encoding = TrainingRun(text_config, scenes, encoder)  # same rows, to time the encoding alone
+    base, with_text = "class-conditional (baseline)", "text (captions encoded in the step)"
+    runs = {base: TrainingRun(class_config, scenes, None), with_text: TrainingRun(text_config, scenes, encoder)}
+    encoding = TrainingRun(text_config, scenes, encoder)  # the same rows, to time the encoding alone
     b = class_config.train.batch_size
     step_flops = {name: flops(run.step) / b for name, run in runs.items()}  # also each model's warm-up step
     encode_flops = flops(encoding.encode_only) / b
-    seconds: dict[str, list[float]] = {name: [] for name in [*runs, "encode"]}
     loops = {**{name: run.step for name, run in runs.items()}, "encode": encoding.encode_only}
-    for _ in range(rounds):
-        for name, step in loops.items():
-            step()  # untimed: another loop ran last
-            start = time.perf_counter()
+    wall: dict[str, list[float]] = {name: [] for name in loops}
+    cpu: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(rounds):
+        for name in list(loops)[::1 if r % 2 == 0 else -1]:  # A B C, then C B A: neither goes first every time
             for _ in range(steps):
-                step()
-            seconds[name].append((time.perf_counter() - start) / steps)
+                w, c = timed(loops[name])
+                wall[name].append(w)
+                cpu[name].append(c)
 
-    base = "class-conditional (baseline)"
-    rate = {name: [b / s for s in ss] for name, ss in seconds.items()}
-    median = {name: statistics.median(r) for name, r in rate.items()}
-    lines = ["| training step, batch 64 | GFLOP / image | x baseline | ms / step | images/s | range | x baseline |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    med = statistics.median
+    per_cpu_s = {name: b / med(cpu[name]) for name in loops}  # images per CPU second
+    per_s = {name: b / med(wall[name]) for name in loops}  # images per second of wall time
+    lines = ["| training step, batch 64 | GFLOP / image | x baseline | CPU ms / step | images / CPU s | x baseline "
+             "| images/s (wall) | x baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in runs:
-        r = rate[name]
         lines.append(f"| {name} | {step_flops[name] / 1e9:.4f} | {step_flops[name] / step_flops[base]:.3f} | "
-                     f"{statistics.median(seconds[name]) * 1e3:.0f} | {median[name]:.1f} | {min(r):.1f}-{max(r):.1f} "
-                     f"| {median[name] / median[base]:.3f} |")
-    share = statistics.median(seconds["encode"]) / statistics.median(seconds["text (captions encoded in the step)"])
-    lines.append(f"| of which: encoding the 64 captions | {encode_flops / 1e9:.4f} | "
-                 f"{encode_flops / step_flops[base]:.3f} | {statistics.median(seconds['encode']) * 1e3:.1f} | | | "
-                 f"{share:.3f} of the text step |")
+                     f"{med(cpu[name]) * 1e3:.0f} | {per_cpu_s[name]:.1f} | {per_cpu_s[name] / per_cpu_s[base]:.3f} | "
+                     f"{per_s[name]:.1f} | {per_s[name] / per_s[base]:.3f} |")
+    lines.append(f"| of which: encoding the batch's captions | {encode_flops / 1e9:.4f} | "
+                 f"{encode_flops / step_flops[base]:.3f} | {med(cpu['encode']) * 1e3:.1f} | "
+                 f"{med(cpu['encode']) / med(cpu[with_text]):.3f} of the text step's CPU time | | | |")
     tc = text_config.train
-    lines.append(f"\n({rounds} alternating rounds of {steps} timed steps after one untimed step; median round; "
-                 f"{tc.prediction_type}, min-SNR {tc.min_snr_gamma}, {tc.timestep_sampling} timesteps, "
-                 f"{tc.optimizer} fused, EMA; caption dropout {tc.caption_dropout}, label dropout "
-                 f"{class_config.train.label_dropout}; {SCENES} scenes, "
+    lines.append(f"\n(medians of {rounds * steps} steps per model, {rounds} rounds alternating the models after one "
+                 f"warm-up step each; {tc.prediction_type}, min-SNR {tc.min_snr_gamma}, {tc.timestep_sampling} "
+                 f"timesteps, {tc.optimizer} fused, EMA; caption dropout {tc.caption_dropout}, label dropout "
+                 f"{class_config.train.label_dropout}; rows from {SCENES} scenes, "
                  f"{len(set(scenes.captions[:b]))} distinct captions in the first batch of {b})")
     return lines
 
@@ -204,8 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8, help="rows of the forward table (default: 8)")
     parser.add_argument("--rounds", type=int, default=5, help="best of, for the forward table (default: 5)")
-    parser.add_argument("--train-rounds", type=int, default=4, help="alternating training rounds (default: 4)")
-    parser.add_argument("--train-steps", type=int, default=2, help="timed steps per model per round (default: 2)")
+    parser.add_argument("--train-rounds", type=int, default=6, help="alternating training rounds (default: 6)")
+    parser.add_argument("--train-steps", type=int, default=1, help="timed steps per model per round (default: 1)")
     parser.add_argument("--engine-rounds", type=int, default=3, help="alternating engine rounds (default: 3)")
     parser.add_argument("--engine-steps", type=int, default=10, help="DDIM steps per request (default: 10)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent one-image requests (default: 32)")

@@ -31,14 +31,14 @@ def _requests(prompts: list[str], *, steps: int, guidance: float, first_seed: in
             for i, p in enumerate(prompts)]
 
 
-def _run(served: ServedModel, requests: list[Queued], micro_batch: int) -> tuple[float, np.ndarray]:
-    """One batch: (seconds, the images (clients, H, W, C) uint8 in client order)."""
-    start = time.perf_counter()
+def _run(served: ServedModel, requests: list[Queued], micro_batch: int) -> tuple[float, float, np.ndarray]:
+    """One batch: (wall seconds, CPU seconds of this process, the images (clients, H, W, C) uint8 in client order)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     outcomes = run_batch(served, requests, micro_batch)
-    seconds = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert all(isinstance(o, Generated) for o in outcomes), [o for o in outcomes if not isinstance(o, Generated)]
     assert all(o.batch == {"requests": len(requests), "images": len(requests)} for o in outcomes)
-    return seconds, np.concatenate([o.images for o in outcomes])
+    return wall, cpu, np.concatenate([o.images for o in outcomes])
 
 
 def engine_table(loaded: checkpoint.LoadedModel, prompts: list[str], *, steps: int, guidance: float, rounds: int,
@@ -51,31 +51,31 @@ def engine_table(loaded: checkpoint.LoadedModel, prompts: list[str], *, steps: i
     clients = len(prompts)
     runs = {f"{clients} distinct prompts": prompts, "one shared prompt": [prompts[0]] * clients}
     first: dict[str, np.ndarray] = {}
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for timed in [False] + [True] * rounds:
-        for name, ps in runs.items():
-            s, images = _run(served, _requests(ps, steps=steps, guidance=guidance, first_seed=first_seed),
-                             micro_batch)
-            if name not in first:
-                first[name] = images
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds + 1):  # round 0 untimed: the warm-up
+        for name in list(runs)[::1 if r % 2 == 0 else -1]:  # A B, then B A: neither goes first every time
+            w, c, images = _run(served, _requests(runs[name], steps=steps, guidance=guidance, first_seed=first_seed),
+                                micro_batch)
+            first.setdefault(name, images)
             assert np.array_equal(images, first[name]), f"{name}: a round gave other bytes than the first"
-            if timed:
-                seconds[name].append(s)
+            if r > 0:
+                wall[name].append(w)
+                cpu[name].append(c)
     distinct, shared = first.values()
     assert np.array_equal(distinct[0], shared[0]), "client 0 (same prompt, same seed) got other bytes"
     assert not np.array_equal(distinct[1], shared[1]), "prompt 1 and prompt 0 gave client 1 the same image"
 
-    rates = {name: [clients / s for s in ss] for name, ss in seconds.items()}
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    base = medians["one shared prompt"]
-    lines = [f"| batch of {clients} one-image requests | distinct strings encoded | median s / batch | images/s | "
-             "range | x shared |", "|---|---:|---:|---:|---:|---:|"]
+    med, base = statistics.median, "one shared prompt"
+    per_cpu_s = {name: clients / med(cpu[name]) for name in runs}  # images per CPU second
+    per_s = {name: clients / med(wall[name]) for name in runs}  # images per second of wall time
+    lines = [f"| batch of {clients} one-image requests | distinct strings encoded | CPU s / batch | images / CPU s | "
+             "x shared | images/s (wall) | x shared |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, ps in runs.items():
         strings = len(set(ps) | {""})  # the prompts and the default negative, the empty prompt
-        r = rates[name]
-        lines.append(f"| {name} | {strings} | {statistics.median(seconds[name]):.2f} | {medians[name]:.2f} | "
-                     f"{min(r):.2f}-{max(r):.2f} | {medians[name] / base:.3f} |")
+        lines.append(f"| {name} | {strings} | {med(cpu[name]):.2f} | {per_cpu_s[name]:.2f} | "
+                     f"{per_cpu_s[name] / per_cpu_s[base]:.3f} | {per_s[name]:.2f} | {per_s[name] / per_s[base]:.3f} |")
     lines.append(f"\n(DDIM-{steps}, eta 0, guidance {guidance:g} (2 U-Net rows per image-step), micro-batch "
-                 f"{micro_batch}, {rounds} alternating rounds after one untimed round each; client 0's bytes equal in "
-                 f"both runs and every round: checked)")
+                 f"{micro_batch}; medians of {rounds} rounds alternating the runs after one untimed round; "
+                 f"client 0's bytes equal in both runs and every round: checked)")
     return lines
