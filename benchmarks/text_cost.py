@@ -17,7 +17,7 @@ configs/clip-shapes.yaml's text widths, random weights, the tokenizer learned on
 dominate). Random weights cost what trained ones do.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_cost.py [--rows 8] [--rounds 5] [--train-rounds 6]
-        [--train-steps 1] [--engine-rounds 3] [--engine-steps 10]
+        [--train-steps 1] [--engine-rounds 3] [--engine-steps 10] [--guidance 3]
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--engine-rounds", type=int, default=3, help="alternating engine rounds (default: 3)")
     parser.add_argument("--engine-steps", type=int, default=10, help="DDIM steps per request (default: 10)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent one-image requests (default: 32)")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="the requests' guidance scale (default: 3, the shapes-text recipe's evaluation)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -246,7 +248,7 @@ def main() -> None:
     loaded = checkpoint.LoadedModel(nets[0].eval(), text_config.schedule.build(), text_config.train.prediction_type,
                                     text_encoder=encoder)
     print("\n".join(engine_table(loaded, prompts, steps=args.engine_steps, rounds=args.engine_rounds,
-                                 guidance=text_config.pipeline.eval_guidance_scale)) + "\n")
+                                 guidance=args.guidance)) + "\n")
     print(f"(total {time.perf_counter() - started:.0f} s)")
 
 
