@@ -8,8 +8,8 @@ The measurement, for a model and a labelled dataset::
     reference   n images of the train half                                       -> features R
     floor       n images of the held-out half                                    -> features H
     model       n samples, seeds K..K+n-1, EMA weights, the stated sampler and steps, quantised to uint8 (exactly
-                what a user receives), labelled like the held-out images when the model is class-conditional
-                                                                                 -> features G
+                what a user receives), labelled like the held-out images when the model is class-conditional,
+                prompted with the held-out images' captions when it is a text model       -> features G
     numbers     fd = FD(G, R); floor = FD(H, R); ratio = fd / floor; precision, recall = P/R(R, G) (k = 3)
 
 Why the floor: a Fréchet distance estimated from n samples is biased upwards by roughly (feature dimension / n),
@@ -20,7 +20,8 @@ data as fresh real images are". Every set has the same n, so fd and floor carry 
 Every number is named with its sampler and steps (``ddim50/fd_cls``) and logged to MLflow with the settings, the
 sample grid and ``evaluation.json`` (which holds everything; :mod:`pipelines.evaluate.results`). ``--report``
 repeats the measurement for DDPM-1000, DDIM-10/20/50/100 and DPM-Solver++-10/20 on the same seeds
-(:mod:`pipelines.evaluate.report`).
+(:mod:`pipelines.evaluate.report`). A text model also gets alignment on fixed evaluation prompts and a CLIP score
+(:mod:`pipelines.evaluate.text_eval`), and ``--guidance-sweep`` evaluates it at several guidance scales.
 
 Two paths, one metric block (:func:`scored`): in this process for small n (:func:`evaluate_model`), and at scale on
 Ray Data actors (:func:`evaluate_at_scale`), where the samples and the real images stream through actors that return
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Callable
 from pipelines.errors import UserError
 from pipelines.evaluate.inception import InceptionFeatures
 from pipelines.evaluate.real import RealData, load_data
-from pipelines.evaluate.report import Report, sampler_report
+from pipelines.evaluate.report import Report, guidance_report, sampler_report
 from pipelines.evaluate.results import GRID_IMAGES, log_to_mlflow, write_outputs
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class Reference:
     classifier_accuracy: float
     labels: "np.ndarray"                        # (n,) the held-out images' labels, reused for conditional sampling
     extractors: dict[str, Callable]
+    captions: list | None = None                # (n,) the held-out images' captions: a text model's prompts
     reference: dict[str, "np.ndarray"] = field(default_factory=dict)  # metric -> (n, D) features of train images
     floors: dict[str, float] = field(default_factory=dict)            # metric -> FD(held-out, reference)
     floor_precision: float = 0.0
@@ -154,10 +156,16 @@ class Evaluation:
     identity: dict
     n: dict = field(default_factory=dict)         # samples, reference, held_out, precision_recall: the n of each set
     warnings: list = field(default_factory=list)  # e.g. the small-n bias of Fréchet distances
+    suffix: str = ""                              # added to the row's name, e.g. "_w3" in a guidance sweep
+
+    @property
+    def row(self) -> str:
+        """The name its numbers and files carry: ``ddim50``, or ``ddim50_w3`` in a guidance sweep."""
+        return self.settings.row + self.suffix
 
     def to_dict(self) -> dict:
-        return {"settings": asdict(self.settings), "metrics": self.metrics, "n": self.n, "warnings": self.warnings,
-                **self.identity}
+        return {"settings": asdict(self.settings), "row": self.row, "metrics": self.metrics, "n": self.n,
+                "warnings": self.warnings, **self.identity}
 
 
 def bias_warnings(n: int) -> list[str]:
@@ -218,14 +226,17 @@ def _check_labels(reference: Reference | ScaleReference, num_classes: int) -> bo
 
 
 def prepare_reference(images: "np.ndarray", labels: "np.ndarray", *, num_samples: int,
-                      inception: InceptionFeatures | None = None, log=print) -> Reference:
+                      inception: InceptionFeatures | None = None, captions: list | None = None,
+                      log=print) -> Reference:
     """:func:`reference_from` for a dataset held in memory."""
-    return reference_from(RealData.in_memory(images, labels), num_samples=num_samples, inception=inception, log=log)
+    return reference_from(RealData.in_memory(images, labels), num_samples=num_samples, inception=inception,
+                          captions=captions, log=log)
 
 
 def reference_from(real: RealData, *, num_samples: int, inception: InceptionFeatures | None = None,
-                   log=print) -> Reference:
-    """Train (or load) the classifier, read the reference and held-out images, compute features and floors."""
+                   captions: list | None = None, log=print) -> Reference:
+    """Train (or load) the classifier, read the reference and held-out images, compute features and floors.
+    ``captions`` (row-aligned with ``real``): a text model's data, whose held-out captions become its prompts."""
     from ddpm.metrics import frechet_distance_features, precision_recall
     from pipelines.evaluate import classifier as cls
 
@@ -241,6 +252,8 @@ def reference_from(real: RealData, *, num_samples: int, inception: InceptionFeat
         extractors["fid"] = inception
     ref = Reference(clf.fingerprint, clf.key, clf.accuracy, real.labels[clf.held_out_index[:num_samples]],
                     extractors)
+    if captions is not None:
+        ref.captions = [captions[i] for i in clf.held_out_index[:num_samples]]
     for metric, extract in extractors.items():
         ref.reference[metric] = extract(ref_images)
         held = extract(held_images)
@@ -252,11 +265,13 @@ def reference_from(real: RealData, *, num_samples: int, inception: InceptionFeat
     return ref
 
 
-def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batch_size: int = 128,
+def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, text=None, batch_size: int = 128,
                    device: str = "cpu", log=print) -> Evaluation:
     """Sample ``reference.num_samples`` images from ``loaded`` (a ``ddpm.checkpoint.LoadedModel``) and score them.
 
-    ``settings.num_samples`` must match the reference's n (the floor is only the floor at that n).
+    ``settings.num_samples`` must match the reference's n (the floor is only the floor at that n). A text model is
+    prompted with the reference's held-out captions; with ``text`` (a ``text_eval.TextReference``) its alignment
+    and CLIP score join the numbers.
     """
     from ddpm import from_labels, generate_images, image_seeds
     from ddpm.metrics import FeatureStats
@@ -264,17 +279,29 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, batc
     n = reference.num_samples
     if settings.num_samples != n:
         raise ValueError(f"settings ask for {settings.num_samples} samples but the reference holds {n}")
-    labels = reference.labels if _check_labels(reference, loaded.config.num_classes) else None
+    if loaded.text_encoder is not None:
+        if reference.captions is None:
+            raise UserError("a text model is evaluated on captioned data (ddpm preprocess --captions): its samples "
+                            "are prompted with the held-out images' captions")
+        condition = loaded.condition(n, prompts=reference.captions)
+    else:
+        condition = from_labels(reference.labels if _check_labels(reference, loaded.config.num_classes) else None, n)
     loaded.model.to(device)
     start = time.perf_counter()
     # The core's one path: the same pixels as ddpm generate and POST /generate for these seeds and settings.
-    images = generate_images(loaded, image_seeds(settings.seed, n), condition=from_labels(labels, n),
-                             sampler=settings.sampler,
+    images = generate_images(loaded, image_seeds(settings.seed, n), condition=condition, sampler=settings.sampler,
                              steps=settings.steps, guidance_scale=settings.guidance_scale, batch_size=batch_size)
     seconds = time.perf_counter() - start
     features = {metric: extract(images) for metric, extract in reference.extractors.items()}
-    return scored(reference, settings, {m: FeatureStats.of(f) for m, f in features.items()}, features["fd_cls"],
-                  images, seconds, log)
+    evaluation = scored(reference, settings, {m: FeatureStats.of(f) for m, f in features.items()},
+                        features["fd_cls"], images, seconds, log)
+    if text is not None:
+        from pipelines.evaluate.text_eval import text_metrics
+
+        metrics, _ = text_metrics(loaded, text, settings, batch_size=batch_size, log=log)
+        evaluation.metrics |= metrics
+        evaluation.identity |= text.identity()
+    return evaluation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,15 +404,29 @@ def evaluate_at_scale(source, reference: ScaleReference, settings: EvalSettings,
 # The library entry point
 
 
+def text_captions(data: str) -> list[str]:
+    """A text model's evaluation data: its captions, row-aligned with the images (``ddpm preprocess --captions``)."""
+    from pipelines.data.dataset import load_captions
+
+    if data == "digits":
+        raise UserError("a text model is evaluated on captioned data (e.g. ddpm data shapes, then ddpm preprocess "
+                        "--captions), not digits")
+    return load_captions(data)
+
+
 def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool = False,
              inception_weights: str | Path | None = None, out: str | Path | None = None,
              tracking_uri: str | None = None, run_id: str | None = None, experiment: str = "evaluation",
              device: str = "cpu", num_actors: int | None = None, cpus_per_actor: int = 1, use_gpu: bool = False,
-             log=print) -> tuple[list[Evaluation], Report | None]:
-    """Resolve the model, prepare the real side, evaluate (one row, or every report row), write and log.
+             clip: str | None = None, images_per_prompt: int | None = None,
+             guidance_sweep: list[float] | None = None, log=print) -> tuple[list[Evaluation], Report | None]:
+    """Resolve the model, prepare the real side, evaluate (one row, every report row, or every guidance scale of
+    ``guidance_sweep``), write and log.
 
     In this process for small n; on Ray Data actors (:func:`evaluate_at_scale`) from ``SCALE_FROM`` samples, above
-    the data's halves, or when ``num_actors`` / ``use_gpu`` ask for it.
+    the data's halves, or when ``num_actors`` / ``use_gpu`` ask for it. A text model (in this process only) also
+    gets alignment and a CLIP score (``clip``: a registered CLIP's URI, default the one its text encoder came from;
+    ``images_per_prompt``: N per evaluation prompt).
     """
     from ddpm import checkpoint
     from pipelines import tracking
@@ -401,6 +442,12 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
         raise UserError(f"{data} holds {'x'.join(map(str, real.image_shape))} images but the model makes "
                         f"{h}x{w}x{c}")
     halves = min(len(part) for part in split(len(real)))
+    text_model = loaded.text_encoder is not None
+    if guidance_sweep and not text_model:
+        raise UserError("--guidance-sweep plots alignment against FD-cls: it is for text models")
+    if text_model and use_scale(settings.num_samples, halves, num_actors, use_gpu):
+        raise UserError(f"a text model is evaluated in this process: --num-samples up to {halves} (the data's "
+                        f"halves) and no --num-actors / --use-gpu")
     if use_scale(settings.num_samples, halves, num_actors, use_gpu):
         from pipelines.generate.model_source import ModelSource
 
@@ -413,11 +460,24 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
             return evaluate_at_scale(source, reference, s, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
                                      use_gpu=use_gpu, log=log)
     else:
-        reference = reference_from(real, num_samples=settings.num_samples, inception=inception, log=log)
+        captions = text_captions(data) if text_model else None
+        reference = reference_from(real, num_samples=settings.num_samples, inception=inception, captions=captions,
+                                   log=log)
+        text = None
+        if text_model:
+            from pipelines.evaluate import alignment
+            from pipelines.evaluate.text_eval import prepare_text
+
+            text = prepare_text(real, captions, reference.fingerprint, split(len(real))[1][:settings.num_samples],
+                                images_per_prompt=images_per_prompt or alignment.IMAGES_PER_PROMPT, clip_uri=clip,
+                                checkpoint_path=resolved.path, tracking_uri=tracking_uri, log=log)
 
         def run(s: EvalSettings) -> Evaluation:
-            return evaluate_model(loaded, reference, s, device=device, log=log)
-    if report:
+            return evaluate_model(loaded, reference, s, text=text, device=device, log=log)
+    if guidance_sweep:
+        rep = guidance_report(settings, run, guidance_sweep)
+        evaluations = rep.evaluations
+    elif report:
         rep = sampler_report(settings, run)
         evaluations = rep.evaluations
     else:

@@ -24,13 +24,13 @@ def write_outputs(out: Path, evaluations: list["Evaluation"], report: "Report | 
     written = [out / "evaluation.json"]
     written[0].write_text(json.dumps([e.to_dict() for e in evaluations], indent=2, sort_keys=True))
     for e in evaluations:
-        path = out / f"samples_{e.settings.row}.png"
+        path = out / f"samples_{e.row}.png"
         path.write_bytes(encode_png(make_grid(e.images[:GRID_IMAGES], ncols=10)))
         written.append(path)
     if report is not None:
-        (out / "report.md").write_text(report.markdown)
-        (out / "report.png").write_bytes(report.plot_png)
-        written += [out / "report.md", out / "report.png"]
+        (out / f"{report.name}.md").write_text(report.markdown)
+        (out / f"{report.name}.png").write_bytes(report.plot_png)
+        written += [out / f"{report.name}.md", out / f"{report.name}.png"]
     return written
 
 
@@ -50,12 +50,12 @@ def log_to_mlflow(evaluations: list["Evaluation"], files: list[Path], *, trackin
     if own_run:
         run_id = client.create_run(tracking.ensure_experiment(experiment, tracking_uri)).info.run_id
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{e.settings.row}/{k}", float(v), now, 0) for e in evaluations for k, v in e.metrics.items()]
+    metrics = [Metric(f"{e.row}/{k}", float(v), now, 0) for e in evaluations for k, v in e.metrics.items()]
     client.log_batch(run_id, metrics=metrics)
     first = evaluations[0]
     settings = {f"eval.{k}": str(v) for k, v in asdict(first.settings).items() if k not in ("sampler", "steps")}
     for key, value in {**settings, **{f"eval.{k}": str(v) for k, v in first.identity.items()},
-                       "eval.rows": ",".join(e.settings.row for e in evaluations), **(tags or {})}.items():
+                       "eval.rows": ",".join(e.row for e in evaluations), **(tags or {})}.items():
         client.set_tag(run_id, key, value)
     for path in files:
         client.log_artifact(run_id, str(path), "evaluation")
