@@ -128,7 +128,7 @@ def parse_sweep(text: str) -> list[float]:
             from None
     for w in scales:
         try:
-            check_settings(guidance_scale=w)
+            check_settings(guidance_scale=w, prompt="an evaluation prompt")  # every one is non-empty
         except SettingError as exc:
             raise UserError(f"--guidance-sweep {w:g}: {exc.reason}") from None
     if len(set(scales)) != len(scales):

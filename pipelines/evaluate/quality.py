@@ -437,14 +437,15 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
     resolved = resolve_model(model_uri, tracking_uri)
     loaded = checkpoint.load(resolved.path, device=device, weights=settings.weights)
     c, h, w = loaded.image_shape  # a latent model's decoded images
+    text_model = loaded.text_encoder is not None
+    if guidance_sweep and not text_model:
+        raise UserError("--guidance-sweep plots alignment against FD-cls: it is for text models")
+    captions = text_captions(data) if text_model else None
     real = RealData.open(data, h)  # the manifest and the labels: the images are read where they are needed
     if real.image_shape != (h, w, c):
         raise UserError(f"{data} holds {'x'.join(map(str, real.image_shape))} images but the model makes "
                         f"{h}x{w}x{c}")
     halves = min(len(part) for part in split(len(real)))
-    text_model = loaded.text_encoder is not None
-    if guidance_sweep and not text_model:
-        raise UserError("--guidance-sweep plots alignment against FD-cls: it is for text models")
     if text_model and use_scale(settings.num_samples, halves, num_actors, use_gpu):
         raise UserError(f"a text model is evaluated in this process: --num-samples up to {halves} (the data's "
                         f"halves) and no --num-actors / --use-gpu")
@@ -460,7 +461,6 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
             return evaluate_at_scale(source, reference, s, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
                                      use_gpu=use_gpu, log=log)
     else:
-        captions = text_captions(data) if text_model else None
         reference = reference_from(real, num_samples=settings.num_samples, inception=inception, captions=captions,
                                    log=log)
         text = None

@@ -45,3 +45,18 @@ def test_the_presets_bars_sit_between_measured_good_and_bad_runs():
         load_config("configs/digits.yaml", ["pipeline.gate_max_ratio=-1"])
     with pytest.raises(Exception, match="pipeline.gate_min_recall"):
         load_config("configs/digits.yaml", ["pipeline.gate_min_recall=2"])
+
+
+def test_the_alignment_bar_holds_a_text_model_to_its_prompts():
+    # A text model's numbers: fidelity that clears the bar, alignment on seen compositions that may not.
+    text = GOOD | {"align_seen_all": 0.42, "align_held_out_all": 0.2}
+    kept = decide_promotion(text, None, max_ratio=30.0, min_recall=0.2, min_alignment=0.6)
+    assert not kept.promote and kept.reason == "below the bar: align_seen_all 0.42 (at least 0.6)"
+    assert decide_promotion(text | {"align_seen_all": 0.6}, None, max_ratio=30.0, min_alignment=0.6).promote
+    assert not decide_promotion(text | {"align_seen_all": float("nan")}, None, min_alignment=0.6).promote
+    # past the bar, the incumbent comparison is FD-cls's, as for every model
+    assert not decide_promotion(text, {"fd_cls": 100.0}, min_alignment=0.4).promote
+    assert decide_promotion(text, {"fd_cls": 200.0}, min_alignment=0.4).promote
+    # a model without alignment (a class model) cannot be held to an alignment bar: an error, not a pass
+    with pytest.raises(ValueError, match="align_seen_all"):
+        decide_promotion(GOOD, None, min_alignment=0.5)
