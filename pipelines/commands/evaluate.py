@@ -12,8 +12,8 @@ import argparse
 from pipelines.errors import UserError
 from pipelines.evaluate.quality import METRICS, SCALE_FROM, EvalSettings, evaluate
 
-HELP = ("measure a model's sample quality: FD-cls beside its real-vs-real floor, precision/recall, FID, sampler report; "
-        "a text model's alignment and CLIP score")
+HELP = ("measure a model's sample quality: FD-cls beside its real-vs-real floor, precision/recall, FID, sampler "
+        "report; a text model's alignment and CLIP score")
 EXAMPLE = """example:
   ddpm evaluate --model models:/digits@production --data .ddpm/data/digits --num-samples 500
   ddpm evaluate --model .ddpm/local/digits --data digits --report --out .ddpm/eval/digits

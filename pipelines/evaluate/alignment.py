@@ -347,8 +347,11 @@ def evaluation_prompts() -> list[str]:
     seen_two = [p for p in two if not is_held_out(p)]
     held_two = [p for p in two if is_held_out(p)]
     rng = np.random.default_rng(RECIPE["seed"])
-    pick = lambda ps, k: [ps[i] for i in sorted(rng.choice(len(ps), k, replace=False))]  # noqa: E731
-    return one + held + pick(seen_two, TWO_OBJECT_SEEN) + pick(held_two, TWO_OBJECT_HELD_OUT)
+
+    def sample(prompts: list[str], k: int) -> list[str]:  # k of them, in their listed order
+        return [prompts[i] for i in sorted(rng.choice(len(prompts), k, replace=False))]
+
+    return one + held + sample(seen_two, TWO_OBJECT_SEEN) + sample(held_two, TWO_OBJECT_HELD_OUT)
 
 
 def matches(read: dict[str, str], prompt: str) -> dict[str, bool | None]:

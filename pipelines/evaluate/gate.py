@@ -6,8 +6,8 @@ Two parts, so that the rule can be read and tested without a server:
   candidate's metric over its real-vs-real floor must be at most ``max_ratio`` and its recall at least
   ``min_recall`` (the presets set both from measured good runs), and for a text model, optionally, its alignment
   on seen compositions with every attribute read right (``align_seen_all``) at least ``min_alignment``, so that a
-  first version is not promoted just for having no incumbent. Then promote when there is no incumbent, or when the candidate's metric (FD-cls, or FID when
-  configured; lower is better) is strictly lower. A tie keeps the incumbent: a new version has to earn the switch.
+  first version is not promoted just for having no incumbent. Then promote when there is no incumbent, or when
+  the candidate's metric (FD-cls, or FID when configured; lower is better) is strictly lower. A tie keeps the incumbent: a new version has to earn the switch.
 - :func:`evaluate_and_gate` makes the comparison fair and leaves a trace: it evaluates the candidate and the
   incumbent *in the same call*, with one :class:`~pipelines.evaluate.quality.EvalSettings` (sample count, seeds, sampler,
   steps, guidance, EMA weights) and one prepared reference (same data, same classifier, same floor), logs the

@@ -267,3 +267,22 @@ def test_evaluate_refuses_what_a_text_evaluation_cannot_do_in_one_line(flags, me
     assert cli.main(["evaluate", "--model", str(model), "--data", shapes, "--num-samples", "4", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_the_default_clip_is_the_one_the_text_encoder_came_from(tmp_path):
+    import shutil
+
+    from ddpm import checkpoint
+    from pipelines.evaluate import text_eval
+
+    model = _text_model(tmp_path / "m")  # its encoder's source names no registered version
+    assert text_eval.default_clip(model) is None
+    found, uri, note = text_eval.load_clip(None, model, None)
+    assert found is None and uri is None and "--clip" in note  # skipped, and the log says how to ask for one
+    config = checkpoint.read_config(model)
+    config["text_encoder"]["source"] = {"uri": "models:/shapes-clip@production", "name": "shapes-clip",
+                                        "version": "3", "sha256": "0" * 64}
+    pinned = tmp_path / "pinned"
+    shutil.copytree(model, pinned)
+    (pinned / "config.json").write_text(json.dumps(config))
+    assert text_eval.default_clip(pinned) == "models:/shapes-clip/3"  # the pinned version, not the alias
