@@ -139,13 +139,18 @@ class TrainConfig:
 class PipelineConfig:
     """Where ``ddpm pipeline`` reads and writes (URIs: ``s3://bucket/prefix`` or local folders) and how it decides.
 
-    Relative local paths are taken from the current directory. ``raw`` may be ``digits`` or ``photos``: the built-in
-    dataset (scikit-learn's digits, or ``photos_count`` crops of scikit-image's photographs at ``resolution``) is
-    written to ``raw_output`` first (what the quickstarts do).
+    Relative local paths are taken from the current directory. ``raw`` may be ``digits``, ``photos`` or ``shapes``:
+    the built-in dataset (scikit-learn's digits, ``photos_count`` crops of scikit-image's photographs, or
+    ``shapes_count`` captioned scenes of ``ddpm data shapes``, at ``resolution``) is written to ``raw_output`` first
+    (what the quickstarts do). ``captions`` ("keep" or "required", as ``ddpm preprocess --captions``) reads captions.
 
     Latent diffusion: with ``latents`` set, the pipeline trains an autoencoder (``autoencoder_config``, registered as
     ``autoencoder_name``) unless ``autoencoder`` names one already (a ``models:/`` URI or a folder, e.g. a downloaded
     Stable Diffusion VAE), encodes the processed images into ``latents`` and trains the DDPM on those.
+
+    Text: with ``clip_config`` set, the pipeline first trains a CLIP on the captioned data (``ddpm train-clip`` with
+    that preset and ``clip_set``, registered as ``clip_name``) and the DDPM's ``train.text_encoder`` becomes it;
+    without it, ``train.text_encoder`` is used as configured (a registered CLIP, or a downloaded text encoder).
     """
 
     raw: str = "digits"
@@ -173,6 +178,10 @@ class PipelineConfig:
     # both from measured good runs; these defaults only stop the hopeless (a 248x, recall 0.004 first version).
     gate_max_ratio: float | None = 50.0
     gate_min_recall: float | None = 0.05
+    # A text model's bar: the share of its images on seen compositions whose every attribute the alignment reader
+    # reads as prompted (align_seen_all, pipelines.evaluate.gate) at least this; null: not checked.
+    gate_min_alignment: float | None = None
+    eval_images_per_prompt: int | None = None  # a text model's alignment: images per evaluation prompt (null: default)
     photos_count: int = 2000              # raw: photos: how many crops
     latents: str | None = None            # latent diffusion: where ddpm encode writes the latents (None: pixels)
     autoencoder: str | None = None        # an autoencoder to use as it is; None: train one
@@ -180,13 +189,21 @@ class PipelineConfig:
     autoencoder_set: tuple[str, ...] = ()  # its --set overrides, e.g. ["train.total_images=20000"]
     autoencoder_name: str = "autoencoder"  # registered as; its training run is named <run_name>-autoencoder
     encode_flip: bool = False             # ddpm encode --flip: the mirrored images' latents as well
+    shapes_count: int = 4000              # raw: shapes: how many scenes
+    captions: str | None = None           # ddpm preprocess --captions: "keep" or "required"; null: no captions
+    clip_config: str | None = None        # train a CLIP first (ddpm train-clip's preset, from the project root)
+    clip_set: tuple[str, ...] = ()        # its --set overrides
+    clip_name: str = "clip"               # registered as; its training run is named <run_name>-clip
 
     def __post_init__(self):
         from pipelines.train.resources import Workers
 
         Workers.parse(self.num_workers, "pipeline.num_workers")
-        if self.photos_count < 1:
-            raise UserError(f"pipeline.photos_count must be at least 1, got {self.photos_count}")
+        if self.photos_count < 1 or self.shapes_count < 1:
+            raise UserError(f"pipeline.photos_count and pipeline.shapes_count must be at least 1, "
+                            f"got {self.photos_count} and {self.shapes_count}")
+        if self.captions not in (None, "keep", "required"):
+            raise UserError(f"pipeline.captions must be keep, required or null, got {self.captions!r}")
         if self.resolution < 1 or self.channels not in (1, 3):
             raise UserError(f"pipeline.resolution must be positive and pipeline.channels 1 or 3, "
                             f"got {self.resolution} and {self.channels}")
@@ -205,6 +222,12 @@ class PipelineConfig:
             raise UserError(f"pipeline.gate_max_ratio must be a positive number or null, got {self.gate_max_ratio}")
         if self.gate_min_recall is not None and not 0 <= self.gate_min_recall <= 1:
             raise UserError(f"pipeline.gate_min_recall must be between 0 and 1 or null, got {self.gate_min_recall}")
+        if self.gate_min_alignment is not None and not 0 <= self.gate_min_alignment <= 1:
+            raise UserError(f"pipeline.gate_min_alignment must be between 0 and 1 or null, "
+                            f"got {self.gate_min_alignment}")
+        if self.eval_images_per_prompt is not None and self.eval_images_per_prompt < 1:
+            raise UserError(f"pipeline.eval_images_per_prompt must be at least 1 or null, "
+                            f"got {self.eval_images_per_prompt}")
         if not math.isfinite(self.eval_guidance_scale) or self.eval_guidance_scale < 0:
             raise UserError(f"pipeline.eval_guidance_scale must be a finite number >= 0, "
                             f"got {self.eval_guidance_scale}")

@@ -7,13 +7,16 @@ cluster with ``ddpm submit -- pipeline --config ...``. Each stage is the library
 A latent recipe (``pipeline.latents`` set, e.g. ``configs/photos-latent.yaml``) adds two stages after ingest:
 train-autoencoder (unless ``pipeline.autoencoder`` names one) and encode; the DDPM then trains on the latents, and
 evaluation, registration and the gate see a model that makes pixels (it carries its autoencoder).
+
+A text recipe (``pipeline.clip_config`` set, e.g. ``configs/shapes-text.yaml``) adds train-clip after ingest: a CLIP
+trained on the captions, registered, and named as the DDPM's ``train.text_encoder``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HELP = "run ingest -> train -> evaluate -> register (-> promote) as one job"
@@ -23,6 +26,7 @@ EXAMPLE = """example:
       --set pipeline.storage=s3://bucket/runs --set pipeline.run_name=digits-2026-11-26 --set pipeline.num_workers=4
   ddpm submit -- pipeline --config configs/digits.yaml --set pipeline.use_gpu=true
   ddpm pipeline --config configs/photos-latent.yaml      # photos -> autoencoder -> latents -> latent DDPM
+  ddpm pipeline --config configs/shapes-text.yaml        # captioned shapes -> CLIP -> text-conditioned DDPM
 """
 
 
@@ -39,6 +43,7 @@ class PipelineResult:
     seconds: dict = field(default_factory=dict)
     latents: str | None = None
     autoencoder: str | None = None  # the autoencoder the model decodes with: models:/NAME/VERSION or a folder
+    text_encoder: str | None = None  # the text model's encoder: the CLIP trained here, or train.text_encoder
 
 
 def absolute(uri: str) -> str:
@@ -47,16 +52,17 @@ def absolute(uri: str) -> str:
 
 
 def ingest(config, *, log=print) -> tuple[str, dict]:
-    """Write the built-in digits or photos if asked, then preprocess, reusing an output whose manifest matches the
-    settings."""
+    """Write the built-in digits, photos or shapes if asked, then preprocess, reusing an output whose manifest
+    matches the settings."""
     from pipelines import storage
     from pipelines.data.digits import write_digits
     from pipelines.data.dataset import read_manifest
     from pipelines.data.photos import write_photos
     from pipelines.data.preprocess import preprocess
+    from pipelines.data.shapes import write_shapes
 
     p = config.pipeline
-    builtin = p.raw in ("digits", "photos")
+    builtin = p.raw in ("digits", "photos", "shapes")
     raw = absolute(p.raw_output) if builtin else absolute(p.raw)
     processed = absolute(p.processed)
     if p.raw == "digits" and not storage.list_files(raw):
@@ -66,15 +72,20 @@ def ingest(config, *, log=print) -> tuple[str, dict]:
         log(f"[data] writing {p.photos_count:,} crops of scikit-image's photographs at {p.resolution}x{p.resolution} "
             f"to {raw}")
         write_photos(raw, count=p.photos_count, size=p.resolution, seed=config.train.seed)
+    if p.raw == "shapes" and not storage.list_files(raw):
+        log(f"[data] writing {p.shapes_count:,} captioned scenes of shapes at {p.resolution}x{p.resolution} to {raw}")
+        write_shapes(raw, count=p.shapes_count, size=p.resolution, seed=config.train.seed)
     if storage.exists(storage.join(processed, "manifest.json")):
         manifest = read_manifest(processed)
         if (tuple(manifest["image_shape"]) == (p.resolution, p.resolution, p.channels)
-                and manifest.get("source") in (None, raw)):
+                and manifest.get("source") in (None, raw)
+                and manifest.get("caption_policy") == p.captions):
             log(f"[ingest] reusing {processed} ({manifest['counts']['rows']} images, "
                 f"fingerprint {manifest['fingerprint'][:12]})")
             return processed, manifest
     log(f"[ingest] {raw} -> {processed} at {p.resolution}x{p.resolution}x{p.channels}")
-    manifest = preprocess(raw, processed, resolution=p.resolution, channels=p.channels, small=p.small)
+    manifest = preprocess(raw, processed, resolution=p.resolution, channels=p.channels, small=p.small,
+                          captions=p.captions)
     log(f"[ingest] {manifest['counts']['rows']} images, {len(manifest['skipped'])} skipped")
     return processed, manifest
 
@@ -96,6 +107,10 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
     processed, _ = ingest(config, log=log)
     seconds["ingest"] = time.monotonic() - start
 
+    if p.clip_config is not None:
+        clip = clip_stage(config, processed, tracking_uri=uri, seconds=seconds, log=log)
+        config = replace(config, train=replace(config.train, text_encoder=clip))
+
     training_data, autoencoder = processed, None
     if p.latents is not None:
         autoencoder = latent_stages(config, processed, tracking_uri=uri, seconds=seconds, log=log)
@@ -114,14 +129,47 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
                                  metric=p.gate_metric, num_samples=p.eval_samples, sampler=p.eval_sampler,
                                  steps=p.eval_steps, guidance_scale=p.eval_guidance_scale,
                                  seed=p.eval_seed, inception_weights=p.inception_weights,
-                                 max_ratio=p.gate_max_ratio, min_recall=p.gate_min_recall, tracking_uri=uri, log=log)
+                                 max_ratio=p.gate_max_ratio, min_recall=p.gate_min_recall,
+                                 min_alignment=p.gate_min_alignment, images_per_prompt=p.eval_images_per_prompt,
+                                 tracking_uri=uri, log=log)
     seconds["evaluate"] = time.monotonic() - start
     if decision.promote:
         promote(p.register_as, result.model_version, p.promote_to, tracking_uri=uri)
     log(f"[gate] {'promoted to ' + p.promote_to if decision.promote else 'not promoted'}: {decision.reason}")
     return PipelineResult(processed, result.run_id, result.images_seen, p.register_as, result.model_version,
                           decision.promote, decision.reason, dict(decision.metrics), seconds,
-                          absolute(p.latents) if p.latents is not None else None, autoencoder)
+                          absolute(p.latents) if p.latents is not None else None, autoencoder,
+                          config.train.text_encoder)
+
+
+def project_file(path: str) -> Path:
+    """A preset named relative to the project root (``configs/...``), wherever the command runs from."""
+    found = Path(path)
+    if not found.is_absolute() and not found.exists():
+        found = Path(__file__).resolve().parents[2] / found
+    return found
+
+
+def clip_stage(config, processed: str, *, tracking_uri: str, seconds: dict, log=print) -> str:
+    """train-clip on the captioned data, registered as ``pipeline.clip_name``; returns its ``models:/`` URI.
+
+    Resumable as ``ddpm train-clip`` is: run again with the same run name, it resumes from its last checkpoint (or
+    only registers, when it has finished)."""
+    from pipelines.train.clip import train_clip
+    from pipelines.train.clip_config import load_config as load_clip_config
+
+    p = config.pipeline
+    start = time.monotonic()
+    name = f"{p.run_name}-clip"
+    log(f"[clip] {p.clip_config} on {processed}, run {name!r}")
+    trained = train_clip(processed, load_clip_config(project_file(p.clip_config), list(p.clip_set)),
+                         storage=absolute(p.storage), name=name, num_workers=p.num_workers, use_gpu=p.use_gpu,
+                         register_as=p.clip_name, tracking_uri=tracking_uri, experiment=p.experiment)
+    clip = f"models:/{p.clip_name}/{trained.model_version}"
+    seconds["clip"] = time.monotonic() - start
+    scores = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in sorted(trained.retrieval.items()))
+    log(f"[clip] registered {clip}; held-out text->image retrieval: {scores or 'not measured'}")
+    return clip
 
 
 def latent_stages(config, processed: str, *, tracking_uri: str, seconds: dict, log=print) -> str:
@@ -138,10 +186,7 @@ def latent_stages(config, processed: str, *, tracking_uri: str, seconds: dict, l
     autoencoder = p.autoencoder
     if autoencoder is None:
         start = time.monotonic()
-        recipe = Path(p.autoencoder_config)
-        if not recipe.is_absolute() and not recipe.exists():  # relative to the project root, like the presets
-            recipe = Path(__file__).resolve().parents[2] / recipe
-        ae_config = load_autoencoder_config(recipe, list(p.autoencoder_set))
+        ae_config = load_autoencoder_config(project_file(p.autoencoder_config), list(p.autoencoder_set))
         name = f"{p.run_name}-autoencoder"
         log(f"[autoencoder] {p.autoencoder_config} on {processed}, run {name!r}")
         trained = train_autoencoder(processed, ae_config, storage=absolute(p.storage), name=name,

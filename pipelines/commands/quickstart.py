@@ -14,6 +14,10 @@ Steps 2-4 are ``ddpm pipeline`` with the ``digits`` preset; a second run reuses 
 ``--recipe photos-latent`` runs latent diffusion instead (``configs/photos-latent.yaml``): crops of scikit-image's
 colour photographs at 64x64, an autoencoder trained for ``--minutes``, the crops encoded to 16x16x4 latents, the DDPM
 trained on them for ``--minutes``, registered as ``photos-latent`` and served as pixels (about 15 minutes in all).
+``--recipe shapes-text`` conditions on text (``configs/shapes-text.yaml``): captioned scenes of coloured shapes, a
+CLIP trained on their captions for half of ``--minutes``, a text-conditioned DDPM for ``--minutes``, registered as
+``shapes-text``; the grid holds one row per held-out composition (a colour-shape pair training never saw), each
+asked for in words through ``POST /generate``.
 Ray's and MLflow's own INFO logging stays in their log files; ``ddpm --verbose quickstart`` shows it.
 """
 
@@ -38,9 +42,11 @@ EXAMPLE = """example:
   ddpm quickstart                       # 5 minutes of training; Serve keeps running afterwards
   ddpm quickstart --minutes 1 --stop-when-done
   ddpm quickstart --recipe photos-latent   # latent diffusion on RGB photos: autoencoder, latents, DDPM, Serve
+  ddpm quickstart --recipe shapes-text     # prompts: captioned shapes, a CLIP, a text-conditioned DDPM, Serve
   ddpm quickstart --set pipeline.gate_max_ratio=3   # a stricter bar for promotion
 """
-RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml"}  # --recipe -> its preset in configs/
+# --recipe -> its preset in configs/
+RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml", "shapes-text": "shapes-text.yaml"}
 
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
 APP_NAME = "ddpm"  # the Serve application `ddpm serve` deploys
@@ -192,11 +198,20 @@ def serve_model(model_uri: str, *, port: int, ray_address: str, tracking_uri: st
     raise RuntimeError(f"the endpoint at {url} did not become healthy in 120 s")
 
 
-def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: int = 50,
-                  guidance_scale: float = 1.0):
-    """One request per class (or 10 unconditional ones): rows of ``per_class`` images, as an (H, W, C) uint8 grid.
+def grid_rows(class_names: list[str], text: bool) -> list[dict]:
+    """What each row of the quickstart's grid asks for: a text model, one held-out composition each (words training
+    never paired); a class model, one class each; an unconditional one, 10 rows of nothing."""
+    if text:
+        from pipelines.data.shapes import HELD_OUT
 
-    ``guidance_scale`` applies to the class rows (the server refuses it without a class).
+        return [{"prompt": f"a large {colour} {shape}"} for colour, shape in HELD_OUT]
+    return [{"class_label": label} for label in range(len(class_names))] or [{}] * 10
+
+
+def generate_grid(url: str, rows: list[dict], per_row: int = 10, steps: int = 50, guidance_scale: float = 1.0):
+    """One ``POST /generate`` per row of :func:`grid_rows`: ``per_row`` images each, as an (H, W, C) uint8 grid.
+
+    ``guidance_scale`` applies to the conditioned rows (the server refuses it without a class or a prompt).
     """
     import numpy as np
     import requests
@@ -204,23 +219,22 @@ def generate_grid(url: str, class_names: list[str], per_class: int = 10, steps: 
 
     from ddpm import make_grid
 
-    labels = list(range(len(class_names))) or [None] * 10
-    rows = []
-    for row, label in enumerate(labels):
-        body = {"num_images": per_class, "sampler": "ddim", "steps": steps, "seed": 1000 * row,
-                "class_label": label, "output": "json"}
-        if label is not None:
+    images = []
+    for row, asked in enumerate(rows):
+        body = {"num_images": per_row, "sampler": "ddim", "steps": steps, "seed": 1000 * row, "output": "json",
+                **asked}
+        if asked:
             body["guidance_scale"] = guidance_scale
         response = requests.post(f"{url}/generate", json=body, timeout=300)
         response.raise_for_status()
         for png in response.json()["images"]:
             image = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
-            rows.append(image[..., None] if image.ndim == 2 else image)
-    return make_grid(np.stack(rows), ncols=per_class)
+            images.append(image[..., None] if image.ndim == 2 else image)
+    return make_grid(np.stack(images), ncols=per_row)
 
 
 def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_serving: bool,
-               eval_samples: int = 500, recipe: str = "digits", overrides: tuple[str, ...] = (),
+               eval_samples: int | None = None, recipe: str = "digits", overrides: tuple[str, ...] = (),
                log=print) -> dict:
     from pipelines.ray_utils import keep_local_ray_on_loopback, verbose
 
@@ -249,18 +263,21 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p = config.pipeline
-    latent = p.latents is not None
+    latent, text = p.latents is not None, p.clip_config is not None
     config = replace(config, train=replace(config.train, max_minutes=minutes), pipeline=replace(
         p, raw_output=str(workdir / "data" / f"{recipe}-raw"), processed=str(workdir / "data" / recipe),
         storage=str(workdir / "runs"), run_name=f"{recipe}-{stamp}", register_as=recipe, num_workers=2,
-        eval_samples=eval_samples,
+        eval_samples=eval_samples or p.eval_samples,
         latents=str(workdir / "data" / f"{recipe}-latents") if latent else None,
-        autoencoder_set=(*p.autoencoder_set, f"train.max_minutes={minutes:g}") if latent else p.autoencoder_set))
-    what = "for the autoencoder, then as many for the DDPM " if latent else ""
+        autoencoder_set=(*p.autoencoder_set, f"train.max_minutes={minutes:g}") if latent else p.autoencoder_set,
+        clip_set=(*p.clip_set, f"train.max_minutes={minutes / 2:g}") if text else p.clip_set))
+    what = ("for the autoencoder, then as many for the DDPM " if latent else
+            f"for the DDPM, after {minutes / 2:g} for the CLIP " if text else "")
     log(f"[2/6] training budget: {minutes:g} minutes {what}(train.max_minutes; the learning rate decays over it), "
         f"at most {config.train.total_images:,} images")
 
-    stages = "data -> ingest -> train-autoencoder -> encode -> train" if latent else "data -> ingest -> train"
+    stages = "data -> ingest" + (" -> train-autoencoder -> encode" if latent else "") + (
+        " -> train-clip" if text else "") + " -> train"
     log(f"[3/6] pipeline: {stages} -> evaluate -> register -> gate")
     result = run_pipeline(config, tracking_uri=uri, log=lambda msg: log("      " + msg))
 
@@ -273,12 +290,13 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     url = serve_model(served, port=port, ray_address=address, tracking_uri=uri, log=log)
     (tracking.home() / "endpoint.json").write_text(json.dumps({"url": url, "ray_address": address}))  # ddpm status
 
-    log(f"[5/6] generating one row per class through POST {url}/generate")
     from pipelines.data.dataset import read_manifest
 
-    class_names = read_manifest(result.processed).get("class_names") or []
+    rows = grid_rows(read_manifest(result.processed).get("class_names") or [], text)
+    log("[5/6] generating " + ("one row per held-out composition, asked for in words," if text else
+                                "one row per class") + f" through POST {url}/generate")
     # The images the gate scored: DDIM-50 with the preset's guidance.
-    grid = generate_grid(url, class_names, steps=config.pipeline.eval_steps,
+    grid = generate_grid(url, rows, steps=config.pipeline.eval_steps,
                          guidance_scale=config.pipeline.eval_guidance_scale)
     samples.write_bytes(encode_png(grid))
 
@@ -293,8 +311,9 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
     log(f"  samples    {samples}")
     log(f"  MLflow UI  {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {uri} "
         f"--host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000")
+    asked = {"prompt": "a small green circle above a red square"} if text else {"class_label": 3}
     body = json.dumps({"num_images": 16, "sampler": "ddim", "steps": config.pipeline.eval_steps, "seed": 0,
-                       "class_label": 3, "guidance_scale": config.pipeline.eval_guidance_scale})
+                       **asked, "guidance_scale": config.pipeline.eval_guidance_scale})
     if keep_serving:
         log(f"  try it     curl -s -X POST {url}/generate -H 'Content-Type: application/json' -d '{body}' "
             f"-o {recipe}.png")
@@ -324,12 +343,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget [%(default)s]")
     parser.add_argument("--workdir", default=".ddpm", help="data, runs and the MLflow store [%(default)s]")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="digits",
-                        help="digits (16x16 grey digits, pixel space) or photos-latent (64x64 RGB photos, latent "
-                             "diffusion) [%(default)s]")
+                        help="digits (16x16 grey digits, pixel space), photos-latent (64x64 RGB photos, latent "
+                             "diffusion) or shapes-text (32x32 captioned shapes, prompts) [%(default)s]")
     parser.add_argument("--samples", default="quickstart-samples.png", help="the grid of generated images")
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (another if taken) [%(default)s]")
-    parser.add_argument("--eval-samples", type=int, default=500,
-                        help="samples for the evaluation that gates promotion [%(default)s]")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="samples for the evaluation that gates promotion [the recipe's pipeline.eval_samples: "
+                             "500, 200 for shapes-text]")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a value of the recipe's preset, e.g. pipeline.gate_max_ratio=3; repeatable")
     parser.add_argument("--stop-when-done", action="store_true",

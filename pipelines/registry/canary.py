@@ -57,9 +57,11 @@ def canary_settings(gate_settings: dict | None, num_classes: int) -> dict:
 def canary_images(loaded, settings: dict, forward=None):
     """(N, H, W, C) uint8: the canary seeds through ``loaded`` with ``settings``, by the core's one generation path;
     ``forward``: the network call a Serve replica uses (its fixed-shape forward), else the core's default."""
-    from ddpm import from_labels, generate_images
+    from ddpm import generate_images
 
-    condition = from_labels(settings["class_labels"], len(settings["seeds"]))
+    # A class model's labels; a text model's empty prompt (its unconditional rows: the text tower and the
+    # cross-attention run, so other text weights show), unguided as canary_settings makes it.
+    condition = loaded.condition(len(settings["seeds"]), class_labels=settings["class_labels"])
     return generate_images(loaded, settings["seeds"], condition=condition,
                            sampler=settings["sampler"], steps=settings["steps"], eta=settings["eta"],
                            guidance_scale=settings["guidance_scale"], forward=forward)

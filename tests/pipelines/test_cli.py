@@ -63,6 +63,10 @@ def test_unknown_command_exits_2(capsys):
     ("pipeline.eval_guidance_scale=-1", "pipeline.eval_guidance_scale must be a finite number >= 0, got -1.0"),
     ("pipeline.eval_guidance_scale=.inf", "pipeline.eval_guidance_scale must be a finite number >= 0, got inf"),
     ("pipeline.eval_steps=0", "pipeline.eval_samples and pipeline.eval_steps must be positive, got 500 and 0"),
+    ("pipeline.gate_min_alignment=1.5", "pipeline.gate_min_alignment must be between 0 and 1 or null, got 1.5"),
+    ("pipeline.eval_images_per_prompt=0", "pipeline.eval_images_per_prompt must be at least 1 or null, got 0"),
+    ("pipeline.captions=maybe", "pipeline.captions must be keep, required or null, got 'maybe'"),
+    ("pipeline.shapes_count=0", "pipeline.photos_count and pipeline.shapes_count must be at least 1, got 2000 and 0"),
 ])
 def test_an_invalid_setting_is_one_line_naming_it(setting, message, capsys, tmp_path):
     assert main(["train-local", "--set", setting, "--out", str(tmp_path)]) == 1

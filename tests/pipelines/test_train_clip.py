@@ -20,7 +20,8 @@ import pytest
 
 from pipelines import cli
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "clip-shapes.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "clip-shapes.yaml")
 TINY = [
     "--set", "model.image_channels=[8, 16]",  # 16 -> 8: a grid of 8x8
     "--set", "model.image_heads=2",
@@ -56,7 +57,7 @@ def shapes_s3(s3):
 def _train(data: str, runs: str, tracking_uri: str, total_images: int) -> int:
     return cli.main(["train-clip", "--data", data, "--config", CONFIG, *TINY,
                      "--set", f"train.total_images={total_images}", "--num-workers", "2", "--storage", runs,
-                     "--name", "clip-run", "--register-as", "tiny-clip", "--tracking-uri", tracking_uri,
+                     "--name", "tiny-clip", "--register-as", "tiny-clip", "--tracking-uri", tracking_uri,
                      "--experiment", "test-train-clip"])
 
 
@@ -65,6 +66,8 @@ def test_train_register_resume(shapes_s3, s3, mlflow_server, capsys):
 
     from ddpm import clip, text
     from pipelines import registry, storage, tracking
+    from pipelines.commands.pipeline import clip_stage
+    from pipelines.config import load_config
 
     data = shapes_s3
     runs = "s3://train-clip/runs"
@@ -107,21 +110,30 @@ def test_train_register_resume(shapes_s3, s3, mlflow_server, capsys):
     assert torch.equal(encoder.encode(["a small red square"])[1], expected)
 
     # -- 2. the same command, further: resumes in the same run and trains only the new images --------------------
-    first = storage.read_json(f"{runs}/clip-run/checkpoint_000000000064/training_state.json")
+    first = storage.read_json(f"{runs}/tiny-clip/checkpoint_000000000064/training_state.json")
     assert first["step"] == 4 and first["images_seen"] == 64
-    assert _train(data, runs, mlflow_server.uri, total_images=96) == 0
+    # (through ddpm pipeline's train-clip stage, which is the same command: its run is <run_name>-clip)
+    config = load_config(ROOT / "configs" / "shapes-text.yaml", [
+        f"pipeline.clip_config={CONFIG}", "pipeline.clip_set=" + json.dumps(
+            [item for item in TINY if item != "--set"] + ["train.total_images=96"]),
+        "pipeline.run_name=tiny", "pipeline.clip_name=tiny-clip", f"pipeline.storage={runs}",
+        "pipeline.num_workers=2", "pipeline.experiment=test-train-clip"])
+    said = []
+    assert clip_stage(config, data, tracking_uri=mlflow_server.uri, seconds={}, log=said.append) == \
+        "models:/tiny-clip/2"
+    assert said[-1].startswith("[clip] registered models:/tiny-clip/2; held-out text->image retrieval: top1 ")
     [run] = client.search_runs([tracking.ensure_experiment("test-train-clip", mlflow_server.uri)])
     assert run.info.run_id == run_id and run.data.metrics["images_seen"] == 96
     assert run.data.metrics["restarts"] == 1 and run.data.metrics["resumed_at_images"] == 64
     history = client.get_metric_history(run_id, "images_seen")
     # every step logged exactly once: 1-4 in the first run, 5 and 6 after resuming (nothing trained twice)
     assert sorted((m.step, m.value) for m in history) == [(1, 16), (2, 32), (3, 48), (4, 64), (5, 80), (6, 96)]
-    resumed = storage.read_json(f"{runs}/clip-run/checkpoint_000000000096/training_state.json")
+    resumed = storage.read_json(f"{runs}/tiny-clip/checkpoint_000000000096/training_state.json")
     assert resumed["step"] == 6 and resumed["restarts"] == 1 and resumed["mlflow_run_id"] == run_id
     assert resumed["train_seconds"] > first["train_seconds"]
     for name in ("vocab.json", "merges.txt"):  # the resumed run kept the checkpoint's tokenizer
-        assert (storage.read_bytes(f"{runs}/clip-run/checkpoint_000000000064/model/tokenizer/{name}")
-                == storage.read_bytes(f"{runs}/clip-run/checkpoint_000000000096/model/tokenizer/{name}"))
+        assert (storage.read_bytes(f"{runs}/tiny-clip/checkpoint_000000000064/model/tokenizer/{name}")
+                == storage.read_bytes(f"{runs}/tiny-clip/checkpoint_000000000096/model/tokenizer/{name}"))
     assert {v.version: v.tags["images_seen"] for v in client.search_model_versions("name = 'tiny-clip'")} == {
         "1": "64", "2": "96"}
 

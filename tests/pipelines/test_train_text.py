@@ -127,9 +127,21 @@ def test_train_resume_register_and_generate(shapes_s3, mlflow_server, tmp_path, 
     clip_uri = _register_clip(tmp_path, server)
     runs = f"s3://{BUCKET}/runs"
 
-    # -- 1. 32 images, then the same command to 64 (a resume) -----------------------------------------------------
+    # -- 1. 32 images, then to 64 (a resume) through ddpm pipeline: it reuses the ingested captions, trains on, and
+    # evaluates (alignment, FD-cls with prompts), registers and gates the text model
     assert _train(data, server, clip_uri, 32, "resumed") == 0
-    assert _train(data, server, clip_uri, 64, "resumed", register_as="tiny-text") == 0
+    pipeline = [f"pipeline.raw=s3://{BUCKET}/raw", f"pipeline.processed={data}", "pipeline.resolution=16",
+                "pipeline.captions=keep", "pipeline.clip_config=null", f"pipeline.storage={runs}",
+                "pipeline.run_name=resumed", "pipeline.register_as=tiny-text", "pipeline.experiment=test-train-text",
+                "pipeline.eval_samples=16", "pipeline.eval_steps=4", "pipeline.eval_images_per_prompt=1",
+                "pipeline.gate_max_ratio=null",
+                "pipeline.gate_min_recall=null", f"train.text_encoder={clip_uri}", "train.total_images=64"]
+    capsys.readouterr()
+    code = cli.main(["pipeline", "--config", CONFIG, *TINY, *[x for s in pipeline for x in ("--set", s)],
+                     "--tracking-uri", server])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-1000:]
+    assert "[ingest] reusing" in out and "[clip]" not in out and "[gate] promoted to production" in out, out
     resumed = storage.read_json(f"{runs}/resumed/checkpoint_000000000064/training_state.json")
     assert resumed["restarts"] == 1 and resumed["step"] == 4
     assert resumed["config"]["model"]["text_dim"] == 16  # from the text encoder's width
@@ -138,8 +150,11 @@ def test_train_resume_register_and_generate(shapes_s3, mlflow_server, tmp_path, 
     history = client.get_metric_history(version.run_id, "images_seen")
     assert sorted((m.step, m.value) for m in history) == [(1, 16), (2, 32), (3, 48), (4, 64)]
 
-    # -- 2. the registered version: its tag, its text encoder, a prompt ------------------------------------------
+    # -- 2. the registered version: its tag, its gate, its text encoder, a prompt --------------------------------
     assert version.tags["text_encoder"] == clip_uri and version.tags["images_seen"] == "64"
+    assert version.tags["gate.decision"] == "promote"
+    logged = client.get_run(version.run_id).data.metrics
+    assert 0 <= logged["ddim4/align_seen_all"] <= 1 and 0 <= logged["ddim4/align_held_out_colour"] <= 1  # DDIM-4
     loaded = checkpoint.load(registry.resolve_model("models:/tiny-text/1", server).path)
     assert loaded.text_encoder is not None and loaded.config.text_dim == 16
     prompts = ["a small red circle", "a large blue square"]
@@ -149,6 +164,8 @@ def test_train_resume_register_and_generate(shapes_s3, mlflow_server, tmp_path, 
     again = ddpm.generate_images(loaded, [0, 1], condition=loaded.condition(2, prompts=prompts[::-1]), steps=4,
                                  guidance_scale=3.0)
     assert not np.array_equal(images, again)  # the prompt, not only the seed, decides the image
+    # promotion recorded the canary (the empty prompt's images) that a Serve replica checks before serving it
+    assert registry.check_canary(loaded, "tiny-text", "1", server).status == "passed"
 
     run_id = version.run_id
     grid = Image.open(client.download_artifacts(run_id, "samples/images_000000000064.png", str(tmp_path)))
