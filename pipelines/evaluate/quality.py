@@ -88,11 +88,11 @@ class Reference:
     classifier_accuracy: float
     labels: "np.ndarray"                        # (n,) the held-out images' labels, reused for conditional sampling
     extractors: dict[str, Callable]
-    captions: list | None = None                # (n,) the held-out images' captions: a text model's prompts
     reference: dict[str, "np.ndarray"] = field(default_factory=dict)  # metric -> (n, D) features of train images
     floors: dict[str, float] = field(default_factory=dict)            # metric -> FD(held-out, reference)
     floor_precision: float = 0.0
     floor_recall: float = 0.0
+    captions: list | None = None                # (n,) the held-out images' captions: a text model's prompts
 
     @property
     def num_samples(self) -> int:
