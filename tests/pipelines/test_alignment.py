@@ -41,12 +41,7 @@ def ddpm_home(tmp_path_factory):
         yield home
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread for tiny tensors
 
 
 def write_shapes_dataset(root: Path, count: int, side: int) -> str:

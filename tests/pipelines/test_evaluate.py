@@ -39,13 +39,7 @@ def ddpm_home(tmp_path_factory):
         yield home
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors here are tiny: a thread pool's synchronisation would cost more than the work (far more on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread for tiny tensors
 
 
 @pytest.fixture(scope="module")
