@@ -208,28 +208,35 @@ def grid_rows(class_names: list[str], text: bool) -> list[dict]:
     return [{"class_label": label} for label in range(len(class_names))] or [{}] * 10
 
 
-def generate_grid(url: str, rows: list[dict], per_row: int = 10, steps: int = 50, guidance_scale: float = 1.0):
-    """One ``POST /generate`` per row of :func:`grid_rows`: ``per_row`` images each, as an (H, W, C) uint8 grid.
+def generate_grid(url: str, rows: list[dict], per_row: int = 10, steps: int = 50, guidance_scale: float = 1.0,
+                  concurrent: bool = True):
+    """One ``POST /generate`` per row of :func:`grid_rows`, all sent at once (``concurrent``) so that Serve batches
+    their rows together (each image's bytes do not depend on its batch-mates; benchmarks/quickstart_grid.py measures
+    both ways): ``per_row`` images each, as an (H, W, C) uint8 grid in the rows' order.
 
     ``guidance_scale`` applies to the conditioned rows (the server refuses it without a class or a prompt).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import requests
     from PIL import Image
 
     from ddpm import make_grid
 
-    images = []
-    for row, asked in enumerate(rows):
+    def one_row(row: int) -> list[np.ndarray]:
+        asked = rows[row]
         body = {"num_images": per_row, "sampler": "ddim", "steps": steps, "seed": 1000 * row, "output": "json",
                 **asked}
         if asked:
             body["guidance_scale"] = guidance_scale
         response = requests.post(f"{url}/generate", json=body, timeout=300)
         response.raise_for_status()
-        for png in response.json()["images"]:
-            image = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
-            images.append(image[..., None] if image.ndim == 2 else image)
+        decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in response.json()["images"]]
+        return [image[..., None] if image.ndim == 2 else image for image in decoded]
+
+    with ThreadPoolExecutor(max_workers=len(rows) if concurrent else 1) as pool:
+        images = [image for row in pool.map(one_row, range(len(rows))) for image in row]
     return make_grid(np.stack(images), ncols=per_row)
 
 

@@ -44,10 +44,11 @@ from pipelines.errors import UserError
 
 # Everything that changes the trained reader; its hash is part of the cache key.
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "widths": [8, 16, 32],    # the form trunk's conv stages, 2x2 max-pool after the first two: a (H/4, W/4) grid
     "hidden": 128,            # the flattened grid -> this many features -> the heads
     "steps": 300,             # with lr 5e-3: 2e-3 needed twice the steps for the same accuracy (measured)
+    "max_epochs": 100,        # fewer steps on a small train half (classifier.training_steps)
     "batch_size": 128,
     "lr": 5e-3,
     "weight_decay": 1e-4,
@@ -263,7 +264,7 @@ def fit(take, captions: Sequence[str], side: int, log=print) -> tuple[ReaderNet,
     relation); deterministic (its own seeded generators). Returns (net, held-out accuracy, held-out-composition
     accuracy)."""
     from ddpm import from_uint8
-    from pipelines.evaluate.classifier import split, subset
+    from pipelines.evaluate.classifier import split, subset, training_steps
 
     y_all = targets(captions)
     train_rows, held_rows = (subset(rows) for rows in split(len(captions)))
@@ -277,9 +278,10 @@ def fit(take, captions: Sequence[str], side: int, log=print) -> tuple[ReaderNet,
         torch.manual_seed(RECIPE["seed"])
         net = ReaderNet(side, RECIPE["widths"], RECIPE["hidden"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=RECIPE["steps"])
+    steps = training_steps(RECIPE, len(train_rows))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     net.train()
-    for _ in range(RECIPE["steps"]):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (RECIPE["batch_size"],), generator=g)
         loss = masked_loss(net(from_uint8(x[idx.numpy()])), y[idx])
         optimizer.zero_grad(set_to_none=True)

@@ -98,6 +98,18 @@ def test_classifier_cache_is_reused_and_needs_labels(digits):
         classifier.load_or_train(images[:100], np.full(100, -1))
 
 
+def test_a_small_train_half_gets_fewer_classifier_steps():
+    """At most ``max_epochs`` passes over the train half: the digits' 899 images keep the recipe's steps, a test's
+    80 images train a tenth of them (the reader of text alignment follows the same rule)."""
+    from pipelines.evaluate import alignment, classifier
+
+    recipe = classifier.RECIPE
+    assert classifier.training_steps(recipe, 899) == recipe["steps"] == 600
+    assert classifier.training_steps(recipe, 80) == 63  # ceil(100 * 80 / 128)
+    assert classifier.training_steps(recipe, 0) == 1
+    assert classifier.training_steps(alignment.RECIPE, 1600) == alignment.RECIPE["steps"]
+
+
 def test_classifier_sees_large_images_pooled_to_its_max_side():
     from pipelines.evaluate.classifier import FeatureNet
 
@@ -127,9 +139,11 @@ def test_evaluate_model_names_its_numbers_and_depends_only_on_seeds(tmp_path, re
         evaluate_model(loaded, reference, EvalSettings(num_samples=N + 1), log=lambda _: None)
 
 
-def test_sampler_report_has_every_row_a_table_and_a_plot(tmp_path, reference):
+def test_sampler_report_has_every_row_a_table_and_a_plot(tmp_path, digits):
+    # 10 samples a row: the report's DDPM-1000 row dominates this test's time
+    reference = prepare_reference(*digits, num_samples=10, log=lambda _: None)
     loaded = checkpoint.load(tiny_checkpoint(tmp_path / "m", seed=0))
-    report = sampler_report(EvalSettings(num_samples=N),
+    report = sampler_report(EvalSettings(num_samples=10),
                             lambda settings: evaluate_model(loaded, reference, settings, log=lambda _: None))
     assert [(e.settings.sampler, e.settings.steps) for e in report.evaluations] == list(REPORT_ROWS)
     for sampler, steps in REPORT_ROWS:
