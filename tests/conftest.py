@@ -101,6 +101,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def ddpm_home(tmp_path_factory):
+    """A DDPM_HOME of the module's own (``pytestmark = pytest.mark.usefixtures("ddpm_home")``): the evaluation's
+    caches (the FD-cls classifier, the alignment reader) start empty, are trained once, then read by later tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("ddpm-home")
+        mp.setenv("DDPM_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))

@@ -85,7 +85,7 @@ def ingest(config, *, log=print) -> tuple[str, dict]:
             return processed, manifest
     log(f"[ingest] {raw} -> {processed} at {p.resolution}x{p.resolution}x{p.channels}")
     manifest = preprocess(raw, processed, resolution=p.resolution, channels=p.channels, small=p.small,
-                          captions=p.captions)
+                          captions=p.captions, progress=log)  # its lines say [ingest] themselves
     log(f"[ingest] {manifest['counts']['rows']} images, {len(manifest['skipped'])} skipped")
     return processed, manifest
 

@@ -32,16 +32,9 @@ BARS = {"count": 0.95, "colour": 0.85, "shape": 0.88, "size": 0.95, "axis": 0.95
         "all": 0.75}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ddpm_home(tmp_path_factory):
-    """One private DDPM_HOME for the module: the reader and the FD-cls classifier are trained once, then cached."""
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("ddpm-home")
-        mp.setenv("DDPM_HOME", str(home))
-        yield home
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread for tiny tensors
+# tests/conftest.py: one intra-op thread for tiny tensors, and a DDPM_HOME of the module's own (what it trains once,
+# the FD-cls classifier and the alignment reader, its later tests read from that cache)
+pytestmark = pytest.mark.usefixtures("one_thread", "ddpm_home")
 
 
 def write_shapes_dataset(root: Path, count: int, side: int) -> str:

@@ -30,16 +30,9 @@ from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
 N = 50  # samples per set: small, yet enough for FD to separate what it must
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ddpm_home(tmp_path_factory):
-    """One private DDPM_HOME for the module: the classifier is trained once, then read from its cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("ddpm-home")
-        mp.setenv("DDPM_HOME", str(home))
-        yield home
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread for tiny tensors
+# tests/conftest.py: one intra-op thread for tiny tensors, and a DDPM_HOME of the module's own (what it trains once,
+# the FD-cls classifier and the alignment reader, its later tests read from that cache)
+pytestmark = pytest.mark.usefixtures("one_thread", "ddpm_home")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ def test_ingest_writes_shapes_and_reuses_a_dataset_only_with_the_same_caption_po
     said = []
     assert ingest(config, log=said.append)[0] == str(processed)
     assert said[0] == f"[data] writing 12 captioned scenes of shapes at 24x24 to {tmp_path / 'raw'}"
+    # the ingest's progress goes through the same log (the quickstart indents it under its stage), ending on 12/12
+    assert any(line.startswith("[ingest] 12/12 objects (100%)") for line in said), said
     manifest = read_manifest(str(processed))
     assert manifest["caption_policy"] == "required" and manifest["counts"]["rows"] == 12
     said.clear()
