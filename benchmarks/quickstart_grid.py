@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import requests
 import torch
 from ray import serve
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint  # noqa: E402
 from deploy.serve_app import build_app  # noqa: E402
-from pipelines.commands.quickstart import generate_grid  # noqa: E402
+from pipelines.commands.quickstart import generate_grid, wait_healthy  # noqa: E402
 
 
 def main() -> int:
@@ -51,11 +50,7 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_uri": str(folder / "digits"), "num_cpus": 1}), name="grid", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while requests.get(f"{url}/healthz", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not come up in 120 s")
-        time.sleep(0.5)
+    wait_healthy(url)
 
     rows = [{"class_label": label} for label in range(10)]
     grid = lambda concurrent: generate_grid(url, rows, steps=args.steps, guidance_scale=1.1,  # noqa: E731

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint  # noqa: E402
 from deploy.serve_app import build_app  # noqa: E402
+from pipelines.commands.quickstart import wait_healthy  # noqa: E402
 
 
 def free_port() -> int:
@@ -61,11 +62,7 @@ def deploy(checkpoint_dir: Path, batching: bool, args: argparse.Namespace, base:
     }
     serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
     url = f"{base}/{name}"
-    deadline = time.monotonic() + 120
-    while requests.get(f"{url}/healthz", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not come up in 120 s")
-        time.sleep(0.5)
+    wait_healthy(url)
     return url
 
 

@@ -172,8 +172,6 @@ def serve_model(model_uri: str, *, port: int, ray_address: str, tracking_uri: st
     ``ddpm serve`` lives in ``deploy/``, which ``pipelines/`` does not import: it runs as its own process, joins the
     cluster through RAY_ADDRESS, deploys, and returns while the application keeps running in the cluster.
     """
-    import requests
-
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MLFLOW_TRACKING_URI": tracking_uri}
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model", model_uri, "--host", "127.0.0.1",
            "--port", str(port), "--poll-interval-s", "10"]
@@ -187,15 +185,23 @@ def serve_model(model_uri: str, *, port: int, ray_address: str, tracking_uri: st
     if done.returncode != 0:
         raise RuntimeError(f"ddpm serve failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_healthy(url)
+    return url
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    """Poll ``GET URL/healthz`` until it answers 200 (a refused connection counts as not yet), at most ``timeout_s``."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return url
+                return
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the endpoint at {url} did not become healthy in 120 s")
+    raise RuntimeError(f"the endpoint at {url} did not become healthy in {timeout_s:g} s")
 
 
 def grid_rows(class_names: list[str], text: bool) -> list[dict]:

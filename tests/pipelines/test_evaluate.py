@@ -30,8 +30,8 @@ from pipelines.evaluate.gate import decide_promotion, evaluate_and_gate
 N = 50  # samples per set: small, yet enough for FD to separate what it must
 
 
-# tests/conftest.py: one intra-op thread for tiny tensors, and a DDPM_HOME of the module's own (what it trains once,
-# the FD-cls classifier and the alignment reader, its later tests read from that cache)
+# tests/conftest.py: one intra-op thread for tiny tensors, and a DDPM_HOME of the module's own (the FD-cls classifier
+# is trained once, then read from that cache by the later tests)
 pytestmark = pytest.mark.usefixtures("one_thread", "ddpm_home")
 
 

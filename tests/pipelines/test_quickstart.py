@@ -112,7 +112,8 @@ def test_quickstart_end_to_end(tmp_path, kept_cluster):
     assert (version.tags["gate.decision"], version.tags["gate.bar"], version.tags["gate.max_ratio"]) == (
         "keep", "failed", "0.01")
     assert "production" not in client.get_registered_model("digits").aliases
-    # The gate scored it with the pipeline's evaluation settings (the preset's, the step count as set), guidance included.
+    # The gate scored it with the pipeline's evaluation settings (the preset's, the step count as set), guidance
+    # included.
     preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "digits.yaml")
     scored = json.loads(version.tags["gate.settings"])["settings"]
     assert (scored["guidance_scale"], scored["steps"], scored["num_samples"]) == (
