@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
     import ray.data
 
 FORMAT_VERSION = 1
+# Which of Ray Data's Parquet readers load_dataset uses. Ray 2.60's default (DataSourceV2) lists row groups through
+# FooterReader actors (32 by default), each a new worker process, on every read: 1.8-5.9 s per read of a digits
+# dataset on a 2-core machine, against 0.2-0.3 s with V1 (benchmarks/parquet_reader.py). Our reads name their shards
+# from the manifest, so V2's listing buys nothing here. RAY_DATA_USE_DATASOURCE_V2=1 chooses V2 again.
+PARQUET_READER_V2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "0").lower() in ("1", "true")
 MANIFEST = "manifest.json"
 # manifest["kind"] -> what a person calls it (a manifest without "kind" is ddpm preprocess's)
 KINDS = {"images": "processed images (ddpm preprocess)", "latents": "latents (ddpm encode)",
@@ -147,16 +153,22 @@ def load_dataset(
     ``sha256`` strings, and ``caption`` (str) in a captioned dataset. Pass ``columns`` to read fewer, e.g.
     ``["image", "label"]`` for training.
     """
-    import ray
+    import ray.data
 
     from pipelines.ray_utils import init_ray
 
     manifest = read_manifest(uri, endpoint_url=endpoint_url)
     fs, root = storage.filesystem_for(uri, endpoint_url)
     init_ray()
-    ds = ray.data.read_parquet(
-        [f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs, columns=list(columns) if columns else None
-    )
+    context = ray.data.DataContext.get_current()
+    chosen = context.use_datasource_v2
+    context.use_datasource_v2 = PARQUET_READER_V2
+    try:
+        ds = ray.data.read_parquet(
+            [f"{root}/{shard}" for shard in manifest["shards"]], filesystem=fs,
+            columns=list(columns) if columns else None)
+    finally:
+        context.use_datasource_v2 = chosen
     if columns is None or "image" in columns:
         ds = ds.map_batches(_image_tensors, batch_format="pyarrow",
                             fn_kwargs={"shape": manifest["image_shape"], "dtype": image_dtype(manifest).str})

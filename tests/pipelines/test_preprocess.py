@@ -94,6 +94,17 @@ def test_s3_rows_shapes_labels_and_skips(processed_s3, ray_local):
     assert ds.schema().base_schema.field("image").type == pa.binary(8 * 8 * 1)
 
 
+def test_load_dataset_reads_with_ray_datas_v1_parquet_reader(processed_s3, ray_local):
+    """Ray 2.60's default Parquet reader (V2) starts FooterReader actors, new processes, on every read: seconds per
+    read on 2 cores (benchmarks/parquet_reader.py). load_dataset reads with V1 and leaves the session's choice as it
+    was."""
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    stats = load_dataset(processed_s3[1], columns=["label"]).materialize().stats()
+    assert "ReadParquet" in stats and "ListFiles" not in stats, stats
+    assert context.use_datasource_v2 == before
+
+
 def test_local_folder_gives_the_same_dataset(processed_s3, tmp_path, ray_local):
     _, _, source, on_s3 = processed_s3
     make_raw(str(tmp_path / "raw"))
