@@ -82,6 +82,21 @@ class _DropNotice(logging.Filter):
 
 
 _DROP_NOTICE = _DropNotice()
+_NO_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
+
+
+class _DropCpuWarning(logging.Filter):
+    """Keeps Ray Data's "no available CPUs" warning off the terminal (``ray-data.log`` keeps it). Ray Data checks
+    ``ray.available_resources()`` each time a dataset is executed, an already materialised one included, and that view
+    lags the tasks that just finished: the quickstart printed it right after reading its training set, before the
+    training workers existed (tests/pipelines/test_quickstart.py, 2026-12-07). A stage that truly waits for a CPU
+    shows it in its own progress lines, which stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_CPU_WARNING)
+
+
+_DROP_CPU_WARNING = _DropCpuWarning()
 
 
 def quiet_ray_logging() -> None:
@@ -124,6 +139,8 @@ def quiet_ray_logging() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+            if _DROP_CPU_WARNING not in handler.filters:
+                handler.addFilter(_DROP_CPU_WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # a bar per pass per worker; the stages print their own progress
     # Ray Data warns, once per process, that it was just told so; spend that "once" here, where it was decided.

@@ -46,6 +46,10 @@ holder = Holder.remote(np.zeros(1_000_000, dtype=np.uint8))
 assert ray.get(holder.get_size.remote()) == 1_000_000
 print(_session_log_dir(), os.getpid(), flush=True)
 logging.getLogger("ray").warning("MARK-warning of Ray's Python logger")
+# Ray Data's warnings: the false "no available CPUs" alarm (pipelines.ray_utils._DropCpuWarning) and any other
+data = logging.getLogger("ray.data.dataset")
+data.warning("Warning: The Ray cluster currently does not have any available CPUs. MARK-cpu-warning")
+data.warning("MARK-warning of Ray Data")
 print("ddpm demo: error: MARK-one-line", file=sys.stderr)
 raise RuntimeError("MARK-traceback")
 """
@@ -66,7 +70,7 @@ def _run(ray_local, verbose: bool) -> tuple[subprocess.CompletedProcess, Path, s
 
 
 def _ours_reach_the_terminal(stderr: str) -> None:
-    assert "MARK-warning of Ray's Python logger" in stderr
+    assert "MARK-warning of Ray's Python logger" in stderr and "MARK-warning of Ray Data" in stderr
     assert "ddpm demo: error: MARK-one-line" in stderr
     assert "Traceback (most recent call last)" in stderr and "RuntimeError: MARK-traceback" in stderr
 
@@ -74,13 +78,14 @@ def _ours_reach_the_terminal(stderr: str) -> None:
 def test_ray_cpp_lines_go_to_the_session_logs_by_default(ray_local):
     done, logs, pid = _run(ray_local, verbose=False)
     assert done.returncode == 1
-    assert CPP_LINE not in done.stderr, done.stderr[-3000:]
+    assert CPP_LINE not in done.stderr and "MARK-cpu-warning" not in done.stderr, done.stderr[-3000:]
     _ours_reach_the_terminal(done.stderr)
     assert CPP_LINE in (logs / f"ddpm-driver-{pid}.err").read_text()
+    assert "MARK-cpu-warning" in (logs / "ray-data" / "ray-data.log").read_text()
 
 
 def test_verbose_prints_ray_cpp_lines(ray_local):
     done, _, _ = _run(ray_local, verbose=True)
     assert done.returncode == 1
-    assert CPP_LINE in done.stderr, done.stderr[-3000:]
+    assert CPP_LINE in done.stderr and "MARK-cpu-warning" in done.stderr, done.stderr[-3000:]
     _ours_reach_the_terminal(done.stderr)
