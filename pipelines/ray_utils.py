@@ -74,29 +74,25 @@ def connect_options() -> dict:
     return {"log_to_driver": False, "configure_logging": False}
 
 
-class _DropNotice(logging.Filter):
-    """Drops Ray's notice that token authentication is on, which the quickstart prints in its own words."""
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_AUTH_NOTICE)
+        return not record.getMessage().startswith(self.prefix)
 
 
-_DROP_NOTICE = _DropNotice()
-_NO_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
-
-
-class _DropCpuWarning(logging.Filter):
-    """Keeps Ray Data's "no available CPUs" warning off the terminal (``ray-data.log`` keeps it). Ray Data checks
-    ``ray.available_resources()`` each time a dataset is executed, an already materialised one included, and that view
-    lags the tasks that just finished: the quickstart printed it right after reading its training set, before the
-    training workers existed (tests/pipelines/test_quickstart.py, 2026-12-07). A stage that truly waits for a CPU
-    shows it in its own progress lines, which stop."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_NO_CPU_WARNING)
-
-
-_DROP_CPU_WARNING = _DropCpuWarning()
+# Ray's notice that token authentication is on, which the quickstart prints in its own words.
+_DROP_NOTICE = _DropMessage(_AUTH_NOTICE)
+# Ray Data's "no available CPUs" warning, off the terminal (``ray-data.log`` keeps it). Ray Data checks
+# ``ray.available_resources()`` each time a dataset is executed, an already materialised one included, and that view
+# lags the tasks that just finished: the quickstart printed it right after reading its training set, before the
+# training workers existed (tests/pipelines/test_quickstart.py, 2026-12-07). A stage that truly waits for a CPU shows
+# it in its own progress lines, which stop.
+_DROP_CPU_WARNING = _DropMessage("Warning: The Ray cluster currently does not have any available CPUs")
 
 
 def quiet_ray_logging() -> None:

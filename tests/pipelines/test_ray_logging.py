@@ -46,7 +46,7 @@ holder = Holder.remote(np.zeros(1_000_000, dtype=np.uint8))
 assert ray.get(holder.get_size.remote()) == 1_000_000
 print(_session_log_dir(), os.getpid(), flush=True)
 logging.getLogger("ray").warning("MARK-warning of Ray's Python logger")
-# Ray Data's warnings: the false "no available CPUs" alarm (pipelines.ray_utils._DropCpuWarning) and any other
+# Ray Data's warnings: the false "no available CPUs" alarm (pipelines.ray_utils._DROP_CPU_WARNING) and any other
 data = logging.getLogger("ray.data.dataset")
 data.warning("Warning: The Ray cluster currently does not have any available CPUs. MARK-cpu-warning")
 data.warning("MARK-warning of Ray Data")
