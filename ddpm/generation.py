@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from .checkpoint import LoadedModel
 from .conditioning import Condition, as_condition
 from .images import to_uint8
-from .inpainting import check_mask, check_pixels, inpaint
-from .sampling import Model, noise_from_seeds, sample
+from .inpainting import check_mask, check_pixels, inpaint, model_calls
+from .sampling import Model, noise_from_seeds, plan, sample
 
 SEED_MODULUS = 2**32
 # Rows per network call unless a caller says otherwise: the endpoint's default micro_batch, so that by default every
@@ -44,6 +44,11 @@ SEED_MODULUS = 2**32
 FORWARD_ROWS = 16
 
 Progress = Callable[[int], None]  # called with the number of images finished so far
+# watch(done, calls, rows) after each model call: ``done`` of ``calls`` model calls made, ``rows`` the indices (into
+# the seeds) of the images still sampling. It returns None to go on, or one bool per row: False takes that image out
+# of the batch from the next call on (a cancelled request; ``ddpm.sampling.drop_rows``), and its image comes back
+# all zeros. The images that stay are unchanged, byte for byte: their noise is their own and the forward is fixed.
+Watch = Callable[[int, int, list[int]], "Sequence[bool] | None"]
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -114,6 +119,35 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _sampler_callback(watch: Watch | None, calls: int, rows: list[int]):
+    """``watch`` as the samplers' ``callback(i, t, x)``, keeping track of which of ``rows`` are still sampling.
+    Returns (callback or None, a function that gives the rows left)."""
+    if watch is None:
+        return None, lambda: rows
+    alive = list(rows)
+
+    def callback(i: int, t: int, x: torch.Tensor) -> torch.Tensor | None:
+        keep = watch(i + 1, calls, list(alive))
+        if keep is None or all(keep):
+            return None
+        alive[:] = [row for row, k in zip(alive, keep) if k]
+        return torch.tensor([bool(k) for k in keep])
+
+    return callback, lambda: alive
+
+
+def _scatter(loaded: LoadedModel, x_0: torch.Tensor, rows: list[int], count: int, offset: int = 0) -> np.ndarray:
+    """(count, H, W, C) uint8: the images ``x_0`` (len(rows), C, H, W) at positions ``rows`` - ``offset``, zeros
+    elsewhere (the images a watch dropped)."""
+    if len(rows) == count:
+        return to_uint8(x_0)
+    c, h, w = loaded.image_shape  # the images', decoded
+    out = np.zeros((count, h, w, c), dtype=np.uint8)
+    if rows:
+        out[[r - offset for r in rows]] = to_uint8(x_0)
+    return out
+
+
 def _condition(condition: Condition | torch.Tensor | None, count: int) -> Condition | None:
     """The request's condition, checked to have one row per seed."""
     condition = as_condition(condition)
@@ -135,6 +169,7 @@ def generate_images(
     forward: Model | None = None,
     batch_size: int = 256,
     progress: Progress | None = None,
+    watch: Watch | None = None,
 ) -> np.ndarray:
     """Images (len(seeds), H, W, C) uint8 from ``loaded`` (its network on its own device), image i from ``seeds[i]``.
 
@@ -144,23 +179,26 @@ def generate_images(
     batch at its own size (faster for one odd-sized request, but then an image can depend on its batch).
     forward: a ready-made replacement for the network call (x, t, cond) -> output, e.g. a captured CUDA graph; it
     must keep the fixed-shape property itself. batch_size: images per sampler call; it bounds memory only and
-    never changes a pixel. progress(n): called after each batch with the images done so far.
+    never changes a pixel. progress(n): called after each batch with the images done so far. watch: called after
+    each model call, and may take images out of the batch (``Watch``).
     """
     device = _device_of(loaded)
     if forward is None:
         forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
     condition = _condition(condition, len(seeds))
+    calls = len(plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0])
     chunks = []
     for start in range(0, len(seeds), batch_size):
         part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
         x_T, generators = noise_from_seeds(part, loaded.sample_shape, device)  # (B, C, H, W), latent or pixels
         c = None if condition is None else condition.select(slice(start, start + len(part))).to(device)
+        callback, left = _sampler_callback(watch, calls, list(range(start, start + len(part))))
         with torch.inference_mode(), _autocast(device):
             x_0 = sample(forward, loaded.schedule, x_T, sampler=sampler, steps=steps, eta=eta,
                          prediction_type=loaded.prediction_type, condition=c, guidance_scale=guidance_scale,
-                         generator=generators)
-            x_0 = _to_pixels(loaded, x_0, forward_rows)
-        chunks.append(to_uint8(x_0))  # (B, H, W, C)
+                         generator=generators, callback=callback)
+            x_0 = _to_pixels(loaded, x_0, forward_rows) if x_0.shape[0] else x_0
+        chunks.append(_scatter(loaded, x_0, left(), len(part), start))  # (B, H, W, C)
         if progress is not None:
             progress(start + len(part))
     if not chunks:
@@ -184,13 +222,14 @@ def inpaint_images(
     resample_times: int = 1,
     forward_rows: int | None = FORWARD_ROWS,
     forward: Model | None = None,
+    watch: Watch | None = None,
 ) -> np.ndarray:
     """RePaint (:func:`ddpm.inpainting.inpaint`) with the same seed and kernel rules as :func:`generate_images`.
 
     known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
     Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for :func:`generate_images`)
     is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8 whose kept pixels
-    equal ``known``'s.
+    equal ``known``'s. watch: as for :func:`generate_images`, after each model call (RePaint's re-denoising included).
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
     latent model encodes them to have unit standard deviation and leave [-1, 1], as they should.
@@ -205,6 +244,9 @@ def inpaint_images(
     known, masks = known.to(device), masks.to(device)
     check_mask(known, masks)  # in pixels, before a latent model's mask is pooled to the latents' grid
     check_pixels(known)
+    ts = plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0]
+    callback, left = _sampler_callback(watch, model_calls(len(ts), resample_jumps, resample_times),
+                                       list(range(len(seeds))))
     with torch.inference_mode(), _autocast(device):
         if loaded.autoencoder is None:
             target, target_mask = known, masks
@@ -216,9 +258,11 @@ def inpaint_images(
         x_0 = inpaint(forward, loaded.schedule, target, target_mask, sampler=sampler, steps=steps,
                       eta=eta, prediction_type=loaded.prediction_type,
                       condition=None if condition is None else condition.to(device), guidance_scale=guidance_scale,
-                      resample_jumps=resample_jumps, resample_times=resample_times, generator=generators)
-        if loaded.autoencoder is not None:
+                      resample_jumps=resample_jumps, resample_times=resample_times, generator=generators,
+                      callback=callback)
+        rows = torch.tensor(left(), dtype=torch.long, device=device)  # the images still there: all, without a watch
+        if loaded.autoencoder is not None and len(rows):
             x_0 = _to_pixels(loaded, x_0, forward_rows)
-            keep = masks.float() < 0.5  # (N, 1 or C, H, W): the decoder only approximates the known pixels
-            x_0 = torch.where(keep, known.to(x_0.dtype), x_0.clamp(-1, 1))
-    return to_uint8(x_0)  # (N, H, W, C)
+            keep = masks[rows].float() < 0.5  # (N, 1 or C, H, W): the decoder only approximates the known pixels
+            x_0 = torch.where(keep, known[rows].to(x_0.dtype), x_0.clamp(-1, 1))
+    return _scatter(loaded, x_0, left(), len(seeds))  # (N, H, W, C)

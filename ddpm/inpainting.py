@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .conditioning import Condition, as_condition
-from .sampling import Generator, Model, plan, predict, randn, update, x0_eps
+from .sampling import Callback, Generator, Model, plan, predict, randn, update, watch, x0_eps
 from .schedule import NoiseSchedule
 
 
@@ -57,6 +57,12 @@ def repaint_walk(num_steps: int, jump_length: int = 1, resample_times: int = 1) 
             k -= jump_length
             walk.append(k)
     return walk
+
+
+def model_calls(num_steps: int, jump_length: int = 1, resample_times: int = 1) -> int:
+    """The model calls of RePaint's walk (:func:`repaint_walk`): its denoising steps k -> k + 1."""
+    walk = repaint_walk(num_steps, jump_length, resample_times)
+    return sum(1 for k, k_next in zip(walk[:-1], walk[1:]) if k_next == k + 1)
 
 
 # -- masks and canvases -------------------------------------------------------------------------------------------
@@ -126,6 +132,7 @@ def inpaint(
     resample_times: int = 1,
     clip_x0: bool = False,
     generator: Generator = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Fill the masked region of ``image`` (B, C, H, W) with samples consistent with the rest.
 
@@ -143,6 +150,8 @@ def inpaint(
     r = 10 with 250 DDPM steps.
     generator: as for ``sample``; with a list, image i draws x_T, the known region's forward noise and every
     sampler and jump noise from ``generator[i]`` alone.
+    callback(i, t, x): as for ``sample``, after each model call i (resampling jumps call no model); returning a
+    (B,) bool tensor keeps only those rows (``ddpm.sampling.drop_rows``), and the result has only them.
 
     Returns x_0 (B, C, H, W), float32, whose known pixels are exactly ``image``'s. The update rules are the
     samplers' own (``ddpm.sampling.update``); the model is used as an eps/score predictor
@@ -164,6 +173,7 @@ def inpaint(
     # 1. x_T ~ N(0, I)
     x = randn(x0_known.shape, generator, device)  # (B, C, H, W)
     history = None  # DPM-Solver++'s previous (x_0, lambda)
+    calls = 0  # model calls so far
 
     # RePaint's Algorithm 1 replaces the known region at the output of each step (x_{t-1}); here it is replaced at
     # the input (x_t), which gives the model the same joint distribution (the known part of x_t given x_0^known is
@@ -181,6 +191,11 @@ def inpaint(
             x0, eps = x0_eps(out, x, alpha_bar[k], prediction_type, clip_x0)
             x, history = update(sampler, x, x0, eps, alpha_bar[k], alpha_bar[k + 1], final=k + 1 == n, eta=eta,
                                generator=generator, history=history)
+            x, x0_known, generate, condition, generator, history = watch(
+                callback, calls, t, x, x0_known, generate, condition, generator, history)
+            calls += 1
+            if x.shape[0] == 0:  # every row left
+                break
         else:  # 9-10. resample: go forward t_k -> t_{k_next} (j listed steps back up) in one draw of q(x_t' | x_t):
             #          x_t' = sqrt(ab_t' / ab_t) x_t + sqrt(1 - ab_t' / ab_t) z
             ratio = alpha_bar[k_next] / alpha_bar[k]

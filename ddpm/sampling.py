@@ -10,6 +10,11 @@ Randomness: ``generator`` is one ``torch.Generator`` for the whole batch, or a l
 With a list, image ``i`` draws its starting noise and every step's noise from ``generator[i]`` alone, so an image
 depends only on its own seed and settings, never on what else shared its batch (see :func:`noise_from_seeds`).
 
+Watching and dropping rows: ``callback(i, t, x)`` runs after every model call. It may return a (B,) bool tensor
+of the rows to keep; the others leave the batch there (:func:`drop_rows`: a request whose client went away stops
+costing network rows), and the result holds the kept rows only. Per-image generators make that safe: a kept row draws
+the same noise as before, and a fixed-shape forward (``ddpm.fixed_size_forward``) gives it the same network output.
+
 Score view (Song et al. 2021; DDPM section 3.2): a noise predictor is a scaled score,
 ``grad_x log p_t(x_t) = -eps_theta(x_t, t) / sqrt(1 - alpha_bar_t)`` (:func:`score`).
 """
@@ -26,6 +31,9 @@ from .schedule import NoiseSchedule
 
 Model = Callable[..., torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
+# callback(i, t, x) after model call i (0-based) at timestep t, x (B, ...) the batch after it: None, or a (B,) bool
+# tensor of the rows to keep (module docstring).
+Callback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 SPACINGS = ("trailing", "linspace", "leading")
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
@@ -70,6 +78,38 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device="cpu"):
     """
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return randn((len(seeds), *shape), generators, device), generators
+
+
+def drop_rows(keep: torch.Tensor, *state):
+    """Each item of ``state`` with only the rows where ``keep`` (B,) is True: tensors and ``Condition`` rows by index,
+    a list of per-row generators by position, a tuple item by item (DPM-Solver++'s history), None and floats as
+    they are. One shared generator cannot drop rows: the kept rows' later noise would change."""
+    index = torch.nonzero(keep.cpu()).flatten()  # (B',) the kept rows, in order
+
+    def pick(item):
+        if item is None or isinstance(item, float):
+            return item
+        if isinstance(item, torch.Tensor):
+            return item[index.to(item.device)]
+        if isinstance(item, Condition):
+            return item.select(index)
+        if isinstance(item, tuple):
+            return tuple(pick(part) for part in item)
+        if isinstance(item, list):
+            return [item[i] for i in index.tolist()]
+        raise ValueError("rows can leave a batch only when each row has its own generator (ddpm.noise_from_seeds); "
+                         f"got {type(item).__name__}")
+
+    return tuple(pick(item) for item in state)
+
+
+def watch(callback: Callback | None, i: int, t: int, x: torch.Tensor, *state):
+    """Call ``callback(i, t, x)``; when it asks for fewer rows, return ``x`` and ``state`` with those rows only
+    (:func:`drop_rows`), else as they were."""
+    keep = None if callback is None else callback(i, t, x)
+    if keep is None or bool(keep.all()):
+        return (x, *state)
+    return drop_rows(keep, x, *state)
 
 
 # -- the model, with guidance -------------------------------------------------------------------------------------
@@ -210,14 +250,15 @@ def sample(
     guidance_scale: float = 1.0,
     clip_x0: bool = False,
     generator: Generator = None,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Denoise x_T (B, C, H, W) into x_0 (B, C, H, W), float32, roughly in [-1, 1].
 
     sampler: "ddpm" (ancestral; ``variance`` "fixed_small" = beta_tilde or "fixed_large" = beta; with fewer than T
     steps, the respaced process of Nichol & Dhariwal 2021), "ddim" (Song et al. 2021, ``eta`` in [0, 1]; eta = 0 is
     deterministic), "dpm++" (DPM-Solver++(2M), Lu et al. 2022, deterministic, 10-25 steps).
-    steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming).
+    steps defaults to 1000 / 50 / 20. ``callback(i, t, x)`` is called after each step (progress, streaming); when it
+    returns a (B,) bool tensor, only those rows go on, and the result has only them (module docstring).
     condition: what each of the B images is conditioned on (``ddpm.conditioning.Condition``, row-aligned with
     x_T; a (B,) label tensor is short for class labels), guided with ``guidance_scale`` w (:func:`predict`).
     """
@@ -233,6 +274,7 @@ def sample(
         x0, eps = x0_eps(out, x, ab_t, prediction_type, clip_x0)
         x, history = update(sampler, x, x0, eps, ab_t, ab_prev, final=t_prev < 0, eta=eta, variance=variance,
                            generator=generator, history=history)
-        if callback is not None:
-            callback(i, t, x)
+        x, condition, generator, history = watch(callback, i, t, x, condition, generator, history)
+        if x.shape[0] == 0:  # every row left
+            break
     return x

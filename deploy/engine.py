@@ -13,9 +13,11 @@ distinct prompt of the batch is encoded once (:func:`batch_condition`).
 from __future__ import annotations
 
 import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,12 +93,44 @@ class Job:
         return self.model_calls() * (2 if self.guided() else 1)
 
 
+class Control:
+    """A request's line between the event loop that holds it and the thread that samples it.
+
+    ``cancelled`` is set by the event loop when the client goes away; the sampling thread reads it after every model
+    call and takes the request's images out of the batch (``ddpm.generation.Watch``). ``progress(step, steps,
+    images_done)``, when set, is called from the sampling thread after each of the request's model calls, and once
+    more when its images are finished (decoded, for a latent model); it must be thread-safe and quick.
+    """
+
+    def __init__(self, progress: Callable[[int, int, int], None] | None = None):
+        self.cancelled = threading.Event()
+        self.progress = progress
+        self._taken = False  # a run has started on the request
+        self._lock = threading.Lock()
+
+    def cancel(self) -> bool:
+        """The client went away: set ``cancelled``. True when no run had taken the request yet, so that its whole
+        cost is saved and no run will report it (the caller counts it); False when a run has it (the run reports
+        what it saved)."""
+        with self._lock:
+            self.cancelled.set()
+            return not self._taken
+
+    def take(self) -> bool:
+        """A run starts on the request: False (and nothing taken) when it was cancelled before."""
+        with self._lock:
+            self._taken = not self.cancelled.is_set()
+            return self._taken
+
+
 @dataclass(frozen=True)
 class Queued:
-    """A job and when its replica received it (``time.monotonic``), to report the time it spent queued."""
+    """A job, when its replica received it (``time.monotonic``, to report the time it spent queued), and its
+    :class:`Control`."""
 
     job: Job
     received: float
+    control: Control = field(default_factory=Control)
 
 
 @dataclass(frozen=True)
@@ -117,7 +151,16 @@ class Rejected:
     message: str
 
 
-Outcome = Generated | Rejected
+@dataclass(frozen=True)
+class Cancelled:
+    """A request whose client went away: its images left the batch with ``image_steps_saved`` (images x model calls)
+    still to go. ``ran``: False when it left before a run took it (``Control.cancel`` told its caller to count it)."""
+
+    image_steps_saved: int
+    ran: bool = True
+
+
+Outcome = Generated | Rejected | Cancelled
 
 
 @dataclass(frozen=True)
@@ -304,14 +347,39 @@ def prompt_report(job: Job, served: ServedModel) -> dict | None:
             for name, r in reports.items()} | {"warnings": warnings}
 
 
+class _GroupWatch:
+    """The ``ddpm.generation.Watch`` of one group of jobs (one core call): progress to each job still sampling, and
+    the rows of jobs whose ``Control.cancelled`` is set taken out. ``left[i]``: job i's (model calls made, model calls)
+    when it left."""
+
+    def __init__(self, group: list[Job], controls: list[Control]):
+        self.controls = controls
+        self.owner = [k for k, job in enumerate(group) for _ in range(job.num_images)]  # row -> job in the group
+        self.left: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, done: int, calls: int, rows: list[int]) -> list[bool] | None:
+        for k in sorted({self.owner[row] for row in rows}):
+            if self.controls[k].cancelled.is_set():
+                self.left.setdefault(k, (done, calls))
+            elif self.controls[k].progress is not None:
+                self.controls[k].progress(done, calls, 0)
+        keep = [self.owner[row] not in self.left for row in rows]
+        return None if all(keep) else keep
+
+
 def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
-             edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None) -> list[np.ndarray]:
+             edits: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
+             controls: list[Control] | None = None) -> tuple[list[np.ndarray | None], dict[int, int]]:
     """Sample (or inpaint) every job's images, one core call per group of jobs that share settings; a text model's
     prompts are encoded once for the whole batch (:func:`batch_condition`) and each group takes its rows.
-    ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``.
+    ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``. ``controls[i]``:
+    job i's :class:`Control` (progress out, cancellation in).
 
-    Returns one (num_images, H, W, C) uint8 array per job, in order.
+    Returns one (num_images, H, W, C) uint8 array per job, in order (None for a job cancelled on the way), and the
+    image-steps each cancelled job saved, by job index.
     """
+    controls = controls if controls is not None else [Control() for _ in jobs]
+    saved: dict[int, int] = {}
     forward = network_call(served, micro_batch)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -332,8 +400,9 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
             if settings.class_label is not None:
                 labels = [job.class_label for job in group for _ in range(job.num_images)]
             condition = from_labels(labels, len(seeds))
+        watch = _GroupWatch(group, [controls[i] for i in members])
         common = dict(condition=condition, sampler=settings.sampler, steps=settings.steps,
-                      eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward)
+                      eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward, watch=watch)
         if settings.edit is None:
             images = generate_images(served.loaded, seeds, batch_size=len(seeds), **common)  # (N, H, W, C)
         else:
@@ -341,10 +410,26 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
             images = inpaint_images(served.loaded, seeds, known, masks, resample_jumps=settings.edit.resample_jumps,
                                     resample_times=settings.edit.resample_times, **common)
         offset = 0
-        for i, job in zip(members, group):
-            results[i] = images[offset:offset + job.num_images]
+        for k, (i, job) in enumerate(zip(members, group)):
+            if k in watch.left:
+                done, calls = watch.left[k]
+                results[i], saved[i] = None, job.num_images * (calls - done)
+            else:
+                results[i] = images[offset:offset + job.num_images]
+                if controls[i].progress is not None:  # sampled (and decoded): the images are finished
+                    controls[i].progress(job.model_calls(), job.model_calls(), job.num_images)
             offset += job.num_images
-    return [results[i] for i in range(len(jobs))]
+    return [results[i] for i in range(len(jobs))], saved
+
+
+def precheck(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejected | None:
+    """What :func:`run_batch` would refuse ``job`` for, checked before it queues (a stream answers a refusal as a
+    422 before it starts): :func:`check`, and an edit's inputs (:func:`decode_edit`)."""
+    checked = check(job, served, max_cost)
+    if checked is None and job.edit is not None:
+        decoded = decode_edit(job.edit, served)
+        checked = decoded if isinstance(decoded, Rejected) else None
+    return checked
 
 
 def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
@@ -355,6 +440,9 @@ def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
     outcomes: dict[int, Outcome] = {}
     edits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, item in enumerate(items):
+        if not item.control.take():  # its client left while it queued
+            outcomes[i] = Cancelled(item.job.num_images * item.job.model_calls(), ran=False)
+            continue
         checked = check(item.job, served, max_cost)
         if checked is None and item.job.edit is not None:
             checked = decode_edit(item.job.edit, served)
@@ -363,10 +451,14 @@ def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
         elif checked is not None:
             edits[i] = checked
     valid = [i for i in range(len(items)) if i not in outcomes]
-    images = run_jobs(served, [items[i].job for i in valid], micro_batch, [edits.get(i) for i in valid])
+    images, saved = run_jobs(served, [items[i].job for i in valid], micro_batch, [edits.get(i) for i in valid],
+                             [items[i].control for i in valid])
     sample_ms = (time.monotonic() - started) * 1000
     batch = {"requests": len(valid), "images": sum(items[i].job.num_images for i in valid)}
-    for i, imgs in zip(valid, images):
+    for k, (i, imgs) in enumerate(zip(valid, images)):
+        if imgs is None:
+            outcomes[i] = Cancelled(saved[k])
+            continue
         outcomes[i] = Generated(imgs, items[i].job.seeds(), served.identity(),
                                 {"queue": (started - items[i].received) * 1000, "sample": sample_ms}, batch,
                                 prompt_report(items[i].job, served))

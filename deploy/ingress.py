@@ -24,7 +24,7 @@ from pathlib import Path
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
 from ray.exceptions import RayActorError
@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ddpm import DEFAULT_STEPS, encode_png, make_grid
 from ddpm.settings import MAX_IMAGES, SettingError, check_settings
-from deploy.engine import Edit, Job, Outcome, Rejected
+from deploy.engine import Edit, Generated, Job, Outcome, Rejected
 from deploy.metrics import CONTENT_TYPE, IngressMetrics, MetricsMiddleware
 from deploy.schemas import MAX_EDIT_BASE64, GenerateRequest, InpaintRequest
 
@@ -170,6 +170,24 @@ def _prompt_headers(report: dict) -> dict[str, str]:
     return headers
 
 
+def _event(name: str, data: dict) -> str:
+    """One Server-Sent Event: its name and its data as one line of JSON."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def _json_answer(outcome: Generated, started: float) -> dict:
+    """The JSON answer: base64 PNGs, seeds, model, timings (ms), batch, and a text model's prompt report."""
+    encode_started = time.monotonic()
+    images = [base64.b64encode(encode_png(image)).decode("ascii") for image in outcome.images]
+    done = time.monotonic()
+    timings = outcome.timings_ms | {"encode": (done - encode_started) * 1000, "total": (done - started) * 1000}
+    answer = {"images": images, "seeds": outcome.seeds, "model": outcome.model,
+              "timings_ms": {k: round(v, 2) for k, v in timings.items()}, "batch": outcome.batch}
+    if outcome.prompt_report is not None:
+        answer["prompt_report"] = outcome.prompt_report
+    return answer
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -229,7 +247,7 @@ class Ingress:
     @api.post("/generate")
     async def generate(self, body: GenerateRequest = Body(default_factory=GenerateRequest)) -> Response:
         started = time.monotonic()
-        return await self._answer(_job(body), body.output, started)
+        return await self._answer(_job(body), body, started)
 
     @api.post("/inpaint")
     async def inpaint(self, body: InpaintRequest) -> Response:
@@ -237,20 +255,21 @@ class Ingress:
         started = time.monotonic()
         edit = Edit(_base64("image", body.image), _base64("mask", body.mask), body.resize, body.resample_jumps,
                     body.resample_times)
-        return await self._answer(_job(body, edit), body.output, started)
+        return await self._answer(_job(body, edit), body, started)
 
-    async def _answer(self, job: Job, output: str, started: float) -> Response:
+    async def _answer(self, job: Job, body: GenerateRequest, started: float) -> Response:
         """Run the job on the sampler (which checks it against the model, its cost included) and encode its images as
-        one PNG grid or as JSON."""
+        one PNG grid or as JSON, or as a stream of events (:meth:`_stream`)."""
+        if body.stream:
+            if "output" in body.model_fields_set and body.output != "json":
+                raise _reject("output", "a stream sends its result as JSON (event: result): leave output out or "
+                                        "set it to json")
+            return await self._stream(job, started)
         outcome = await self._sample(job)
         if isinstance(outcome, Rejected):
             raise _reject(outcome.field, outcome.message)
-        if self.metrics_on:
-            images = len(outcome.images)
-            self.metrics.generated(outcome.model, images, images * job.network_rows(),
-                                   outcome.timings_ms["queue"] / 1000)
-
-        if output == "png":
+        self._count(job, outcome)
+        if body.output == "png":
             headers = {"X-Seed": str(job.seed), "X-Batch-Requests": str(outcome.batch["requests"]),
                        "X-Batch-Images": str(outcome.batch["images"])}
             if outcome.model["version"] is not None:  # a checkpoint folder has no name or version
@@ -258,13 +277,46 @@ class Ingress:
             if outcome.prompt_report is not None:
                 headers |= _prompt_headers(outcome.prompt_report)
             return Response(encode_png(make_grid(outcome.images)), media_type="image/png", headers=headers)
-        encode_started = time.monotonic()
-        images = [base64.b64encode(encode_png(image)).decode("ascii") for image in outcome.images]
-        done = time.monotonic()
-        timings = outcome.timings_ms | {"encode": (done - encode_started) * 1000, "total": (done - started) * 1000}
-        answer = {"images": images, "seeds": outcome.seeds, "model": outcome.model,
-                  "timings_ms": {k: round(v, 2) for k, v in timings.items()}, "batch": outcome.batch}
-        if outcome.prompt_report is not None:
-            answer["prompt_report"] = outcome.prompt_report
-        return JSONResponse(answer)
+        return JSONResponse(_json_answer(outcome, started))
+
+    def _count(self, job: Job, outcome: Generated) -> None:
+        if self.metrics_on:
+            images = len(outcome.images)
+            self.metrics.generated(outcome.model, images, images * job.network_rows(),
+                                   outcome.timings_ms["queue"] / 1000)
+
+    async def _stream(self, job: Job, started: float) -> StreamingResponse:
+        """Server-Sent Events: ``progress`` ({step, steps, images_done, num_images}) as the sampler runs the job,
+        then ``result`` (the JSON answer) or ``error`` ({status, detail}). A refusal the sampler finds before the
+        job queues is a plain 422, like the non-streaming answer's. A client that closes the stream cancels the job:
+        Serve cancels this request and the sampler's call with it, and the job's images leave their batch."""
+        events = self.sampler.options(stream=True).generate_stream.remote(job, self.metrics_on)
+        kind, value = await events.__anext__()  # "accepted", or "rejected" before anything was queued
+        if kind == "rejected":
+            raise _reject(value.field, value.message)
+
+        async def source():
+            try:
+                async for kind, value in events:
+                    if kind == "progress":
+                        yield _event("progress", value | {"num_images": job.num_images})
+                        continue
+                    outcome, stats = value
+                    self.metrics.replica(stats)
+                    if isinstance(outcome, Rejected):  # a model swapped in meanwhile refused it
+                        yield _event("error", {"status": 422, "detail": [{"type": "value_error",
+                                                                          "loc": ["body", outcome.field],
+                                                                          "msg": outcome.message}]})
+                    else:
+                        self._count(job, outcome)
+                        yield _event("result", _json_answer(outcome, started))
+            except RayActorError as exc:
+                log.warning("sampler replica lost during a streamed request: %s", exc)
+                yield _event("error", {"status": 503, "detail": "the sampler replica was lost while sampling; "
+                                                                "retry in a few seconds"})
+            finally:
+                events.cancel()  # a no-op once the stream is finished; else the job leaves its batch
+
+        return StreamingResponse(source(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Seed": str(job.seed)})
 

@@ -76,10 +76,16 @@ class ReplicaStats:
         self.refused: dict[str, int] = {}  # reason ("canary", "load") -> count
         self.model: dict = {}  # name, version, alias of what it serves
         self.canary: dict = {}  # the last canary verdict (CanaryVerdict.to_dict) and its version
+        self.cancelled = 0  # requests whose client went away before their images were finished
+        self.image_steps_saved = 0  # what those requests had still to run: images x model calls
 
     def batch(self, requests: int, images: int) -> None:
         self.batch_requests.observe(requests)
         self.batch_images.observe(images)
+
+    def cancel(self, image_steps_saved: int) -> None:
+        self.cancelled += 1
+        self.image_steps_saved += image_steps_saved
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -88,7 +94,8 @@ class ReplicaStats:
         self.seq += 1
         return {"replica": self.replica, "seq": self.seq, "batch_images": self.batch_images.to_dict(),
                 "batch_requests": self.batch_requests.to_dict(), "inflight": self.inflight, "swaps": self.swaps,
-                "refused": dict(self.refused), "model": dict(self.model), "canary": dict(self.canary)}
+                "refused": dict(self.refused), "model": dict(self.model), "canary": dict(self.canary),
+                "cancelled": self.cancelled, "image_steps_saved": self.image_steps_saved}
 
 
 # -- the ingress's registry -----------------------------------------------------------------------------------------
@@ -186,6 +193,15 @@ class IngressMetrics:
             for reason in ("canary", "load"):
                 out.append(f"ddpm_model_swaps_refused_total{_labels(replica=s['replica'], reason=reason)} "
                            f"{s['refused'].get(reason, 0)}")
+        family("ddpm_cancelled_requests_total", "counter",
+               "Requests whose client went away before their images were finished (their rows left the batch).")
+        for s in replicas:
+            out.append(f"ddpm_cancelled_requests_total{_labels(replica=s['replica'])} {s['cancelled']}")
+        family("ddpm_cancelled_image_steps_total", "counter",
+               "What cancelled requests had still to run when they left, in images x model calls: work saved.")
+        for s in replicas:
+            out.append(f"ddpm_cancelled_image_steps_total{_labels(replica=s['replica'])} "
+                       f"{s['image_steps_saved']}")
         family("ddpm_canary_score", "gauge",
                "The last canary's mean absolute difference from the reference, in 0-255 pixel levels, by version.")
         for s in replicas:

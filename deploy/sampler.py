@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from deploy.batching import MergingRunner, count_images
-from deploy.engine import (Generated, Job, Outcome, Queued, ServedModel, load_served, network_call, pick_device,
-                           run_batch)
+from deploy.engine import (Cancelled, Control, Generated, Job, Outcome, Queued, ServedModel, load_served,
+                           network_call, pick_device, precheck, run_batch)
 from deploy.metrics import ReplicaStats
 from deploy.schemas import SamplerConfig
 
 log = logging.getLogger("ray.serve")
+PROGRESS_INTERVAL_S = 0.1  # the most often a stream reports progress: DDPM-1000 would otherwise send 1,000 events
 
 
 class CanaryRefused(Exception):
@@ -174,16 +175,54 @@ class Sampler:
     async def generate(self, job: Job, with_stats: bool = True) -> tuple[Outcome, dict | None]:
         """The job's outcome, and a snapshot of this replica's counters for the ingress's GET /metrics (None when
         the ingress's metrics are switched off)."""
-        item = Queued(job, time.monotonic())
+        outcome = await self._outcome(Queued(job, time.monotonic()))
+        return outcome, self.stats.snapshot() if with_stats else None
+
+    async def generate_stream(self, job: Job, with_stats: bool = True):
+        """``generate`` as a stream (a Serve streaming call): ("accepted", None) or ("rejected", Rejected) first,
+        checked against the model before the job queues; then ("progress", {step, steps, images_done}) after each
+        model call of the job (at most every ``PROGRESS_INTERVAL_S``, the last one always); then ("outcome",
+        (Outcome, stats)). Closing the stream cancels the job like a disconnected client."""
+        rejected = await asyncio.to_thread(precheck, job, self._served, self.config.max_cost)
+        if rejected is not None:
+            yield "rejected", rejected
+            return
+        yield "accepted", None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        last = [0.0]
+
+        def progress(step: int, steps: int, images_done: int) -> None:  # on the sampling thread
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S or step == steps:
+                last[0] = now
+                loop.call_soon_threadsafe(events.put_nowait, {"step": step, "steps": steps,
+                                                              "images_done": images_done})
+
+        task = asyncio.create_task(self._outcome(Queued(job, time.monotonic(), Control(progress))))
+        task.add_done_callback(lambda _: events.put_nowait(None))  # after every progress event already posted
+        try:
+            while (event := await events.get()) is not None:
+                yield "progress", event
+            yield "outcome", (await task, self.stats.snapshot() if with_stats else None)
+        finally:
+            task.cancel()  # the stream was closed early (GeneratorExit or CancelledError): the job leaves its batch
+
+    async def _outcome(self, item: Queued) -> Outcome:
+        """Run ``item`` (batched or alone). A cancelled caller (the client went away) takes its rows out of the
+        running batch at the next model call (``Control``); what that saved is counted here or by :meth:`_run`."""
         self.stats.inflight += 1
         try:
             if self.config.batching:
-                outcome = await self._batched(item)
-            else:
-                outcome = (await self._run([item]))[0]
+                return await self._batched(item)
+            # Shielded: a cancelled caller must not stop _run from counting what the cancellation saved.
+            return (await asyncio.shield(self._run([item])))[0]
+        except asyncio.CancelledError:
+            if item.control.cancel():  # no run had taken it: all of it is saved
+                self.stats.cancel(item.job.num_images * item.job.model_calls())
+            raise
         finally:
             self.stats.inflight -= 1
-        return outcome, self.stats.snapshot() if with_stats else None
 
     # Up to 64 batches may be open at once (max_ongoing_requests bounds the requests anyway): they must reach the
     # runner while it is busy, to be merged, instead of waiting in @serve.batch's own queue one at a time. (Serve
@@ -200,5 +239,8 @@ class Sampler:
         ran = next((o.batch for o in outcomes if isinstance(o, Generated)), None)
         if ran is not None:
             self.stats.batch(ran["requests"], ran["images"])
+        for outcome in outcomes:
+            if isinstance(outcome, Cancelled) and outcome.ran:  # the others were counted as their callers left
+                self.stats.cancel(outcome.image_steps_saved)
         return outcomes
 

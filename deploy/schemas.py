@@ -52,6 +52,8 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
                                   description="classifier-free guidance weight w, with a class label or a prompt")
     output: Literal["png", "json"] = "png"
+    stream: bool = Field(False, description="answer with Server-Sent Events: progress after the sampler's steps "
+                                            "(event: progress), then the JSON answer of output json (event: result)")
 
 
 class InpaintRequest(GenerateRequest):

@@ -117,3 +117,31 @@ def test_a_latent_models_request_counts_its_decoder():
     refused = check(job, served, max_cost=4 * 10)  # enough for the steps alone
     assert refused.field == "steps" and f"+ {decode} to decode the latents" in refused.message
     assert tiny_served(latent=False).codec_rows == {"decode": 0, "encode": 0}
+
+
+def test_a_cancelled_request_leaves_the_batch_and_its_batch_mates_bytes_do_not_change():
+    """Three requests share a batch. One is cancelled by its client after model call 3 of 10 (the flag its Control
+    carries, as the Sampler sets it): its rows leave at the next call, the image-steps it saved are counted, and the
+    other two come out byte for byte as without it; the one cancelled while it queued never runs. Progress reaches
+    each request after each model call, and once more when its images are finished."""
+    from deploy.engine import Cancelled, Control, Generated, Job, Queued, run_batch
+
+    served = tiny_served()
+    jobs = [Job(2, "ddim", 10, 0.0, 5, 1, 2.0), Job(3, "ddim", 10, 0.0, 7, 2, 2.0), Job(1, "ddim", 10, 0.0, 9, 0, 2.0)]
+    whole = run_batch(served, [Queued(job, 0.0) for job in jobs], 4)
+
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    controls = [Control(lambda *e, k=k: events[k].append(e)) for k in range(3)]
+    controls[1].progress = lambda *e: (events[1].append(e), e[0] == 3 and controls[1].cancelled.set())
+    queued = Queued(Job(4, "ddim", 10, 0.0, 11, 1, 2.0), 0.0)
+    assert queued.control.cancel()  # no run had it: the caller counts what it saved
+    outcomes = run_batch(served, [Queued(job, 0.0, c) for job, c in zip(jobs, controls)] + [queued], 4)
+
+    assert isinstance(outcomes[1], Cancelled) and outcomes[1].image_steps_saved == 3 * (10 - 4)
+    assert outcomes[3] == Cancelled(4 * 10, ran=False)
+    assert not controls[1].cancel()  # a run had it, and reported what it saved
+    for k in (0, 2):
+        assert isinstance(outcomes[k], Generated) and outcomes[k].images.tobytes() == whole[k].images.tobytes()
+        assert events[k] == [(i, 10, 0) for i in range(1, 11)] + [(10, 10, jobs[k].num_images)]
+    assert events[1] == [(i, 10, 0) for i in range(1, 4)]
+    assert outcomes[0].batch == {"requests": 3, "images": 6}  # the queued-and-cancelled one never joined it

@@ -125,6 +125,27 @@ def test_page_generates_images(endpoint, browser):
     page.close()
 
 
+def test_the_progress_bar_moves_while_the_sampler_runs(endpoint, browser):
+    """The page asks for a stream (``"stream": true``) and moves its bar with the progress events: DDPM-1000 on one
+    image takes seconds here, so the bar is seen between its ends before the images arrive; it hides after."""
+    page = browser.new_page()
+    page.goto(endpoint + "/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
+    page.fill("#num_images", "1")
+    page.select_option("#sampler", "ddpm")
+    page.fill("#steps", "1000")
+    page.evaluate("window.seen = []; setInterval(() => { const b = document.getElementById('progress'); "
+                  "if (!b.hidden) seen.push([b.value, b.max]); }, 10)")
+    page.click("#generate")
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    seen = page.evaluate("seen")
+    moving = sorted({value for value, top in seen if top == 1000 and 0 < value < 1000})
+    assert len(moving) >= 2, seen[-20:]  # the bar stood at two or more steps before the last one
+    assert page.evaluate("document.getElementById('progress').hidden")
+    assert "1 images in" in page.text_content("#status")
+    page.close()
+
+
 def test_edit_mode_inpaints_a_painted_stroke(endpoint, browser, tmp_path):
     upload = tmp_path / "upload.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(upload)

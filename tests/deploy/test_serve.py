@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import http.client
 import io
+import json
 import shutil
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -405,6 +409,111 @@ def test_inpaint_needs_the_api_key(server):
     assert inpaint(f"{server}/plain").status_code == 401
     r = inpaint(f"{server}/plain", headers={"Authorization": f"Bearer {API_KEY}"}, num_images=1)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+# -- progress and cancellation -------------------------------------------------------------------------------------
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def post(url: str, body: dict, headers: dict | None = None) -> http.client.HTTPConnection:
+    """``POST url`` with ``body`` on a connection of its own, left open: read it (``getresponse``) or drop it."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+    connection.request("POST", parts.path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+    return connection
+
+
+def open_stream(url: str, body: dict, headers: dict | None = None) -> http.client.HTTPResponse:
+    """The response to ``POST url`` as soon as its head arrives (a stream's events follow)."""
+    return post(url, body, headers).getresponse()
+
+
+def drop(connection: http.client.HTTPConnection) -> None:
+    """The client goes away: its connection is shut down without a word."""
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+
+def read_events(response: http.client.HTTPResponse, until: str | None = None):
+    """Server-Sent Events from ``response`` as (name, data, arrival time), up to the first ``until`` event."""
+    name = None
+    for raw in response:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: "):]), time.monotonic()
+            if name == until:
+                return
+
+
+def test_a_stream_reports_progress_before_its_result_which_is_the_plain_answer(server):
+    """``"stream": true``: progress events as the sampler steps (at most every 0.1 s, the last one always), then the
+    JSON answer, whose images are those of the same request without streaming."""
+    settings = {"num_images": 3, "seed": 41, "class_label": 1, "steps": 100, "sampler": "ddim"}
+    response = open_stream(f"{server}/reg/generate", settings | {"stream": True})
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = list(read_events(response))
+    names = [name for name, _, _ in events]
+    assert names[-1] == "result" and set(names[:-1]) == {"progress"} and len(names) >= 3, names
+    progress = [data for name, data, _ in events if name == "progress"]
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(steps) and steps[0] < 100 and {p["steps"] for p in progress} == {100}
+    assert progress[-1] == {"step": 100, "steps": 100, "images_done": 3, "num_images": 3}
+    assert events[0][2] < events[-1][2]  # the first progress arrived before the result, not with it
+    plain = generate(f"{server}/reg/generate", output="json", **settings).json()
+    assert events[-1][1]["images"] == plain["images"] and events[-1][1]["seeds"] == [41, 42, 43]
+
+    edit = {"image": b64png(PIXELS), "mask": b64png(RIGHT_HALF), "num_images": 1, "seed": 3, "steps": 5,
+            "resample_times": 3, "resample_jumps": 2}
+    events = list(read_events(open_stream(f"{server}/reg/inpaint", edit | {"stream": True})))
+    assert events[-1][0] == "result" and events[-2][1]["steps"] == 5 + 2 * 2 * 2  # RePaint's calls, counted
+    assert events[-1][1]["images"] == inpaint(f"{server}/reg", output="json", **edit).json()["images"]
+
+
+@pytest.mark.parametrize("body, field", [({"class_label": 7}, "class_label"), ({"output": "png"}, "output"),
+                                         ({"num_images": 64, "steps": 100}, "steps")])
+def test_a_stream_refused_before_it_starts_is_a_plain_422(server, body, field):
+    r = generate(f"{server}/reg/generate", stream=True, **body)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["detail"][0]["loc"] == ["body", field]
+
+
+def metric(base: str, name: str) -> float:
+    """The sum of ``name`` over its series in ``GET base/metrics`` (0 when absent)."""
+    text = requests.get(f"{base}/metrics", headers=AUTH, timeout=TIMEOUT).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("how", ["stream closed", "connection dropped"])
+def test_a_client_that_goes_away_leaves_the_batch_and_its_batch_mate_is_unchanged(server, how):
+    """Two requests share a batch; one client goes away mid-run (it closes its stream after the first progress
+    event, or drops a plain request's connection): its rows leave at the next step, the other request's bytes are
+    those it gets alone, and ``GET /metrics`` counts the cancelled request and the image-steps it saved."""
+    base, steps = f"{server}/plain", 150
+    mate = {"num_images": 2, "seed": 900, "steps": steps, "output": "json"}
+    alone = generate(f"{base}/generate", AUTH, **mate).json()
+    cancelled, saved = metric(base, "ddpm_cancelled_requests_total"), metric(base, "ddpm_cancelled_image_steps_total")
+    leaving = {"num_images": 3, "seed": 7, "steps": steps} | ({"stream": True} if how == "stream closed" else {})
+    for _ in range(3):  # sent together they normally share a batch; retry if the scheduler split them
+        with cf.ThreadPoolExecutor(1) as pool:
+            connection = post(f"{base}/generate", leaving, AUTH)
+            together = pool.submit(generate, f"{base}/generate", AUTH, **mate)
+            if how == "stream closed":
+                next(read_events(connection.getresponse(), until="progress"))  # it is sampling
+            else:
+                time.sleep(0.3)  # a plain answer's head comes with its images: wait a while instead
+            drop(connection)
+            answer = together.result().json()
+        if answer["batch"]["requests"] == 2:
+            break
+    assert answer["batch"] == {"requests": 2, "images": 5}, "the two requests never shared a batch"
+    assert answer["images"] == alone["images"]  # byte for byte
+    deadline = time.monotonic() + 20
+    while metric(base, "ddpm_cancelled_requests_total") == cancelled and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(base, "ddpm_cancelled_requests_total") == cancelled + 1
+    assert 0 < metric(base, "ddpm_cancelled_image_steps_total") - saved < 3 * steps  # left mid-run, not at the end
 
 
 def sampler_replicas(app: str) -> int:
