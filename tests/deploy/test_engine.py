@@ -135,7 +135,13 @@ def test_a_cancelled_request_leaves_the_batch_and_its_batch_mates_bytes_do_not_c
     controls[1].progress = lambda *e: (events[1].append(e), e[0] == 3 and controls[1].cancelled.set())
     queued = Queued(Job(4, "ddim", 10, 0.0, 11, 1, 2.0), 0.0)
     assert queued.control.cancel()  # no run had it: the caller counts what it saved
+    calls = []
+    hook = served.loaded.model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     outcomes = run_batch(served, [Queued(job, 0.0, c) for job, c in zip(jobs, controls)] + [queued], 4)
+    hook.remove()
+    # 6 guided images = 12 rows = 3 calls of 4 rows per step for steps 1-4 (the flag set at step 3 is read at step
+    # 4), then 3 images = 6 rows = 2 calls for steps 5-10: the cancelled rows really left the forward passes
+    assert len(calls) == 4 * 3 + 6 * 2
 
     assert isinstance(outcomes[1], Cancelled) and outcomes[1].image_steps_saved == 3 * (10 - 4)
     assert outcomes[3] == Cancelled(4 * 10, ran=False)
