@@ -119,11 +119,15 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _sampler_callback(watch: Watch | None, calls: int, rows: list[int]):
-    """``watch`` as the samplers' ``callback(i, t, x)``, keeping track of which of ``rows`` are still sampling.
+def _sampler_callback(watch: Watch | None, loaded: LoadedModel, rows: list[int], sampler: str, steps: int | None,
+                      eta: float, resample_jumps: int = 1, resample_times: int = 1):
+    """``watch`` as the samplers' ``callback(i, t, x)``, keeping track of which of ``rows`` are still sampling; the
+    model calls it reports out of are counted from the sampler's plan (and RePaint's walk).
     Returns (callback or None, a function that gives the rows left)."""
     if watch is None:
         return None, lambda: rows
+    ts = plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0]
+    calls = model_calls(len(ts), resample_jumps, resample_times)
     alive = list(rows)
 
     def callback(i: int, t: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -186,13 +190,12 @@ def generate_images(
     if forward is None:
         forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
     condition = _condition(condition, len(seeds))
-    calls = len(plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0])
     chunks = []
     for start in range(0, len(seeds), batch_size):
         part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
         x_T, generators = noise_from_seeds(part, loaded.sample_shape, device)  # (B, C, H, W), latent or pixels
         c = None if condition is None else condition.select(slice(start, start + len(part))).to(device)
-        callback, left = _sampler_callback(watch, calls, list(range(start, start + len(part))))
+        callback, left = _sampler_callback(watch, loaded, list(range(start, start + len(part))), sampler, steps, eta)
         with torch.inference_mode(), _autocast(device):
             x_0 = sample(forward, loaded.schedule, x_T, sampler=sampler, steps=steps, eta=eta,
                          prediction_type=loaded.prediction_type, condition=c, guidance_scale=guidance_scale,
@@ -244,9 +247,8 @@ def inpaint_images(
     known, masks = known.to(device), masks.to(device)
     check_mask(known, masks)  # in pixels, before a latent model's mask is pooled to the latents' grid
     check_pixels(known)
-    ts = plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0]
-    callback, left = _sampler_callback(watch, model_calls(len(ts), resample_jumps, resample_times),
-                                       list(range(len(seeds))))
+    callback, left = _sampler_callback(watch, loaded, list(range(len(seeds))), sampler, steps, eta, resample_jumps,
+                                       resample_times)
     with torch.inference_mode(), _autocast(device):
         if loaded.autoencoder is None:
             target, target_mask = known, masks

@@ -60,9 +60,11 @@ def repaint_walk(num_steps: int, jump_length: int = 1, resample_times: int = 1) 
 
 
 def model_calls(num_steps: int, jump_length: int = 1, resample_times: int = 1) -> int:
-    """The model calls of RePaint's walk (:func:`repaint_walk`): its denoising steps k -> k + 1."""
-    walk = repaint_walk(num_steps, jump_length, resample_times)
-    return sum(1 for k, k_next in zip(walk[:-1], walk[1:]) if k_next == k + 1)
+    """The model calls of RePaint's walk (:func:`repaint_walk`), its denoising steps k -> k + 1, counted without
+    walking it: num_steps + (r - 1) * j * (number of jump points k = num_steps - 1, num_steps - 1 - j, ... >= j)."""
+    if resample_times == 1:
+        return num_steps
+    return num_steps + (resample_times - 1) * jump_length * len(range(num_steps - 1, jump_length - 1, -jump_length))
 
 
 # -- masks and canvases -------------------------------------------------------------------------------------------

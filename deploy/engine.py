@@ -26,6 +26,7 @@ from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_
                   image_seeds, inpaint_images)
 from ddpm.conditioning import Condition, describe
 from ddpm.images import EditInputError, decode_edit_inputs
+from ddpm.inpainting import model_calls
 from ddpm.settings import MAX_PROMPT_BYTES, SettingError, check_for_model, guided
 from deploy.schemas import MAX_EDIT_PIXELS
 
@@ -81,12 +82,10 @@ class Job:
         return guided(self.class_label if self.class_label is not None else self.prompt, self.guidance_scale)
 
     def model_calls(self) -> int:
-        """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.repaint_walk``):
-        steps + (r - 1) * j * (number of jump points k = steps - 1, steps - 1 - j, ... >= j)."""
-        if self.edit is None or self.edit.resample_times == 1:
+        """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.model_calls``)."""
+        if self.edit is None:
             return self.steps
-        j, r = self.edit.resample_jumps, self.edit.resample_times
-        return self.steps + (r - 1) * j * len(range(self.steps - 1, j - 1, -j))
+        return model_calls(self.steps, self.edit.resample_jumps, self.edit.resample_times)
 
     def network_rows(self) -> int:
         """Rows one image sends through the U-Net: model calls x 2 when guided (conditional and null rows)."""
