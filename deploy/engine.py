@@ -421,14 +421,19 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
     return [results[i] for i in range(len(jobs))], saved
 
 
-def precheck(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejected | None:
-    """What :func:`run_batch` would refuse ``job`` for, checked before it queues (a stream answers a refusal as a
-    422 before it starts): :func:`check`, and an edit's inputs (:func:`decode_edit`)."""
+def _checked(job: Job, served: ServedModel, max_cost: int | None) -> Rejected | tuple[np.ndarray, np.ndarray] | None:
+    """:func:`check`, then an edit's inputs (:func:`decode_edit`): the refusal, the decoded (image, mask), or None."""
     checked = check(job, served, max_cost)
     if checked is None and job.edit is not None:
-        decoded = decode_edit(job.edit, served)
-        checked = decoded if isinstance(decoded, Rejected) else None
+        return decode_edit(job.edit, served)
     return checked
+
+
+def precheck(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejected | None:
+    """What :func:`run_batch` would refuse ``job`` for, checked before it queues (a stream answers a refusal as a
+    422 before it starts)."""
+    checked = _checked(job, served, max_cost)
+    return checked if isinstance(checked, Rejected) else None
 
 
 def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
@@ -442,9 +447,7 @@ def run_batch(served: ServedModel, items: list[Queued], micro_batch: int | None,
         if not item.control.take():  # its client left while it queued
             outcomes[i] = Cancelled(item.job.num_images * item.job.model_calls(), ran=False)
             continue
-        checked = check(item.job, served, max_cost)
-        if checked is None and item.job.edit is not None:
-            checked = decode_edit(item.job.edit, served)
+        checked = _checked(item.job, served, max_cost)
         if isinstance(checked, Rejected):
             outcomes[i] = checked
         elif checked is not None:
