@@ -21,7 +21,7 @@ from .images import encode_png, from_uint8, make_grid, to_uint8
 from .inpainting import inpaint, outpaint_canvas
 from .losses import diffusion_loss
 from .metrics import frechet_distance, frechet_distance_features, precision_recall
-from .sampling import DEFAULT_STEPS, SAMPLERS, noise_from_seeds, sample, score, timesteps
+from .sampling import DEFAULT_STEPS, SAMPLERS, noise_from_seeds, sample, score, strength_steps, timesteps
 from .schedule import NoiseSchedule
 from .training import lr_at, train_step
 from .unet import UNet, UNetConfig, count_parameters
@@ -32,6 +32,6 @@ __all__ = [
     "count_parameters", "diffusion_loss", "encode_png", "encode_prompts", "fixed_size_forward", "frechet_distance",
     "frechet_distance_features", "from_labels", "from_uint8", "generate_images", "image_seeds", "inpaint",
     "inpaint_images", "lr_at",
-    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "text", "timesteps",
+    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "strength_steps", "text", "timesteps",
     "to_uint8", "train_step",
 ]

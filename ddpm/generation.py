@@ -120,13 +120,13 @@ def _autocast(device: torch.device):
 
 
 def _sampler_callback(watch: Watch | None, loaded: LoadedModel, rows: list[int], sampler: str, steps: int | None,
-                      eta: float, resample_jumps: int = 1, resample_times: int = 1):
+                      eta: float, resample_jumps: int = 1, resample_times: int = 1, strength: float = 1.0):
     """``watch`` as the samplers' ``callback(i, t, x)``, keeping track of which of ``rows`` are still sampling; the
     model calls it reports out of are counted from the sampler's plan (and RePaint's walk).
     Returns (callback or None, a function that gives the rows left)."""
     if watch is None:
         return None, lambda: rows
-    ts = plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type)[0]
+    ts = plan(loaded.schedule, sampler, steps, "trailing", eta, "fixed_small", loaded.prediction_type, strength)[0]
     calls = model_calls(len(ts), resample_jumps, resample_times)
     alive = list(rows)
 
@@ -214,7 +214,7 @@ def inpaint_images(
     loaded: LoadedModel,
     seeds: Sequence[int],
     known: torch.Tensor,
-    masks: torch.Tensor,
+    masks: torch.Tensor | None,
     *,
     condition: Condition | None = None,
     sampler: str = "ddim",
@@ -223,15 +223,18 @@ def inpaint_images(
     guidance_scale: float = 1.0,
     resample_jumps: int = 1,
     resample_times: int = 1,
+    strength: float = 1.0,
     forward_rows: int | None = FORWARD_ROWS,
     forward: Model | None = None,
     watch: Watch | None = None,
 ) -> np.ndarray:
     """RePaint (:func:`ddpm.inpainting.inpaint`) with the same seed and kernel rules as :func:`generate_images`.
 
-    known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate.
-    Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for :func:`generate_images`)
-    is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8 whose kept pixels
+    known: (N, C, H, W) images in [-1, 1], one per seed; masks: (N, 1, H, W) or (N, C, H, W), 1 = generate, or
+    None for the whole image. strength in (0, 1]: below 1 the masked region starts from the image noised to that
+    share of the plan (SDEdit; :func:`ddpm.inpaint`), so an edit keeps the image's layout; with no mask that is
+    editing the whole image. Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for
+    :func:`generate_images`) is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8 whose kept pixels
     equal ``known``'s. watch: as for :func:`generate_images`, after each model call (RePaint's re-denoising included).
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
@@ -244,11 +247,13 @@ def inpaint_images(
         raise ValueError(f"got {known.shape[0]} images for {len(seeds)} seeds")
     generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
     condition = _condition(condition, len(seeds))
+    if masks is None:  # edit everything
+        masks = torch.ones(known.shape[0], 1, *known.shape[2:])
     known, masks = known.to(device), masks.to(device)
     check_mask(known, masks)  # in pixels, before a latent model's mask is pooled to the latents' grid
     check_pixels(known)
     callback, left = _sampler_callback(watch, loaded, list(range(len(seeds))), sampler, steps, eta, resample_jumps,
-                                       resample_times)
+                                       resample_times, strength)
     with torch.inference_mode(), _autocast(device):
         if loaded.autoencoder is None:
             target, target_mask = known, masks
@@ -260,8 +265,8 @@ def inpaint_images(
         x_0 = inpaint(forward, loaded.schedule, target, target_mask, sampler=sampler, steps=steps,
                       eta=eta, prediction_type=loaded.prediction_type,
                       condition=None if condition is None else condition.to(device), guidance_scale=guidance_scale,
-                      resample_jumps=resample_jumps, resample_times=resample_times, generator=generators,
-                      callback=callback)
+                      resample_jumps=resample_jumps, resample_times=resample_times, strength=strength,
+                      generator=generators, callback=callback)
         rows = torch.tensor(left(), dtype=torch.long, device=device)  # the images still there: all, without a watch
         if loaded.autoencoder is not None and len(rows):
             x_0 = _to_pixels(loaded, x_0, forward_rows)

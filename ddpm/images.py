@@ -115,12 +115,13 @@ def _stretch(pixels: np.ndarray, size: int, resample) -> np.ndarray:
     return np.array(img, dtype=np.uint8).reshape(size, size, channels)
 
 
-def decode_edit_inputs(image: bytes, mask: bytes, *, size: int, channels: int, resize: bool = False,
+def decode_edit_inputs(image: bytes, mask: bytes | None, *, size: int, channels: int, resize: bool = False,
                        resize_hint: str = "", max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The image and mask of an edit, checked against each other and against a ``size`` x ``size`` model.
 
     image: encoded bytes, converted to the model's ``channels`` (1 grey, 3 RGB; transparency onto white).
-    mask: encoded bytes of the same size, black (0) = keep and white (255) = generate, no other grey level, some white.
+    mask: encoded bytes of the same size, black (0) = keep and white (255) = generate, no other grey level, some white;
+    None: the whole image (an edit of all of it).
     resize: stretch both to the model's size (image LANCZOS, mask nearest-neighbour so it stays black and white)
     instead of rejecting another size; ``resize_hint`` is appended to that rejection (how to ask for a resize).
 
@@ -136,15 +137,17 @@ def decode_edit_inputs(image: bytes, mask: bytes, *, size: int, channels: int, r
             raise EditInputError(field, str(exc)) from None
 
     pixels = read("image", image, "L" if channels == 1 else "RGB")  # (H, W, C)
-    levels = read("mask", mask, "L")[..., 0]  # (H, W)
-    other = np.unique(levels[(levels != 0) & (levels != 255)])
-    if other.size:
-        raise EditInputError("mask", f"the mask must be black (0 = keep) and white (255 = generate) only; found "
-                                     f"{other.size} other grey level{'s' if other.size > 1 else ''} "
-                                     f"(e.g. {int(other[0])})")
-    generate = levels == 255  # (H, W)
-    if not generate.any():
-        raise EditInputError("mask", "the mask is all black, so there is nothing to generate (white = generate)")
+    generate = np.ones(pixels.shape[:2], dtype=bool)  # (H, W): no mask edits the whole image
+    if mask is not None:
+        levels = read("mask", mask, "L")[..., 0]  # (H, W)
+        other = np.unique(levels[(levels != 0) & (levels != 255)])
+        if other.size:
+            raise EditInputError("mask", f"the mask must be black (0 = keep) and white (255 = generate) only; found "
+                                         f"{other.size} other grey level{'s' if other.size > 1 else ''} "
+                                         f"(e.g. {int(other[0])})")
+        generate = levels == 255  # (H, W)
+        if not generate.any():
+            raise EditInputError("mask", "the mask is all black, so there is nothing to generate (white = generate)")
     (h, w), (mh, mw) = pixels.shape[:2], generate.shape
     if (mh, mw) != (h, w):
         raise EditInputError("mask", f"the mask is {mw}x{mh} but the image is {w}x{h}; they must match")

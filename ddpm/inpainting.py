@@ -132,6 +132,7 @@ def inpaint(
     guidance_scale: float = 1.0,
     resample_jumps: int = 1,
     resample_times: int = 1,
+    strength: float = 1.0,
     clip_x0: bool = False,
     generator: Generator = None,
     callback: Callback | None = None,
@@ -150,6 +151,11 @@ def inpaint(
     replacement): after reaching every j-th timestep of the list, go forward j timesteps and denoise them again,
     r - 1 times (:func:`repaint_walk`). Cost: about r times the model calls of ``steps``. The paper uses j = 10,
     r = 10 with 250 DDPM steps.
+    strength: in (0, 1]; below 1 the walk starts from the image itself, noised by the forward process to the
+    plan's ``strength`` share (SDEdit, Meng et al. 2022; :func:`ddpm.sampling.strength_steps`),
+    x_{t_0} = sqrt(ab_{t_0}) image + sqrt(1 - ab_{t_0}) z, so the masked region keeps the image's layout and colours
+    to a degree that falls as strength rises; 1 starts from pure noise x_T, as generation does. With a mask of
+    ones this is SDEdit's editing of the whole image "with new conditions" (a new prompt or class).
     generator: as for ``sample``; with a list, image i draws x_T, the known region's forward noise and every
     sampler and jump noise from ``generator[i]`` alone.
     callback(i, t, x): as for ``sample``, after each model call i (resampling jumps call no model); returning a
@@ -160,7 +166,7 @@ def inpaint(
     (:func:`ddpm.sampling.score`) of the joint distribution, never told about the mask.
     """
     generate = check_mask(image, mask).bool()  # (B, 1 or C, H, W), True = generate
-    ts, ab = plan(schedule, sampler, steps, spacing, eta, "fixed_small", prediction_type)
+    ts, ab = plan(schedule, sampler, steps, spacing, eta, "fixed_small", prediction_type, strength)
     n = len(ts)
     if resample_times > 1 and n == 1:
         raise ValueError("resampling needs at least 2 steps")
@@ -172,8 +178,10 @@ def inpaint(
     device = x0_known.device
     condition = None if condition is None else as_condition(condition).to(device)  # a prompt repaints to it
 
-    # 1. x_T ~ N(0, I)
+    # 1. x_T ~ N(0, I); an edit (strength < 1) starts at t_0 from the noised image, q(x_{t_0} | x_0 = image)
     x = randn(x0_known.shape, generator, device)  # (B, C, H, W)
+    if strength < 1:
+        x = schedule.q_sample(x0_known, torch.full((x.shape[0],), ts[0], device=device), x)
     history = None  # DPM-Solver++'s previous (x_0, lambda)
     calls = 0  # model calls so far
 

@@ -60,6 +60,17 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list
     return ts
 
 
+def strength_steps(steps: int, strength: float) -> int:
+    """How many of a ``steps``-step plan an edit of ``strength`` in (0, 1] runs: round(strength x steps), at least 1.
+
+    SDEdit (Meng et al. 2022): noise the image to t_0 ~ strength x T with the forward process and denoise from
+    there. On a plan t_0 > ... > t_{N-1} it runs the last ``strength_steps`` timesteps (diffusers' img2img does the
+    same), so ``steps`` keeps its meaning, "the spacing of the whole plan", and an edit costs that share of it."""
+    if isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return max(1, round(steps * strength))
+
+
 def randn(shape: Sequence[int], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise of ``shape`` (B, ...); with a list of generators, row i comes from generator i."""
     if isinstance(generator, (list, tuple)):
@@ -218,8 +229,9 @@ def update(sampler: str, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, a
 
 
 def plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str, eta: float, variance: str,
-          prediction_type: str) -> tuple[list[int], list[float]]:
-    """Validate the shared settings; return the timesteps (descending) and alpha_bar as Python floats (float64)."""
+          prediction_type: str, strength: float = 1.0) -> tuple[list[int], list[float]]:
+    """Validate the shared settings; return the timesteps (descending) and alpha_bar as Python floats (float64).
+    strength < 1 (an edit): only the last :func:`strength_steps` of the timesteps."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if not 0 <= eta <= 1:  # beyond 1, sigma^2 can exceed 1 - ab_prev and the eps term's sqrt has nothing left
@@ -227,6 +239,7 @@ def plan(schedule: NoiseSchedule, sampler: str, steps: int | None, spacing: str,
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"unknown variance {variance!r}; expected 'fixed_small' or 'fixed_large'")
     ts = timesteps(schedule.num_timesteps, DEFAULT_STEPS[sampler] if steps is None else steps, spacing)
+    ts = ts[len(ts) - strength_steps(len(ts), strength):]
     ab = schedule.alphas_cumprod.tolist()  # python floats in float64: step coefficients are exact scalars
     if ab[ts[0]] == 0.0 and prediction_type == "epsilon":
         raise ValueError("alpha_bar = 0 at the first step (zero terminal SNR): x_0 cannot be recovered from an "

@@ -14,7 +14,7 @@ import math
 from numbers import Integral, Real
 
 from .conditioning import guided
-from .sampling import DEFAULT_STEPS, SAMPLERS
+from .sampling import DEFAULT_STEPS, SAMPLERS, strength_steps
 
 MAX_STEPS = 1000  # the longest chain a request may ask for (the schedules here have T = 1000)
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) mod 2^32
@@ -61,9 +61,10 @@ def _prompt(field: str, value) -> None:
 def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, seed: int | None = 0,
                    class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
                    resample_times: int | None = None, num_images: int | None = None, prompt: str | None = None,
-                   negative_prompt: str | None = None) -> None:
+                   negative_prompt: str | None = None, strength: float | None = None) -> None:
     """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
-    error); ``seed`` None means "draw one"; the resample settings are checked when given (inpainting);
+    error); ``seed`` None means "draw one"; the resample settings and an edit's ``strength`` in (0, 1] are checked
+    when given (inpainting, edits);
     ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits).
     ``prompt`` None or "" is unconditional; a non-empty ``negative_prompt`` needs a non-empty prompt and guidance
     (w != 1), since only the guided prediction neg + w (cond - neg) reads it."""
@@ -97,10 +98,16 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
         _int("resample_jumps", resample_jumps, 1, MAX_STEPS)
     if resample_times is not None:
         _int("resample_times", resample_times, 1, MAX_RESAMPLE_TIMES)
+    if strength is not None:
+        _float("strength", strength, -math.inf)  # a finite number
+        if not 0 < strength <= 1:  # 0 would leave the image as it is
+            raise SettingError("strength", f"must be in (0, 1], got {strength:g}")
     if resample_jumps is not None and resample_times is not None and resample_times > 1:
         n = steps if steps is not None else DEFAULT_STEPS[sampler]
+        n = n if strength is None else strength_steps(n, strength)  # the steps an edit runs
         if not resample_jumps < n:  # a jump goes back j listed steps: there must be j steps below the first one
-            raise SettingError("resample_jumps", f"must be in [1, steps - 1] = [1, {n - 1}] to resample (or use "
+            ran = "steps - 1" if strength is None or strength == 1 else "the steps the edit runs - 1"
+            raise SettingError("resample_jumps", f"must be in [1, {ran}] = [1, {n - 1}] to resample (or use "
                                                  f"resample_times 1); got {resample_jumps}")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_labels, from_uint8, generate_images,
-                  image_seeds, inpaint_images)
+                  image_seeds, inpaint_images, strength_steps)
 from ddpm.conditioning import Condition, describe
 from ddpm.images import EditInputError, decode_edit_inputs
 from ddpm.inpainting import model_calls
@@ -34,14 +34,16 @@ from deploy.schemas import MAX_EDIT_PIXELS
 # -- the work, as plain data ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Edit:
-    """What ``POST /inpaint`` adds to a job: the image and mask as sent (encoded, decoded by the replica against the
-    model that runs the job) and RePaint's resampling settings (``ddpm.inpaint``)."""
+    """What ``POST /inpaint`` and ``POST /edit`` add to a job: the image and mask as sent (encoded, decoded by the
+    replica against the model that runs the job; no mask: the whole image), RePaint's resampling settings and the
+    edit's strength (SDEdit: below 1 the masked region starts from the noised image; ``ddpm.inpaint``)."""
 
     image: bytes
-    mask: bytes
+    mask: bytes | None
     resize: bool = False
     resample_jumps: int = 1
     resample_times: int = 1
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Job:
         """
         conditional = self.class_label is not None
         resampling = None if self.edit is None else (
-            (self.edit.resample_jumps, self.edit.resample_times) if self.edit.resample_times > 1 else (1, 1))
+            (self.edit.resample_jumps, self.edit.resample_times) if self.edit.resample_times > 1 else (1, 1),
+            self.edit.strength)
         return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0,
                 self.guidance_scale if self.guided() else 1.0, conditional, resampling)
 
@@ -82,10 +85,12 @@ class Job:
         return guided(self.class_label if self.class_label is not None else self.prompt, self.guidance_scale)
 
     def model_calls(self) -> int:
-        """Network evaluations per image: ``steps``, plus RePaint's re-denoising (``ddpm.inpainting.model_calls``)."""
+        """Network evaluations per image: ``steps``; an edit's share of them (``ddpm.strength_steps``) plus RePaint's
+        re-denoising (``ddpm.inpainting.model_calls``)."""
         if self.edit is None:
             return self.steps
-        return model_calls(self.steps, self.edit.resample_jumps, self.edit.resample_times)
+        return model_calls(strength_steps(self.steps, self.edit.strength), self.edit.resample_jumps,
+                           self.edit.resample_times)
 
     def network_rows(self) -> int:
         """Rows one image sends through the U-Net: model calls x 2 when guided (conditional and null rows)."""
@@ -269,13 +274,13 @@ def check(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejecte
         return Rejected(exc.field, exc.reason + hint)
     cost = served.cost(job)
     if max_cost is not None and cost > max_cost:
-        calls = job.model_calls()
-        terms = f"{calls} model calls" + (" (steps plus RePaint's resampling)" if calls != job.steps else "")
+        calls, resampling = job.model_calls(), job.edit is not None and job.edit.resample_times > 1
+        terms = f"{calls} model calls" + (" (steps plus RePaint's resampling)" if resampling else "")
         terms += " x 2 rows for guidance" if job.guided() else ""
         codec = served.codec_rows
         terms += f" + {codec['decode']} to decode the latents" if codec["decode"] else ""
         terms += f" + {codec['encode']} to encode the image" if codec["encode"] and job.edit is not None else ""
-        return Rejected("steps" if calls == job.steps else "resample_times",
+        return Rejected("resample_times" if resampling else "steps",
                         f"{job.num_images} images x ({terms}) = {cost} U-Net rows exceeds this server's budget of "
                         f"{max_cost} per request")
     return None
@@ -407,7 +412,8 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
         else:
             known, masks = _edit_batch(group, [edits[i] for i in members], served.device)  # (N, C, H, W), (N, 1, H, W)
             images = inpaint_images(served.loaded, seeds, known, masks, resample_jumps=settings.edit.resample_jumps,
-                                    resample_times=settings.edit.resample_times, **common)
+                                    resample_times=settings.edit.resample_times, strength=settings.edit.strength,
+                                    **common)
         offset = 0
         for k, (i, job) in enumerate(zip(members, group)):
             if k in watch.left:

@@ -34,7 +34,7 @@ from ddpm import DEFAULT_STEPS, encode_png, make_grid
 from ddpm.settings import MAX_IMAGES, SettingError, check_settings
 from deploy.engine import Edit, Generated, Job, Outcome, Rejected
 from deploy.metrics import CONTENT_TYPE, IngressMetrics, MetricsMiddleware
-from deploy.schemas import MAX_EDIT_BASE64, GenerateRequest, InpaintRequest
+from deploy.schemas import MAX_EDIT_BASE64, EditRequest, GenerateRequest, InpaintRequest
 
 log = logging.getLogger("ray.serve")
 
@@ -43,14 +43,15 @@ PUBLIC_PATHS = frozenset({"/healthz", "/"})
 STATS_TIMEOUT_S = 2.0  # how long GET /metrics waits for a Sampler replica's fresh counters
 PLAYGROUND = Path(__file__).with_name("static") / "index.html"
 # The largest request body a route reads, refused (413) before anything parses it: /generate's JSON is a few hundred
-# bytes, /inpaint's carries two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
+# bytes, /inpaint's and /edit's carry two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
 MAX_BODY_BYTES = 64 * 2**10
-MAX_BODY_BYTES_BY_PATH = {"/inpaint": 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES}
+MAX_BODY_BYTES_BY_PATH = {path: 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES for path in ("/inpaint", "/edit")}
 
 api = FastAPI(
     title="DDPM sampler",
     description="POST /generate samples images from the served diffusion model; POST /inpaint fills the white part "
-                "of a mask in an image with it; GET /v1/model describes it.",
+                "of a mask in an image with it; POST /edit redraws an image (or its masked part) toward a new prompt "
+                "or class; GET /v1/model describes it.",
 )
 
 
@@ -145,7 +146,8 @@ def _base64(field: str, text: str) -> bytes:
 def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
     """The body's job with its defaults filled in (the sampler's step count, a random seed when none is given), after
     the rules every door applies (``ddpm.settings.check_settings``, what ``ddpm generate`` and the pyfunc model use)."""
-    resample = {} if edit is None else {"resample_jumps": edit.resample_jumps, "resample_times": edit.resample_times}
+    resample = {} if edit is None else {"resample_jumps": edit.resample_jumps, "resample_times": edit.resample_times,
+                                        "strength": edit.strength}
     try:
         check_settings(sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
                        class_label=body.class_label, guidance_scale=body.guidance_scale,
@@ -252,9 +254,19 @@ class Ingress:
     @api.post("/inpaint")
     async def inpaint(self, body: InpaintRequest) -> Response:
         """Fill the white part of ``mask`` in ``image``; answers like ``/generate``, one image per seed."""
+        return await self._edit(body)
+
+    @api.post("/edit")
+    async def edit(self, body: EditRequest) -> Response:
+        """Edit ``image`` (or the white part of ``mask``) toward the request's prompt or class, keeping its layout
+        to a degree set by ``strength`` (SDEdit); answers like ``/generate``, one image per seed."""
+        return await self._edit(body)
+
+    async def _edit(self, body: EditRequest) -> Response:
         started = time.monotonic()
-        edit = Edit(_base64("image", body.image), _base64("mask", body.mask), body.resize, body.resample_jumps,
-                    body.resample_times)
+        mask = None if body.mask is None else _base64("mask", body.mask)
+        edit = Edit(_base64("image", body.image), mask, body.resize, body.resample_jumps, body.resample_times,
+                    body.strength)
         return await self._answer(_job(body, edit), body, started)
 
     async def _answer(self, job: Job, body: GenerateRequest, started: float) -> Response:

@@ -30,7 +30,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0
                    30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images (or requests) per batch
 # Routes get their own label value; anything else (a scanner's guesses) is "other", so that label sets stay few.
-ROUTES = frozenset({"/generate", "/inpaint", "/v1/model", "/healthz", "/metrics", "/", "/docs", "/openapi.json"})
+ROUTES = frozenset({"/generate", "/inpaint", "/edit", "/v1/model", "/healthz", "/metrics", "/", "/docs",
+                    "/openapi.json"})
 MAX_REPLICAS = 64  # snapshots kept, newest first; older ones belong to replicas long gone
 
 

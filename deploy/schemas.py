@@ -3,7 +3,8 @@
 Three layers of settings, each validated where it enters:
 
 - :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number);
-  :class:`InpaintRequest`, that of ``POST /inpaint``, adds the image, the mask and RePaint's settings. Their bounds
+  :class:`EditRequest`, that of ``POST /edit``, adds an image, an optional mask, the edit's strength and RePaint's
+  settings; :class:`InpaintRequest`, that of ``POST /inpaint``, is an edit whose mask is required. Their bounds
   come from ``ddpm.settings``, whose ``check_settings`` the ingress also applies: the rules of ``ddpm generate``.
 - :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
   and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
@@ -56,16 +57,34 @@ class GenerateRequest(BaseModel):
                                             "(event: progress), then the JSON answer of output json (event: result)")
 
 
-class InpaintRequest(GenerateRequest):
-    """The body of ``POST /inpaint``: ``image`` and ``mask`` plus the settings of ``POST /generate``; each of the
-    ``num_images`` results fills the same image with the next seed. With a ``prompt`` (a text model), the masked
-    region is repainted to that description."""
+class EditRequest(GenerateRequest):
+    """The body of ``POST /edit``: an ``image``, optionally a ``mask``, and a ``strength``, plus the settings of
+    ``POST /generate``. The image (or its masked region) is noised to the plan's ``strength`` share and denoised with
+    the request's condition, e.g. a new prompt (SDEdit, ``ddpm.inpaint``); each of the ``num_images`` results edits
+    the same image with the next seed."""
 
     image: str = Field(min_length=1, max_length=MAX_EDIT_BASE64, description="base64 PNG (or JPEG, WebP, BMP, GIF)")
-    mask: str = Field(min_length=1, max_length=MAX_EDIT_BASE64,
-                      description="base64 PNG of the image's size: white (255) = generate, black (0) = keep")
+    mask: str | None = Field(None, min_length=1, max_length=MAX_EDIT_BASE64,
+                             description="base64 PNG of the image's size: white (255) = generate, black (0) = keep; "
+                                         "null: edit the whole image")
+    strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False,
+                            description="how far the image is noised, in (0, 1]: the edit runs that share of the "
+                                        "steps; low keeps the image's layout and colours, 1 ignores them")
     resize: bool = Field(False, description="stretch image and mask to the model's size instead of rejecting")
     resample_jumps: int = Field(1, ge=1, le=MAX_STEPS, description="RePaint's jump length j")
+    resample_times: int = Field(1, ge=1, le=MAX_RESAMPLE_TIMES,
+                                description="RePaint's resampling count r; 1 = plain replacement; ~r x the cost")
+
+
+class InpaintRequest(EditRequest):
+    """The body of ``POST /inpaint``: ``POST /edit`` with a ``mask`` required, the masked region started from pure
+    noise (``strength`` 1) and RePaint's resampling on by default; the kept pixels come back exactly. With a
+    ``prompt`` (a text model), the masked region is repainted to that description."""
+
+    mask: str = Field(min_length=1, max_length=MAX_EDIT_BASE64,
+                      description="base64 PNG of the image's size: white (255) = generate, black (0) = keep")
+    strength: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                            description="below 1 the masked region starts from the noised image (SDEdit)")
     resample_times: int = Field(10, ge=1, le=MAX_RESAMPLE_TIMES,
                                 description="RePaint's resampling count r; 1 = plain replacement; ~r x the cost")
 

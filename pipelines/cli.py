@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",
+    "edit": "pipelines.commands.edit",
     "evaluate": "pipelines.commands.evaluate",
     "serve": "deploy.cli",
     "pipeline": "pipelines.commands.pipeline",

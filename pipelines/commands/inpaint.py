@@ -29,13 +29,13 @@ More resampling (--resample-times) harmonises the filled region with the kept on
 """
 
 
-def read_inputs(image_path: str, mask_path: str, size: int, channels: int, resize: bool):
-    """The two files -> (image (size, size, C) uint8, generate (size, size) bool), checked by
-    ``ddpm.images.decode_edit_inputs`` (what ``POST /inpaint`` uses too); errors name the file at fault."""
+def read_inputs(image_path: str, mask_path: str | None, size: int, channels: int, resize: bool):
+    """The two files (no mask: the whole image) -> (image (size, size, C) uint8, generate (size, size) bool), checked
+    by ``ddpm.images.decode_edit_inputs`` (what ``POST /inpaint`` uses too); errors name the file at fault."""
     from ddpm.images import EditInputError, decode_edit_inputs
 
-    paths = {"image": image_path, "mask": mask_path}
-    data = {}
+    paths = {"image": image_path} | ({} if mask_path is None else {"mask": mask_path})
+    data = {"mask": None}
     for field, path in paths.items():
         try:
             data[field] = Path(path).read_bytes()
@@ -50,14 +50,21 @@ def read_inputs(image_path: str, mask_path: str, size: int, channels: int, resiz
         raise UserError(f"{paths[exc.field]}: {exc}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
+    """The flags of ``ddpm inpaint``; with ``edit``, those of ``ddpm edit`` (pipelines.commands.edit): the mask
+    optional, ``--strength`` 0.8 and no resampling by default."""
     from ddpm import SAMPLERS
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
     parser.add_argument("--image", required=True, metavar="FILE", help="the image to complete (PNG, JPEG, ...)")
-    parser.add_argument("--mask", required=True, metavar="FILE",
-                        help="black-and-white image of the same size: white = generate, black = keep")
+    parser.add_argument("--mask", required=not edit, default=None, metavar="FILE",
+                        help="black-and-white image of the same size: white = generate, black = keep"
+                             + (" (default: the whole image)" if edit else ""))
+    parser.add_argument("--strength", type=float, default=0.8 if edit else 1.0, metavar="S",
+                        help="in (0, 1]: how far the image is noised before it is denoised with the new condition "
+                             "(SDEdit); runs that share of the steps; low keeps the image's layout, 1 starts from "
+                             f"pure noise (default: {0.8 if edit else 1})")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the result (PNG)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     parser.add_argument("--steps", type=int, default=None, metavar="S",
@@ -75,9 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
     parser.add_argument("--resample-jumps", type=int, default=1, metavar="J",
                         help="RePaint's jump length j: how many steps each resampling goes back up (default: 1)")
-    parser.add_argument("--resample-times", type=int, default=10, metavar="R",
+    parser.add_argument("--resample-times", type=int, default=1 if edit else 10, metavar="R",
                         help="RePaint's resampling count r; 1 = plain replacement, faster but biased toward "
-                             "the model's prior; cost is about R times the steps (default: 10)")
+                             f"the model's prior; cost is about R times the steps (default: {1 if edit else 10})")
     parser.add_argument("--resize", action="store_true",
                         help="stretch image and mask to the model's size instead of rejecting another size")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
@@ -97,11 +104,11 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: must end in .png")
-    try:  # the rules of POST /inpaint, before anything is loaded
+    try:  # the rules of POST /inpaint and /edit, before anything is loaded
         check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
                        resample_jumps=args.resample_jumps, resample_times=args.resample_times, prompt=args.prompt,
-                       negative_prompt=args.negative_prompt)
+                       negative_prompt=args.negative_prompt, strength=args.strength)
     except SettingError as exc:
         raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
@@ -124,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
                                      negative_prompts=args.negative_prompt)
         filled = inpaint_images(loaded, [args.seed], known, mask, condition=condition, sampler=args.sampler,
                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                                resample_jumps=args.resample_jumps, resample_times=args.resample_times)[0]  # (H, W, C)
+                                resample_jumps=args.resample_jumps, resample_times=args.resample_times,
+                                strength=args.strength)[0]  # (H, W, C)
     except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps
         raise UserError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

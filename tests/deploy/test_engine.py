@@ -151,3 +151,29 @@ def test_a_cancelled_request_leaves_the_batch_and_its_batch_mates_bytes_do_not_c
         assert events[k] == [(i, 10, 0) for i in range(1, 11)] + [(10, 10, jobs[k].num_images)]
     assert events[1] == [(i, 10, 0) for i in range(1, 4)]
     assert outcomes[0].batch == {"requests": 3, "images": 6}  # the queued-and-cancelled one never joined it
+
+
+def test_an_edit_costs_its_share_of_the_steps_and_runs_the_core_edit():
+    """An edit of strength s runs round(s x steps) model calls (``ddpm.strength_steps``), so it costs and reports
+    that many, and its resampling counts over them; edits of different strengths never share a core call; a job
+    without a mask is the core's edit of the whole image, byte for byte, alone or beside another request."""
+    from ddpm import encode_png, from_uint8, inpaint_images
+    from deploy.engine import Edit, Generated, Job, Queued, check, run_batch
+
+    served = tiny_served()
+    pixels = (torch.rand(8, 8, 1, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    half = Job(4, "ddim", 10, 0.0, 3, 1, 1.0, Edit(encode_png(pixels), None, strength=0.5))
+    assert half.model_calls() == 5 and served.cost(half) == 4 * 5
+    resampled = Job(1, "ddim", 10, 0.0, 3, 1, 1.0, Edit(b"", None, resample_jumps=2, resample_times=3, strength=0.5))
+    assert resampled.model_calls() == 5 + 2 * 2 * 2  # jump points 4 and 2 of the 5 steps, 2 more passes of 2 steps
+    refused = check(resampled, served, max_cost=12)
+    assert refused.field == "resample_times" and "13 model calls (steps plus RePaint's resampling)" in refused.message
+    whole = Job(2, "ddim", 10, 0.0, 9, 2, 1.0, Edit(encode_png(pixels), None, strength=1.0))
+    assert half.batch_key() != whole.batch_key()
+
+    [alone] = run_batch(served, [Queued(half, 0.0)], 16)
+    both = run_batch(served, [Queued(half, 0.0), Queued(whole, 0.0)], 16)
+    assert isinstance(alone, Generated) and all(isinstance(o, Generated) for o in both)
+    core = inpaint_images(served.loaded, half.seeds(), from_uint8(pixels[None]).expand(4, -1, -1, -1), None,
+                          condition=torch.tensor([1] * 4), steps=10, strength=0.5, forward_rows=16)
+    assert alone.images.tobytes() == both[0].images.tobytes() == core.tobytes()

@@ -165,6 +165,20 @@ def test_edit_mode_inpaints_a_painted_stroke(endpoint, browser, tmp_path):
     assert page.text_content(".error[data-for='mask']") == "" and "2 images in" in page.text_content("#status")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "playground-edit.png"), full_page=True)
+
+    # nothing painted and a strength below 1: SDEdit of the whole image (POST /edit without a mask)
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data_json)) if r.method == "POST" else None)
+    page.click("#mask-clear")
+    page.fill("#strength", "0.6")
+    page.fill("#resample_times", "1")
+    page.evaluate("document.getElementById('status').textContent = ''")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.includes('2 images in') || "
+                           "[...document.querySelectorAll('.error')].some(e => e.textContent)", timeout=120_000)
+    assert page.eval_on_selector_all(".error", "es => es.map(e => e.textContent).filter(t => t)") == []
+    [(url, body)] = sent
+    assert url.endswith("/edit") and "mask" not in body and body["strength"] == 0.6 and body["image"]
     page.close()
 
 

@@ -47,7 +47,7 @@ def test_the_openapi_schema_documents_the_prompt_fields():
     from deploy.ingress import api
 
     schemas = api.openapi()["components"]["schemas"]
-    for name in ("GenerateRequest", "InpaintRequest"):
+    for name in ("GenerateRequest", "InpaintRequest", "EditRequest"):
         fields = schemas[name]["properties"]
         assert "takes_prompt" in fields["prompt"]["description"] and {"type": "string", "maxLength": 1000} in fields["prompt"]["anyOf"]
         assert "guidance_scale" in fields["negative_prompt"]["description"]
@@ -56,6 +56,15 @@ def test_the_openapi_schema_documents_the_prompt_fields():
 def test_request_defaults():
     body = GenerateRequest()
     assert (body.num_images, body.sampler, body.steps, body.output) == (4, "ddim", None, "png")
+    from pydantic import ValidationError
+
+    from deploy.schemas import EditRequest, InpaintRequest
+
+    edit, inpaint = EditRequest(image="x"), InpaintRequest(image="x", mask="y")
+    assert (edit.mask, edit.strength, edit.resample_times) == (None, 0.8, 1)  # SDEdit's: the whole image, noised
+    assert (inpaint.strength, inpaint.resample_times) == (1.0, 10)  # RePaint's: the mask's region from pure noise
+    with pytest.raises(ValidationError):
+        InpaintRequest(image="x")  # /inpaint needs its mask
 
 
 # Values on both sides of every bound of the request rules, and the types JSON can carry.
@@ -69,6 +78,7 @@ SETTING_VALUES = {
     "guidance_scale": [0.0, 1.0, 3.5, -0.5],
     "resample_jumps": [1, 4, 5, 0],
     "resample_times": [1, 2, 100, 101, 0],
+    "strength": [1.0, 0.5, 0.01, 0.0, -0.5, 1.5],
     # "é" is 2 bytes of UTF-8: 400 of them fit MAX_PROMPT_BYTES (1000), 501 do not, in fewer than 1000 characters
     "prompt": [None, "", "a red circle", "é" * 400, "é" * 501, "x" * 1001, "\ud800", 3],
     "negative_prompt": [None, "", "a blue square", "é" * 501, ["a"]],
@@ -76,7 +86,7 @@ SETTING_VALUES = {
 
 
 def test_the_endpoint_and_the_command_line_accept_the_same_settings():
-    """One set of rules: for every combination hypothesis draws, POST /inpaint's body validation (pydantic, then
+    """One set of rules: for every combination hypothesis draws, POST /edit's body validation (pydantic, then
     the ingress's ``_job``) accepts exactly what ``ddpm.settings.check_settings`` (the CLI's and the pyfunc model's
     rule) accepts. The ingress applies the core's rule itself, so the endpoint can only be stricter: a pydantic
     bound tighter than the core's (or a rule added to the schema alone) fails here."""
@@ -88,7 +98,7 @@ def test_the_endpoint_and_the_command_line_accept_the_same_settings():
     from pydantic import ValidationError
 
     from ddpm.settings import SettingError, check_settings
-    from deploy.schemas import InpaintRequest
+    from deploy.schemas import EditRequest
     from deploy.engine import Edit
     from deploy.ingress import _job
 
@@ -103,8 +113,8 @@ def test_the_endpoint_and_the_command_line_accept_the_same_settings():
         except SettingError as exc:
             core = exc.field
         try:
-            body = InpaintRequest(image=png, mask=png, **values)
-            _job(body, Edit(b"", b"", False, body.resample_jumps, body.resample_times))
+            body = EditRequest(image=png, mask=png, **values)
+            _job(body, Edit(b"", b"", False, body.resample_jumps, body.resample_times, body.strength))
             http = None
         except ValidationError as exc:
             http = exc.errors()[0]["loc"][0]

@@ -411,6 +411,60 @@ def test_inpaint_needs_the_api_key(server):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
+# -- POST /edit -----------------------------------------------------------------------------------------------------
+def edit(url: str, headers: dict | None = None, **body) -> requests.Response:
+    body = {"image": b64png(PIXELS), "steps": 4, "output": "json"} | body
+    return requests.post(f"{url}/edit", json=body, headers=headers, timeout=TIMEOUT)
+
+
+def images_of(r: requests.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.stack([png_array(base64.b64decode(image)) for image in r.json()["images"]])  # (N, 8, 8)
+
+
+def test_edit_redraws_the_image_as_the_command_line_does(server, registry, tmp_path):
+    """/edit (SDEdit) gives the bytes ``ddpm edit`` writes for the same seed and settings. Strength 1 starts from pure
+    noise, so the image does not matter; lower, it does (that the result stays nearer the image the lower the
+    strength is measured on an exact denoiser in tests/ddpm/test_edit.py: these weights are random). With a mask, the
+    rest of the image comes back exactly."""
+    r = edit(f"{server}/reg", num_images=2, seed=8, class_label=2, strength=0.5)
+    via_http, version = images_of(r), r.json()["model"]["version"]
+    (tmp_path / "in.png").write_bytes(base64.b64decode(b64png(PIXELS)))
+    for i, seed in enumerate((8, 9)):
+        out = tmp_path / f"{seed}.png"
+        assert cli_main(["edit", "--model", f"models:/{MODEL}/{version}", "--tracking-uri", registry[0],
+                         "--image", str(tmp_path / "in.png"), "--steps", "4", "--seed", str(seed),
+                         "--class-label", "2", "--strength", "0.5", "--out", str(out)]) == 0
+        assert np.array_equal(png_array(out.read_bytes()), via_http[i])
+
+    other = b64png(255 - PIXELS)
+    assert np.array_equal(images_of(edit(f"{server}/reg", seed=8, strength=1.0)),
+                          images_of(edit(f"{server}/reg", seed=8, strength=1.0, image=other)))
+    assert not np.array_equal(images_of(edit(f"{server}/reg", seed=8, strength=0.5)),
+                              images_of(edit(f"{server}/reg", seed=8, strength=0.5, image=other)))
+
+    masked = images_of(edit(f"{server}/reg", seed=8, strength=0.5, mask=b64png(RIGHT_HALF)))
+    keep = RIGHT_HALF == 0
+    assert all(np.array_equal(image[keep], PIXELS[keep]) for image in masked)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"strength": 0}, "strength"),
+    ({"strength": 1.5}, "strength"),
+    ({"strength": "0.5"}, "strength"),
+    ({"image": None}, "image"),
+    ({"mask": b64png(np.zeros((8, 8)))}, "mask"),
+    # 16 images x (50 steps of 100 at strength 0.5 + 9 x 49 re-denoised) = 7,856 rows > the budget of 5,000
+    ({"num_images": 16, "steps": 100, "strength": 0.5, "resample_times": 10}, "resample_times"),
+])
+def test_edit_bad_input_is_a_422_naming_the_field(server, body, field):
+    r = edit(f"{server}/reg", **body)
+    assert r.status_code == 422, r.text
+    assert field in {str(part) for error in r.json()["detail"] for part in error["loc"]}, r.text
+    if field == "resample_times":
+        assert "491 model calls" in r.text
+
+
 # -- progress and cancellation -------------------------------------------------------------------------------------
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -96,6 +96,26 @@ def test_cli_rejects_bad_images_and_masks(tiny_checkpoint, tmp_path, capsys):
     assert code == 1 and "--class-label: this model is unconditional" in err
 
 
+def test_edit_needs_no_mask_and_refuses_a_bad_strength(tiny_checkpoint, tmp_path, capsys):
+    """``ddpm edit`` is ``ddpm inpaint`` with SDEdit's defaults: no mask (the whole image), strength 0.8."""
+    from pipelines.cli import main
+
+    img8 = _write_png(tmp_path / "img8.png", np.random.default_rng(1).integers(0, 256, (8, 8)))
+    base = ["edit", "--model", str(tiny_checkpoint), "--image", img8, "--steps", "5"]
+    assert main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    assert "64 of 64 pixels generated" in capsys.readouterr().out
+    assert main([*base, "--strength", "0.8", "--mask", _write_png(tmp_path / "all.png", np.full((8, 8), 255)),
+                 "--out", str(tmp_path / "b.png")]) == 0  # the default strength, and a mask of everything
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    for strength, message in (("0", "--strength: must be in (0, 1]"), ("1.5", "--strength: must be in (0, 1], got 1.5")):
+        assert main([*base, "--strength", strength, "--out", str(tmp_path / "c.png")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ddpm edit: error: ") and message in err, err
+    assert main([*base, "--strength", "0.4", "--resample-times", "2", "--resample-jumps", "2",
+                 "--out", str(tmp_path / "c.png")]) == 1  # 0.4 of 5 steps runs 2: jumps of 1 at most
+    assert "--resample-jumps: must be in [1, the steps the edit runs - 1] = [1, 1]" in capsys.readouterr().err
+
+
 def test_cli_resize_stretches_image_and_mask(tiny_checkpoint, tmp_path, capsys):
     image = _write_png(tmp_path / "big.png", np.full((16, 16, 3), 200))  # RGB: converted to the model's grey
     mask = np.zeros((16, 16))
