@@ -3,7 +3,7 @@
 from four captions).
 
 Concurrent requests with different prompts share batches, and each answer's bytes are what
-``ddpm.generate_images`` (``ddpm.inpaint_images`` for /inpaint) gives for that prompt, seed and settings alone; what
+``ddpm.generate_images`` (``ddpm.inpaint_images`` for /inpaint and /edit) gives for that prompt, seed and settings alone; what
 tokenizing lost comes back in JSON and in headers; bad prompts are 422s naming the field. The engine's side
 without Ray is tested in test_engine_prompts.py; a prompt to a model without a text encoder in test_serve.py.
 """
@@ -172,3 +172,23 @@ def test_inpaint_repaints_the_mask_to_a_prompt(server, loaded):
     red, blue = results.values()
     assert np.array_equal(red[:, keep], blue[:, keep]) and (red[:, keep] == pixels[keep]).all()  # kept exactly
     assert not np.array_equal(red[:, ~keep], blue[:, ~keep])  # the masked region follows the prompt
+
+
+def test_edit_redraws_the_whole_image_toward_a_prompt(server, loaded):
+    """SDEdit with a new prompt (no mask): the bytes ``ddpm.inpaint_images`` gives with ``strength`` alone, for two
+    prompts sent at once (an edit's prompt, like a generation's, is per image: the two share a batch)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    settings = {"image": b64png(pixels), "steps": 10, "strength": 0.5, "guidance_scale": 2.0, "seed": 3,
+                "num_images": 2, "output": "json"}
+    prompts = ("a small red circle", "a large blue square")
+    with cf.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda p: post(f"{server}/edit", prompt=p, **settings), prompts))
+    known = from_uint8(np.repeat(pixels[None, :, :, None], 2, axis=0))  # (2, 1, 8, 8)
+    results = []
+    for prompt, r in zip(prompts, answers):
+        assert r.status_code == 200, r.text
+        results.append(np.stack([png_array(base64.b64decode(image)) for image in r.json()["images"]]))
+        expected = inpaint_images(loaded, [3, 4], known, None, condition=loaded.condition(2, prompts=prompt),
+                                  steps=10, strength=0.5, guidance_scale=2.0, forward_rows=FORWARD_ROWS)
+        assert np.array_equal(results[-1], expected[..., 0])
+    assert not np.array_equal(*results)  # the prompt steers the edit
