@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import Condition, as_condition
+from .folder_format import WEIGHTS_FILE, CheckpointError, check_weights, read_config, read_weights, write_folder
+from .generation import FORWARD_ROWS, SEED_MODULUS, fixed_size_forward
+from .sampling import noise_from_seeds, sample
+from .schedule import NoiseSchedule
 from .unet import timestep_embedding
+
+FORMAT, VERSION = "ddpm-prior", 1
 
 
 @dataclass(frozen=True)
@@ -100,3 +108,59 @@ class DiffusionPrior(nn.Module):
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """A sampled x_0 (B, E) as unit-norm embeddings: CLIP's image embeddings lie on the unit sphere."""
     return F.normalize(x.float(), dim=-1)
+
+
+@torch.no_grad()
+def sample_embeddings(prior: DiffusionPrior, schedule: NoiseSchedule, condition: Condition, seeds: Sequence[int], *,
+                      sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
+                      forward_rows: int | None = FORWARD_ROWS) -> torch.Tensor:
+    """Unit-norm image embeddings (len(seeds), E) for ``condition`` (one caption per seed), embedding i drawn from
+    ``seeds[i]`` alone and the network run ``forward_rows`` rows at a time: the seed rules of
+    ``ddpm.generate_images``, so an embedding never depends on the others sampled beside it."""
+    if len(condition) != len(seeds):
+        raise ValueError(f"got a condition of {len(condition)} rows for {len(seeds)} seeds")
+    device = next(prior.parameters()).device
+    x_T, generators = noise_from_seeds([int(s) % SEED_MODULUS for s in seeds], (prior.config.embed_dim,), device)
+    forward = prior if forward_rows is None else fixed_size_forward(prior, forward_rows)
+    x_0 = sample(forward, schedule, x_T, sampler=sampler, steps=steps, eta=eta, prediction_type="sample",
+                 condition=condition.to(device), guidance_scale=guidance_scale, generator=generators)  # (B, E)
+    return normalize(x_0)
+
+
+# -- the folder: config.json (format, prior config, schedule, metadata) beside model.safetensors -------------------
+class PriorError(CheckpointError):
+    """A prior folder that is missing, pickled, foreign, or does not match its own config."""
+
+
+class LoadedPrior(NamedTuple):
+    model: DiffusionPrior
+    schedule: NoiseSchedule
+    metadata: dict
+
+
+def save(path: str | Path, prior: DiffusionPrior, schedule: NoiseSchedule, *, metadata: dict | None = None) -> Path:
+    """Write the prior's weights (float32) and config.json: its config and schedule, and ``metadata`` (e.g. the
+    CLIP it was trained on: the embedding space its samples live in)."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in prior.state_dict().items()}
+    config = {"format": FORMAT, "version": VERSION, "prior": prior.config.to_dict(),
+              "schedule": schedule.to_config(), "metadata": metadata or {}}
+    return write_folder(path, tensors, config)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedPrior:
+    """Read :func:`save`'s folder: the prior in eval mode on ``device``, its schedule, its metadata. Only JSON and
+    safetensors are read."""
+    path = Path(path)
+    config = read_config(path, what="a ddpm prior folder", error=PriorError)
+    if config.get("format") != FORMAT or config.get("version") != VERSION:
+        raise PriorError(f"{path}: format {config.get('format')!r} version {config.get('version')!r}, expected "
+                         f"{FORMAT!r} version {VERSION}")
+    try:
+        model = DiffusionPrior(PriorConfig.from_dict(config["prior"]))
+        schedule = NoiseSchedule.from_config(config["schedule"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PriorError(f"{path}: not a prior this module can build ({exc})") from None
+    state = read_weights(path / WEIGHTS_FILE, PriorError)
+    check_weights(state, model.state_dict(), path, PriorError)
+    model.load_state_dict(state, strict=True)
+    return LoadedPrior(model.to(device).eval(), schedule, dict(config.get("metadata") or {}))

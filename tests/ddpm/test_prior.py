@@ -85,3 +85,26 @@ def test_the_prior_learns_which_embedding_a_caption_names():
     assert own > 0.8 and own > best_single + 0.4
     assert (cosine.argmax(dim=1) == k).float().mean().item() > 0.95  # nearest direction is the caption's
     assert math.isfinite(loss.item())
+
+
+def test_a_saved_prior_loads_and_an_embedding_depends_on_its_seed_alone(tmp_path):
+    from ddpm import prior as prior_format
+    from ddpm.prior import PriorError, sample_embeddings
+
+    torch.manual_seed(0)
+    states, pooled, empty, _ = world()
+    schedule = NoiseSchedule.cosine()
+    model = DiffusionPrior(PriorConfig(embed_dim=E, text_dim=D, width=32, depth=2, heads=4)).eval()
+    folder = prior_format.save(tmp_path / "prior", model, schedule, metadata={"clip": {"uri": "models:/clip/1"}})
+    loaded = prior_format.load(folder)
+    assert loaded.metadata == {"clip": {"uri": "models:/clip/1"}}
+    assert torch.equal(loaded.schedule.alphas_cumprod, schedule.alphas_cumprod)
+    k = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2])
+    kw = dict(steps=5, guidance_scale=2.0)
+    batch = sample_embeddings(loaded.model, loaded.schedule, captions(k, states, pooled, empty), list(range(9)), **kw)
+    alone = sample_embeddings(loaded.model, loaded.schedule, captions(k[4:5], states, pooled, empty), [4], **kw)
+    assert torch.equal(batch[4:5], alone)  # fixed forward rows and per-seed noise: batch-mates do not matter
+    assert torch.allclose(batch.norm(dim=1), torch.ones(9))
+    (folder / "config.json").write_text('{"format": "ddpm-checkpoint"}')
+    with pytest.raises(PriorError, match="expected 'ddpm-prior' version 1"):
+        prior_format.load(folder)
