@@ -32,6 +32,7 @@ __all__ = [
     "count_parameters", "diffusion_loss", "encode_png", "encode_prompts", "fixed_size_forward", "frechet_distance",
     "frechet_distance_features", "from_labels", "from_uint8", "generate_images", "image_seeds", "inpaint",
     "inpaint_images", "lr_at",
-    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score", "strength_steps", "text", "timesteps",
+    "make_grid", "noise_from_seeds", "outpaint_canvas", "precision_recall", "sample", "score",
+    "strength_steps", "text", "timesteps",
     "to_uint8", "train_step",
 ]

@@ -234,8 +234,9 @@ def inpaint_images(
     None for the whole image. strength in (0, 1]: below 1 the masked region starts from the image noised to that
     share of the plan (SDEdit; :func:`ddpm.inpaint`), so an edit keeps the image's layout; with no mask that is
     editing the whole image. Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for
-    :func:`generate_images`) is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8 whose kept pixels
-    equal ``known``'s. watch: as for :func:`generate_images`, after each model call (RePaint's re-denoising included).
+    :func:`generate_images`) is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8
+    whose kept pixels equal ``known``'s. watch: as for :func:`generate_images`, after each model call (RePaint's
+    re-denoising included).
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
     latent model encodes them to have unit standard deviation and leave [-1, 1], as they should.

@@ -1,7 +1,7 @@
 """unCLIP's prior (Ramesh et al. 2022, section 2.1): a DDPM over CLIP image embeddings, conditioned on a caption.
 
 The sample is a vector, not an image: an image embedding z_i (E,), unit-norm in CLIP's joint space. The prior
-diffuses ``sqrt(E) z_i`` (:data:`EMBEDDING_SCALE`: coordinates of about unit variance, the scale the schedule
+diffuses ``sqrt(E) z_i`` (:func:`embedding_scale`: coordinates of about unit variance, the scale the schedule
 assumes; DALLE2-pytorch does the same) with the usual schedule, losses and samplers: x_t has shape (B, E), and
 ``ddpm.diffusion_loss``, ``ddpm.sample`` and guidance take it as they take (B, C, H, W).
 

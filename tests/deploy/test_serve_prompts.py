@@ -3,9 +3,9 @@
 from four captions).
 
 Concurrent requests with different prompts share batches, and each answer's bytes are what
-``ddpm.generate_images`` (``ddpm.inpaint_images`` for /inpaint and /edit) gives for that prompt, seed and settings alone; what
-tokenizing lost comes back in JSON and in headers; bad prompts are 422s naming the field. The engine's side
-without Ray is tested in test_engine_prompts.py; a prompt to a model without a text encoder in test_serve.py.
+``ddpm.generate_images`` (``ddpm.inpaint_images`` for /inpaint and /edit) gives for that prompt, seed and settings
+alone; what tokenizing lost comes back in JSON and in headers; bad prompts are 422s naming the field. The engine's
+side without Ray is tested in test_engine_prompts.py; a prompt to a model without a text encoder in test_serve.py.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def test_edit_needs_no_mask_and_refuses_a_bad_strength(tiny_checkpoint, tmp_path
     assert main([*base, "--strength", "0.8", "--mask", _write_png(tmp_path / "all.png", np.full((8, 8), 255)),
                  "--out", str(tmp_path / "b.png")]) == 0  # the default strength, and a mask of everything
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    for strength, message in (("0", "--strength: must be in (0, 1]"), ("1.5", "--strength: must be in (0, 1], got 1.5")):
+    for strength, message in (("0", "--strength: must be in (0, 1], got 0"),
+                              ("1.5", "--strength: must be in (0, 1], got 1.5")):
         assert main([*base, "--strength", strength, "--out", str(tmp_path / "c.png")]) == 1
         err = capsys.readouterr().err
         assert err.startswith("ddpm edit: error: ") and message in err, err
