@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train-local": "pipelines.commands.train_local",
     "train-autoencoder": "pipelines.commands.train_autoencoder",
     "train-clip": "pipelines.commands.train_clip",
+    "train-prior": "pipelines.commands.train_prior",
     "models": "pipelines.commands.models",
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",

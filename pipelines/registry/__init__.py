@@ -22,5 +22,5 @@ from pipelines.registry.resolve import (ResolvedModel, current_version, find_aut
                                         parse_model_uri, resolve_autoencoder, resolve_clip, resolve_model,
                                         weights_hash)
 from pipelines.registry.versions import (ALIASES, AUTOENCODER_ARTIFACT, CHECKPOINT_ARTIFACT, CLIP_ARTIFACT,
-                                         find_version, gate_summary, list_models, log_autoencoder, log_clip,
-                                         log_model, promote, register, version_kind)
+                                         PRIOR_ARTIFACT, find_version, gate_summary, list_models, log_autoencoder,
+                                         log_clip, log_model, log_prior, promote, register, version_kind)

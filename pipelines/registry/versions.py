@@ -20,10 +20,12 @@ ALIASES = ("production", "staging")
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact key, and its folder name inside the model
 AUTOENCODER_ARTIFACT = "autoencoder"  # the same for a registered autoencoder
 CLIP_ARTIFACT = "clip"  # the same for a registered CLIP
+PRIOR_ARTIFACT = "prior"  # the same for a registered unCLIP prior
 # MLflow "models from code": these files are copied by path into the model artifact (pipelines/, beside this package)
 _PYFUNC_MODEL = Path(__file__).resolve().parents[1] / "pyfunc_model.py"
 _PYFUNC_AUTOENCODER = Path(__file__).resolve().parents[1] / "pyfunc_autoencoder.py"
 _PYFUNC_CLIP = Path(__file__).resolve().parents[1] / "pyfunc_clip.py"
+_PYFUNC_PRIOR = Path(__file__).resolve().parents[1] / "pyfunc_prior.py"
 
 
 def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
@@ -95,6 +97,43 @@ def log_clip(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
                               f"mlflow=={mlflow.__version__}"],
         )
     return info.model_uri
+
+
+def log_prior(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log the prior folder (``ddpm.prior.save``'s, with the CLIP it was trained on in ``clip/``) into run ``run_id``
+    as a pyfunc model named "prior" (:mod:`pipelines.pyfunc_prior`: captions -> image embeddings); returns its
+    ``models:/`` URI."""
+    import mlflow
+    import torch
+
+    import ddpm
+
+    cache.quiet_progress()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="prior",
+            python_model=str(_PYFUNC_PRIOR),  # a model from code, as log_model's
+            artifacts={PRIOR_ARTIFACT: str(folder)},
+            signature=_prior_signature(folder),  # declares the params (steps, guidance_scale) predict takes
+            code_paths=[str(Path(ddpm.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "tokenizers",
+                              f"mlflow=={mlflow.__version__}"],
+        )
+    return info.model_uri
+
+
+def _prior_signature(folder: str | Path):
+    """captions (a "text" column, optional "seed") -> (N, E) float32 embeddings, with the sampler's params."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from ddpm import prior
+
+    embed_dim = prior.load(folder).model.config.embed_dim
+    return infer_signature(pd.DataFrame({"text": ["a caption"], "seed": [0]}),
+                           np.zeros((1, embed_dim), dtype=np.float32), params={"steps": 50, "guidance_scale": 1.0})
 
 
 def register(model_uri: str, name: str, *, tags: dict[str, str], tracking_uri: str) -> str:

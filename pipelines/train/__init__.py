@@ -18,8 +18,9 @@ Who does what in ``ddpm train`` (its flags and main are ``pipelines/commands/tra
     samples      sample grids from fixed seeds
     local        ``ddpm train-local``'s training (its flags: ``pipelines/commands/train_local.py``)
 
-``ddpm train-autoencoder`` and ``ddpm train-clip`` (flags in ``pipelines/commands/train_autoencoder.py`` and
-``train_clip.py``) run on the same machinery, and share one worker loop::
+``ddpm train-autoencoder``, ``ddpm train-clip`` and ``ddpm train-prior`` (flags in
+``pipelines/commands/train_autoencoder.py``, ``train_clip.py`` and ``train_prior.py``) run on the same machinery, and
+share one worker loop::
 
     loop                  the worker loop of a one-model stage: rows, DDP steps, logging, evaluation, checkpoints,
                           exact resume; a stage adds a LoopTask (its model, loss, evaluation, checkpoint folder)
@@ -31,4 +32,8 @@ Who does what in ``ddpm train`` (its flags and main are ``pipelines/commands/tra
     clip                  its driver: check the captions, hold out the retrieval images, learn the tokenizer
     clip_worker           its LoopTask: the contrastive loss over the global batch, held-out retrieval
     clip_config           its YAML (model: the CLIP's sizes; train: its settings)
+    prior                 its driver: resolve and pin the CLIP, hold out the evaluation images, index the captions
+    prior_worker          its LoopTask: the frozen CLIP's embeddings, L_simple on them, held-out cosine vs the
+                          text-embedding baseline
+    prior_config          its YAML (model: the prior's sizes and schedule; train: the CLIP and its settings)
 """

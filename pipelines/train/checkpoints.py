@@ -5,7 +5,7 @@ A checkpoint is one folder, STORAGE/NAME/checkpoint_<images seen, 12 digits>/::
 
     model/                        the core's format (ddpm.checkpoint.save): raw + EMA weights, config.json;
                                   or another stage's model folder (an autoencoder; a CLIP: clip/, text_encoder/,
-                                  tokenizer/, see MODEL_LAYOUTS)
+                                  tokenizer/; a prior: its folder and the CLIP's in clip/; see MODEL_LAYOUTS)
     training_state.json           a TrainingState's fields, "format", "version", and the optimizer's param groups
                                   and non-tensor state ("optimizer")
     training_state.safetensors    the optimizer's tensors ("optimizer.<param index>.<name>"), every rank's RNG
@@ -34,11 +34,13 @@ MODEL_DIR = "model"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_FORMAT, STATE_VERSION = "ddpm-training-state", 1
-# the files a whole model/ holds: a DDPM's or an autoencoder's (one folder), or a CLIP's (ddpm.clip.save)
+# the files a whole model/ holds: a DDPM's or an autoencoder's (one folder), a CLIP's (ddpm.clip.save), or an
+# unCLIP prior's (ddpm.prior.save, with the CLIP it was trained on in clip/)
 _FOLDER = ("config.json", "model.safetensors")
 _TEXT = ("text_encoder/config.json", "text_encoder/model.safetensors",  # ddpm.text.save's layout
          "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json")
-MODEL_LAYOUTS = {"single": _FOLDER, "clip": ("clip/config.json", "clip/model.safetensors", *_TEXT)}
+_CLIP = ("clip/config.json", "clip/model.safetensors", *_TEXT)
+MODEL_LAYOUTS = {"single": _FOLDER, "clip": _CLIP, "prior": (*_FOLDER, *(f"clip/{name}" for name in _CLIP))}
 UPLOAD_RETRY_WAITS_S = (1, 2, 4, 8, 15, 30)  # a checkpoint upload waits out about a minute of storage outage
 
 
@@ -200,7 +202,8 @@ def complete_checkpoint(uri: str, endpoint_url: str | None = None) -> TrainingSt
 
 def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -> TrainingState | None:
     """The training state of the checkpoint folder at ``uri`` (file -> size) if all its files are whole, else None."""
-    layout = "clip" if any(k.startswith(f"{MODEL_DIR}/clip/") for k in sizes) else "single"
+    clip = [k for k in sizes if k.startswith(f"{MODEL_DIR}/clip/")]
+    layout = "single" if not clip else "prior" if any(k.startswith(f"{MODEL_DIR}/clip/clip/") for k in clip) else "clip"
     model_files = [f"{MODEL_DIR}/{name}" for name in MODEL_LAYOUTS[layout]]
     if not {STATE_JSON, STATE_TENSORS, *model_files} <= sizes.keys():
         return None

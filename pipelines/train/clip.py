@@ -129,7 +129,7 @@ def one_object(caption: str) -> bool:
         return False
 
 
-def _caption_index(batch: dict, captions: np.ndarray) -> dict:
+def caption_index(batch: dict, captions: np.ndarray) -> dict:
     """Ray Data map: ``caption`` -> ``label``, its index in the sorted distinct ``captions``; images kept."""
     return {"image": batch["image"],
             "label": np.searchsorted(captions, batch["caption"].astype(str)).astype(np.int64)}
@@ -155,7 +155,7 @@ def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_i
     tokenizer = _tokenizer(config, storage, name, training)
     distinct = np.asarray(sorted(set(all_captions)), dtype=str)
     blocks, held = split(data, manifest, eval_images=tc.eval_images, seed=tc.seed,
-                         columns=("image", "caption", "sha256"), train_map=_caption_index,
+                         columns=("image", "caption", "sha256"), train_map=caption_index,
                          train_map_kwargs={"captions": distinct})
     captions = [str(row["caption"]) for row in held]
     held_out = {"images": np.stack([np.asarray(row["image"], dtype=np.uint8) for row in held]),  # (E, H, W, C)
