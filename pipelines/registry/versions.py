@@ -124,16 +124,18 @@ def log_prior(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
 
 
 def _prior_signature(folder: str | Path):
-    """captions (a "text" column, optional "seed") -> (N, E) float32 embeddings, with the sampler's params."""
+    """captions (a "text" column, an optional "seed") -> (N, E) float32 embeddings, and the sampler's params."""
     import numpy as np
-    import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     from ddpm import prior
 
     embed_dim = prior.load(folder).model.config.embed_dim
-    return infer_signature(pd.DataFrame({"text": ["a caption"], "seed": [0]}),
-                           np.zeros((1, embed_dim), dtype=np.float32), params={"steps": 50, "guidance_scale": 1.0})
+    return ModelSignature(inputs=Schema([ColSpec("string", "text"), ColSpec("long", "seed", required=False)]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
+                          params=ParamSchema([ParamSpec("steps", "long", 50),
+                                              ParamSpec("guidance_scale", "double", 1.0)]))
 
 
 def register(model_uri: str, name: str, *, tags: dict[str, str], tracking_uri: str) -> str:
