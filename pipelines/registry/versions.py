@@ -28,8 +28,11 @@ _PYFUNC_CLIP = Path(__file__).resolve().parents[1] / "pyfunc_clip.py"
 _PYFUNC_PRIOR = Path(__file__).resolve().parents[1] / "pyfunc_prior.py"
 
 
-def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
-    """Log ``checkpoint_dir`` into run ``run_id`` as a pyfunc model named "model"; returns its ``models:/`` URI."""
+def _log_pyfunc(name: str, python_model: Path, artifact: str, folder: str | Path, *, run_id: str,
+                tracking_uri: str, requirements: tuple[str, ...], **extra) -> str:
+    """Log ``folder`` into run ``run_id`` as the pyfunc model ``name``: a model from code (MLflow copies the
+    ``python_model`` file, nothing is pickled) whose artifact ``artifact`` is the folder, the ``ddpm`` core beside it;
+    ``extra``: log_model's signature and input example. Returns its ``models:/`` URI."""
     import mlflow
     import torch
 
@@ -39,88 +42,49 @@ def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(_PYFUNC_MODEL),  # a model from code: MLflow copies the file, nothing is pickled
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
+            name=name,
+            python_model=str(python_model),
+            artifacts={artifact: str(folder)},
             code_paths=[str(Path(ddpm.__file__).parent)],  # the core travels with the model
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pydantic",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", *requirements,
                               f"mlflow=={mlflow.__version__}"],
+            **extra,
         )
     return info.model_uri
+
+
+def log_model(checkpoint_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log ``checkpoint_dir`` into run ``run_id`` as a pyfunc model named "model"; returns its ``models:/`` URI."""
+    return _log_pyfunc("model", _PYFUNC_MODEL, CHECKPOINT_ARTIFACT, checkpoint_dir, run_id=run_id,
+                       tracking_uri=tracking_uri, requirements=("pydantic",))
 
 
 def log_autoencoder(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
     """Log the autoencoder folder (``ddpm.autoencoder.save``'s format) into run ``run_id`` as a pyfunc model named
     "autoencoder" (:mod:`pipelines.pyfunc_autoencoder`: images -> latents); returns its ``models:/`` URI, which
     :func:`register` makes a version of. :func:`resolve_autoencoder` finds the folder again."""
-    import mlflow
-    import torch
-
-    import ddpm
-
-    cache.quiet_progress()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="autoencoder",
-            python_model=str(_PYFUNC_AUTOENCODER),  # a model from code, as log_model's
-            artifacts={AUTOENCODER_ARTIFACT: str(folder)},
-            # An ndarray type hint says nothing of dtype or shape, so MLflow warned "Failed to infer model
-            # signature": it is given, any batch and side (inferred from an example it would fix the side), and an
-            # example, without which MLflow warns again.
-            signature=_autoencoder_signature(), input_example=_autoencoder_example(folder),
-            code_paths=[str(Path(ddpm.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors",
-                              f"mlflow=={mlflow.__version__}"],
-        )
-    return info.model_uri
+    # An ndarray type hint says nothing of dtype or shape, so MLflow warned "Failed to infer model signature": it is
+    # given, any batch and side (inferred from an example it would fix the side), and an example, without which
+    # MLflow warns again.
+    return _log_pyfunc("autoencoder", _PYFUNC_AUTOENCODER, AUTOENCODER_ARTIFACT, folder, run_id=run_id,
+                       tracking_uri=tracking_uri, requirements=(), signature=_autoencoder_signature(),
+                       input_example=_autoencoder_example(folder))
 
 
 def log_clip(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
     """Log the CLIP folder (``ddpm.clip.save``'s: clip/, text_encoder/, tokenizer/) into run ``run_id`` as a pyfunc
     model named "clip" (:mod:`pipelines.pyfunc_clip`: texts or images -> embeddings); returns its ``models:/`` URI.
     :func:`resolve_clip` finds the folder again; ``ddpm.text.load`` on it reads the text tower."""
-    import mlflow
-    import torch
-
-    import ddpm
-
-    cache.quiet_progress()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="clip",
-            python_model=str(_PYFUNC_CLIP),  # a model from code, as log_model's
-            artifacts={CLIP_ARTIFACT: str(folder)},
-            code_paths=[str(Path(ddpm.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "tokenizers",
-                              f"mlflow=={mlflow.__version__}"],
-        )
-    return info.model_uri
+    return _log_pyfunc("clip", _PYFUNC_CLIP, CLIP_ARTIFACT, folder, run_id=run_id, tracking_uri=tracking_uri,
+                       requirements=("tokenizers",))
 
 
 def log_prior(folder: str | Path, *, run_id: str, tracking_uri: str) -> str:
     """Log the prior folder (``ddpm.prior.save``'s, with the CLIP it was trained on in ``clip/``) into run ``run_id``
     as a pyfunc model named "prior" (:mod:`pipelines.pyfunc_prior`: captions -> image embeddings); returns its
-    ``models:/`` URI."""
-    import mlflow
-    import torch
-
-    import ddpm
-
-    cache.quiet_progress()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="prior",
-            python_model=str(_PYFUNC_PRIOR),  # a model from code, as log_model's
-            artifacts={PRIOR_ARTIFACT: str(folder)},
-            signature=_prior_signature(folder),  # declares the params (steps, guidance_scale) predict takes
-            code_paths=[str(Path(ddpm.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "tokenizers",
-                              f"mlflow=={mlflow.__version__}"],
-        )
-    return info.model_uri
+    ``models:/`` URI. Its signature declares the params (steps, guidance_scale) predict takes."""
+    return _log_pyfunc("prior", _PYFUNC_PRIOR, PRIOR_ARTIFACT, folder, run_id=run_id, tracking_uri=tracking_uri,
+                       requirements=("tokenizers",), signature=_prior_signature(folder))
 
 
 def _prior_signature(folder: str | Path):
