@@ -32,7 +32,7 @@ def main() -> None:
     from pipelines.data.dataset import read_columns, read_manifest
     from pipelines.registry import resolve_clip
     from pipelines.train.held_out import held_out_keys
-    from pipelines.train.prior_worker import caption_states, evaluate
+    from pipelines.train.prior_worker import caption_conditions, evaluate
 
     clip_root = resolve_clip(args.prior, args.tracking_uri).path  # the CLIP the prior pins, model/clip/
     loaded, clip_net = prior.load(clip_root.parent), clip.load(clip_root)
@@ -46,8 +46,7 @@ def main() -> None:
                        for i in pick])  # (N, H, W, C)
     distinct = sorted(set(captions))
     index = np.array([distinct.index(c) for c in captions], dtype=np.int64)
-    ids = clip_net.tokenizer.tokenize(distinct + [""])
-    states, pooled = caption_states(clip_net.model, ids, "cpu")
+    states = caption_conditions(clip_net.model, clip_net.tokenizer.tokenize(distinct + [""]), "cpu")
     held = {"images": images, "caption_index": index, "caption_ids": clip_net.tokenizer.tokenize(captions).numpy()}
     device = torch.device("cpu")
     print(f"prior {args.prior}: {len(captions)} held-out images ({len(distinct)} distinct captions), CLIP embeddings "
@@ -57,8 +56,7 @@ def main() -> None:
     for steps in args.steps:
         for w in args.guidance:
             started = time.perf_counter()
-            scores = evaluate(loaded.model, loaded.schedule, clip_net.model,
-                              (states[:-1], pooled[:-1], (states[-1:], pooled[-1:])), held, device, steps=steps,
+            scores = evaluate(loaded.model, loaded.schedule, clip_net.model, states, held, device, steps=steps,
                               guidance_scale=w)
             print(f"| DDIM-{steps} | {w:g} | {scores['prior_cosine']:.3f} | {scores['text_cosine']:.3f} | "
                   f"{scores['prior_top1']:.3f} | {scores['text_top1']:.3f} | {time.perf_counter() - started:.1f} |")

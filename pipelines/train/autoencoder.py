@@ -24,7 +24,7 @@ from pipelines.data.dataset import is_latent
 from pipelines.errors import UserError
 from pipelines.train.autoencoder_worker import AutoencoderTask
 from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState
-from pipelines.train.held_out import split
+from pipelines.train.held_out import check_room_to_hold_out, split
 from pipelines.train.loop import LoopJob, train_loop_worker
 from pipelines.train.resources import Workers
 from pipelines.train.rows import Blocks
@@ -101,10 +101,7 @@ def check_dataset(config, manifest: dict, data: str):
     if h % f or w % f:
         raise UserError(f"{data} holds {h}x{w} images, not divisible by the autoencoder's f={f}; preprocess at a "
                         f"--resolution divisible by {f}, or use fewer levels (model.block_out_channels)")
-    rows = int((manifest.get("counts") or {}).get("rows") or 0)
-    if rows and config.train.eval_images >= rows:
-        raise UserError(f"{data} has {rows} images, not more than train.eval_images={config.train.eval_images} "
-                        f"held out; set --set train.eval_images=N with N < {rows}")
+    check_room_to_hold_out(config, manifest, data)
     return config
 
 

@@ -30,7 +30,7 @@ from pipelines.data.shapes import parse_caption
 from pipelines.errors import UserError
 from pipelines.train.checkpoints import MODEL_DIR, STATE_JSON, TrainingState, latest_checkpoint, stored
 from pipelines.train.clip_worker import ClipTask, tokenizer_files
-from pipelines.train.held_out import held_out_keys, split
+from pipelines.train.held_out import check_room_to_hold_out, held_out_keys, split
 from pipelines.train.loop import LoopJob, train_loop_worker
 from pipelines.train.resources import Workers
 from pipelines.train.stage import Stage, check_not_past_end, run_stage
@@ -89,22 +89,25 @@ def train_clip(
 def check_dataset(config, manifest: dict, data: str):
     """Captioned pixels of square images, more than the held-out rows; returns the config with the images' side and
     channels."""
-    if is_latent(manifest):
-        raise UserError(f"{data} is a latent dataset (ddpm encode output); train the CLIP on the processed images "
-                        f"(ddpm preprocess --captions output)")
-    if not is_captioned(manifest):
-        raise UserError(f"{data} has no captions: run ddpm preprocess --captions on captioned images")
+    check_captioned(manifest, data, "the CLIP")
     h, w, c = manifest["image_shape"]
     if h != w:
         raise UserError(f"{data} holds {h}x{w} images; the CLIP's image tower takes square images")
-    rows = int((manifest.get("counts") or {}).get("rows") or 0)
-    if rows and config.train.eval_images >= rows:
-        raise UserError(f"{data} has {rows} images, not more than train.eval_images={config.train.eval_images} "
-                        f"held out; set --set train.eval_images=N with N < {rows}")
+    check_room_to_hold_out(config, manifest, data)
     try:
         return replace(config, model=replace(config.model, image_size=h, in_channels=c))
     except ValueError as exc:
         raise UserError(f"{data} holds {h}x{w}x{c} images, which the CLIP's image tower cannot take: {exc}") from None
+
+
+def check_captioned(manifest: dict, data: str, what: str) -> None:
+    """Refuse a dataset that is not captioned pixels: a latent dataset, or one preprocessed without captions;
+    ``what`` is the model that trains on it ("the CLIP")."""
+    if is_latent(manifest):
+        raise UserError(f"{data} is a latent dataset (ddpm encode output); train {what} on the processed images "
+                        f"(ddpm preprocess --captions output)")
+    if not is_captioned(manifest):
+        raise UserError(f"{data} has no captions: run ddpm preprocess --captions on captioned images")
 
 
 def check_resumable(state: TrainingState, config, name: str) -> None:

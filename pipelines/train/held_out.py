@@ -15,6 +15,14 @@ from pipelines.errors import UserError
 from pipelines.train.rows import Blocks
 
 
+def check_room_to_hold_out(config, manifest: dict, data: str) -> None:
+    """Refuse, before anything starts, a dataset whose manifest counts no more rows than ``train.eval_images``."""
+    rows = int((manifest.get("counts") or {}).get("rows") or 0)
+    if rows and config.train.eval_images >= rows:
+        raise UserError(f"{data} has {rows} images, not more than train.eval_images={config.train.eval_images} "
+                        f"held out; set --set train.eval_images=N with N < {rows}")
+
+
 def held_out_keys(data: str, manifest: dict, eval_images: int, seed: int) -> list[str]:
     """The sha256 of the held-out rows, in their order: the first ``eval_images`` of a permutation drawn from
     ``seed`` over the rows in the manifest's shard order (only the sha256 column is read)."""

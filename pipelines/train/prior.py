@@ -24,11 +24,11 @@ import ray
 
 from pipelines import registry
 from pipelines import storage as store
-from pipelines.data.dataset import is_captioned, is_latent, read_columns
+from pipelines.data.dataset import read_columns
 from pipelines.errors import UserError
 from pipelines.train import clip as clip_stage
 from pipelines.train.checkpoints import STATE_JSON, TrainingState
-from pipelines.train.held_out import split
+from pipelines.train.held_out import check_room_to_hold_out, split
 from pipelines.train.loop import LoopJob, train_loop_worker
 from pipelines.train.prior_worker import PriorTask
 from pipelines.train.resources import Workers
@@ -56,7 +56,7 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
     Running it again with the same ``name`` resumes exactly; a finished run only registers."""
     if not config.train.clip:
         raise UserError("train-prior needs the CLIP whose embeddings it learns: --clip models:/NAME/VERSION")
-    files, source = resolve_clip_files(config.train.clip, tracking_uri)
+    loaded, files, source = resolve_clip_files(config.train.clip, tracking_uri)
     final: dict = {}
 
     def tags(folder: Path) -> dict:
@@ -65,9 +65,12 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
         clip_tag = f"models:/{source['name']}/{source['version']}" if source.get("version") else source["uri"]
         return {"kind": "prior", "clip": clip_tag, **{k: f"{v:.4g}" for k, v in final.items()}}
 
+    def check(config, manifest: dict, data: str):
+        return check_dataset(config, manifest, data, loaded.model.config, source["uri"])
+
     def launch(data, config, manifest, *, storage, name, run_id, tracking_uri):
-        return _launch(data, config, manifest, files=files, source=source, storage=storage, name=name,
-                       run_id=run_id, tracking_uri=tracking_uri)
+        return _launch(data, config, manifest, loaded=loaded, files=files, source=source, storage=storage,
+                       name=name, run_id=run_id, tracking_uri=tracking_uri)
 
     def check_resumable(state: TrainingState, config, name: str) -> None:
         clip_stage.check_resumable(state, config, name)  # the model, the split, not past the end
@@ -78,7 +81,7 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
                             f"(models:/NAME/VERSION) or use another --name for a new run")
 
     config = replace(config, train=replace(config.train, clip_sha256=source["sha256"]))
-    stage = Stage(check=check_dataset, check_resumable=check_resumable, launch=launch,
+    stage = Stage(check=check, check_resumable=check_resumable, launch=launch,
                   log_model=registry.log_prior, extra_tags=tags)
     result = run_stage(stage, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
                        cpus_per_worker=cpus_per_worker, placement=placement, register_as=register_as,
@@ -87,8 +90,9 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
                             result.unlogged)
 
 
-def resolve_clip_files(uri: str, tracking_uri: str | None) -> tuple[dict[str, bytes], dict]:
-    """``train.clip`` -> (the CLIP folder's files, name -> bytes; its source {uri, name, version, sha256})."""
+def resolve_clip_files(uri: str, tracking_uri: str | None):
+    """``train.clip`` -> (the loaded CLIP (``ddpm.clip.LoadedClip``), its folder's files as the workers get them,
+    name -> bytes, and its source {uri, name, version, sha256})."""
     from ddpm import clip
 
     from pipelines.registry import resolve_clip
@@ -102,34 +106,29 @@ def resolve_clip_files(uri: str, tracking_uri: str | None) -> tuple[dict[str, by
     with tempfile.TemporaryDirectory(prefix="ddpm-clip-") as tmp:
         clip.save(tmp, loaded.model, loaded.tokenizer)  # ddpm.clip's layout, whatever the folder held besides
         files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-    return files, {"uri": redact_uri(uri), "name": found.name, "version": found.version,
-                   "sha256": hashlib.sha256(files[CLIP_WEIGHTS]).hexdigest()}
+    return loaded, files, {"uri": redact_uri(uri), "name": found.name, "version": found.version,
+                           "sha256": hashlib.sha256(files[CLIP_WEIGHTS]).hexdigest()}
 
 
-def check_dataset(config, manifest: dict, data: str):
-    """Captioned pixels, more than the held-out rows."""
-    if is_latent(manifest):
-        raise UserError(f"{data} is a latent dataset (ddpm encode output); train the prior on the processed images "
-                        f"(ddpm preprocess --captions output), which the CLIP embeds")
-    if not is_captioned(manifest):
-        raise UserError(f"{data} has no captions: run ddpm preprocess --captions on captioned images")
-    rows = int((manifest.get("counts") or {}).get("rows") or 0)
-    if rows and config.train.eval_images >= rows:
-        raise UserError(f"{data} has {rows} images, not more than train.eval_images={config.train.eval_images} "
-                        f"held out; set --set train.eval_images=N with N < {rows}")
+def check_dataset(config, manifest: dict, data: str, clip_config, clip_uri: str):
+    """Captioned pixels of the size and channels the CLIP (``clip_config``) takes, more than the held-out rows."""
+    clip_stage.check_captioned(manifest, data, "the prior")
+    h, w, c = manifest["image_shape"]
+    cfg = clip_config
+    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.in_channels):
+        raise UserError(f"{data} holds {h}x{w}x{c} images; the CLIP {clip_uri} takes {cfg.image_size}x"
+                        f"{cfg.image_size}x{cfg.in_channels}")
+    check_room_to_hold_out(config, manifest, data)
     return config
 
 
-def _launch(data: str, config, manifest: dict, *, files: dict, source: dict, storage: str, name: str, run_id: str,
-            tracking_uri: str):
-    """(the worker function, its loop config): the split, the captions' ids and the CLIP for the workers."""
-    from ddpm import clip
-
-    from pipelines.actors import put_payload, unpacked
+def _launch(data: str, config, manifest: dict, *, loaded, files: dict, source: dict, storage: str, name: str,
+            run_id: str, tracking_uri: str):
+    """(the worker function, its loop config): the split, the captions' ids and the CLIP (``loaded``, and its
+    ``files`` for the workers)."""
+    from pipelines.actors import put_payload
 
     tc = config.train
-    with unpacked(files, prefix="ddpm-clip-") as folder:
-        loaded = clip.load(folder)
     cfg = loaded.model.config
     table = read_columns(data, manifest["shards"], ["caption"], None)
     distinct = np.asarray(sorted(set(table.column("caption").to_pylist())), dtype=str)
@@ -140,10 +139,6 @@ def _launch(data: str, config, manifest: dict, *, files: dict, source: dict, sto
     held_out = {"images": np.stack([np.asarray(row["image"], dtype=np.uint8) for row in held]),  # (N, H, W, C)
                 "caption_index": np.searchsorted(distinct, np.asarray(held_captions, dtype=str)).astype(np.int64),
                 "caption_ids": loaded.tokenizer.tokenize(held_captions).numpy()}
-    h, w, c = manifest["image_shape"]
-    if (h, c) != (cfg.image_size, cfg.in_channels):
-        raise UserError(f"{data} holds {h}x{w}x{c} images; the CLIP {source['uri']} takes {cfg.image_size}x"
-                        f"{cfg.image_size}x{cfg.in_channels}")
     print(f"{blocks.num_rows} training images ({len(distinct)} distinct captions), {len(held)} held out; CLIP "
           f"{source['uri']}: embeddings of {cfg.embed_dim}, token states of {cfg.text_width}", flush=True)
     prior_config = config.model.prior_config(cfg.embed_dim, cfg.text_width)

@@ -43,6 +43,13 @@ def caption_states(net: clip.Clip, ids: torch.Tensor, device) -> tuple[torch.Ten
     return torch.cat(states).float(), torch.cat(pooled).float()
 
 
+def caption_conditions(net: clip.Clip, ids: torch.Tensor, device) -> tuple:
+    """(token states (U, L, D), pooled (U, D), the empty caption's (states (1, L, D), pooled (1, D))) for the
+    captions' ids (U + 1, L) whose last row is the empty caption: what :func:`conditions` picks rows from."""
+    states, pooled = caption_states(net, ids, device)
+    return states[:-1], pooled[:-1], (states[-1:], pooled[-1:])
+
+
 @torch.no_grad()
 def image_embeddings(net: clip.Clip, images: np.ndarray, device) -> torch.Tensor:
     """Unit-norm CLIP image embeddings (N, E), float32, of (N, H, W, C) uint8 images."""
@@ -73,7 +80,8 @@ class PriorTask(LoopTask):
     eval_steps: int = 20
     eval_guidance_scale: float = 1.0
     clip_net: clip.Clip | None = field(default=None, repr=False)  # after start
-    states: tuple | None = field(default=None, repr=False)  # (token states, pooled, the empty caption's pair)
+    states: tuple | None = field(default=None, repr=False)  # caption_conditions(...), after start
+    noise: NoiseSchedule | None = field(default=None, repr=False)  # the schedule, after start
     held: dict | None = field(default=None, repr=False)  # rank 0, after start
 
     def build(self, config) -> DiffusionPrior:
@@ -98,13 +106,10 @@ class PriorTask(LoopTask):
 
         with unpacked(get_payload(self.clip_files), prefix="ddpm-clip-") as folder:
             self.clip_net = clip.load(folder, device=device).model.requires_grad_(False)
-        states, pooled = caption_states(self.clip_net, torch.as_tensor(ray.get(self.caption_ids)), device)
-        self.states = (states[:-1], pooled[:-1], (states[-1:], pooled[-1:]))
+        self.states = caption_conditions(self.clip_net, torch.as_tensor(ray.get(self.caption_ids)), device)
+        self.noise = NoiseSchedule.from_config(self.schedule)
         if rank == 0:
             self.held = ray.get(self.held_out)
-
-    def _schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_config(self.schedule)
 
     def loss(self, model, images, labels, *, rows, n, world, device, autocast):
         """L_simple on sqrt(E) z, predicting x_0, with caption dropout; logs this rank's mean."""
@@ -113,12 +118,12 @@ class PriorTask(LoopTask):
         condition = drop_condition(conditions(states, pooled, empty, torch.as_tensor(labels, device=device)),
                                    self.caption_dropout)
         with autocast():
-            loss = diffusion_loss(model, self._schedule(), embedding_scale(z.shape[1]) * z, condition=condition,
+            loss = diffusion_loss(model, self.noise, embedding_scale(z.shape[1]) * z, condition=condition,
                                   prediction_type="sample")
         return loss, {"loss": loss.item()}
 
     def evaluate(self, net: DiffusionPrior, device, logger, *, seen: int, step: int) -> dict[str, float]:
-        return evaluate(net, self._schedule(), self.clip_net, self.states, self.held, device, steps=self.eval_steps,
+        return evaluate(net, self.noise, self.clip_net, self.states, self.held, device, steps=self.eval_steps,
                         guidance_scale=self.eval_guidance_scale)
 
     def write(self, folder: Path, *, state: TrainingState, net: DiffusionPrior, optimizer, rng_states: dict) -> None:
@@ -126,7 +131,7 @@ class PriorTask(LoopTask):
         from pipelines.actors import get_payload
 
         model_dir = folder / MODEL_DIR
-        prior_format.save(model_dir, net, self._schedule(),
+        prior_format.save(model_dir, net, self.noise,
                           metadata={"clip": dict(self.clip_source, folder=CLIP_DIR), "images_seen": state.images_seen,
                                     "step": state.step, "mlflow_run_id": state.mlflow_run_id})
         for name, data in get_payload(self.clip_files).items():

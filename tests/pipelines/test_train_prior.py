@@ -126,3 +126,27 @@ def test_train_register_sample_resume(shapes, mlflow_server, tmp_path, capsys):
     clip.save(clip_folder, loaded_clip.model, loaded_clip.tokenizer)
     assert _train(data, clip_folder, runs, mlflow_server.uri, total_images=96) == 1
     assert "was trained on a CLIP with weights sha256" in capsys.readouterr().err
+
+
+def test_data_the_clip_cannot_embed_is_refused_before_anything_starts():
+    """The dataset checks run on the driver, before the MLflow run and the workers: latents, no captions, images of
+    another size than the CLIP's, too few rows to hold out."""
+    from ddpm import clip
+    from pipelines.errors import UserError
+    from pipelines.train.prior import check_dataset
+    from pipelines.train.prior_config import load_config
+
+    config = load_config(CONFIG)
+    cfg = clip.ClipConfig(image_size=16, in_channels=3, image_channels=(8, 16), image_heads=2, embed_dim=16,
+                          text_width=16, text_layers=1, text_heads=2, vocab_size=600, context_length=16,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    good = {"image_shape": [16, 16, 3], "caption_policy": "keep", "counts": {"rows": 1000}}
+    assert check_dataset(config, good, "d", cfg, "c") is config
+    for manifest, message in [
+        (good | {"kind": "latents"}, "d is a latent dataset (ddpm encode output); train the prior on"),
+        ({k: v for k, v in good.items() if k != "caption_policy"}, "d has no captions"),
+        (good | {"image_shape": [32, 32, 3]}, "d holds 32x32x3 images; the CLIP c takes 16x16x3"),
+        (good | {"counts": {"rows": 256}}, "d has 256 images, not more than train.eval_images=256"),
+    ]:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_dataset(config, manifest, "d", cfg, "c")
