@@ -21,6 +21,10 @@ MAX_SEED = 2**32 - 1  # seeds are 32-bit: image i of a request uses (seed + i) m
 MAX_RESAMPLE_TIMES = 100  # RePaint's r; the cost is about r times the steps
 MAX_IMAGES = 64  # per request to a server (POST /generate, the pyfunc model); ddpm generate writes files instead
 MAX_PROMPT_BYTES = 1000  # UTF-8 bytes of a prompt or negative prompt: CLIP's 77 tokens are ~300 characters of English
+# The doors' defaults for edits, the same on each (ddpm edit / POST /edit, ddpm inpaint / POST /inpaint), so that a
+# request with the defaults gives the same bytes on every door:
+EDIT_STRENGTH = 0.8  # an edit's (SDEdit's) strength; inpainting's is 1, pure noise in the mask
+INPAINT_RESAMPLE_TIMES = 10  # RePaint's r for inpainting; an edit's is 1
 
 
 class SettingError(ValueError):

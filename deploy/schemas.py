@@ -21,7 +21,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ddpm.generation import FORWARD_ROWS
-from ddpm.settings import MAX_IMAGES, MAX_PROMPT_BYTES, MAX_RESAMPLE_TIMES, MAX_SEED, MAX_STEPS
+from ddpm.settings import (EDIT_STRENGTH, INPAINT_RESAMPLE_TIMES, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_RESAMPLE_TIMES,
+                           MAX_SEED, MAX_STEPS)
 
 MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
 MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
@@ -67,7 +68,7 @@ class EditRequest(GenerateRequest):
     mask: str | None = Field(None, min_length=1, max_length=MAX_EDIT_BASE64,
                              description="base64 PNG of the image's size: white (255) = generate, black (0) = keep; "
                                          "null: edit the whole image")
-    strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False,
+    strength: float = Field(EDIT_STRENGTH, gt=0, le=1, allow_inf_nan=False,
                             description="how far the image is noised, in (0, 1]: the edit runs that share of the "
                                         "steps; low keeps the image's layout and colours, 1 ignores them")
     resize: bool = Field(False, description="stretch image and mask to the model's size instead of rejecting")
@@ -85,7 +86,7 @@ class InpaintRequest(EditRequest):
                       description="base64 PNG of the image's size: white (255) = generate, black (0) = keep")
     strength: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
                             description="below 1 the masked region starts from the noised image (SDEdit)")
-    resample_times: int = Field(10, ge=1, le=MAX_RESAMPLE_TIMES,
+    resample_times: int = Field(INPAINT_RESAMPLE_TIMES, ge=1, le=MAX_RESAMPLE_TIMES,
                                 description="RePaint's resampling count r; 1 = plain replacement; ~r x the cost")
 
 

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
     """The flags of ``ddpm inpaint``; with ``edit``, those of ``ddpm edit`` (pipelines.commands.edit): the mask
     optional, ``--strength`` 0.8 and no resampling by default."""
     from ddpm import SAMPLERS
+    from ddpm.settings import EDIT_STRENGTH, INPAINT_RESAMPLE_TIMES
+
+    strength, resample_times = (EDIT_STRENGTH, 1) if edit else (1.0, INPAINT_RESAMPLE_TIMES)
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
@@ -61,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
     parser.add_argument("--mask", required=not edit, default=None, metavar="FILE",
                         help="black-and-white image of the same size: white = generate, black = keep"
                              + (" (default: the whole image)" if edit else ""))
-    parser.add_argument("--strength", type=float, default=0.8 if edit else 1.0, metavar="S",
+    parser.add_argument("--strength", type=float, default=strength, metavar="S",
                         help="in (0, 1]: how far the image is noised before it is denoised with the new condition "
                              "(SDEdit); runs that share of the steps; low keeps the image's layout, 1 starts from "
-                             f"pure noise (default: {0.8 if edit else 1})")
+                             f"pure noise (default: {strength:g})")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the result (PNG)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     parser.add_argument("--steps", type=int, default=None, metavar="S",
@@ -82,9 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
     parser.add_argument("--resample-jumps", type=int, default=1, metavar="J",
                         help="RePaint's jump length j: how many steps each resampling goes back up (default: 1)")
-    parser.add_argument("--resample-times", type=int, default=1 if edit else 10, metavar="R",
+    parser.add_argument("--resample-times", type=int, default=resample_times, metavar="R",
                         help="RePaint's resampling count r; 1 = plain replacement, faster but biased toward "
-                             f"the model's prior; cost is about R times the steps (default: {1 if edit else 10})")
+                             f"the model's prior; cost is about R times the steps (default: {resample_times})")
     parser.add_argument("--resize", action="store_true",
                         help="stretch image and mask to the model's size instead of rejecting another size")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")

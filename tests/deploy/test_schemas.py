@@ -65,6 +65,14 @@ def test_request_defaults():
     assert (inpaint.strength, inpaint.resample_times) == (1.0, 10)  # RePaint's: the mask's region from pure noise
     with pytest.raises(ValidationError):
         InpaintRequest(image="x")  # /inpaint needs its mask
+    # the command line's defaults are the endpoint's, so a request with the defaults gives the same bytes on both
+    from pipelines.cli import build_parser
+
+    for command, body in (("edit", edit), ("inpaint", inpaint)):
+        args = build_parser(only=command).parse_args([command, "--model", "m", "--image", "i", "--mask", "k",
+                                                      "--out", "o.png"])
+        assert (args.strength, args.resample_times, args.resample_jumps) == (
+            body.strength, body.resample_times, body.resample_jumps)
 
 
 # Values on both sides of every bound of the request rules, and the types JSON can carry.
