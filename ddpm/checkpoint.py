@@ -13,6 +13,9 @@
       text/               text models only: the frozen text encoder whose token states the U-Net attends to
                           (``ddpm.text``'s layout: text/text_encoder/ + text/tokenizer/); config.json then also holds
                           "text_encoder": {"source": ..., "folder": "text", "context_length": L, "width": D}
+      image_encoder/      unCLIP decoders only: the frozen CLIP whose image embeddings the U-Net is conditioned on
+                          (``ddpm.clip``'s layout); config.json then also holds
+                          "image_encoder": {"source": ..., "folder": "image_encoder", "embed_dim": E}
 
 The folder is read and written by ``ddpm.folder_format`` (as the autoencoder's is), which also holds
 ``CheckpointError``. Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs
@@ -28,10 +31,14 @@ from typing import Sequence
 
 import torch
 
+import numpy as np
+
 from . import autoencoder as ae_format
+from . import clip as clip_format
 from . import text as text_format
 from .autoencoder import Autoencoder
-from .conditioning import Condition, encode_prompts, from_labels
+from .clip import LoadedClip
+from .conditioning import Condition, embed_images, encode_prompts, from_labels, with_image
 from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_config_file
 from .schedule import PREDICTION_TYPES, NoiseSchedule
@@ -40,14 +47,14 @@ from .text import TextEncoder
 from .unet import UNet, UNetConfig
 
 FORMAT, VERSION = "ddpm-checkpoint", 1
-AUTOENCODER_DIR, TEXT_DIR = "autoencoder", "text"
+AUTOENCODER_DIR, TEXT_DIR, IMAGE_ENCODER_DIR = "autoencoder", "text", "image_encoder"
 
 
 @dataclass
 class LoadedModel:
     """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings, for
-    a latent model the autoencoder whose decoder turns its samples into pixels, and for a text model its frozen text
-    encoder."""
+    a latent model the autoencoder whose decoder turns its samples into pixels, for a text model its frozen text
+    encoder, and for unCLIP's decoder the frozen CLIP whose image embeddings it takes."""
 
     model: UNet
     schedule: NoiseSchedule
@@ -56,6 +63,7 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
     autoencoder: Autoencoder | None = None  # on the model's device, eval mode
     text_encoder: TextEncoder | None = None  # on the model's device, frozen
+    image_encoder: LoadedClip | None = None  # on the model's device, frozen
 
     @property
     def config(self) -> UNetConfig:
@@ -78,26 +86,62 @@ class LoadedModel:
 
     def condition(self, count: int, *, class_labels: int | Sequence[int] | None = None,
                   prompts: str | Sequence[str] | None = None,
-                  negative_prompts: str | Sequence[str] | None = None) -> Condition | None:
+                  negative_prompts: str | Sequence[str] | None = None,
+                  images: np.ndarray | None = None, image_embeddings: torch.Tensor | None = None
+                  ) -> Condition | None:
         """The Condition of a request for ``count`` images, or None (an unconditional or class model without a
         label). class_labels / prompts / negative_prompts: one for all, or one per image.
 
         A text model always gets text: no prompt (or "") is the empty prompt's encoding, the unconditional model
-        caption dropout trained (whether such a row is guided is ``ddpm.settings.guided``'s business). Refused
-        with a ``SettingError`` (a ValueError naming the field, shown as it is by the CLI and HTTP): a prompt to a
-        model without a text encoder, a class label to a text model, a class this model does not have.
+        caption dropout trained (whether such a row is guided is ``ddpm.settings.guided``'s business). unCLIP's
+        decoder always gets an image embedding: of ``images`` ((H, W, C) uint8 for all, or (count, H, W, C)) through
+        its CLIP, or ``image_embeddings`` ((E,) or (count, E), e.g. from the prior; unit norm), else zeros, the
+        unconditional model. Refused with a ``SettingError`` (a ValueError naming the field, shown as it is by the
+        CLI and HTTP): a prompt to a model without a text encoder, an image to a model without a CLIP, a class label
+        to a text model, a class this model does not have.
         """
         labels = from_labels(class_labels, count)
         present = lambda values: None if values is None else ""  # noqa: E731 (check_for_model reads only "given")
         for label in dict.fromkeys(labels.labels.tolist()) if labels is not None else [None]:
             check_for_model(steps=None, class_label=label, num_classes=self.config.num_classes,
                             num_timesteps=self.schedule.num_timesteps, prompt=present(prompts),
-                            negative_prompt=present(negative_prompts), takes_text=self.text_encoder is not None)
-        if self.text_encoder is None:
-            return labels
-        return encode_prompts(self.text_encoder, _strings("prompt", prompts, count),
-                              _strings("negative_prompt", negative_prompts, count))
+                            negative_prompt=present(negative_prompts), takes_text=self.text_encoder is not None,
+                            image=None if images is None and image_embeddings is None else "",
+                            takes_image=self.image_encoder is not None)
+        text = None if self.text_encoder is None else encode_prompts(
+            self.text_encoder, _strings("prompt", prompts, count), _strings("negative_prompt", negative_prompts, count))
+        if self.image_encoder is None:
+            return labels if text is None else text
+        return with_image(self._embeddings(count, images, image_embeddings), text)
 
+    def _embeddings(self, count: int, images: np.ndarray | None, embeddings: torch.Tensor | None) -> torch.Tensor:
+        """(count, E) unit-norm image embeddings on the model's device: of ``images`` through the CLIP, the given
+        ``embeddings``, or zeros."""
+        clip = self.image_encoder.model
+        device, e = next(clip.parameters()).device, clip.config.embed_dim
+        if images is not None and embeddings is not None:
+            raise SettingError("image", "send an image or an image embedding, not both")
+        if embeddings is not None:
+            z = torch.as_tensor(embeddings, dtype=torch.float32)
+            z = z[None] if z.dim() == 1 else z  # (1 or count, E)
+            if z.dim() != 2 or z.shape[1] != e or z.shape[0] not in (1, count):
+                raise SettingError("image_embedding", f"must be {e} numbers, or {count} rows of {e}; got shape "
+                                   f"{tuple(torch.as_tensor(embeddings).shape)}")
+            return z.expand(count, -1).to(device)
+        if images is None:
+            return torch.zeros(count, e, device=device)
+        from .images import from_uint8
+
+        images = np.asarray(images)
+        size, channels = clip.config.image_size, clip.config.in_channels
+        if images.ndim == 3:
+            images = images[None]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels) or (
+                images.shape[0] not in (1, count)):
+            raise SettingError("image", f"must be {size}x{size}x{channels} uint8 (the CLIP's input), one for all "
+                               f"images or one each; got {images.dtype} of shape {images.shape}")
+        z = embed_images(clip, from_uint8(images))  # (1 or count, E)
+        return z.expand(count, -1)
 
 def _strings(field_: str, values: str | Sequence[str] | None, count: int) -> list[str]:
     """One string per image from None (the empty prompt), one string for all, or one per image; else SettingError."""
@@ -123,13 +167,16 @@ def save(
     autoencoder_source: dict | None = None,
     text_encoder: TextEncoder | None = None,
     text_encoder_source: dict | None = None,
+    image_encoder: LoadedClip | None = None,
+    image_encoder_source: dict | None = None,
 ) -> Path:
     """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``.
 
     A latent model passes its ``autoencoder`` (saved into ``autoencoder/``) and ``autoencoder_source``, where it
     came from (e.g. ``{"uri": "models:/photos-ae/3", "name": "photos-ae", "version": "3"}``), recorded in config.json.
     A text model (``text_dim`` > 0) passes its ``text_encoder`` (saved into ``text/``, ``ddpm.text``'s layout) and
-    ``text_encoder_source`` the same way.
+    ``text_encoder_source`` the same way; unCLIP's decoder (``image_dim`` > 0) its CLIP, ``image_encoder``
+    (saved into ``image_encoder/``, ``ddpm.clip``'s layout), and ``image_encoder_source``.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
@@ -138,9 +185,17 @@ def save(
         raise ValueError(f"a U-Net with text_dim {text_dim} needs " + (
             "no text encoder" if text_dim == 0 else f"a text encoder of width {text_dim}") + (
             "" if text_encoder is None else f"; got one of width {text_encoder.width}"))
+    image_dim = model.config.image_dim
+    found = None if image_encoder is None else image_encoder.model.config.embed_dim
+    if (image_encoder is None) != (image_dim == 0) or (found is not None and found != image_dim):
+        raise ValueError(f"a U-Net with image_dim {image_dim} needs " + (
+            "no image encoder" if image_dim == 0 else f"a CLIP of embedding width {image_dim}") + (
+            "" if found is None else f"; got one of width {found}"))
     path = Path(path)
     if text_encoder is not None:
         text_format.save(path / TEXT_DIR, text_encoder.tokenizer, text_encoder.model)
+    if image_encoder is not None:
+        clip_format.save(path / IMAGE_ENCODER_DIR, image_encoder.model, image_encoder.tokenizer)
     if autoencoder is not None:
         ae_format.save(path / AUTOENCODER_DIR, autoencoder, metadata={"source": autoencoder_source or {}})
     raw = {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters()}
@@ -166,6 +221,9 @@ def save(
     if text_encoder is not None:
         config["text_encoder"] = {"source": text_encoder_source or {}, "folder": TEXT_DIR,
                                   "context_length": text_encoder.context_length, "width": text_encoder.width}
+    if image_encoder is not None:
+        config["image_encoder"] = {"source": image_encoder_source or {}, "folder": IMAGE_ENCODER_DIR,
+                                   "embed_dim": image_dim}
     return write_folder(path, tensors, config)
 
 
@@ -204,8 +262,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
             raise CheckpointError(f"{path}: the U-Net takes {unet_config.in_channels} channels but its autoencoder's "
                                   f"latents have {decoder.config.latent_channels}")
     encoder = _load_text_encoder(path, config.get("text_encoder"), unet_config.text_dim, device)
+    clip = _load_image_encoder(path, config.get("image_encoder"), unet_config.image_dim, device)
     return LoadedModel(model, schedule, config["prediction_type"], config.get("class_names", []),
-                       config.get("metadata", {}), decoder, encoder)
+                       config.get("metadata", {}), decoder, encoder, clip)
 
 
 def _load_text_encoder(path: Path, entry: dict | None, text_dim: int, device) -> TextEncoder | None:
@@ -222,6 +281,22 @@ def _load_text_encoder(path: Path, entry: dict | None, text_dim: int, device) ->
         raise CheckpointError(f"{path}: the U-Net attends to text of width {text_dim} but its text encoder's token "
                               f"states have width {encoder.width}")
     return encoder
+
+
+def _load_image_encoder(path: Path, entry: dict | None, image_dim: int, device) -> LoadedClip | None:
+    """The CLIP an unCLIP decoder pins (config.json's "image_encoder"), checked against the U-Net's image_dim."""
+    if not entry:
+        if image_dim:
+            raise CheckpointError(f"{path}: the U-Net takes image embeddings of width {image_dim} but the checkpoint "
+                                  f"has no CLIP (config.json has no \"image_encoder\")")
+        return None
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path / CONFIG_FILE}: \"image_encoder\" must be an object")
+    clip = clip_format.load(path / entry.get("folder", IMAGE_ENCODER_DIR), device=device)
+    if clip.model.config.embed_dim != image_dim:
+        raise CheckpointError(f"{path}: the U-Net takes image embeddings of width {image_dim} but its CLIP's are "
+                              f"{clip.model.config.embed_dim} wide")
+    return clip
 
 
 def load_training_weights(path: str | Path) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""What a batch is conditioned on: one object for class labels, text and (next) a CLIP image embedding.
+"""What a batch is conditioned on: one object for class labels, text and a CLIP image embedding.
 
 A :class:`Condition` travels row-aligned with x_t through the U-Net, the losses, the samplers, RePaint and the one
 generation function; a model reads the fields it takes. Its *null* form is what classifier-free guidance (Ho &
@@ -8,7 +8,9 @@ prompt's encoding (or a negative prompt's) for a text model, carried as ``negati
     out = out(x_t, t, negative) + w (out(x_t, t, cond) - out(x_t, t, negative))
 
 Text conditions come from :func:`encode_prompts` (a frozen ``ddpm.text.TextEncoder``, Stable Diffusion's
-conditioning): token states for cross-attention and the pooled output for the time embedding.
+conditioning): token states for cross-attention and the pooled output for the time embedding. Image conditions come
+from :func:`embed_images` (a frozen CLIP's image tower, DALL-E 2's decoder): the unit-norm image embedding, whose
+null form is zeros (unCLIP trains the unconditional branch by zeroing the embedding).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from .clip import Clip
     from .text import TextEncoder, TokenReport
+
+FIELDS = ("labels", "text", "pooled", "image")  # a Condition's row-aligned tensors, in fields() order
 
 # Prompts encoded per text-encoder call, the last call padded: at a fixed shape a prompt's states do not depend on
 # the other prompts of the batch (the rule of ddpm.generation.fixed_size_forward, for the text encoder).
@@ -36,10 +41,11 @@ class Condition:
     text: torch.Tensor | None = None  # (B, L, D) token states of a frozen text encoder (cross-attention's keys/values)
     pooled: torch.Tensor | None = None  # (B, D) the text encoder's pooled output (added to the time embedding)
     negative: "Condition | None" = None  # row-aligned: what classifier-free guidance pushes away from
+    image: torch.Tensor | None = None  # (B, E) unit-norm CLIP image embeddings; zero rows = no image (the null form)
 
     def __post_init__(self):
-        if self.labels is None and self.text is None:
-            raise ValueError("a Condition needs class labels or text")
+        if self.labels is None and self.text is None and self.image is None:
+            raise ValueError("a Condition needs class labels, text or an image embedding")
         if (self.text is None) != (self.pooled is None):
             raise ValueError("a Condition's text and pooled embedding come together (both or neither)")
         if self.labels is not None and self.labels.dim() != 1:
@@ -48,7 +54,9 @@ class Condition:
                                       or self.pooled.shape[1] != self.text.shape[2]):
             raise ValueError(f"text must be (B, L, D) and pooled (B, D), got {tuple(self.text.shape)} and "
                              f"{tuple(self.pooled.shape)}")
-        rows = {t.shape[0] for t in (self.labels, self.text, self.pooled) if t is not None}
+        if self.image is not None and self.image.dim() != 2:
+            raise ValueError(f"image must be (B, E) embeddings, got {tuple(self.image.shape)}")
+        rows = {t.shape[0] for t in (self.labels, self.text, self.pooled, self.image) if t is not None}
         if len(rows) != 1:
             raise ValueError(f"a Condition's fields have different row counts: {sorted(rows)}")
         if self.negative is not None:
@@ -60,30 +68,32 @@ class Condition:
 
     def fields(self) -> tuple[str, ...]:
         """The names of the fields that are set (``negative`` aside), e.g. ("labels",) or ("text", "pooled")."""
-        return tuple(name for name in ("labels", "text", "pooled") if getattr(self, name) is not None)
+        return tuple(name for name in FIELDS if getattr(self, name) is not None)
 
     def __len__(self) -> int:
-        return (self.labels if self.labels is not None else self.text).shape[0]
+        return next(getattr(self, name) for name in FIELDS if getattr(self, name) is not None).shape[0]
 
     def null(self) -> "Condition":
-        """What guidance drops to, row for row: the negative if set, else the null class (labels -> -1)."""
+        """What guidance drops to, row for row: the negative if set, else the null class (labels -> -1) and zero
+        image embeddings."""
         if self.negative is not None:
             return self.negative
         if self.text is not None:
             raise ValueError("a text condition has no null form of its own: build it with "
                              "ddpm.conditioning.encode_prompts, which adds the empty (or negative) prompt's encoding")
-        return Condition(labels=torch.full_like(self.labels, -1))
+        return Condition(labels=None if self.labels is None else torch.full_like(self.labels, -1),
+                         image=None if self.image is None else torch.zeros_like(self.image))
 
     def select(self, index: slice | torch.Tensor) -> "Condition":
         """The rows ``index`` (a slice or an index tensor) of every field, the negative's too."""
         pick = (lambda t: None if t is None else t[index]) if isinstance(index, slice) else (
             lambda t: None if t is None else t[index.to(t.device)])
         return Condition(pick(self.labels), pick(self.text), pick(self.pooled),
-                         None if self.negative is None else self.negative.select(index))
+                         None if self.negative is None else self.negative.select(index), pick(self.image))
 
     def pad_to(self, rows: int) -> "Condition":
         """``rows`` rows in fresh buffers: these rows, then padding rows of the null class (label -1) and zeros
-        (text, pooled). Same shape and strides for every chunk, as ``ddpm.fixed_size_forward`` needs."""
+        (text, pooled, image). Same shape and strides for every chunk, as ``ddpm.fixed_size_forward`` needs."""
         n = len(self)
         if rows < n:
             raise ValueError(f"cannot pad {n} rows to {rows}")
@@ -96,13 +106,13 @@ class Condition:
             return out
 
         return Condition(pad(self.labels, -1), pad(self.text, 0), pad(self.pooled, 0),
-                         None if self.negative is None else self.negative.pad_to(rows))
+                         None if self.negative is None else self.negative.pad_to(rows), pad(self.image, 0))
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Condition":
-        """On ``device``; ``dtype`` applies to the float fields (text, pooled) only."""
+        """On ``device``; ``dtype`` applies to the float fields (text, pooled, image) only."""
         move = lambda t: None if t is None else t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa
         return Condition(move(self.labels), move(self.text), move(self.pooled),
-                         None if self.negative is None else self.negative.to(device, dtype))
+                         None if self.negative is None else self.negative.to(device, dtype), move(self.image))
 
     @staticmethod
     def cat(conditions: Sequence["Condition"]) -> "Condition":
@@ -117,7 +127,7 @@ class Condition:
         join = lambda name: torch.cat([getattr(c, name) for c in conditions]) if name in fields else None  # noqa
         negatives = [c.negative for c in conditions]
         negative = Condition.cat(negatives) if all(n is not None for n in negatives) else None
-        return Condition(join("labels"), join("text"), join("pooled"), negative)
+        return Condition(join("labels"), join("text"), join("pooled"), negative, join("image"))
 
 
 def as_condition(condition: Condition | torch.Tensor | None) -> Condition | None:
@@ -185,6 +195,37 @@ def encode_prompts(encoder: "TextEncoder", prompts: Sequence[str],
     take = lambda strings: torch.tensor([row[s] for s in strings], device=states.device)  # noqa
     p, n = take(prompts), take(negatives)
     return Condition(text=states[p], pooled=pooled[p], negative=Condition(text=states[n], pooled=pooled[n]))
+
+
+@torch.no_grad()
+def embed_images(clip: "Clip", images: torch.Tensor, *, rows: int = ENCODE_ROWS) -> torch.Tensor:
+    """images (N, C, H, W) in [-1, 1] -> unit-norm CLIP image embeddings (N, E), float32, on the CLIP's device.
+
+    ``rows`` images per image-tower call with the last call zero-padded, so an image's embedding never depends on
+    the other images of the batch (as :func:`encode_prompts` does for prompts)."""
+    device = next(clip.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], rows):
+        n = min(rows, images.shape[0] - start)
+        chunk = images.new_zeros((rows, *images.shape[1:]), dtype=torch.float32, device=device)
+        chunk[:n] = images[start:start + n]
+        out.append(clip.encode_image(chunk)[:n].float())
+    return torch.cat(out)
+
+
+def with_image(embeddings: torch.Tensor, text: Condition | None = None) -> Condition:
+    """unCLIP's decoder condition: image embeddings (B, E) (unit norm: from :func:`embed_images` or the prior),
+    with a text condition's rows when the decoder also reads the caption. Its negative is zero embeddings (and the
+    text's negative): the unconditional model that embedding dropout trains."""
+    zeros = torch.zeros_like(embeddings)
+    if text is None:
+        return Condition(image=embeddings, negative=Condition(image=zeros))
+    if text.text is None or text.labels is not None or len(text) != embeddings.shape[0]:
+        raise ValueError(f"with_image takes a text condition of {embeddings.shape[0]} rows, got {text.fields()} of "
+                         f"{len(text)}")
+    negative = text.null()
+    return Condition(text=text.text, pooled=text.pooled, image=embeddings,
+                     negative=Condition(text=negative.text, pooled=negative.pooled, image=zeros))
 
 
 def guided(condition, guidance_scale: float) -> bool:

@@ -116,12 +116,19 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
 
 
 def check_for_model(*, steps: int | None, class_label: int | None, num_classes: int, num_timesteps: int,
-                    prompt: str | None = None, negative_prompt: str | None = None, takes_text: bool = False) -> None:
+                    prompt: str | None = None, negative_prompt: str | None = None, takes_text: bool = False,
+                    image: object | None = None, takes_image: bool = False) -> None:
     """Refuse what this model cannot do: more steps than its T, a prompt when it has no text encoder
-    (``takes_text`` False), a class label when it is a text model, a class it does not have, any class when it is
+    (``takes_text`` False), an image to condition on when it has no CLIP (``takes_image`` False: not unCLIP's
+    decoder), a class label when it is a text or image model, a class it does not have, any class when it is
     unconditional."""
     if steps is not None and steps > num_timesteps:
         raise SettingError("steps", f"must be at most {num_timesteps}, this model's number of timesteps; got {steps}")
+    if image is not None and not takes_image:
+        raise SettingError("image", "this model takes no image to condition on; variations need unCLIP's decoder "
+                           "(a model trained with train.image_encoder)")
+    if takes_image and class_label is not None:
+        raise SettingError("class_label", "this model is conditioned on an image embedding: send an image instead")
     if not takes_text:
         for field, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if value is not None:

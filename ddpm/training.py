@@ -69,25 +69,35 @@ def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None = N
     return torch.where((drop < p).to(y.device), torch.full_like(y, -1), y)
 
 
-def drop_condition(condition: Condition, p: float, generator: torch.Generator | None = None) -> Condition:
-    """Replace each row with its null form (``Condition.null``: label -1, or the empty caption's encoding that
-    ``encode_prompts`` carries as the negative) with probability p: caption / label dropout, which trains the
-    unconditional branch of classifier-free guidance. The result has no negative."""
-    null = condition.null()
-    if p <= 0:
-        return Condition(condition.labels, condition.text, condition.pooled)
-    where = condition.labels if condition.labels is not None else condition.text
-    drop = torch.rand(len(condition), generator=generator,
-                      device=where.device if generator is None else generator.device)
-    drop = (drop < p).to(where.device)  # (B,) True = use the null row
+def drop_condition(condition: Condition, p: float, generator: torch.Generator | None = None, *,
+                   image_p: float | None = None) -> Condition:
+    """Replace each row with its null form (``Condition.null``: label -1, the empty caption's encoding that
+    ``encode_prompts`` carries as the negative, a zero image embedding) with probability p: caption / label /
+    embedding dropout, which trains the unconditional branch of classifier-free guidance. The result has no
+    negative.
 
-    def mix(kept: torch.Tensor | None, dropped: torch.Tensor | None) -> torch.Tensor | None:
+    ``image_p``: a decoder that reads the caption and the image embedding drops each on its own rows, the image
+    embedding with this probability (unCLIP: 10%) and the caption with p (unCLIP: 50%); None: the same rows.
+    """
+    null = condition.null()
+    if p <= 0 and not image_p:
+        return Condition(condition.labels, condition.text, condition.pooled, image=condition.image)
+    device = next(getattr(condition, f) for f in condition.fields()).device
+
+    def rows_dropped(prob: float) -> torch.Tensor:  # (B,) True = use the null row
+        u = torch.rand(len(condition), generator=generator, device=device if generator is None else generator.device)
+        return (u < prob).to(device)
+
+    drop = rows_dropped(p)
+    drop_image = drop if image_p is None else rows_dropped(image_p)
+
+    def mix(kept: torch.Tensor | None, dropped: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
         if kept is None:
             return None
-        return torch.where(drop.reshape(-1, *([1] * (kept.dim() - 1))), dropped.to(kept.device), kept)
+        return torch.where(rows.reshape(-1, *([1] * (kept.dim() - 1))), dropped.to(kept.device), kept)
 
-    return Condition(mix(condition.labels, null.labels), mix(condition.text, null.text),
-                     mix(condition.pooled, null.pooled))
+    return Condition(mix(condition.labels, null.labels, drop), mix(condition.text, null.text, drop),
+                     mix(condition.pooled, null.pooled, drop), image=mix(condition.image, null.image, drop_image))
 
 
 def train_step(

@@ -12,6 +12,11 @@ U-Nets are: after each self-attention block, a cross-attention block attends fro
 states of a frozen text encoder, and the encoder's pooled output, projected, is added to the time embedding. The
 conditioning arrives as one ``ddpm.conditioning.Condition``.
 
+With ``image_dim`` E > 0 the network is unCLIP's decoder (Ramesh et al. 2022, section 2.1): a CLIP image embedding
+z (unit norm, scaled by sqrt(E) to entries of about unit variance) is projected into the time embedding and into
+``image_tokens`` extra context tokens that the cross-attention blocks attend to, after the text's L tokens when the
+decoder reads the caption too. A zero embedding is the null form that embedding dropout trains for guidance.
+
 With ``patch_size`` p > 1 the image is folded into p x p patches first (``pixel_unshuffle``: (C, H, W) ->
 (C p^2, H/p, W/p)) and unfolded at the end, so the U-Net works on an (H/p)-sized grid at about 1/p^2 of the cost;
 "simple diffusion" (Hoogeboom et al. 2023) does the same for high-resolution images.
@@ -44,6 +49,8 @@ class UNetConfig:
     patch_size: int = 1  # p: the U-Net runs on the (image_size / p)-sized grid; attention_resolutions refer to it
     zero_init: bool = False  # start every residual branch and the output at 0, as DDPM's own code does
     text_dim: int = 0  # D, the width of the text encoder's token states; 0: no text (no cross-attention)
+    image_dim: int = 0  # E, the width of a CLIP image embedding (unCLIP's decoder); 0: no image embedding
+    image_tokens: int = 4  # the context tokens an image embedding is projected into (unCLIP: 4)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -56,9 +63,20 @@ class UNetConfig:
                              f"2^{levels - 1} for {levels} levels")
         if isinstance(self.text_dim, bool) or not isinstance(self.text_dim, int) or self.text_dim < 0:
             raise ValueError(f"text_dim must be a whole number >= 0, got {self.text_dim!r}")
+        for name in ("image_dim", "image_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.image_dim and not self.image_tokens:
+            raise ValueError("an image-conditioned U-Net (image_dim > 0) needs image_tokens >= 1")
         for c in {self.base_channels * m for m in self.channel_mults}:
             if c % min(self.num_groups, c) or c % self.num_heads:
                 raise ValueError(f"{c} channels are not divisible by num_groups/num_heads")
+
+    @property
+    def context_dim(self) -> int:
+        """The width of the tokens cross-attention reads: the text's, else the image embedding's; 0: none."""
+        return self.text_dim or self.image_dim
 
     @property
     def grid_size(self) -> int:
@@ -210,6 +228,10 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes > 0 else None
         # the text encoder's pooled output (B, D) -> (B, 4ch), added to the time embedding
         self.pooled_proj = nn.Linear(cfg.text_dim, temb_dim) if cfg.text_dim > 0 else None
+        # unCLIP's decoder: sqrt(E) z (B, E) -> (B, 4ch) into the time embedding, and -> image_tokens context tokens
+        self.image_proj = nn.Linear(cfg.image_dim, temb_dim) if cfg.image_dim > 0 else None
+        self.image_tokens = (nn.Linear(cfg.image_dim, cfg.image_tokens * cfg.context_dim) if cfg.image_dim > 0
+                             else None)
         patch_channels = cfg.in_channels * cfg.patch_size ** 2
         self.conv_in = nn.Conv2d(patch_channels, ch, 3, padding=1)
 
@@ -263,11 +285,12 @@ class UNet(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def _attention(self, channels: int) -> list[nn.Module]:
-        """The attention blocks at an attention resolution: self-attention, then cross-attention to the text."""
+        """The attention blocks at an attention resolution: self-attention, then cross-attention to the context
+        (the text's tokens and the image embedding's)."""
         cfg = self.config
         blocks = [AttnBlock(channels, cfg.num_groups, cfg.num_heads)]
-        if cfg.text_dim > 0:
-            blocks.append(CrossAttnBlock(channels, cfg.text_dim, cfg.num_groups, cfg.num_heads))
+        if cfg.context_dim > 0:
+            blocks.append(CrossAttnBlock(channels, cfg.context_dim, cfg.num_groups, cfg.num_heads))
         return blocks
 
     @staticmethod
@@ -301,6 +324,17 @@ class UNet(nn.Module):
             temb = temb + self.pooled_proj(cond.pooled.to(x.dtype))  # (B, 4ch)
         elif cond is not None and cond.text is not None:
             raise ValueError("this model takes no text (it has no cross-attention): leave the prompt out")
+        if self.image_proj is not None:
+            if cond is None or cond.image is None:
+                raise ValueError("this model is conditioned on a CLIP image embedding: pass a Condition with image "
+                                 "(ddpm.conditioning.with_image; zeros for unconditional rows)")
+            e = self.config.image_dim
+            z = cond.image.to(x.dtype) * math.sqrt(e)  # (B, E), entries of about unit variance
+            temb = temb + self.image_proj(z)
+            tokens = self.image_tokens(z).reshape(z.shape[0], self.config.image_tokens, -1)  # (B, k, context_dim)
+            text = tokens if text is None else torch.cat([text, tokens], dim=1)  # (B, L + k, D)
+        elif cond is not None and cond.image is not None:
+            raise ValueError("this model takes no image embedding: leave the image out")
 
         p = self.config.patch_size
         h = self.conv_in(F.pixel_unshuffle(x, p) if p > 1 else x)  # (B, C p^2, H/p, W/p) -> (B, ch, H/p, W/p)

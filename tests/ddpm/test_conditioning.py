@@ -73,7 +73,7 @@ def test_rows_select_pad_cat_and_null():
 
 
 def test_malformed_conditions_are_refused():
-    with pytest.raises(ValueError, match="labels or text"):
+    with pytest.raises(ValueError, match="labels, text or an image"):
         Condition()
     with pytest.raises(ValueError, match="both or neither"):
         Condition(text=torch.zeros(2, CONTEXT, WIDTH))
