@@ -65,13 +65,15 @@ def _prompt(field: str, value) -> None:
 def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, seed: int | None = 0,
                    class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
                    resample_times: int | None = None, num_images: int | None = None, prompt: str | None = None,
-                   negative_prompt: str | None = None, strength: float | None = None) -> None:
+                   negative_prompt: str | None = None, strength: float | None = None,
+                   image: object | None = None) -> None:
     """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
     error); ``seed`` None means "draw one"; the resample settings and an edit's ``strength`` in (0, 1] are checked
     when given (inpainting, edits);
     ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits).
     ``prompt`` None or "" is unconditional; a non-empty ``negative_prompt`` needs a non-empty prompt and guidance
-    (w != 1), since only the guided prediction neg + w (cond - neg) reads it."""
+    (w != 1), since only the guided prediction neg + w (cond - neg) reads it. ``image`` (anything but None): an
+    image to vary is given, a condition that guidance applies to (unCLIP's decoder)."""
     if num_images is not None:
         _int("num_images", num_images, 1, MAX_IMAGES)
     if sampler not in SAMPLERS:
@@ -91,10 +93,12 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
     if negative_prompt and not prompt:
         raise SettingError("negative_prompt", "needs a prompt (guidance pushes the prompt away from it)")
     _float("guidance_scale", guidance_scale, 0.0)
-    condition = class_label if class_label is not None else prompt  # what guided() reads: a label or a prompt
+    # what guided() reads: a label, an image or a prompt
+    condition = class_label if class_label is not None else image if image is not None else prompt
     if guidance_scale != 1.0 and not guided(condition, guidance_scale):  # a scale that would guide nothing
-        raise SettingError("guidance_scale", "applies only with a class label or a non-empty prompt (classifier-"
-                                             "free guidance mixes the conditional and unconditional predictions)")
+        raise SettingError("guidance_scale", "applies only with a class label, a non-empty prompt or an image "
+                                             "(classifier-free guidance mixes the conditional and unconditional "
+                                             "predictions)")
     if negative_prompt and guidance_scale == 1.0:
         raise SettingError("negative_prompt", "applies only with guidance: set guidance_scale != 1 (at w = 1 the "
                                               "prediction is the prompt's alone)")

@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "pipelines.commands.generate",
     "inpaint": "pipelines.commands.inpaint",
     "edit": "pipelines.commands.edit",
+    "vary": "pipelines.commands.vary",
     "evaluate": "pipelines.commands.evaluate",
     "serve": "deploy.cli",
     "pipeline": "pipelines.commands.pipeline",

@@ -69,6 +69,11 @@ class TrainConfig:
     # Diffusion folder's text_encoder/ + tokenizer/); model.text_dim is set from its width. null: no text.
     text_encoder: str | None = None
     caption_dropout: float = 0.1          # a caption replaced by "" this often: the unconditional branch of guidance
+    # unCLIP's decoder: the frozen CLIP (a registered one, models:/NAME/VERSION, or a folder ddpm.clip.load reads)
+    # whose image embedding of each training image the U-Net is conditioned on; model.image_dim is set from its
+    # width. With train.text_encoder as well, the decoder reads the caption too (unCLIP's does). null: no image.
+    image_encoder: str | None = None
+    image_dropout: float = 0.1            # an image embedding replaced by zeros this often (unCLIP: 10%)
     random_flip: bool = True
     seed: int = 0
     precision: str = "auto"               # "auto" (bf16 on CUDA and bf16 CPUs, else fp32), "fp32" or "bf16"
@@ -100,11 +105,15 @@ class TrainConfig:
             raise UserError(f"train.elastic_check_s must be at least 0, got {self.elastic_check_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise UserError(f"train.max_minutes must be positive (or null for no time limit), got {self.max_minutes}")
-        for name in ("label_dropout", "caption_dropout"):
+        for name in ("label_dropout", "caption_dropout", "image_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"train.{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.text_encoder is not None and (not isinstance(self.text_encoder, str) or not self.text_encoder.strip()):
             raise UserError(f"train.text_encoder must be a models:/ URI or a folder (or null), got {self.text_encoder!r}")
+        if self.image_encoder is not None and (not isinstance(self.image_encoder, str)
+                                               or not self.image_encoder.strip()):
+            raise UserError(f"train.image_encoder must be a models:/ URI or a folder (or null), "
+                            f"got {self.image_encoder!r}")
 
     def build_optimizer(self, params):
         """Adam or AdamW over ``params`` with this config's lr, weight decay and beta2 (beta1 stays 0.9).

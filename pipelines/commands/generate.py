@@ -66,13 +66,20 @@ def check_fits_in_memory(num_images: int, image_shape: tuple[int, int, int], out
                         f"s3:// prefix instead: shards on Ray Data actors, in bounded memory at any N")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, vary: bool = False) -> None:
+    """The flags of ``ddpm generate``; with ``vary``, those of ``ddpm vary`` (pipelines.commands.vary): ``--image``
+    required, and ``--resize``."""
     from ddpm import FORWARD_ROWS, SAMPLERS
     from pipelines.actors import add_actor_arguments
     from pipelines.generate.job import FORMATS, SHARD_IMAGES
 
     parser.add_argument("--model", required=True, metavar="URI",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local checkpoint folder")
+    if vary:
+        parser.add_argument("--image", required=True, metavar="FILE",
+                            help="the image to vary (PNG, JPEG, ...), of the size the model's CLIP reads")
+        parser.add_argument("--resize", action="store_true",
+                            help="stretch the image to the CLIP's size instead of rejecting another size")
     parser.add_argument("--num-images", type=int, default=16, metavar="N",
                         help="how many images, per prompt with --prompts (default: 16)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
@@ -142,6 +149,9 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--prompts: writes one image per prompt and seed; give --out a folder or s3:// prefix, "
                             f"not {args.out}")
         return generate_file(args)
+    if getattr(args, "image", None) is not None:
+        raise UserError(f"--out {args.out}: variations are written to one file here (grid.png or images.npz); "
+                        f"the Ray Data batch job takes no --image yet")
     return generate_shards(args)
 
 
@@ -218,27 +228,34 @@ def generate_file(args: argparse.Namespace) -> int:
         raise UserError("--labels balanced is for a folder or s3:// output; give --class-label C for a grid or .npz")
     settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                     class_label=args.class_label, guidance_scale=args.guidance_scale, prompt=args.prompt,
-                    negative_prompt=args.negative_prompt)
+                    negative_prompt=args.negative_prompt, image=getattr(args, "image", None))
     try:
         check_settings(**settings)  # the rules of POST /generate and the pyfunc model, before anything is loaded
     except SettingError as exc:
         raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
     loaded = checkpoint.load(resolved.path, device=args.device)
+    image = getattr(args, "image", None)  # ddpm vary's
     try:
         check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
                         num_timesteps=loaded.schedule.num_timesteps, prompt=args.prompt,
-                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None)
+                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None,
+                        image=image, takes_image=loaded.image_encoder is not None)
     except SettingError as exc:
         raise flag_error(exc) from None
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
     print_warnings(loaded.text_encoder, single_prompt(args))
+    if image is not None:  # unCLIP's variations: the image's CLIP embedding through the decoder, a seed each
+        from pipelines.commands.inpaint import read_inputs
+
+        cfg = loaded.image_encoder.model.config
+        image, _ = read_inputs(args.image, None, cfg.image_size, cfg.in_channels, args.resize)  # (H, W, C) uint8
     try:
         # The endpoint's network call (a CUDA graph on a GPU, the fixed-shape forward on the CPU): the same bytes.
         images = generate_images(loaded, image_seeds(args.seed, args.num_images),
                                  condition=loaded.condition(args.num_images, class_labels=args.class_label,
                                                             prompts=args.prompt,
-                                                            negative_prompts=args.negative_prompt),
+                                                            negative_prompts=args.negative_prompt, images=image),
                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
                                  guidance_scale=args.guidance_scale,
                                  forward=graphed_forward(loaded.model, args.batch_size),

@@ -96,15 +96,18 @@ def images_in_name(path: str) -> int:
 def write_checkpoint(folder: Path, *, net, schedule, ema, optimizer, state: TrainingState,
                      rng_states: dict[str, torch.Tensor], prediction_type: str, class_names: list[str],
                      autoencoder=None, autoencoder_source: dict | None = None, text_encoder=None,
-                     text_encoder_source: dict | None = None) -> None:
+                     text_encoder_source: dict | None = None, image_encoder=None,
+                     image_encoder_source: dict | None = None) -> None:
     """Write the checkpoint layout of the module docstring into ``folder``; a latent model's ``model/`` also
-    carries its ``autoencoder``, a text model's its ``text_encoder`` (see ``ddpm.checkpoint``)."""
+    carries its ``autoencoder``, a text model's its ``text_encoder``, unCLIP's decoder its CLIP (``image_encoder``;
+    see ``ddpm.checkpoint``)."""
     checkpoint.save(folder / MODEL_DIR, net, schedule, ema_state=ema.state_dict(), prediction_type=prediction_type,
                     class_names=list(class_names),
                     metadata={"images_seen": state.images_seen, "step": state.step,
                               "mlflow_run_id": state.mlflow_run_id},
                     autoencoder=autoencoder, autoencoder_source=autoencoder_source,
-                    text_encoder=text_encoder, text_encoder_source=text_encoder_source)
+                    text_encoder=text_encoder, text_encoder_source=text_encoder_source,
+                    image_encoder=image_encoder, image_encoder_source=image_encoder_source)
     write_training_state(folder, state=state, optimizer=optimizer, rng_states=rng_states)
 
 
@@ -236,12 +239,14 @@ def _complete_state(uri: str, sizes: dict[str, int], endpoint_url: str | None) -
 
 def _carried_files(config: dict) -> list[str]:
     """The files of the folders a ddpm checkpoint's config.json says it carries (``ddpm.checkpoint``: a latent
-    model's autoencoder/, a text model's text/), as paths under the checkpoint folder."""
+    model's autoencoder/, a text model's text/, unCLIP's decoder's image_encoder/), as paths under the checkpoint
+    folder."""
     if config.get("format") != checkpoint.FORMAT:  # an autoencoder's folder carries nothing
         return []
     files = []
     for entry, folder, names in (("autoencoder", checkpoint.AUTOENCODER_DIR, _FOLDER),
-                                 ("text_encoder", checkpoint.TEXT_DIR, _TEXT)):
+                                 ("text_encoder", checkpoint.TEXT_DIR, _TEXT),
+                                 ("image_encoder", checkpoint.IMAGE_ENCODER_DIR, _CLIP)):
         if config.get(entry):
             files += [f"{MODEL_DIR}/{config[entry].get('folder', folder)}/{name}" for name in names]
     return files

@@ -11,14 +11,18 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from pipelines import storage as store
-from pipelines.data.dataset import autoencoder_copy, is_captioned, is_latent, load_dataset, read_columns
+from pipelines.data.dataset import (autoencoder_copy, images_from_arrow, is_captioned, is_latent, load_dataset,
+                                    read_columns)
 from pipelines.errors import UserError
 from pipelines.train.checkpoints import TrainingState
 from pipelines.train.resources import Workers
 from pipelines.train.rows import Blocks
 from pipelines.train.stage import Stage, StageResult, check_not_past_end, run_stage
-from pipelines.train.text_encoder import ResolvedTextEncoder, check_pinned, for_workers, resolve_text_encoder, tag
+from pipelines.train.encoders import (IMAGE, TEXT, ResolvedEncoder, check_pinned, for_workers, resolve_image_encoder,
+                                      resolve_text_encoder, tag)
 from pipelines.train.worker import FAIL_AFTER_ENV, SAMPLE_TEXT_ROWS, WorkerJob, train_worker
 
 TrainResult = StageResult  # run_id, images_seen, checkpoint (URI), model_version, unlogged
@@ -49,27 +53,33 @@ def train(
     the global batch, the steps and the order of the images stay those of the config whatever the group's size.
     The rest (workers, CPUs, placement, the MLflow run, registration) is :func:`pipelines.train.stage.run_stage`.
 
-    A text model (``train.text_encoder``) resolves its text encoder here, once, before anything else
-    (:mod:`pipelines.train.text_encoder`); a resumed run must resolve it to the weights its checkpoints carry.
+    A text model (``train.text_encoder``) and unCLIP's decoder (``train.image_encoder``, a CLIP) resolve their
+    encoders here, once, before anything else (:mod:`pipelines.train.encoders`); a resumed run must resolve them to
+    the weights its checkpoints carry.
     """
     stage = DDPM_STAGE
-    if config.train.text_encoder:
-        text = resolve_text_encoder(config.train.text_encoder, tracking_uri)
-        check_pinned(text, storage, name)
-        stage = replace(stage, check=partial(fit_to_dataset, text_encoder=text),
-                        launch=partial(_launch, text_encoder=text))
+    tc = config.train
+    encoders = {"text_encoder": resolve_text_encoder(tc.text_encoder, tracking_uri) if tc.text_encoder else None,
+                "image_encoder": resolve_image_encoder(tc.image_encoder, tracking_uri) if tc.image_encoder else None}
+    if any(encoders.values()):
+        for resolved in filter(None, encoders.values()):
+            check_pinned(resolved, storage, name)
+        stage = replace(stage, check=partial(fit_to_dataset, **encoders), launch=partial(_launch, **encoders))
     return run_stage(stage, data, config, storage=storage, name=name, num_workers=num_workers, use_gpu=use_gpu,
                      cpus_per_worker=cpus_per_worker, placement=placement, register_as=register_as,
                      tracking_uri=tracking_uri, experiment=experiment, resource_wait_s=resource_wait_s)
 
 
-def fit_to_dataset(config, manifest: dict, data: str, text_encoder: ResolvedTextEncoder | None = None):
+def fit_to_dataset(config, manifest: dict, data: str, text_encoder: ResolvedEncoder | None = None,
+                   image_encoder: ResolvedEncoder | None = None):
     """Check the model's image shape against the dataset's; set the number of classes for conditional training,
-    or the width of the text encoder's token states (``model.text_dim``) for a text model.
+    the width of the text encoder's token states (``model.text_dim``) for a text model, and the width of the CLIP's
+    image embedding (``model.image_dim``) for unCLIP's decoder.
 
     A latent dataset (``ddpm encode``) sets the model's input shape from its manifest: the latents' side and
-    channels follow from the autoencoder, not from the recipe. ``text_encoder``: ``train.text_encoder`` resolved
-    (:func:`pipelines.train.text_encoder.resolve_text_encoder`; resolved here when not given).
+    channels follow from the autoencoder, not from the recipe. ``text_encoder`` / ``image_encoder``:
+    ``train.text_encoder`` / ``train.image_encoder`` resolved (:mod:`pipelines.train.encoders`; resolved here when
+    not given).
     """
     h, w, c = manifest["image_shape"]
     m = config.model
@@ -93,10 +103,10 @@ def fit_to_dataset(config, manifest: dict, data: str, text_encoder: ResolvedText
         if not classes:
             raise UserError(f"{data} has no class labels; set --set train.class_conditional=false")
         config = config.with_num_classes(len(classes))
-    return _fit_text(config, manifest, data, text_encoder)
+    return _fit_image(_fit_text(config, manifest, data, text_encoder), manifest, data, image_encoder)
 
 
-def _fit_text(config, manifest: dict, data: str, text_encoder: ResolvedTextEncoder | None):
+def _fit_text(config, manifest: dict, data: str, text_encoder: ResolvedEncoder | None):
     """A text model's checks: captions to condition on, no class labels beside them; text_dim = the encoder's
     width."""
     tc = config.train
@@ -115,11 +125,45 @@ def _fit_text(config, manifest: dict, data: str, text_encoder: ResolvedTextEncod
     return replace(config, model=replace(config.model, text_dim=text_encoder.width))
 
 
+def _fit_image(config, manifest: dict, data: str, image_encoder: ResolvedEncoder | None):
+    """unCLIP's decoder's checks: pixels of the size the CLIP embeds, no class labels beside the embedding;
+    image_dim = the CLIP's embedding width."""
+    tc = config.train
+    if not tc.image_encoder:
+        if config.model.image_dim:
+            raise UserError(f"model.image_dim={config.model.image_dim} is set from the CLIP's embedding width: set "
+                            f"--set train.image_encoder=URI (or model.image_dim=0)")
+        return config
+    if is_latent(manifest):
+        raise UserError(f"{data} holds latents, but unCLIP's decoder embeds each training image with its CLIP, which "
+                        f"reads pixels: train the decoder on the processed images (a latent decoder is not built yet)")
+    if tc.class_conditional:
+        raise UserError("train.class_conditional and train.image_encoder: a decoder is conditioned on image "
+                        "embeddings, not class labels; set --set train.class_conditional=false")
+    image_encoder = image_encoder or resolve_image_encoder(tc.image_encoder)
+    shape = tuple(manifest["image_shape"])
+    if shape != image_encoder.image_shape:
+        h, w, c = image_encoder.image_shape
+        raise UserError(f"{data} holds {'x'.join(map(str, shape))} images; the CLIP {tc.image_encoder} embeds "
+                        f"{h}x{w}x{c}")
+    return replace(config, model=replace(config.model, image_dim=image_encoder.width))
+
+
 def sample_captions(data: str, manifest: dict, count: int = SAMPLE_TEXT_ROWS) -> tuple[str, ...]:
     """The captions of a text model's sample grids: the dataset's first ``count`` distinct non-empty ones, in shard
     order (only the caption column is read)."""
     captions = read_columns(data, manifest["shards"], ["caption"], None).column("caption").to_pylist()
     return tuple(c for c in dict.fromkeys(captions) if c)[:count]
+
+
+def sample_images(data: str, manifest: dict, count: int = SAMPLE_TEXT_ROWS) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The images of unCLIP's decoder's sample grids, one row of variations each: the dataset's first ``count``
+    (count, H, W, C) uint8 in shard order, with their captions ("" where the dataset has none)."""
+    columns = ["image"] + (["caption"] if is_captioned(manifest) else [])
+    table = read_columns(data, manifest["shards"], columns, None).slice(0, count)
+    images = images_from_arrow(table.column("image"), manifest["image_shape"], np.uint8).copy()  # (count, H, W, C)
+    captions = table.column("caption").to_pylist() if "caption" in columns else [""] * len(images)
+    return images, tuple(captions)
 
 
 def latent_autoencoder(data: str, manifest: dict) -> dict | None:
@@ -147,9 +191,9 @@ def check_resumable(state: TrainingState, config, name: str) -> None:
 
 
 def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_id: str, tracking_uri: str,
-            text_encoder: ResolvedTextEncoder | None = None):
+            text_encoder: ResolvedEncoder | None = None, image_encoder: ResolvedEncoder | None = None):
     """(the worker function, its loop config): the dataset in Ray's object store and the workers' job; a text
-    model's rows carry their captions, and its text encoder travels to the workers the same way."""
+    model's rows carry their captions, and its encoders (text, CLIP) travel to the workers the same way."""
     # The dataset is read once into Ray's object store (spilled to disk if it must), shuffled once so that each
     # block mixes the classes, and the workers take their rows from its blocks (pipelines.train.rows): training
     # then needs no read tasks, so the workers may reserve every CPU of their nodes.
@@ -171,23 +215,31 @@ def _launch(data: str, config, manifest: dict, *, storage: str, name: str, run_i
         blocks=blocks,
         autoencoder=latent_autoencoder(data, manifest),
         text_encoder=for_workers(text_encoder) if text_encoder is not None else None,
-        sample_captions=sample_captions(data, manifest) if text_encoder is not None else (),
+        image_encoder=for_workers(image_encoder) if image_encoder is not None else None,
     )
+    if image_encoder is not None:  # a row of variations per image, each read with its caption by a text decoder
+        images, captions = sample_images(data, manifest)
+        job = replace(job, sample_images=images, sample_captions=captions if text_encoder is not None else ())
+    elif text_encoder is not None:
+        job = replace(job, sample_captions=sample_captions(data, manifest))
     return train_worker, job.loop_config()
 
 
 def version_tags(folder: Path) -> dict:
-    """A text model's registered version names its text encoder (``text_encoder``), as a latent model names its
-    autoencoder; read from the final checkpoint, which carries it."""
+    """A text model's registered version names its text encoder (``text_encoder``), unCLIP's decoder its CLIP
+    (``image_encoder``), as a latent model names its autoencoder; read from the final checkpoint, which carries
+    them."""
     from ddpm.checkpoint import CONFIG_FILE
 
     from pipelines.train.checkpoints import MODEL_DIR
 
-    entry = json.loads((folder / MODEL_DIR / CONFIG_FILE).read_text()).get("text_encoder")
-    if not entry:
-        return {}
-    source = entry.get("source") or {}
-    return {"text_encoder": tag(source), "text_encoder_sha256": str(source.get("sha256"))}
+    config = json.loads((folder / MODEL_DIR / CONFIG_FILE).read_text())
+    tags = {}
+    for kind in (TEXT, IMAGE):
+        source = (config.get(kind) or {}).get("source")
+        if source is not None:
+            tags |= {kind: tag(source), f"{kind}_sha256": str(source.get("sha256"))}
+    return tags
 
 
 DDPM_STAGE = Stage(check=fit_to_dataset, check_resumable=check_resumable, launch=_launch, extra_tags=version_tags)

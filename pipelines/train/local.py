@@ -55,8 +55,9 @@ def train_local(config, images, labels, *, out_dir: str | Path, class_names: lis
     from ddpm.training import drop_labels, lr_at, random_flip, train_step
 
     tc = config.train
-    if tc.text_encoder or config.model.text_dim:
-        raise UserError("ddpm train-local trains no text models (the digits have no captions); use ddpm train")
+    if tc.text_encoder or config.model.text_dim or tc.image_encoder or config.model.image_dim:
+        raise UserError("ddpm train-local trains no text or image-embedding models (the digits have no captions); "
+                        "use ddpm train")
     if tc.class_conditional:
         config = config.with_num_classes(int(labels.max()) + 1)
     torch.manual_seed(tc.seed)

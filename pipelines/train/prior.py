@@ -13,9 +13,7 @@ Before the workers start, on the driver:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,14 +26,12 @@ from pipelines.data.dataset import read_columns
 from pipelines.errors import UserError
 from pipelines.train import clip as clip_stage
 from pipelines.train.checkpoints import STATE_JSON, TrainingState
+from pipelines.train.encoders import resolve_clip
 from pipelines.train.held_out import check_room_to_hold_out, split
 from pipelines.train.loop import LoopJob, train_loop_worker
 from pipelines.train.prior_worker import PriorTask
 from pipelines.train.resources import Workers
 from pipelines.train.stage import Stage, run_stage
-
-CLIP_WEIGHTS = "clip/model.safetensors"  # ddpm.clip.save's layout: the file whose sha256 names the CLIP
-
 
 @dataclass(frozen=True)
 class PriorTrainResult:
@@ -56,7 +52,7 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
     Running it again with the same ``name`` resumes exactly; a finished run only registers."""
     if not config.train.clip:
         raise UserError("train-prior needs the CLIP whose embeddings it learns: --clip models:/NAME/VERSION")
-    loaded, files, source = resolve_clip_files(config.train.clip, tracking_uri)
+    loaded, files, source = resolve_clip(config.train.clip, tracking_uri, what="train.clip")
     final: dict = {}
 
     def tags(folder: Path) -> dict:
@@ -88,26 +84,6 @@ def train_prior(data: str, config, *, storage: str, name: str, num_workers: int 
                        tracking_uri=tracking_uri, experiment=experiment, resource_wait_s=resource_wait_s)
     return PriorTrainResult(result.run_id, result.images_seen, result.checkpoint, result.model_version, dict(final),
                             result.unlogged)
-
-
-def resolve_clip_files(uri: str, tracking_uri: str | None):
-    """``train.clip`` -> (the loaded CLIP (``ddpm.clip.LoadedClip``), its folder's files as the workers get them,
-    name -> bytes, and its source {uri, name, version, sha256})."""
-    from ddpm import clip
-
-    from pipelines.registry import resolve_clip
-    from pipelines.tracking import redact_uri
-
-    found = resolve_clip(uri, tracking_uri)
-    try:
-        loaded = clip.load(found.path)
-    except clip.ClipError as exc:
-        raise UserError(f"train.clip {uri}: {exc}") from None
-    with tempfile.TemporaryDirectory(prefix="ddpm-clip-") as tmp:
-        clip.save(tmp, loaded.model, loaded.tokenizer)  # ddpm.clip's layout, whatever the folder held besides
-        files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-    return loaded, files, {"uri": redact_uri(uri), "name": found.name, "version": found.version,
-                           "sha256": hashlib.sha256(files[CLIP_WEIGHTS]).hexdigest()}
 
 
 def check_dataset(config, manifest: dict, data: str, clip_config, clip_uri: str):

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -18,7 +19,7 @@ import torch
 
 from ddpm import EMA, UNet, autoencoder, encode_png, from_uint8
 from ddpm.checkpoint import LoadedModel
-from ddpm.conditioning import Condition, encode_prompts
+from ddpm.conditioning import Condition, embed_images, encode_prompts, with_image
 from ddpm.training import drop_condition, drop_labels, lr_at, random_flip, train_step
 from pipelines import storage as store
 from pipelines.config import Config, TrainConfig
@@ -28,7 +29,7 @@ from pipelines.train.checkpoints import TrainingState, read_checkpoint, report_c
 from pipelines.train.progress import Progress, Reporter
 from pipelines.train.rows import Blocks, Rows
 from pipelines.train.samples import sample_grid
-from pipelines.train.text_encoder import load_on_worker
+from pipelines.train.encoders import load_on_worker
 
 # Test hook, for the test suite only: the last rank raises right after the first checkpoint at or past N images, in
 # an attempt that started below N, so the failure happens once and the retry finishes the run.
@@ -61,6 +62,9 @@ class WorkerJob:
     # sha256} (pipelines.train.text_encoder.for_workers); None for a model without text
     text_encoder: dict | None = None
     sample_captions: tuple[str, ...] = ()  # a text model's sample grid rows
+    # unCLIP's decoder's frozen CLIP, as text_encoder; None for a model without image embeddings
+    image_encoder: dict | None = None
+    sample_images: np.ndarray | None = None  # (rows, H, W, C) uint8: a decoder's sample grid, variations of each
 
     def loop_config(self) -> dict:
         """Ray Train's ``train_loop_config``: it must be a dict (Ray's run-state export validates one)."""
@@ -144,8 +148,9 @@ def _train(job: WorkerJob) -> None:
         state = replace(state, restarts=state.restarts + 1)
     step_options = tc.step_options(device)
     net.to(device)
-    # a text model's frozen text encoder, on every rank: each encodes its own rows' captions
+    # a text model's frozen text encoder and a decoder's frozen CLIP, on every rank: each encodes its own rows
     encoder = load_on_worker(job.text_encoder, device) if job.text_encoder else None
+    clip = load_on_worker(job.image_encoder, device) if job.image_encoder else None
     if world > 1:  # DDP's gradient buckets then take every gradient in place (ddp.match_grad_layout)
         ddp.match_grad_layout(net, lambda: _probe_step(net, config, device, step_options["autocast_dtype"]))
     model = ray.train.torch.prepare_model(net)  # on the device; wrapped in DDP when world > 1
@@ -206,9 +211,17 @@ def _train(job: WorkerJob) -> None:
         y = None
         if tc.class_conditional:
             y = drop_labels(torch.from_numpy(labels[:used]).to(device), tc.label_dropout)
-        elif encoder is not None:  # token states + pooled (each distinct caption encoded once), some dropped to ""
-            captions = rows_of.captions(seen + min(rank * m, n - 1), used)
-            y = drop_condition(encode_prompts(encoder, captions), tc.caption_dropout)
+        elif encoder is not None or clip is not None:
+            # token states + pooled (each distinct caption encoded once), some dropped to ""; a decoder's image
+            # embeddings of the images it trains on (flipped or not), some dropped to zeros on rows of their own
+            y = None if encoder is None else encode_prompts(
+                encoder, rows_of.captions(seen + min(rank * m, n - 1), used))
+            if clip is None:
+                y = drop_condition(y, tc.caption_dropout)
+            else:
+                y = with_image(embed_images(clip.model, x_0, rows=x_0.shape[0]), y)
+                y = drop_condition(y, tc.caption_dropout if encoder else tc.image_dropout,
+                                   image_p=tc.image_dropout if encoder else None)
         share.weight = rows / n
         lr = lr_at(step, base_lr=tc.lr, warmup_steps=warmup_steps, total_steps=total_steps, decay=tc.lr_decay,
                    time_spent=time_spent)
@@ -237,7 +250,8 @@ def _train(job: WorkerJob) -> None:
 
         if logger is not None and (crossed(seen, n, tc.sample_every_images) or finished):
             ema.copy_to(sampler_net)
-            logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder, encoder, job.sample_captions),
+            logger.log_file(_sample_grid_png(sampler_net, schedule, config, decoder, encoder, job.sample_captions,
+                                             clip, job.sample_images),
                             f"samples/images_{seen:012d}.png")
             throughput.restart()
             progress.pause()
@@ -260,7 +274,9 @@ def _train(job: WorkerJob) -> None:
                               autoencoder=decoder,
                               autoencoder_source=job.autoencoder["source"] if job.autoencoder else None,
                               text_encoder=encoder,
-                              text_encoder_source=job.text_encoder["source"] if job.text_encoder else None)
+                              text_encoder_source=job.text_encoder["source"] if job.text_encoder else None,
+                              image_encoder=clip,
+                              image_encoder_source=job.image_encoder["source"] if job.image_encoder else None)
             throughput.restart()
             progress.pause()
             if signalled is not None:
@@ -284,6 +300,8 @@ def _probe_step(net: UNet, config: Config, device, autocast_dtype) -> None:
     if m.text_dim:  # two token states of zeros: the layouts do not depend on the context length
         y = Condition(text=torch.zeros(rows, 2, m.text_dim, device=device),
                       pooled=torch.zeros(rows, m.text_dim, device=device))
+    if m.image_dim:
+        y = with_image(torch.zeros(rows, m.image_dim, device=device), y)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
@@ -302,19 +320,24 @@ def _load_autoencoder(job: WorkerJob, device):
 
 
 def _sample_grid_png(sampler_net: UNet, schedule, config: Config, decoder=None, encoder=None,
-                     captions: tuple[str, ...] = ()) -> bytes:
+                     captions: tuple[str, ...] = (), clip=None, images: np.ndarray | None = None) -> bytes:
     """A PNG grid from ``sampler_net`` (holding the EMA weights): DDIM with few steps, the same seeds every time;
     a latent model's samples decoded by ``decoder``.
 
     Class-conditional: one row per class (the first 10), ``SAMPLE_COLUMNS`` seeds per row; a text model (its
-    ``encoder``): one row per caption, guided, the caption written under its row; else 8 x 8.
+    ``encoder``): one row per caption, guided, the caption written under its row; unCLIP's decoder (its ``clip``):
+    one row per image of ``images``, the image then its variations (with the row's caption too if it reads
+    captions), guided; else 8 x 8.
     """
     sampler_net.eval()
     num_classes = config.model.num_classes
     loaded = LoadedModel(sampler_net, schedule, config.train.prediction_type, autoencoder=decoder,
-                         text_encoder=encoder)
+                         text_encoder=encoder, image_encoder=clip)
     steps = min(SAMPLE_STEPS, schedule.num_timesteps)
-    if encoder is not None:
+    if clip is not None:
+        grid = sample_grid(loaded, rows=len(images), columns=SAMPLE_COLUMNS - 1, steps=steps, captions=captions,
+                           images=images, guidance_scale=SAMPLE_GUIDANCE)
+    elif encoder is not None:
         grid = sample_grid(loaded, rows=len(captions), columns=SAMPLE_COLUMNS, steps=steps, captions=captions,
                            guidance_scale=SAMPLE_GUIDANCE)
     else:

@@ -21,8 +21,8 @@ MODEL = dict(steps=None, num_classes=0, num_timesteps=1000)
     (dict(negative_prompt="blurry", guidance_scale=3.0), "negative_prompt: needs a prompt"),
     (dict(prompt="", negative_prompt="blurry", guidance_scale=3.0), "negative_prompt: needs a prompt"),
     (dict(prompt="a red circle", negative_prompt="blurry"), "negative_prompt: applies only with guidance"),
-    (dict(prompt="", guidance_scale=3.0), "guidance_scale: applies only with a class label or a non-empty prompt"),
-    (dict(guidance_scale=3.0), "guidance_scale: applies only with a class label or a non-empty prompt"),
+    (dict(prompt="", guidance_scale=3.0), "guidance_scale: applies only with a class label, a non-empty prompt or an image"),
+    (dict(guidance_scale=3.0), "guidance_scale: applies only with a class label, a non-empty prompt or an image"),
     (dict(class_label=1, prompt="a red circle"), "prompt: send a class label or a prompt, not both"),
 ])
 def test_check_settings_refuses_a_bad_prompt_naming_the_field(settings, message):

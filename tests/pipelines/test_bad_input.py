@@ -48,7 +48,7 @@ GENERATE_CASES = [
     (["--guidance-scale", "-2", "--class-label", "1"], {"guidance_scale": -2.0, "class_label": 1},
      "--guidance-scale: must be at least 0, got -2"),
     (["--guidance-scale", "3"], {"guidance_scale": 3.0},
-     "--guidance-scale: applies only with a class label or a non-empty prompt"),
+     "--guidance-scale: applies only with a class label, a non-empty prompt or an image"),
     (["--guidance-scale", "nan", "--class-label", "1"], {"guidance_scale": float("nan"), "class_label": 1},
      "--guidance-scale: must be a finite number"),
     (["--seed", "-1"], {"seed": -1}, f"--seed: must be in [0, {MAX_SEED}], got -1"),

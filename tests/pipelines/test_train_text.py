@@ -214,7 +214,7 @@ def test_unusable_text_settings_are_one_line(fields, settings, message, text_fol
 
 
 def test_a_folder_that_is_not_a_text_encoder_is_refused(tmp_path):
-    from pipelines.train.text_encoder import resolve_text_encoder
+    from pipelines.train.encoders import resolve_text_encoder
 
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "tokenizer").mkdir()
@@ -226,12 +226,12 @@ def test_fit_sets_text_dim_from_the_encoder_and_a_local_folder_resolves(text_fol
     from ddpm import text
     from pipelines.config import load_config
     from pipelines.train.driver import fit_to_dataset
-    from pipelines.train.text_encoder import WEIGHTS, resolve_text_encoder
+    from pipelines.train.encoders import TEXT, WEIGHTS, resolve_text_encoder
 
     resolved = resolve_text_encoder(str(text_folder))
     assert resolved.width == 16 and resolved.context_length == 16
     assert resolved.source["name"] is None and resolved.source["uri"] == str(text_folder)
-    assert resolved.source["sha256"] == __import__("hashlib").sha256(resolved.files[WEIGHTS]).hexdigest()
+    assert resolved.source["sha256"] == __import__("hashlib").sha256(resolved.files[WEIGHTS[TEXT]]).hexdigest()
     assert text.load(text_folder).width == 16
     manifest = {"image_shape": [32, 32, 3], "caption_policy": "keep"}
     config = load_config(CONFIG, [f"train.text_encoder={text_folder}"])
@@ -261,7 +261,7 @@ def test_rows_give_each_position_its_caption(ray_local):
 def test_train_local_refuses_a_text_model(capsys, tmp_path):
     code = cli.main(["train-local", "--set", "train.text_encoder=/some/folder", "--out", str(tmp_path / "ckpt")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "ddpm train-local trains no text models" in err[0], err
+    assert code == 1 and len(err) == 1 and "ddpm train-local trains no text or image-embedding models" in err[0], err
 
 
 def test_encode_carries_the_captions_to_the_latents(shapes_s3, tmp_path):

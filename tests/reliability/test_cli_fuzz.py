@@ -48,6 +48,7 @@ FIXED = {
     "inpaint": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--mask", "/nonexistent/m.png",
                 "--out", "{tmp}/i.png"],
     "edit": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--out", "{tmp}/e.png"],
+    "vary": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--out", "{tmp}/v.png"],
     "evaluate": ["--model", "/nonexistent/model", "--data", "/nonexistent/data", "--out", "{tmp}/eval"],
     "serve": ["--model", "/nonexistent/model"],
     "pipeline": ["--config", "/nonexistent/c.yaml"],

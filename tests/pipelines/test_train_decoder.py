@@ -1,0 +1,176 @@
+"""unCLIP's decoder through ``ddpm train`` against real components: ``ddpm data shapes`` scenes ingested by the real
+Ray Data job, a CLIP folder (random weights, a tokenizer learned on the captions: training a CLIP is
+test_train_clip.py's business), Ray Train on two workers (DDP over gloo), a real MLflow server for the run and the
+registry, and ``ddpm vary`` on the registered version.
+
+One scenario (each Ray Train start costs tens of seconds on two cores):
+
+1. a run to 32 images with ``train.image_encoder`` = the CLIP folder: model.image_dim set from the CLIP's width, the
+   checkpoint pins the CLIP (model/image_encoder/), the registered version names it in a tag, and the sample grid
+   has one row per dataset image, the image and then its variations;
+2. ``ddpm vary`` on the registered version writes the bytes ``ddpm.generate_images`` gives for that image's
+   embedding, and a different image gives different variations; ``ddpm vary`` on a model without a CLIP is refused;
+3. the run resumed with a CLIP of other weights is refused in one line.
+
+The decoder's network, embedding dropout and variations are tested in tests/ddpm/test_decoder.py; the checks that
+run before Ray starts are the parametrized test at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import cli
+from pipelines.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "shapes-decoder.yaml")
+TINY = [
+    "--set", "model.image_size=16",
+    "--set", "model.base_channels=16",
+    "--set", "model.channel_mults=[1, 2]",
+    "--set", "model.attention_resolutions=[8]",
+    "--set", "model.num_heads=2",
+    "--set", "train.batch_size=16",
+    "--set", "train.max_minutes=null",
+    "--set", "train.warmup_images=0",
+    "--set", "train.log_every_steps=1",
+    "--set", "train.checkpoint_every_images=32",
+    "--set", "train.sample_every_images=32",
+]
+
+
+def _clip_folder(folder: Path, seed: int, captions: list[str]) -> Path:
+    """A random CLIP that reads 16x16 RGB images (embeddings of 16) in ddpm.clip's layout."""
+    import torch
+
+    from ddpm import clip, text
+
+    tokenizer = text.train_tokenizer(captions, vocab_size=600, context_length=16)
+    torch.manual_seed(seed)
+    config = clip.ClipConfig.for_tokenizer(tokenizer, image_size=16, in_channels=3, image_channels=(8, 16),
+                                           image_heads=2, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
+    return clip.save(folder, clip.Clip(config), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """80 captioned scenes preprocessed at 16x16 with --captions, a CLIP folder, and the raw folder's images."""
+    from pipelines.data.shapes import write_shapes
+    from tests.support import start_local_ray
+
+    start_local_ray()
+    root = tmp_path_factory.mktemp("decoder")
+    raw, data = root / "raw", root / "processed"
+    write_shapes(str(raw), count=80, size=24, seed=0)
+    assert cli.main(["preprocess", "--input", str(raw), "--output", str(data), "--resolution", "16", "--channels",
+                     "3", "--captions"]) == 0
+    captions = [p.read_text().strip() for p in sorted(raw.rglob("*.txt"))]
+    return str(data), _clip_folder(root / "clip", 0, captions), captions
+
+
+def _train(data: str, clip_folder, runs: str, tracking_uri: str, total_images: int) -> int:
+    return cli.main(["train", "--data", data, "--config", CONFIG, *TINY, "--set", f"train.image_encoder={clip_folder}",
+                     "--set", f"train.total_images={total_images}", "--num-workers", "2", "--storage", runs,
+                     "--name", "tiny-decoder", "--register-as", "tiny-decoder", "--tracking-uri", tracking_uri,
+                     "--experiment", "test-train-decoder"])
+
+
+def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_path, capsys):
+    from PIL import Image
+
+    import ddpm
+    from ddpm import checkpoint
+    from pipelines import registry, storage, tracking
+
+    data, clip_folder, captions = shapes
+    runs, server = str(tmp_path / "runs"), mlflow_server.uri
+
+    # -- 1. a run to 32 images on two workers ----------------------------------------------------------------------
+    assert _train(data, clip_folder, runs, server, 32) == 0
+    state = storage.read_json(f"{runs}/tiny-decoder/checkpoint_000000000032/training_state.json")
+    assert state["config"]["model"]["image_dim"] == 16 and state["config"]["model"]["text_dim"] == 0
+    client = tracking.client(server)
+    [version] = client.search_model_versions("name = 'tiny-decoder'")
+    assert version.tags["image_encoder"] == str(clip_folder) and len(version.tags["image_encoder_sha256"]) == 64
+    loaded = checkpoint.load(registry.resolve_model("models:/tiny-decoder/1", server).path)
+    assert loaded.image_encoder is not None and loaded.config.image_dim == 16
+    grid = Image.open(client.download_artifacts(version.run_id, "samples/images_000000000032.png", str(tmp_path)))
+    assert grid.size == (8 * 17 + 1, 4 * 17 + 1)  # 4 rows: the image, then 7 variations of it
+
+    # -- 2. ddpm vary on the registered version: the library's bytes ------------------------------------------------
+    scenes = sorted((Path(data).parent / "raw").rglob("*.png"))[:2]
+    images = [np.asarray(Image.open(p).convert("RGB").resize((16, 16), Image.BICUBIC)) for p in scenes]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"scene{i}.png")
+    out = tmp_path / "variations.npz"
+    assert cli.main(["vary", "--model", "models:/tiny-decoder/1", "--image", str(tmp_path / "scene0.png"),
+                     "--num-images", "3", "--seed", "5", "--steps", "4", "--guidance-scale", "3", "--out", str(out),
+                     "--tracking-uri", server]) == 0
+    varied = np.load(out)["images"]
+    expected = ddpm.generate_images(loaded, [5, 6, 7], condition=loaded.condition(3, images=images[0]), steps=4,
+                                    guidance_scale=3.0)
+    assert varied.shape == (3, 16, 16, 3) and np.array_equal(varied, expected)
+    other = ddpm.generate_images(loaded, [5, 6, 7], condition=loaded.condition(3, images=images[1]), steps=4,
+                                 guidance_scale=3.0)
+    assert not np.array_equal(other, expected)  # the image, not only the seed, decides the variations
+    capsys.readouterr()
+    assert cli.main(["vary", "--model", "models:/tiny-decoder/1", "--image", str(tmp_path / "scene0.png"),
+                     "--out", str(tmp_path / "v"), "--tracking-uri", server]) == 1
+    assert "variations are written to one file here" in capsys.readouterr().err
+
+    # -- 3. the run resumed with other CLIP weights: refused before anything starts --------------------------------
+    other_clip = _clip_folder(tmp_path / "other-clip", 1, captions)
+    capsys.readouterr()
+    assert _train(data, other_clip, runs, server, 64) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # the folder it resolved ("using ..."), then the error
+    assert err[-1].startswith("ddpm train: error: run tiny-decoder was trained with CLIP "), err
+    assert str(clip_folder) in err[-1] and len(err) <= 2, err
+
+
+def test_vary_refuses_a_model_without_a_clip(tmp_path, capsys):
+    import torch
+
+    from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
+
+    torch.manual_seed(0)
+    folder = checkpoint.save(tmp_path / "plain", UNet(UNetConfig.preset("tiny")), NoiseSchedule.linear())
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    assert cli.main(["vary", "--model", str(folder), "--image", str(image), "--out", str(tmp_path / "v.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image: this model takes no image to condition on" in err[0], err
+
+
+def _manifest(**fields) -> dict:
+    return {"format_version": 1, "image_shape": [16, 16, 3], "fingerprint": "x", "shards": [],
+            "counts": {"rows": 100}, "caption_policy": "keep", **fields}
+
+
+@pytest.mark.parametrize("fields, settings, message", [
+    ({"image_shape": [32, 32, 3]}, ["model.image_size=32"], "holds 32x32x3 images; the CLIP .* embeds 16x16x3"),
+    ({"kind": "latents", "dtype": "float32", "image_shape": [4, 4, 4]}, ["train.random_flip=false"],
+     "holds latents, but unCLIP's decoder embeds each training image with its CLIP"),
+    ({"class_names": ["a", "b"]}, ["train.class_conditional=true"], "a decoder is conditioned on image embeddings"),
+])
+def test_fit_refuses_what_a_decoder_cannot_train_on(shapes, fields, settings, message):
+    from pipelines.config import load_config
+    from pipelines.train.driver import fit_to_dataset
+    from pipelines.train.encoders import resolve_image_encoder
+
+    _, clip_folder, _ = shapes
+    base = [*TINY[1::2], f"train.image_encoder={clip_folder}"]
+    resolved = resolve_image_encoder(str(clip_folder))
+    assert resolved.width == 16 and resolved.image_shape == (16, 16, 3)
+    assert fit_to_dataset(load_config(CONFIG, base), _manifest(), "data",
+                          image_encoder=resolved).model.image_dim == 16
+    with pytest.raises(UserError, match=message):
+        fit_to_dataset(load_config(CONFIG, [*base, *settings]), _manifest(**fields), "data", image_encoder=resolved)
+    plain = load_config(CONFIG, [*TINY[1::2], "train.image_encoder=null", "model.image_dim=16"])
+    with pytest.raises(UserError, match="model.image_dim=16 is set from the CLIP's embedding width"):
+        fit_to_dataset(plain, _manifest(), "data")
