@@ -16,6 +16,9 @@
       image_encoder/      unCLIP decoders only: the frozen CLIP whose image embeddings the U-Net is conditioned on
                           (``ddpm.clip``'s layout); config.json then also holds
                           "image_encoder": {"source": ..., "folder": "image_encoder", "embed_dim": E}
+      prior/              a whole unCLIP model only: the prior (``ddpm.prior``'s folder) that samples the decoder's
+                          image embedding from a prompt, in the same CLIP's space; config.json then also holds
+                          "prior": {"source": ..., "folder": "prior"}
 
 The folder is read and written by ``ddpm.folder_format`` (as the autoencoder's is), which also holds
 ``CheckpointError``. Like nanoGPT's checkpoints, the config travels with the weights, so ``load(path)`` needs
@@ -25,7 +28,9 @@ pixels. Training state (optimizer, step, RNG) is a separate file written by the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -35,9 +40,11 @@ import numpy as np
 
 from . import autoencoder as ae_format
 from . import clip as clip_format
+from . import prior as prior_format
 from . import text as text_format
 from .autoencoder import Autoencoder
 from .clip import LoadedClip
+from .prior import LoadedPrior
 from .conditioning import Condition, embed_images, encode_prompts, from_labels, with_image
 from .folder_format import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, check_weights, read_weights, write_folder
 from .folder_format import read_config as read_config_file
@@ -47,14 +54,15 @@ from .text import TextEncoder
 from .unet import UNet, UNetConfig
 
 FORMAT, VERSION = "ddpm-checkpoint", 1
-AUTOENCODER_DIR, TEXT_DIR, IMAGE_ENCODER_DIR = "autoencoder", "text", "image_encoder"
+AUTOENCODER_DIR, TEXT_DIR, IMAGE_ENCODER_DIR, PRIOR_DIR = "autoencoder", "text", "image_encoder", "prior"
 
 
 @dataclass
 class LoadedModel:
     """Everything needed to sample: the network (EMA weights by default, eval mode), its schedule and settings, for
     a latent model the autoencoder whose decoder turns its samples into pixels, for a text model its frozen text
-    encoder, and for unCLIP's decoder the frozen CLIP whose image embeddings it takes."""
+    encoder, for unCLIP's decoder the frozen CLIP whose image embeddings it takes, and for a whole unCLIP model
+    (decoder + prior) the prior that samples those embeddings from a prompt."""
 
     model: UNet
     schedule: NoiseSchedule
@@ -64,6 +72,16 @@ class LoadedModel:
     autoencoder: Autoencoder | None = None  # on the model's device, eval mode
     text_encoder: TextEncoder | None = None  # on the model's device, frozen
     image_encoder: LoadedClip | None = None  # on the model's device, frozen
+    prior: LoadedPrior | None = None  # on the model's device, eval mode; its CLIP is image_encoder
+
+    @cached_property
+    def prompt_encoder(self) -> TextEncoder | None:
+        """What encodes a prompt: the text encoder, or for a whole unCLIP model without one the CLIP's text tower
+        (the prior reads its token states; a decoder that reads captions too pins that same tower, :func:`save`)."""
+        if self.text_encoder is not None or self.prior is None:
+            return self.text_encoder
+        return TextEncoder(self.image_encoder.tokenizer, self.image_encoder.model.text_model,
+                           device=next(self.image_encoder.model.parameters()).device)
 
     @property
     def config(self) -> UNetConfig:
@@ -84,6 +102,19 @@ class LoadedModel:
         f = self.autoencoder.downsample_factor
         return (self.autoencoder.config.in_channels, h * f, w * f)
 
+    def check_request(self, *, steps: int | None = None, class_label: int | None = None, prompt: str | None = None,
+                      negative_prompt: str | None = None, image: object | None = None,
+                      prior_steps: int | None = None, prior_guidance_scale: float | None = None) -> None:
+        """``ddpm.settings.check_for_model`` with this model's facts: what every door refuses (a SettingError)
+        before it samples, e.g. a prompt to a model without a text encoder or prior steps to a model without a
+        prior."""
+        check_for_model(steps=steps, class_label=class_label, num_classes=self.config.num_classes,
+                        num_timesteps=self.schedule.num_timesteps, prompt=prompt, negative_prompt=negative_prompt,
+                        takes_text=self.prompt_encoder is not None, image=image,
+                        takes_image=self.image_encoder is not None, prior_steps=prior_steps,
+                        prior_guidance_scale=prior_guidance_scale,
+                        prior_timesteps=None if self.prior is None else self.prior.schedule.num_timesteps)
+
     def condition(self, count: int, *, class_labels: int | Sequence[int] | None = None,
                   prompts: str | Sequence[str] | None = None,
                   negative_prompts: str | Sequence[str] | None = None,
@@ -96,23 +127,25 @@ class LoadedModel:
         caption dropout trained (whether such a row is guided is ``ddpm.settings.guided``'s business). unCLIP's
         decoder always gets an image embedding: of ``images`` ((H, W, C) uint8 for all, or (count, H, W, C)) through
         its CLIP, or ``image_embeddings`` ((E,) or (count, E), e.g. from the prior; unit norm), else zeros, the
-        unconditional model. Refused with a ``SettingError`` (a ValueError naming the field, shown as it is by the
+        unconditional model. A whole unCLIP model (with its prior) given neither gets the prompt's text condition,
+        which ``ddpm.generate_images`` turns into image embeddings through the prior, one per seed. Refused with a ``SettingError`` (a ValueError naming the field, shown as it is by the
         CLI and HTTP): a prompt to a model without a text encoder, an image to a model without a CLIP, a class label
         to a text model, a class this model does not have.
         """
         labels = from_labels(class_labels, count)
         present = lambda values: None if values is None else ""  # noqa: E731 (check_for_model reads only "given")
         for label in dict.fromkeys(labels.labels.tolist()) if labels is not None else [None]:
-            check_for_model(steps=None, class_label=label, num_classes=self.config.num_classes,
-                            num_timesteps=self.schedule.num_timesteps, prompt=present(prompts),
-                            negative_prompt=present(negative_prompts), takes_text=self.text_encoder is not None,
-                            image=None if images is None and image_embeddings is None else "",
-                            takes_image=self.image_encoder is not None)
-        text = None if self.text_encoder is None else encode_prompts(
-            self.text_encoder, _strings("prompt", prompts, count), _strings("negative_prompt", negative_prompts, count))
+            self.check_request(class_label=label, prompt=present(prompts), negative_prompt=present(negative_prompts),
+                               image=None if images is None and image_embeddings is None else "")
+        encoder = self.prompt_encoder
+        text = None if encoder is None else encode_prompts(
+            encoder, _strings("prompt", prompts, count), _strings("negative_prompt", negative_prompts, count))
         if self.image_encoder is None:
             return labels if text is None else text
-        return with_image(self._embeddings(count, images, image_embeddings), text)
+        if self.prior is not None and images is None and image_embeddings is None:
+            return text  # for the prior (ddpm.generation.unclip_condition)
+        return with_image(self._embeddings(count, images, image_embeddings),
+                          text if self.config.text_dim else None)
 
     def _embeddings(self, count: int, images: np.ndarray | None, embeddings: torch.Tensor | None) -> torch.Tensor:
         """(count, E) unit-norm image embeddings on the model's device: of ``images`` through the CLIP, the given
@@ -169,6 +202,8 @@ def save(
     text_encoder_source: dict | None = None,
     image_encoder: LoadedClip | None = None,
     image_encoder_source: dict | None = None,
+    prior: LoadedPrior | None = None,
+    prior_source: dict | None = None,
 ) -> Path:
     """Write ``model`` (and the EMA weights, or a copy of the raw ones) to the folder ``path``.
 
@@ -176,7 +211,9 @@ def save(
     came from (e.g. ``{"uri": "models:/photos-ae/3", "name": "photos-ae", "version": "3"}``), recorded in config.json.
     A text model (``text_dim`` > 0) passes its ``text_encoder`` (saved into ``text/``, ``ddpm.text``'s layout) and
     ``text_encoder_source`` the same way; unCLIP's decoder (``image_dim`` > 0) its CLIP, ``image_encoder``
-    (saved into ``image_encoder/``, ``ddpm.clip``'s layout), and ``image_encoder_source``.
+    (saved into ``image_encoder/``, ``ddpm.clip``'s layout), and ``image_encoder_source``; a whole unCLIP model
+    also its ``prior`` (saved into ``prior/``; its embeddings must be the CLIP's, and a decoder that reads captions
+    must read them with that CLIP's text tower) and ``prior_source``.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
@@ -191,9 +228,13 @@ def save(
         raise ValueError(f"a U-Net with image_dim {image_dim} needs " + (
             "no image encoder" if image_dim == 0 else f"a CLIP of embedding width {image_dim}") + (
             "" if found is None else f"; got one of width {found}"))
+    if prior is not None:
+        _check_prior(prior, image_dim, text_encoder, image_encoder, "the prior")
     path = Path(path)
     if text_encoder is not None:
         text_format.save(path / TEXT_DIR, text_encoder.tokenizer, text_encoder.model)
+    if prior is not None:
+        prior_format.save(path / PRIOR_DIR, prior.model, prior.schedule, metadata=prior.metadata)
     if image_encoder is not None:
         clip_format.save(path / IMAGE_ENCODER_DIR, image_encoder.model, image_encoder.tokenizer)
     if autoencoder is not None:
@@ -224,7 +265,44 @@ def save(
     if image_encoder is not None:
         config["image_encoder"] = {"source": image_encoder_source or {}, "folder": IMAGE_ENCODER_DIR,
                                    "embed_dim": image_dim}
+    if prior is not None:
+        config["prior"] = {"source": prior_source or {}, "folder": PRIOR_DIR}
     return write_folder(path, tensors, config)
+
+
+def attach_prior(path: str | Path, prior: LoadedPrior, prior_source: dict | None = None) -> Path:
+    """Make the decoder checkpoint folder ``path`` a whole unCLIP model: ``prior/`` written and its entry added to
+    config.json (rewritten last), after the fit is checked as :func:`save` checks it. The prior must sample the
+    embeddings of the decoder's own CLIP: that its weights are the same is the caller's to check (the folder keeps
+    one CLIP)."""
+
+    path = Path(path)
+    decoder = load(path)
+    if decoder.prior is not None:
+        raise CheckpointError(f"{path}: already carries a prior")
+    _check_prior(prior, decoder.config.image_dim, decoder.text_encoder, decoder.image_encoder, "the prior")
+    prior_format.save(path / PRIOR_DIR, prior.model, prior.schedule, metadata=prior.metadata)
+    config = read_config(path)
+    config["prior"] = {"source": prior_source or {}, "folder": PRIOR_DIR}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path
+
+
+def _check_prior(prior: LoadedPrior, image_dim: int, text_encoder: TextEncoder | None,
+                 image_encoder: LoadedClip | None, where) -> None:
+    """A prior fits a decoder when it samples the embeddings of the decoder's CLIP and, if the decoder reads
+    captions, the decoder reads them with that CLIP's text tower (one encoding of a prompt serves both)."""
+    if image_encoder is None or prior.model.config.embed_dim != image_dim:
+        raise CheckpointError(f"{where} samples embeddings of width {prior.model.config.embed_dim}, but the decoder "
+                              f"takes " + ("no image embedding" if image_encoder is None else f"width {image_dim}"))
+    tower = image_encoder.model.text_model.state_dict()
+    if prior.model.config.text_dim != image_encoder.model.config.text_width:
+        raise CheckpointError(f"{where} reads token states of width {prior.model.config.text_dim}, not the CLIP's "
+                              f"{image_encoder.model.config.text_width}")
+    if text_encoder is not None and (text_encoder.model.config != image_encoder.model.text_model.config or any(
+            not torch.equal(v, tower[k]) for k, v in text_encoder.model.state_dict().items())):
+        raise CheckpointError(f"{where}: the decoder reads captions with another text encoder than its CLIP's text "
+                              f"tower; a whole unCLIP model encodes a prompt once, with the CLIP")
 
 
 def read_config(path: str | Path) -> dict:
@@ -263,8 +341,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
                                   f"latents have {decoder.config.latent_channels}")
     encoder = _load_text_encoder(path, config.get("text_encoder"), unet_config.text_dim, device)
     clip = _load_image_encoder(path, config.get("image_encoder"), unet_config.image_dim, device)
+    prior = None
+    if config.get("prior"):
+        prior = prior_format.load(path / config["prior"].get("folder", PRIOR_DIR), device=device)
+        _check_prior(prior, unet_config.image_dim, encoder, clip, path)
     return LoadedModel(model, schedule, config["prediction_type"], config.get("class_names", []),
-                       config.get("metadata", {}), decoder, encoder, clip)
+                       config.get("metadata", {}), decoder, encoder, clip, prior)
 
 
 def _load_text_encoder(path: Path, entry: dict | None, text_dim: int, device) -> TextEncoder | None:

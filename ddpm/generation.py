@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoadedModel
-from .conditioning import Condition, as_condition
+from .conditioning import Condition, as_condition, with_image
 from .images import to_uint8
 from .inpainting import check_mask, check_pixels, inpaint, model_calls
+from .prior import DiffusionPrior, normalize
 from .sampling import Model, noise_from_seeds, plan, sample
+from .schedule import NoiseSchedule
 
 SEED_MODULUS = 2**32
 # Rows per network call unless a caller says otherwise: the endpoint's default micro_batch, so that by default every
@@ -160,6 +162,47 @@ def _condition(condition: Condition | torch.Tensor | None, count: int) -> Condit
     return condition
 
 
+@torch.no_grad()
+def sample_embeddings(prior: DiffusionPrior, schedule: NoiseSchedule, condition: Condition, seeds: Sequence[int], *,
+                      sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
+                      forward_rows: int | None = FORWARD_ROWS) -> torch.Tensor:
+    """Unit-norm image embeddings (len(seeds), E) for ``condition`` (one caption per seed), embedding i drawn from
+    ``seeds[i]`` alone and the network run ``forward_rows`` rows at a time: the seed rules of
+    ``ddpm.generate_images``, so an embedding never depends on the others sampled beside it (unCLIP's prior,
+    ``ddpm.prior``)."""
+    if len(condition) != len(seeds):
+        raise ValueError(f"got a condition of {len(condition)} rows for {len(seeds)} seeds")
+    device = next(prior.parameters()).device
+    x_T, generators = noise_from_seeds([int(s) % SEED_MODULUS for s in seeds], (prior.config.embed_dim,), device)
+    forward = prior if forward_rows is None else fixed_size_forward(prior, forward_rows)
+    x_0 = sample(forward, schedule, x_T, sampler=sampler, steps=steps, eta=eta, prediction_type="sample",
+                 condition=condition.to(device), guidance_scale=guidance_scale, generator=generators)  # (B, E)
+    return normalize(x_0)
+
+
+def prior_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds the prior draws image i's embedding from: ``(seeds[i] + 2^31) mod 2^32``, so that its noise is
+    not the first E numbers of the decoder's noise for the same image."""
+    return [(int(s) + SEED_MODULUS // 2) % SEED_MODULUS for s in seeds]
+
+
+def unclip_condition(loaded: LoadedModel, condition: Condition | None, seeds: Sequence[int], *,
+                     prior_steps: int | None = None, prior_guidance_scale: float | None = None) -> Condition | None:
+    """A whole unCLIP model's decoder condition: the prompt's text condition (``loaded.condition``) through the prior,
+    image i's embedding sampled from :func:`prior_seeds` (DDIM, ``prior_steps``, guided with
+    ``prior_guidance_scale``; defaults ``ddpm.settings.PRIOR_*``), with the text kept when the decoder reads it.
+    Anything else (a model without a prior, an image condition already) is returned as it is."""
+    if loaded.prior is None or condition is None or condition.image is not None or condition.text is None:
+        return condition
+    from .settings import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
+
+    z = sample_embeddings(loaded.prior.model, loaded.prior.schedule, condition, prior_seeds(seeds),
+                          steps=PRIOR_STEPS if prior_steps is None else prior_steps,
+                          guidance_scale=PRIOR_GUIDANCE_SCALE if prior_guidance_scale is None
+                          else prior_guidance_scale)  # (N, E) unit norm, each from its own seed
+    return with_image(z, condition if loaded.config.text_dim else None)
+
+
 def generate_images(
     loaded: LoadedModel,
     seeds: Sequence[int],
@@ -174,6 +217,8 @@ def generate_images(
     batch_size: int = 256,
     progress: Progress | None = None,
     watch: Watch | None = None,
+    prior_steps: int | None = None,
+    prior_guidance_scale: float | None = None,
 ) -> np.ndarray:
     """Images (len(seeds), H, W, C) uint8 from ``loaded`` (its network on its own device), image i from ``seeds[i]``.
 
@@ -184,12 +229,15 @@ def generate_images(
     forward: a ready-made replacement for the network call (x, t, cond) -> output, e.g. a captured CUDA graph; it
     must keep the fixed-shape property itself. batch_size: images per sampler call; it bounds memory only and
     never changes a pixel. progress(n): called after each batch with the images done so far. watch: called after
-    each model call, and may take images out of the batch (``Watch``).
+    each model call, and may take images out of the batch (``Watch``). A whole unCLIP model first samples each
+    image's CLIP embedding from its prompt with the prior (:func:`unclip_condition`: ``prior_steps``,
+    ``prior_guidance_scale``).
     """
     device = _device_of(loaded)
     if forward is None:
         forward = loaded.model if forward_rows is None else fixed_size_forward(loaded.model, forward_rows)
-    condition = _condition(condition, len(seeds))
+    condition = unclip_condition(loaded, _condition(condition, len(seeds)), seeds, prior_steps=prior_steps,
+                                 prior_guidance_scale=prior_guidance_scale)
     chunks = []
     for start in range(0, len(seeds), batch_size):
         part = [int(s) % SEED_MODULUS for s in seeds[start:start + batch_size]]
@@ -227,6 +275,8 @@ def inpaint_images(
     forward_rows: int | None = FORWARD_ROWS,
     forward: Model | None = None,
     watch: Watch | None = None,
+    prior_steps: int | None = None,
+    prior_guidance_scale: float | None = None,
 ) -> np.ndarray:
     """RePaint (:func:`ddpm.inpainting.inpaint`) with the same seed and kernel rules as :func:`generate_images`.
 
@@ -236,7 +286,8 @@ def inpaint_images(
     editing the whole image. Image i draws all its noise from ``seeds[i]``; ``condition`` (one row per seed, as for
     :func:`generate_images`) is what the masked region is repainted to, e.g. a new prompt. Returns (N, H, W, C) uint8
     whose kept pixels equal ``known``'s. watch: as for :func:`generate_images`, after each model call (RePaint's
-    re-denoising included).
+    re-denoising included). A whole unCLIP model's prompt goes through its prior first, as for
+    :func:`generate_images`.
     A latent model runs RePaint on the latents (module docstring) and pastes the kept pixels back after decoding.
     Both are checked here, in pixels (:func:`ddpm.inpainting.check_pixels`, ``check_mask``): the latents a
     latent model encodes them to have unit standard deviation and leave [-1, 1], as they should.
@@ -247,7 +298,8 @@ def inpaint_images(
     if known.shape[0] != len(seeds):
         raise ValueError(f"got {known.shape[0]} images for {len(seeds)} seeds")
     generators = [torch.Generator().manual_seed(int(s) % SEED_MODULUS) for s in seeds]  # inpaint draws x_T itself
-    condition = _condition(condition, len(seeds))
+    condition = unclip_condition(loaded, _condition(condition, len(seeds)), seeds, prior_steps=prior_steps,
+                                 prior_guidance_scale=prior_guidance_scale)
     if masks is None:  # edit everything
         masks = torch.ones(known.shape[0], 1, *known.shape[2:])
     known, masks = known.to(device), masks.to(device)

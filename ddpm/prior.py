@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,6 @@ from torch import nn
 
 from .conditioning import Condition, as_condition
 from .folder_format import WEIGHTS_FILE, CheckpointError, check_weights, read_config, read_weights, write_folder
-from .generation import FORWARD_ROWS, SEED_MODULUS, fixed_size_forward
-from .sampling import noise_from_seeds, sample
 from .schedule import NoiseSchedule
 from .unet import timestep_embedding
 
@@ -108,23 +106,6 @@ class DiffusionPrior(nn.Module):
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """A sampled x_0 (B, E) as unit-norm embeddings: CLIP's image embeddings lie on the unit sphere."""
     return F.normalize(x.float(), dim=-1)
-
-
-@torch.no_grad()
-def sample_embeddings(prior: DiffusionPrior, schedule: NoiseSchedule, condition: Condition, seeds: Sequence[int], *,
-                      sampler: str = "ddim", steps: int | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
-                      forward_rows: int | None = FORWARD_ROWS) -> torch.Tensor:
-    """Unit-norm image embeddings (len(seeds), E) for ``condition`` (one caption per seed), embedding i drawn from
-    ``seeds[i]`` alone and the network run ``forward_rows`` rows at a time: the seed rules of
-    ``ddpm.generate_images``, so an embedding never depends on the others sampled beside it."""
-    if len(condition) != len(seeds):
-        raise ValueError(f"got a condition of {len(condition)} rows for {len(seeds)} seeds")
-    device = next(prior.parameters()).device
-    x_T, generators = noise_from_seeds([int(s) % SEED_MODULUS for s in seeds], (prior.config.embed_dim,), device)
-    forward = prior if forward_rows is None else fixed_size_forward(prior, forward_rows)
-    x_0 = sample(forward, schedule, x_T, sampler=sampler, steps=steps, eta=eta, prediction_type="sample",
-                 condition=condition.to(device), guidance_scale=guidance_scale, generator=generators)  # (B, E)
-    return normalize(x_0)
 
 
 # -- the folder: config.json (format, prior config, schedule, metadata) beside model.safetensors -------------------

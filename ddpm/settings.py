@@ -23,6 +23,8 @@ MAX_IMAGES = 64  # per request to a server (POST /generate, the pyfunc model); d
 MAX_PROMPT_BYTES = 1000  # UTF-8 bytes of a prompt or negative prompt: CLIP's 77 tokens are ~300 characters of English
 # The doors' defaults for edits, the same on each (ddpm edit / POST /edit, ddpm inpaint / POST /inpaint), so that a
 # request with the defaults gives the same bytes on every door:
+PRIOR_STEPS = 20  # DDIM steps of a whole unCLIP model's prior (its cosine to the true embedding: RESULTS, prior)
+PRIOR_GUIDANCE_SCALE = 1.0  # ... and its guidance: w = 1 gave the best cosine there
 EDIT_STRENGTH = 0.8  # an edit's (SDEdit's) strength; inpainting's is 1, pure noise in the mask
 INPAINT_RESAMPLE_TIMES = 10  # RePaint's r for inpainting; an edit's is 1
 
@@ -66,14 +68,16 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
                    class_label: int | None = None, guidance_scale: float = 1.0, resample_jumps: int | None = None,
                    resample_times: int | None = None, num_images: int | None = None, prompt: str | None = None,
                    negative_prompt: str | None = None, strength: float | None = None,
-                   image: object | None = None) -> None:
+                   image: object | None = None, prior_steps: int | None = None,
+                   prior_guidance_scale: float | None = None) -> None:
     """Refuse (SettingError) what no model accepts. ``steps`` None is the sampler's default (only None: 0 is an
     error); ``seed`` None means "draw one"; the resample settings and an edit's ``strength`` in (0, 1] are checked
     when given (inpainting, edits);
     ``num_images`` when given is a server's request (at most ``MAX_IMAGES``: ``ddpm generate`` has its own limits).
     ``prompt`` None or "" is unconditional; a non-empty ``negative_prompt`` needs a non-empty prompt and guidance
     (w != 1), since only the guided prediction neg + w (cond - neg) reads it. ``image`` (anything but None): an
-    image to vary is given, a condition that guidance applies to (unCLIP's decoder)."""
+    image to vary is given, a condition that guidance applies to (unCLIP's decoder). ``prior_steps`` and
+    ``prior_guidance_scale``, a whole unCLIP model's prior's DDIM steps and guidance, are checked when given."""
     if num_images is not None:
         _int("num_images", num_images, 1, MAX_IMAGES)
     if sampler not in SAMPLERS:
@@ -102,6 +106,10 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
     if negative_prompt and guidance_scale == 1.0:
         raise SettingError("negative_prompt", "applies only with guidance: set guidance_scale != 1 (at w = 1 the "
                                               "prediction is the prompt's alone)")
+    if prior_steps is not None:
+        _int("prior_steps", prior_steps, 1, MAX_STEPS)
+    if prior_guidance_scale is not None:
+        _float("prior_guidance_scale", prior_guidance_scale, 0.0)
     if resample_jumps is not None:
         _int("resample_jumps", resample_jumps, 1, MAX_STEPS)
     if resample_times is not None:
@@ -121,13 +129,21 @@ def check_settings(*, sampler: str = "ddim", steps: int | None = None, eta: floa
 
 def check_for_model(*, steps: int | None, class_label: int | None, num_classes: int, num_timesteps: int,
                     prompt: str | None = None, negative_prompt: str | None = None, takes_text: bool = False,
-                    image: object | None = None, takes_image: bool = False) -> None:
+                    image: object | None = None, takes_image: bool = False, prior_steps: int | None = None,
+                    prior_guidance_scale: float | None = None, prior_timesteps: int | None = None) -> None:
     """Refuse what this model cannot do: more steps than its T, a prompt when it has no text encoder
     (``takes_text`` False), an image to condition on when it has no CLIP (``takes_image`` False: not unCLIP's
     decoder), a class label when it is a text or image model, a class it does not have, any class when it is
-    unconditional."""
+    unconditional, prior settings when it has no prior (``prior_timesteps`` None: not a whole unCLIP model) or more
+    prior steps than the prior's T."""
     if steps is not None and steps > num_timesteps:
         raise SettingError("steps", f"must be at most {num_timesteps}, this model's number of timesteps; got {steps}")
+    for field, value in (("prior_steps", prior_steps), ("prior_guidance_scale", prior_guidance_scale)):
+        if value is not None and prior_timesteps is None:
+            raise SettingError(field, "this model has no prior (only a whole unCLIP model, prior + decoder, has)")
+    if prior_steps is not None and prior_steps > prior_timesteps:
+        raise SettingError("prior_steps", f"must be at most {prior_timesteps}, the prior's number of timesteps; got "
+                           f"{prior_steps}")
     if image is not None and not takes_image:
         raise SettingError("image", "this model takes no image to condition on; variations need unCLIP's decoder "
                            "(a model trained with train.image_encoder)")

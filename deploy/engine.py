@@ -7,7 +7,9 @@ Images come from the core's one path (:func:`ddpm.generate_images`, :func:`ddpm.
 and a fixed-shape forward of ``micro_batch`` rows make an image independent of the requests that shared its batch,
 so the PNG bytes match whether a request ran alone or batched, and match ``ddpm generate`` at the same rows.
 A text model's prompts are per image, like class labels: requests with different prompts share a batch, and each
-distinct prompt of the batch is encoded once (:func:`batch_condition`).
+distinct prompt of the batch is encoded once (:func:`batch_condition`). unCLIP's decoder varies an image sent to
+``POST /variations`` (its CLIP embedding, :class:`Variation`); a whole unCLIP model runs its prior on a prompt
+inside the core's generation function.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import torch
 
 from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_labels, from_uint8, generate_images,
                   image_seeds, inpaint_images, strength_steps)
-from ddpm.conditioning import Condition, describe
+from ddpm.conditioning import Condition, describe, embed_images, with_image
 from ddpm.images import EditInputError, decode_edit_inputs
 from ddpm.inpainting import model_calls
-from ddpm.settings import MAX_PROMPT_BYTES, SettingError, check_for_model, guided
+from ddpm.settings import MAX_PROMPT_BYTES, PRIOR_GUIDANCE_SCALE, PRIOR_STEPS, SettingError, guided
 from deploy.schemas import MAX_EDIT_PIXELS
 
 
@@ -47,6 +49,14 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class Variation:
+    """What ``POST /variations`` adds to a job: the image as sent (decoded by the replica at its model's CLIP size)."""
+
+    image: bytes
+    resize: bool = False
+
+
+@dataclass(frozen=True)
 class Job:
     """One request, with its defaults filled in, as the ingress sends it to a sampler replica."""
 
@@ -60,6 +70,9 @@ class Job:
     edit: Edit | None = None  # None: sample; else inpaint ``edit.image``, one result per seed
     prompt: str | None = None  # a text model's prompt; None or "": the empty prompt, the unconditional model
     negative_prompt: str | None = None  # what guidance pushes away from; None: the empty prompt
+    variation: Variation | None = None  # unCLIP's decoder: the image whose CLIP embedding conditions every image
+    prior_steps: int | None = None  # a whole unCLIP model's prior: None = ddpm.settings.PRIOR_STEPS
+    prior_guidance_scale: float | None = None  # ... None = ddpm.settings.PRIOR_GUIDANCE_SCALE
 
     def seeds(self) -> list[int]:
         """Image i's seed: (seed + i) mod 2^32 (``ddpm.image_seeds``)."""
@@ -71,18 +84,27 @@ class Job:
         The key holds every setting that ``sample`` takes once per batch: sampler, step count, eta, guidance scale
         and the conditioning mode (class labels and prompts themselves are per image, so a prompt is not in the
         key). A setting the sampler ignores is normalized away (eta outside DDIM, guidance without a label or
-        prompt) so that it does not split batches for nothing.
+        prompt) so that it does not split batches for nothing. A variation's condition is an image embedding, a
+        prompt's for a whole unCLIP model text for its prior: they never share a call; nor do prior settings.
         """
         conditional = self.class_label is not None
         resampling = None if self.edit is None else (
             (self.edit.resample_jumps, self.edit.resample_times) if self.edit.resample_times > 1 else (1, 1),
             self.edit.strength)
         return (self.sampler, self.steps, self.eta if self.sampler == "ddim" else 0.0,
-                self.guidance_scale if self.guided() else 1.0, conditional, resampling)
+                self.guidance_scale if self.guided() else 1.0, conditional, resampling, self.variation is not None,
+                self.prior_settings())
+
+    def prior_settings(self) -> tuple[int, float]:
+        """(steps, guidance scale) a whole unCLIP model's prior runs with, defaults filled in."""
+        return (PRIOR_STEPS if self.prior_steps is None else self.prior_steps,
+                PRIOR_GUIDANCE_SCALE if self.prior_guidance_scale is None else self.prior_guidance_scale)
 
     def guided(self) -> bool:
         """Classifier-free guidance on (``ddpm.settings.guided``): each model call runs two network rows per image."""
-        return guided(self.class_label if self.class_label is not None else self.prompt, self.guidance_scale)
+        condition = self.class_label if self.class_label is not None else (
+            self.variation if self.variation is not None else self.prompt)
+        return guided(condition, self.guidance_scale)
 
     def model_calls(self) -> int:
         """Network evaluations per image: ``steps``; an edit's share of them (``ddpm.strength_steps``) plus RePaint's
@@ -188,8 +210,8 @@ class ServedModel:
 
         Counted rather than assumed to be one call: the decoder works at the pixels' resolution, the U-Net at the
         latents', so a decode costs about ten steps, a third of a 20-step request."""
-        if self.loaded.autoencoder is None:
-            return {"decode": 0, "encode": 0}
+        if self.loaded.autoencoder is None and self.loaded.prior is None:
+            return {"decode": 0, "encode": 0, "prior": 0}
         from torch.utils.flop_counter import FlopCounterMode
 
         def flops(fn, *args) -> int:
@@ -197,29 +219,50 @@ class ServedModel:
                 fn(*args)
             return counter.get_total_flops()
 
-        ae, device = self.loaded.autoencoder, self.device
-        dtype = next(ae.parameters()).dtype
+        device = self.device
         z = torch.zeros(1, *self.loaded.sample_shape, device=device)  # (1, c, h, w)
         t = torch.zeros(1, dtype=torch.long, device=device)
         unet = flops(self.loaded.model, z, t, _one_row_condition(self.loaded, device))
-        pixels = torch.zeros(1, *self.loaded.image_shape, device=device, dtype=dtype)  # (1, C, H, W)
-        return {"decode": math.ceil(flops(ae.decode, z.to(dtype)) / unet),
-                "encode": math.ceil(flops(ae.encode, pixels) / unet)}
+        rows = {"decode": 0, "encode": 0, "prior": 0}
+        if self.loaded.prior is not None:  # one prior call for one image: a fraction of a U-Net row, rounded up
+            prior = self.loaded.prior.model
+            text = self.loaded.condition(1)  # the empty prompt's text condition, as the prior reads it
+            rows["prior"] = math.ceil(flops(prior, torch.zeros(1, prior.config.embed_dim, device=device), t,
+                                            text.to(device)) / unet)
+        if self.loaded.autoencoder is not None:
+            ae = self.loaded.autoencoder
+            dtype = next(ae.parameters()).dtype
+            pixels = torch.zeros(1, *self.loaded.image_shape, device=device, dtype=dtype)  # (1, C, H, W)
+            rows |= {"decode": math.ceil(flops(ae.decode, z.to(dtype)) / unet),
+                     "encode": math.ceil(flops(ae.encode, pixels) / unet)}
+        return rows
+
+    def runs_prior(self, job: Job) -> bool:
+        """Whether ``job`` samples its image embeddings with the prior: a whole unCLIP model, not a variation."""
+        return self.loaded.prior is not None and job.variation is None
+
+    def prior_rows(self, job: Job) -> int:
+        """The prior's cost per image in U-Net rows: its calls (x 2 when guided) x the rows one call costs."""
+        if not self.runs_prior(job):
+            return 0
+        steps, w = job.prior_settings()
+        return steps * (2 if w != 1.0 else 1) * self.codec_rows["prior"]
 
     def cost(self, job: Job) -> int:
-        """What ``job`` costs in U-Net rows (image-steps): num_images x (network rows + decode [+ encode]).
+        """What ``job`` costs in U-Net rows (image-steps): num_images x (network rows + decode [+ encode] [+ the
+        prior's rows, :meth:`prior_rows`]).
 
         A prompt adds nothing: the text encoder runs once per distinct prompt per batch, not per step, and one
         prompt costs about 1/40 of one U-Net row (configs/shapes-text.yaml with clip-shapes' encoder: 0.013 vs
         0.51 GFLOP, 2.2 vs 103 ms at 8 rows on a loaded 2-core CPU), so a whole number of rows would round it away."""
         codec = self.codec_rows["decode"] + (self.codec_rows["encode"] if job.edit is not None else 0)
-        return job.num_images * (job.network_rows() + codec)
+        return job.num_images * (job.network_rows() + codec + self.prior_rows(job))
 
     def describe(self) -> dict:
         c = self.loaded.config
         channels, resolution, _ = self.loaded.image_shape  # a latent model's decoded images
         classes = self.loaded.class_names or [str(i) for i in range(c.num_classes)]
-        text = self.loaded.text_encoder
+        text, clip = self.loaded.prompt_encoder, self.loaded.image_encoder
         return self.identity() | {
             "resolution": resolution, "channels": channels, "num_classes": c.num_classes, "classes": classes,
             "latent": self.loaded.autoencoder is not None,
@@ -229,12 +272,20 @@ class ServedModel:
             "takes_prompt": text is not None,  # a text model: POST /generate takes "prompt", not "class_label"
             "prompt_context_length": None if text is None else text.context_length,  # tokens; the rest is dropped
             "max_prompt_bytes": MAX_PROMPT_BYTES,
+            "takes_image": clip is not None,  # unCLIP's decoder: POST /variations takes an image of this size
+            "image_size": None if clip is None else clip.model.config.image_size,
+            "unclip": self.loaded.prior is not None,  # a whole unCLIP model: a prompt runs prior then decoder
+            "prior_defaults": None if self.loaded.prior is None else {"prior_steps": PRIOR_STEPS,
+                                                                      "prior_guidance_scale": PRIOR_GUIDANCE_SCALE},
         }
 
 
 def _one_row_condition(loaded: checkpoint.LoadedModel, device: torch.device) -> Condition | None:
-    """What one row of the network is conditioned on, to count its FLOPs: the empty prompt for a text model, class
-    0 for a class model, None for an unconditional one."""
+    """What one row of the network is conditioned on, to count its FLOPs: a zero image embedding for unCLIP's
+    decoder (and the empty prompt if it reads captions), the empty prompt for a text model, class 0 for a class
+    model, None for an unconditional one."""
+    if loaded.image_encoder is not None:
+        return loaded.condition(1, image_embeddings=torch.zeros(loaded.config.image_dim)).to(device)
     if loaded.text_encoder is not None:
         return loaded.condition(1).to(device)
     return None if not loaded.config.num_classes else from_labels(0, 1).to(device)
@@ -264,13 +315,13 @@ def pick_device() -> torch.device:
 def check(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejected | None:
     """What a valid body can still get wrong about this particular model (``ddpm.settings.check_for_model``, the
     rules ``ddpm generate`` applies too), and its cost against ``max_cost`` U-Net rows (:meth:`ServedModel.cost`)."""
-    cfg = served.loaded.config
     try:
-        check_for_model(steps=job.steps, class_label=job.class_label, num_classes=cfg.num_classes,
-                        num_timesteps=served.loaded.schedule.num_timesteps, prompt=job.prompt,
-                        negative_prompt=job.negative_prompt, takes_text=served.loaded.text_encoder is not None)
+        served.loaded.check_request(steps=job.steps, class_label=job.class_label, prompt=job.prompt,
+                                    negative_prompt=job.negative_prompt, image=job.variation,
+                                    prior_steps=job.prior_steps, prior_guidance_scale=job.prior_guidance_scale)
     except SettingError as exc:
-        hint = " (see GET /v1/model)" if exc.field in ("class_label", "prompt", "negative_prompt") else ""
+        hint = " (see GET /v1/model)" if exc.field in ("class_label", "prompt", "negative_prompt", "image",
+                                                       "prior_steps", "prior_guidance_scale") else ""
         return Rejected(exc.field, exc.reason + hint)
     cost = served.cost(job)
     if max_cost is not None and cost > max_cost:
@@ -280,6 +331,7 @@ def check(job: Job, served: ServedModel, max_cost: int | None = None) -> Rejecte
         codec = served.codec_rows
         terms += f" + {codec['decode']} to decode the latents" if codec["decode"] else ""
         terms += f" + {codec['encode']} to encode the image" if codec["encode"] and job.edit is not None else ""
+        terms += f" + {served.prior_rows(job)} for the prior" if served.runs_prior(job) else ""
         return Rejected("resample_times" if resampling else "steps",
                         f"{job.num_images} images x ({terms}) = {cost} U-Net rows exceeds this server's budget of "
                         f"{max_cost} per request")
@@ -296,6 +348,19 @@ def decode_edit(edit: Edit, served: ServedModel) -> tuple[np.ndarray, np.ndarray
                                                                   "to it", max_pixels=MAX_EDIT_PIXELS)
     except EditInputError as exc:
         return Rejected(exc.field, str(exc))
+
+
+def decode_variation(variation: Variation, served: ServedModel) -> tuple[np.ndarray, None] | Rejected:
+    """The image to vary as (H, W, C) uint8 at the size and channels of the model's CLIP (and no mask), or the
+    rejection that names it."""
+    cfg = served.loaded.image_encoder.model.config
+    try:
+        image, _ = decode_edit_inputs(variation.image, None, size=cfg.image_size, channels=cfg.in_channels,
+                                      resize=variation.resize, resize_hint="send \"resize\": true to stretch it",
+                                      max_pixels=MAX_EDIT_PIXELS)
+    except EditInputError as exc:
+        return Rejected(exc.field, str(exc))
+    return image, None
 
 
 def _edit_batch(jobs: list[Job], edits: list[tuple[np.ndarray, np.ndarray]],
@@ -327,8 +392,8 @@ def batch_condition(served: ServedModel, jobs: list[Job]) -> Condition | None:
     """A text model's Condition for every image of ``jobs``, in order (one row per seed; no prompt = the empty
     prompt): each distinct prompt and negative prompt of the batch is tokenized and encoded once
     (``ddpm.conditioning.encode_prompts``, whose fixed-size encoder calls keep a row independent of the others).
-    None for a model without a text encoder."""
-    if served.loaded.text_encoder is None or not jobs:
+    A whole unCLIP model's prompts are encoded by its CLIP, for the prior. None for a model that reads no text."""
+    if served.loaded.prompt_encoder is None or not jobs:
         return None
     per_image = lambda texts: [t or "" for job, t in zip(jobs, texts) for _ in range(job.num_images)]  # noqa
     prompts = per_image([job.prompt for job in jobs])
@@ -340,7 +405,7 @@ def prompt_report(job: Job, served: ServedModel) -> dict | None:
     """What tokenizing a text model's ``job`` lost, per prompt it sent (``ddpm.text.TokenReport``): tokens past the
     context (dropped, as CLIP truncates) and words a learned tokenizer never saw, with the warning worded by
     ``ddpm.conditioning.describe``. None for a model without a text encoder."""
-    encoder = served.loaded.text_encoder
+    encoder = served.loaded.prompt_encoder
     if encoder is None:
         return None
     sent = {name: text for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)) if text}
@@ -376,8 +441,9 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
              controls: list[Control] | None = None) -> tuple[list[np.ndarray | None], dict[int, int]]:
     """Sample (or inpaint) every job's images, one core call per group of jobs that share settings; a text model's
     prompts are encoded once for the whole batch (:func:`batch_condition`) and each group takes its rows.
-    ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``. ``controls[i]``:
-    job i's :class:`Control` (progress out, cancellation in).
+    ``edits[i]``: job i's decoded (image, mask) (:func:`decode_edit`), for jobs with an ``edit``, or its decoded
+    (image, None) (:func:`decode_variation`) for a variation. ``controls[i]``: job i's :class:`Control` (progress
+    out, cancellation in).
 
     Returns one (num_images, H, W, C) uint8 array per job, in order (None for a job cancelled on the way), and the
     image-steps each cancelled job saved, by job index.
@@ -399,14 +465,22 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
         if text is not None:
             condition = text.select(torch.tensor([r for i in members
                                                   for r in range(first_row[i], first_row[i] + jobs[i].num_images)]))
+        elif served.loaded.image_encoder is not None:  # unCLIP's decoder without a prompt: zero embeddings
+            condition = served.loaded.condition(len(seeds))
         else:
             labels = None
             if settings.class_label is not None:
                 labels = [job.class_label for job in group for _ in range(job.num_images)]
             condition = from_labels(labels, len(seeds))
+        if settings.variation is not None:  # each image's CLIP embedding, repeated for its seeds
+            images = np.stack([edits[i][0] for i in members for _ in range(jobs[i].num_images)])  # (N, H, W, C)
+            z = embed_images(served.loaded.image_encoder.model, from_uint8(images).to(served.device))  # (N, E)
+            condition = with_image(z, condition if served.loaded.config.text_dim else None)
         watch = _GroupWatch(group, [controls[i] for i in members])
+        prior_steps, prior_guidance_scale = settings.prior_settings()
         common = dict(condition=condition, sampler=settings.sampler, steps=settings.steps,
-                      eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward, watch=watch)
+                      eta=settings.eta, guidance_scale=settings.guidance_scale, forward=forward, watch=watch,
+                      prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale)
         if settings.edit is None:
             images = generate_images(served.loaded, seeds, batch_size=len(seeds), **common)  # (N, H, W, C)
         else:
@@ -432,6 +506,8 @@ def _checked(job: Job, served: ServedModel, max_cost: int | None) -> Rejected | 
     checked = check(job, served, max_cost)
     if checked is None and job.edit is not None:
         return decode_edit(job.edit, served)
+    if checked is None and job.variation is not None:
+        return decode_variation(job.variation, served)
     return checked
 
 

@@ -32,9 +32,9 @@ from ray.serve.handle import DeploymentHandle
 
 from ddpm import DEFAULT_STEPS, encode_png, make_grid
 from ddpm.settings import MAX_IMAGES, SettingError, check_settings
-from deploy.engine import Edit, Generated, Job, Outcome, Rejected
+from deploy.engine import Edit, Generated, Job, Outcome, Rejected, Variation
 from deploy.metrics import CONTENT_TYPE, IngressMetrics, MetricsMiddleware
-from deploy.schemas import MAX_EDIT_BASE64, EditRequest, GenerateRequest, InpaintRequest
+from deploy.schemas import MAX_EDIT_BASE64, EditRequest, GenerateRequest, InpaintRequest, VariationsRequest
 
 log = logging.getLogger("ray.serve")
 
@@ -45,13 +45,15 @@ PLAYGROUND = Path(__file__).with_name("static") / "index.html"
 # The largest request body a route reads, refused (413) before anything parses it: /generate's JSON is a few hundred
 # bytes, /inpaint's and /edit's carry two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
 MAX_BODY_BYTES = 64 * 2**10
-MAX_BODY_BYTES_BY_PATH = {path: 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES for path in ("/inpaint", "/edit")}
+MAX_BODY_BYTES_BY_PATH = {path: 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES for path in ("/inpaint", "/edit")} | {
+    "/variations": MAX_EDIT_BASE64 + MAX_BODY_BYTES}
 
 api = FastAPI(
     title="DDPM sampler",
     description="POST /generate samples images from the served diffusion model; POST /inpaint fills the white part "
                 "of a mask in an image with it; POST /edit redraws an image (or its masked part) toward a new prompt "
-                "or class; GET /v1/model describes it.",
+                "or class; POST /variations draws new images from an image's CLIP embedding (unCLIP's decoder); "
+                "GET /v1/model describes it.",
 )
 
 
@@ -143,7 +145,7 @@ def _base64(field: str, text: str) -> bytes:
         raise _reject(field, "not valid base64 (standard alphabet, with padding)") from None
 
 
-def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
+def _job(body: GenerateRequest, edit: Edit | None = None, variation: Variation | None = None) -> Job:
     """The body's job with its defaults filled in (the sampler's step count, a random seed when none is given), after
     the rules every door applies (``ddpm.settings.check_settings``, what ``ddpm generate`` and the pyfunc model use)."""
     resample = {} if edit is None else {"resample_jumps": edit.resample_jumps, "resample_times": edit.resample_times,
@@ -152,13 +154,15 @@ def _job(body: GenerateRequest, edit: Edit | None = None) -> Job:
         check_settings(sampler=body.sampler, steps=body.steps, eta=body.eta, seed=body.seed,
                        class_label=body.class_label, guidance_scale=body.guidance_scale,
                        num_images=body.num_images, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                       **resample)
+                       image=variation, prior_steps=body.prior_steps,
+                       prior_guidance_scale=body.prior_guidance_scale, **resample)
     except SettingError as exc:
         raise _reject(exc.field, exc.reason) from None
     seed = body.seed if body.seed is not None else secrets.randbits(32)
     steps = body.steps if body.steps is not None else DEFAULT_STEPS[body.sampler]
     return Job(body.num_images, body.sampler, steps, body.eta, seed, body.class_label, body.guidance_scale, edit,
-               prompt=body.prompt, negative_prompt=body.negative_prompt)
+               prompt=body.prompt, negative_prompt=body.negative_prompt, variation=variation,
+               prior_steps=body.prior_steps, prior_guidance_scale=body.prior_guidance_scale)
 
 
 def _prompt_headers(report: dict) -> dict[str, str]:
@@ -261,6 +265,14 @@ class Ingress:
         """Edit ``image`` (or the white part of ``mask``) toward the request's prompt or class, keeping its layout
         to a degree set by ``strength`` (SDEdit); answers like ``/generate``, one image per seed."""
         return await self._edit(body)
+
+    @api.post("/variations")
+    async def variations(self, body: VariationsRequest) -> Response:
+        """New images from ``image``'s CLIP embedding through unCLIP's decoder, one per seed; answers like
+        ``/generate``. A model that is not unCLIP's decoder refuses it (422, ``image``)."""
+        started = time.monotonic()
+        return await self._answer(_job(body, variation=Variation(_base64("image", body.image), body.resize)), body,
+                                  started)
 
     async def _edit(self, body: EditRequest) -> Response:
         started = time.monotonic()

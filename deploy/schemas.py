@@ -4,7 +4,8 @@ Three layers of settings, each validated where it enters:
 
 - :class:`GenerateRequest`: the JSON body of ``POST /generate`` (strict types: ``"4"`` is not a number);
   :class:`EditRequest`, that of ``POST /edit``, adds an image, an optional mask, the edit's strength and RePaint's
-  settings; :class:`InpaintRequest`, that of ``POST /inpaint``, is an edit whose mask is required. Their bounds
+  settings; :class:`InpaintRequest`, that of ``POST /inpaint``, is an edit whose mask is required;
+  :class:`VariationsRequest`, that of ``POST /variations``, adds the image unCLIP's decoder varies. Their bounds
   come from ``ddpm.settings``, whose ``check_settings`` the ingress also applies: the rules of ``ddpm generate``.
 - :class:`SamplerConfig`: the sampler deployment's ``user_config``. Serve hands it to ``Sampler.reconfigure`` on start
   and again whenever it changes in the Serve config, without restarting replicas; so it holds what may change while
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ddpm.generation import FORWARD_ROWS
 from ddpm.settings import (EDIT_STRENGTH, INPAINT_RESAMPLE_TIMES, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_RESAMPLE_TIMES,
-                           MAX_SEED, MAX_STEPS)
+                           MAX_SEED, MAX_STEPS, PRIOR_GUIDANCE_SCALE, PRIOR_STEPS)
 
 MAX_EDIT_BASE64 = 8 * 2**20  # characters of base64 per image or mask: 6 MiB encoded
 MAX_EDIT_PIXELS = 4096 * 4096  # pixels per image or mask, checked before decoding
@@ -53,6 +54,12 @@ class GenerateRequest(BaseModel):
                                                     "needs a prompt and guidance_scale != 1")
     guidance_scale: float = Field(1.0, ge=0, allow_inf_nan=False,
                                   description="classifier-free guidance weight w, with a class label or a prompt")
+    prior_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                                    description=f"whole unCLIP models only (GET /v1/model: unclip): the prior's DDIM "
+                                                f"steps from the prompt to its image embedding; default {PRIOR_STEPS}")
+    prior_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                               description=f"whole unCLIP models only: the prior's classifier-free "
+                                                           f"guidance weight; default {PRIOR_GUIDANCE_SCALE:g}")
     output: Literal["png", "json"] = "png"
     stream: bool = Field(False, description="answer with Server-Sent Events: progress after the sampler's steps "
                                             "(event: progress), then the JSON answer of output json (event: result)")
@@ -88,6 +95,16 @@ class InpaintRequest(EditRequest):
                             description="below 1 the masked region starts from the noised image (SDEdit)")
     resample_times: int = Field(INPAINT_RESAMPLE_TIMES, ge=1, le=MAX_RESAMPLE_TIMES,
                                 description="RePaint's resampling count r; 1 = plain replacement; ~r x the cost")
+
+
+class VariationsRequest(GenerateRequest):
+    """The body of ``POST /variations``: an ``image`` and the settings of ``POST /generate``. unCLIP's decoder draws
+    ``num_images`` new images from the image's CLIP embedding, one per seed (a decoder that reads captions also takes
+    a ``prompt``)."""
+
+    image: str = Field(min_length=1, max_length=MAX_EDIT_BASE64, description="base64 PNG (or JPEG, WebP, BMP, GIF) "
+                                                                             "of the size the model's CLIP reads")
+    resize: bool = Field(False, description="stretch the image to the CLIP's size instead of rejecting another size")
 
 
 class SamplerConfig(BaseModel):

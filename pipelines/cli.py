@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inpaint": "pipelines.commands.inpaint",
     "edit": "pipelines.commands.edit",
     "vary": "pipelines.commands.vary",
+    "unclip": "pipelines.commands.unclip",
     "evaluate": "pipelines.commands.evaluate",
     "serve": "deploy.cli",
     "pipeline": "pipelines.commands.pipeline",

@@ -17,7 +17,8 @@ images of all requests, in order, stacked into one (N, H, W, C) uint8 array.
 A text model takes ``prompt`` (and ``negative_prompt``): ``[{"prompt": "a red circle", "seed": 3,
 "guidance_scale": 3}]``; no prompt (or "") is unconditional. What tokenizing a prompt lost (tokens past the
 context, words the tokenizer never saw) is raised as a :class:`PromptWarning` (``warnings.warn``), worded by
-``ddpm.conditioning.describe`` as the CLI prints it.
+``ddpm.conditioning.describe`` as the CLI prints it. A whole unCLIP model (``ddpm unclip``) takes a prompt the same
+way and also ``prior_steps`` and ``prior_guidance_scale``, its prior's settings.
 
 Every request passes the rules of the other doors first (``ddpm.settings``: ``check_settings``, with at most
 ``MAX_IMAGES`` images per request, then ``check_for_model``), so a bad one raises the same ``SettingError`` message
@@ -45,6 +46,8 @@ class PredictRequest(BaseModel):
     guidance_scale: float = 1.0
     prompt: str | None = None  # a text model's; None or "": unconditional
     negative_prompt: str | None = None  # what guidance steers the prompt away from (needs guidance_scale != 1)
+    prior_steps: int | None = None  # a whole unCLIP model's prior: DDIM steps (None: ddpm.settings.PRIOR_STEPS)
+    prior_guidance_scale: float | None = None  # ... and its guidance (None: ddpm.settings.PRIOR_GUIDANCE_SCALE)
 
 
 class PromptWarning(UserWarning):
@@ -68,24 +71,23 @@ class DDPMGenerator(PythonModel):
 
     def _check(self, request: PredictRequest) -> None:
         """The rules of every door (``ddpm.settings``); raises ``SettingError`` naming the field."""
-        from ddpm.settings import check_for_model, check_settings
+        from ddpm.settings import check_settings
 
         num_images = len(request.seeds) if request.seeds is not None else request.num_images
+        prior = dict(prior_steps=request.prior_steps, prior_guidance_scale=request.prior_guidance_scale)
         check_settings(sampler=request.sampler, steps=request.steps, seed=request.seed,
                        class_label=request.class_label, guidance_scale=request.guidance_scale, num_images=num_images,
-                       prompt=request.prompt, negative_prompt=request.negative_prompt)
+                       prompt=request.prompt, negative_prompt=request.negative_prompt, **prior)
         for seed in request.seeds or []:
             check_settings(seed=seed)
-        check_for_model(steps=request.steps, class_label=request.class_label,
-                        num_classes=self.loaded.config.num_classes,
-                        num_timesteps=self.loaded.schedule.num_timesteps, prompt=request.prompt,
-                        negative_prompt=request.negative_prompt, takes_text=self.loaded.text_encoder is not None)
+        self.loaded.check_request(steps=request.steps, class_label=request.class_label, prompt=request.prompt,
+                                  negative_prompt=request.negative_prompt, **prior)
 
     def _warn(self, request: PredictRequest) -> None:
         """What tokenizing the request's prompts lost, one PromptWarning each."""
         from ddpm.conditioning import describe
 
-        encoder = self.loaded.text_encoder
+        encoder = self.loaded.prompt_encoder
         named = [(f, p) for f, p in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)) if p]
         if encoder is None or not named:
             return
@@ -102,7 +104,9 @@ class DDPMGenerator(PythonModel):
         condition = self.loaded.condition(len(seeds), class_labels=request.class_label, prompts=request.prompt,
                                           negative_prompts=request.negative_prompt)
         return generate_images(self.loaded, seeds, condition=condition, sampler=request.sampler,
-                               steps=request.steps, guidance_scale=request.guidance_scale)  # (N, H, W, C) uint8
+                               steps=request.steps, guidance_scale=request.guidance_scale,
+                               prior_steps=request.prior_steps,
+                               prior_guidance_scale=request.prior_guidance_scale)  # (N, H, W, C) uint8
 
 
 mlflow.models.set_model(DDPMGenerator())

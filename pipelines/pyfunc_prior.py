@@ -30,7 +30,7 @@ class PriorSampler(PythonModel):
 
     def predict(self, context, model_input, params=None):
         from ddpm import encode_prompts
-        from ddpm.prior import sample_embeddings
+        from ddpm.generation import sample_embeddings
 
         params = params or {}
         texts = [str(t) for t in model_input["text"]]

@@ -144,3 +144,31 @@ def save_text_checkpoint(path: Path, *, seed: int = 0, width: int = 16, context:
     net = UNet(UNetConfig.preset("tiny", text_dim=width, **unet_overrides))
     return checkpoint.save(path, net, NoiseSchedule.linear(1000), text_encoder=encoder,
                            text_encoder_source={"uri": "tests.support.save_text_checkpoint"})
+
+
+def save_unclip_checkpoint(path: Path, *, seed: int = 0, prior: bool = True, size: int = 8, channels: int = 1,
+                           captions=TEXT_CAPTIONS, context: int = TEXT_CONTEXT) -> Path:
+    """A tiny random unCLIP decoder (``size`` x ``size`` x ``channels`` U-Net predicting x_0, conditioned on the
+    embeddings (E = 16) of a small random CLIP whose tokenizer is learned from ``captions``), with a random prior
+    when ``prior`` (a whole unCLIP model, as ``ddpm unclip`` registers), saved at ``path``.
+
+    x_0 prediction: with random weights an epsilon model drives nearly every pixel to 0 or 255, where "the same bytes"
+    would hold almost trivially."""
+    import torch
+
+    from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint, clip, text
+    from ddpm.prior import DiffusionPrior, LoadedPrior, PriorConfig
+
+    tok = text.train_tokenizer(list(captions), vocab_size=600, context_length=context)
+    torch.manual_seed(seed)
+    cfg = clip.ClipConfig.for_tokenizer(tok, image_size=size, in_channels=channels, image_channels=(8, 16),
+                                        image_heads=2, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
+    the_clip = clip.LoadedClip(clip.Clip(cfg).eval(), tok)
+    net = UNet(UNetConfig.preset("tiny", image_size=size, in_channels=channels, image_dim=16))
+    loaded_prior = None
+    if prior:
+        loaded_prior = LoadedPrior(DiffusionPrior(PriorConfig(embed_dim=16, text_dim=16, width=32, depth=1,
+                                                              heads=2)), NoiseSchedule.cosine(), {})
+    return checkpoint.save(path, net, NoiseSchedule.linear(1000), prediction_type="sample", image_encoder=the_clip,
+                           image_encoder_source={"uri": "tests.support.save_unclip_checkpoint"}, prior=loaded_prior,
+                           prior_source=None if loaded_prior is None else {"uri": "tests.support"})

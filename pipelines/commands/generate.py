@@ -102,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, vary: bool = False) -> None:
                         help="what guidance steers --prompt away from (needs --guidance-scale != 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
+    add_prior_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=FORWARD_ROWS, metavar="B",
                         help="rows per forward pass (the endpoint's micro_batch); the same pixels at the same value "
                              "(default: %(default)s)")
@@ -120,6 +121,18 @@ def add_arguments(parser: argparse.ArgumentParser, vary: bool = False) -> None:
                         help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow server for models:/ URIs (default: $MLFLOW_TRACKING_URI, else .ddpm/)")
+
+
+def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
+    """A whole unCLIP model's prior settings (ddpm unclip), for every command that takes a prompt."""
+    from ddpm.settings import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
+
+    parser.add_argument("--prior-steps", type=int, default=None, metavar="S",
+                        help=f"a whole unCLIP model's prior: DDIM steps from the prompt to its image embedding "
+                             f"(default: {PRIOR_STEPS})")
+    parser.add_argument("--prior-guidance-scale", type=float, default=None, metavar="W",
+                        help=f"a whole unCLIP model's prior: classifier-free guidance weight (default: "
+                             f"{PRIOR_GUIDANCE_SCALE:g})")
 
 
 def is_file_output(out: str) -> bool:
@@ -203,7 +216,8 @@ def generate_shards(args: argparse.Namespace) -> int:
         labels = Labels.one(args.class_label)
     else:
         labels = Labels.none()
-    sampling = Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size)
+    sampling = Sampling(args.sampler, args.steps, args.eta, args.guidance_scale, args.batch_size, args.prior_steps,
+                        args.prior_guidance_scale)
     print_warnings(source.tokenizer, prompts, "--prompt" if args.prompts is None else f"--prompts {args.prompts}")
     manifest = generate_to(args.out, source, plan, sampling, labels, fmt=args.format, num_actors=args.num_actors,
                            cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
@@ -220,7 +234,7 @@ def generate_file(args: argparse.Namespace) -> int:
     """grid.png or images.npz: every image in this process's memory, sampled here."""
     from ddpm import checkpoint, encode_png, generate_images, image_seeds, make_grid
     from ddpm.graphs import graphed_forward
-    from ddpm.settings import SettingError, check_for_model, check_settings
+    from ddpm.settings import SettingError, check_settings
     from pipelines.registry import resolve_model
 
     out = Path(args.out)
@@ -228,7 +242,8 @@ def generate_file(args: argparse.Namespace) -> int:
         raise UserError("--labels balanced is for a folder or s3:// output; give --class-label C for a grid or .npz")
     settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                     class_label=args.class_label, guidance_scale=args.guidance_scale, prompt=args.prompt,
-                    negative_prompt=args.negative_prompt, image=getattr(args, "image", None))
+                    negative_prompt=args.negative_prompt, image=getattr(args, "image", None),
+                    prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance_scale)
     try:
         check_settings(**settings)  # the rules of POST /generate and the pyfunc model, before anything is loaded
     except SettingError as exc:
@@ -237,14 +252,13 @@ def generate_file(args: argparse.Namespace) -> int:
     loaded = checkpoint.load(resolved.path, device=args.device)
     image = getattr(args, "image", None)  # ddpm vary's
     try:
-        check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
-                        num_timesteps=loaded.schedule.num_timesteps, prompt=args.prompt,
-                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None,
-                        image=image, takes_image=loaded.image_encoder is not None)
+        loaded.check_request(steps=args.steps, class_label=args.class_label, prompt=args.prompt,
+                             negative_prompt=args.negative_prompt, image=image, prior_steps=args.prior_steps,
+                             prior_guidance_scale=args.prior_guidance_scale)
     except SettingError as exc:
         raise flag_error(exc) from None
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
-    print_warnings(loaded.text_encoder, single_prompt(args))
+    print_warnings(loaded.prompt_encoder, single_prompt(args))
     if image is not None:  # unCLIP's variations: the image's CLIP embedding through the decoder, a seed each
         from pipelines.commands.inpaint import read_inputs
 
@@ -257,7 +271,8 @@ def generate_file(args: argparse.Namespace) -> int:
                                                             prompts=args.prompt,
                                                             negative_prompts=args.negative_prompt, images=image),
                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                 guidance_scale=args.guidance_scale,
+                                 guidance_scale=args.guidance_scale, prior_steps=args.prior_steps,
+                                 prior_guidance_scale=args.prior_guidance_scale,
                                  forward=graphed_forward(loaded.model, args.batch_size),
                                  progress=ProgressLine(args.num_images))
     except ValueError as exc:  # e.g. steps outside [1, T]

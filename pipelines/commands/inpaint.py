@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
     optional, ``--strength`` 0.8 and no resampling by default."""
     from ddpm import SAMPLERS
     from ddpm.settings import EDIT_STRENGTH, INPAINT_RESAMPLE_TIMES
+    from pipelines.commands.generate import add_prior_arguments
 
     strength, resample_times = (EDIT_STRENGTH, 1) if edit else (1.0, INPAINT_RESAMPLE_TIMES)
 
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
                         help="what guidance steers --prompt away from (needs --guidance-scale != 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, metavar="W",
                         help="classifier-free guidance weight; 1 = plain conditional (default: 1)")
+    add_prior_arguments(parser)
     parser.add_argument("--resample-jumps", type=int, default=1, metavar="J",
                         help="RePaint's jump length j: how many steps each resampling goes back up (default: 1)")
     parser.add_argument("--resample-times", type=int, default=resample_times, metavar="R",
@@ -99,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ddpm import checkpoint, encode_png, from_uint8, inpaint_images
-    from ddpm.settings import SettingError, check_for_model, check_settings
+    from ddpm.settings import SettingError, check_settings
 
     from pipelines.commands.generate import print_warnings, single_prompt
     from pipelines.registry import resolve_model
@@ -111,19 +113,20 @@ def main(args: argparse.Namespace) -> int:
         check_settings(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
                        resample_jumps=args.resample_jumps, resample_times=args.resample_times, prompt=args.prompt,
-                       negative_prompt=args.negative_prompt, strength=args.strength)
+                       negative_prompt=args.negative_prompt, strength=args.strength, prior_steps=args.prior_steps,
+                       prior_guidance_scale=args.prior_guidance_scale)
     except SettingError as exc:
         raise flag_error(exc) from None
     resolved = resolve_model(args.model, args.tracking_uri)
     loaded = checkpoint.load(resolved.path, device=args.device)
     channels, size, _ = loaded.image_shape
     try:
-        check_for_model(steps=args.steps, class_label=args.class_label, num_classes=loaded.config.num_classes,
-                        num_timesteps=loaded.schedule.num_timesteps, prompt=args.prompt,
-                        negative_prompt=args.negative_prompt, takes_text=loaded.text_encoder is not None)
+        loaded.check_request(steps=args.steps, class_label=args.class_label, prompt=args.prompt,
+                             negative_prompt=args.negative_prompt, prior_steps=args.prior_steps,
+                             prior_guidance_scale=args.prior_guidance_scale)
     except SettingError as exc:
         raise flag_error(exc) from None
-    print_warnings(loaded.text_encoder, single_prompt(args))
+    print_warnings(loaded.prompt_encoder, single_prompt(args))
 
     image, generate = read_inputs(args.image, args.mask, size, channels, args.resize)
 
@@ -135,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
         filled = inpaint_images(loaded, [args.seed], known, mask, condition=condition, sampler=args.sampler,
                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
                                 resample_jumps=args.resample_jumps, resample_times=args.resample_times,
-                                strength=args.strength)[0]  # (H, W, C)
+                                strength=args.strength, prior_steps=args.prior_steps,
+                                prior_guidance_scale=args.prior_guidance_scale)[0]  # (H, W, C)
     except ValueError as exc:  # e.g. steps outside [1, T], eta < 0, resample_jumps >= steps
         raise UserError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

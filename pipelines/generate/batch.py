@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -145,7 +144,7 @@ def _delete_file(uri: str, endpoint_url: str | None) -> None:
 def describe_job(source: ModelSource, plan: Plan, sampling: Sampling, labels: Labels, fmt: str,
                  use_gpu: bool, prompts: Prompts | None = None) -> dict:
     """job.json: everything the images depend on (the device type too: GPU kernels and bf16 give other bits)."""
-    job = {"kind": KIND, "version": JOB_VERSION, "model": source.identity(), "sampling": asdict(sampling.resolved()),
+    job = {"kind": KIND, "version": JOB_VERSION, "model": source.identity(), "sampling": sampling.describe(),
            "seeds": plan.describe(), "labels": labels.describe(), "format": fmt, "shard_images": plan.shard_images,
            "image_shape": list(source.image_shape), "device": "cuda" if use_gpu else "cpu"}
     if prompts is not None and prompts.kind != "none":  # absent otherwise: jobs written before prompts still resume

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -35,12 +35,18 @@ class Sampling:
     eta: float = 0.0
     guidance_scale: float = 1.0
     forward_rows: int = 16  # ddpm.FORWARD_ROWS, the endpoint's micro_batch
+    prior_steps: int | None = None  # a whole unCLIP model's prior (None: ddpm.settings.PRIOR_STEPS)
+    prior_guidance_scale: float | None = None  # ... and its guidance (None: ddpm.settings.PRIOR_GUIDANCE_SCALE)
 
     def resolved(self) -> "Sampling":
         from ddpm import DEFAULT_STEPS
 
-        return self if self.steps is not None else Sampling(self.sampler, DEFAULT_STEPS[self.sampler], self.eta,
-                                                            self.guidance_scale, self.forward_rows)
+        return self if self.steps is not None else replace(self, steps=DEFAULT_STEPS[self.sampler])
+
+    def describe(self) -> dict:
+        """The settings as a job's manifest records them; the prior's only when set (a job of a model without a
+        prior describes itself as before they existed, so its manifest still resumes)."""
+        return {k: v for k, v in asdict(self.resolved()).items() if v is not None or not k.startswith("prior_")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,10 +165,13 @@ def check_job(source: ModelSource, sampling: Sampling, labels: Labels, fmt: str 
         negative = None if prompts is None or prompts.kind != "one" else prompts.negatives[0]
         check_settings(sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta, seed=0,
                        class_label=class_label, guidance_scale=sampling.guidance_scale, prompt=prompt,
-                       negative_prompt=negative)
+                       negative_prompt=negative, prior_steps=sampling.prior_steps,
+                       prior_guidance_scale=sampling.prior_guidance_scale)
         check_for_model(steps=sampling.steps, class_label=class_label if labels.kind == "class" else None,
                         num_classes=source.num_classes, num_timesteps=source.num_timesteps, prompt=prompt,
-                        takes_text=source.takes_text)
+                        takes_text=source.takes_text, takes_image=source.takes_image,
+                        prior_steps=sampling.prior_steps, prior_guidance_scale=sampling.prior_guidance_scale,
+                        prior_timesteps=source.prior_timesteps)
         if labels.kind == "given" and len(labels.given) and not 0 <= labels.given.min() <= labels.given.max() \
                 < source.num_classes:
             raise SettingError("labels", f"labels must be in 0..{source.num_classes - 1} for this model")

@@ -34,6 +34,8 @@ class ModelSource:
     autoencoder: Any = None  # a latent model's autoencoder source (uri, name, version, sha256); None for pixels
     takes_text: bool = False  # a text model: it takes prompts, not class labels
     tokenizer: Any = field(default=None, compare=False, repr=False)  # a text model's, for the prompt warnings
+    takes_image: bool = False  # unCLIP's decoder: it is conditioned on a CLIP image embedding
+    prior_timesteps: int | None = None  # a whole unCLIP model's prior's T; None: no prior
 
     @classmethod
     def resolve(cls, uri: str, tracking_uri: str | None = None) -> "ModelSource":
@@ -51,8 +53,10 @@ class ModelSource:
         return cls(uri, Path(resolved.path), resolved.name, resolved.version, resolved.alias,
                    _folder_sha256(Path(resolved.path)), (height, width, channels), loaded.config.num_classes,
                    loaded.schedule.num_timesteps, tuple(loaded.class_names),
-                   decoder.get("source") if decoder else None, loaded.text_encoder is not None,
-                   None if loaded.text_encoder is None else loaded.text_encoder.tokenizer)
+                   decoder.get("source") if decoder else None, loaded.prompt_encoder is not None,
+                   None if loaded.prompt_encoder is None else loaded.prompt_encoder.tokenizer,
+                   loaded.image_encoder is not None,
+                   None if loaded.prior is None else loaded.prior.schedule.num_timesteps)
 
     def identity(self) -> dict:
         """What a job's images depend on about the model (the alias is not: it may move to the same version)."""

@@ -59,7 +59,8 @@ class ShardSampler:
         condition = self.loaded.condition(len(seeds), class_labels=labels, prompts=prompts,
                                           negative_prompts=negatives)
         images = generate_images(self.loaded, seeds, condition=condition, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                                 guidance_scale=s.guidance_scale, forward=self.forward, batch_size=len(seeds))
+                                 guidance_scale=s.guidance_scale, forward=self.forward, batch_size=len(seeds),
+                                 prior_steps=s.prior_steps, prior_guidance_scale=s.prior_guidance_scale)
         seconds = time.perf_counter() - start
         return self.sink.put(shard, rows, seeds, labels, images) | {"seconds": seconds}
 

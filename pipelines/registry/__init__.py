@@ -19,7 +19,7 @@ from pipelines.registry.canary import (CANARY_MAX_SIDE, CANARY_NUM_SEEDS, CANARY
                                        canary_reference, canary_score, canary_settings, canary_summary, check_canary,
                                        record_canary)
 from pipelines.registry.resolve import (ResolvedModel, current_version, find_autoencoder, find_checkpoint,
-                                        parse_model_uri, resolve_autoencoder, resolve_clip, resolve_model,
+                                        parse_model_uri, resolve_autoencoder, resolve_clip, resolve_model, resolve_prior,
                                         weights_hash)
 from pipelines.registry.versions import (ALIASES, AUTOENCODER_ARTIFACT, CHECKPOINT_ARTIFACT, CLIP_ARTIFACT,
                                          PRIOR_ARTIFACT, find_version, gate_summary, list_models, log_autoencoder,

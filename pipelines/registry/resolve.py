@@ -67,6 +67,12 @@ def clip_kind() -> Wanted:
     return Wanted(f"CLIP (clip/config.json with format {FORMAT!r})", lambda c: c.get("format") == FORMAT, "CLIP")
 
 
+def prior_kind() -> Wanted:
+    from ddpm.prior import FORMAT
+
+    return Wanted(f"unCLIP prior (config.json with format {FORMAT!r})", lambda c: c.get("format") == FORMAT, "prior")
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
     body = uri[len("models:/"):].strip("/")
@@ -117,6 +123,11 @@ def resolve_clip(uri: str, tracking_uri: str | None = None, *, say=None) -> Reso
     """A CLIP folder (``ddpm.clip.save``'s) to pass to ``ddpm.clip.load``, or ``ddpm.text.load`` for its text tower."""
     found = resolve(uri, clip_kind(), tracking_uri, say=say)
     return ResolvedModel(found.path.parent, found.name, found.version, found.alias)  # ROOT/clip/ -> ROOT
+
+
+def resolve_prior(uri: str, tracking_uri: str | None = None, *, say=None) -> ResolvedModel:
+    """A prior folder (``ddpm.prior.save``'s, its CLIP in ``clip/``) to pass to ``ddpm.prior.load``."""
+    return resolve(uri, prior_kind(), tracking_uri, say=say)
 
 
 def find_checkpoint(root: Path) -> Path:

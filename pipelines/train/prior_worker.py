@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ddpm import clip, diffusion_loss, from_uint8
 from ddpm import prior as prior_format
 from ddpm.conditioning import Condition
-from ddpm.prior import DiffusionPrior, PriorConfig, embedding_scale, sample_embeddings
+from ddpm.generation import sample_embeddings
+from ddpm.prior import DiffusionPrior, PriorConfig, embedding_scale
 from ddpm.schedule import NoiseSchedule
 from ddpm.training import drop_condition
 from pipelines.train.checkpoints import MODEL_DIR, TrainingState, read_training_state, write_training_state

@@ -89,7 +89,8 @@ def test_the_prior_learns_which_embedding_a_caption_names():
 
 def test_a_saved_prior_loads_and_an_embedding_depends_on_its_seed_alone(tmp_path):
     from ddpm import prior as prior_format
-    from ddpm.prior import PriorError, sample_embeddings
+    from ddpm.generation import sample_embeddings
+    from ddpm.prior import PriorError
 
     torch.manual_seed(0)
     states, pooled, empty, _ = world()

@@ -110,13 +110,13 @@ def test_a_latent_models_request_counts_its_decoder():
             fn(arg)
         counts.append(counter.get_total_flops())
     decode, encode = -(-counts[1] // counts[0]), -(-counts[2] // counts[0])  # rounded up
-    assert served.codec_rows == {"decode": decode, "encode": encode} and decode > 1 and encode > 1
+    assert served.codec_rows == {"decode": decode, "encode": encode, "prior": 0} and decode > 1 and encode > 1
     job = Job(4, "ddim", 10, 0.0, 0, None, 1.0)
     assert served.cost(job) == 4 * (10 + decode)
     assert served.cost(Job(4, "ddim", 10, 0.0, 0, None, 1.0, Edit(b"", b""))) == 4 * (10 + decode + encode)
     refused = check(job, served, max_cost=4 * 10)  # enough for the steps alone
     assert refused.field == "steps" and f"+ {decode} to decode the latents" in refused.message
-    assert tiny_served(latent=False).codec_rows == {"decode": 0, "encode": 0}
+    assert tiny_served(latent=False).codec_rows == {"decode": 0, "encode": 0, "prior": 0}
 
 
 def test_a_cancelled_request_leaves_the_batch_and_its_batch_mates_bytes_do_not_change():

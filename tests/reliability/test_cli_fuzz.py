@@ -49,6 +49,7 @@ FIXED = {
                 "--out", "{tmp}/i.png"],
     "edit": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--out", "{tmp}/e.png"],
     "vary": ["--model", "/nonexistent/model", "--image", "/nonexistent/i.png", "--out", "{tmp}/v.png"],
+    "unclip": ["--prior", "/nonexistent/prior", "--decoder", "/nonexistent/decoder", "--register-as", "u"],
     "evaluate": ["--model", "/nonexistent/model", "--data", "/nonexistent/data", "--out", "{tmp}/eval"],
     "serve": ["--model", "/nonexistent/model"],
     "pipeline": ["--config", "/nonexistent/c.yaml"],
