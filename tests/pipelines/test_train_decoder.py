@@ -10,7 +10,10 @@ One scenario (each Ray Train start costs tens of seconds on two cores):
    has one row per dataset image, the image and then its variations;
 2. ``ddpm vary`` on the registered version writes the bytes ``ddpm.generate_images`` gives for that image's
    embedding, and a different image gives different variations; ``ddpm vary`` on a model without a CLIP is refused;
-3. the run resumed with a CLIP of other weights is refused in one line.
+3. a (random) prior over the same CLIP and the decoder registered as one unCLIP model by ``ddpm unclip``: a
+   prompt gives the same bytes through ``ddpm generate`` (a file, and Ray Data's batch job) and the pyfunc model;
+   a prior over another CLIP is refused;
+4. the run resumed with a CLIP of other weights is refused in one line.
 
 The decoder's network, embedding dropout and variations are tested in tests/ddpm/test_decoder.py; the checks that
 run before Ray starts are the parametrized test at the end.
@@ -54,6 +57,21 @@ def _clip_folder(folder: Path, seed: int, captions: list[str]) -> Path:
     config = clip.ClipConfig.for_tokenizer(tokenizer, image_size=16, in_channels=3, image_channels=(8, 16),
                                            image_heads=2, embed_dim=16, text_width=16, text_layers=1, text_heads=2)
     return clip.save(folder, clip.Clip(config), tokenizer)
+
+
+def _prior_folder(folder: Path, clip_folder: Path) -> Path:
+    """A random prior over ``clip_folder``'s embeddings, in ddpm train-prior's registered layout (its CLIP in clip/)."""
+    import shutil
+
+    import torch
+
+    from ddpm import NoiseSchedule, prior
+
+    torch.manual_seed(3)
+    prior.save(folder, prior.DiffusionPrior(prior.PriorConfig(embed_dim=16, text_dim=16, width=32, depth=1, heads=2)),
+               NoiseSchedule.cosine())
+    shutil.copytree(clip_folder, folder / "clip")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +140,47 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
                      "--out", str(tmp_path / "v"), "--tracking-uri", server]) == 1
     assert "variations are written to one file here" in capsys.readouterr().err
 
-    # -- 3. the run resumed with other CLIP weights: refused before anything starts --------------------------------
+    # -- 3. prior + decoder registered as one unCLIP model, called with a prompt on three doors ---------------------
+    prior_folder = _prior_folder(tmp_path / "prior", clip_folder)
+    capsys.readouterr()
+    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-decoder/1", "--register-as",
+                     "tiny-unclip", "--alias", "production", "--tracking-uri", server]) == 0
+    assert "registered tiny-unclip version 1" in capsys.readouterr().out
+    [whole] = client.search_model_versions("name = 'tiny-unclip'")
+    assert whole.tags["kind"] == "unclip" and whole.tags["decoder"] == "models:/tiny-decoder/1"
+    assert whole.tags["prior"] == str(prior_folder) and whole.tags["clip"] == str(clip_folder)
+    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-decoder/1", "--register-as",
+                     "tiny-unclip", "--tracking-uri", server]) == 0  # the same two parts: the same version
+    assert "tiny-unclip version 1 already holds" in capsys.readouterr().out
+    prompt = captions[0]
+    assert cli.main(["generate", "--model", "models:/tiny-unclip@production", "--prompt", prompt, "--seed", "3",
+                     "--num-images", "2", "--steps", "4", "--guidance-scale", "2", "--prior-steps", "5",
+                     "--out", str(tmp_path / "u.npz"), "--tracking-uri", server]) == 0
+    via_cli = np.load(tmp_path / "u.npz")["images"]
+    unclip = checkpoint.load(registry.resolve_model("models:/tiny-unclip/1", server).path)
+    assert unclip.prior is not None and via_cli.shape == (2, 16, 16, 3)
+    assert np.array_equal(via_cli, ddpm.generate_images(unclip, [3, 4], condition=unclip.condition(2, prompts=prompt),
+                                                        steps=4, guidance_scale=2.0, prior_steps=5))
+    import mlflow
+
+    mlflow.set_tracking_uri(server)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-unclip@production")
+    via_pyfunc = pyfunc.predict([{"prompt": prompt, "seed": 3, "num_images": 2, "steps": 4, "guidance_scale": 2.0,
+                                  "prior_steps": 5}])
+    assert np.array_equal(via_pyfunc, via_cli)
+    assert cli.main(["generate", "--model", "models:/tiny-unclip/1", "--prompt", prompt, "--seed", "3",
+                     "--num-images", "2", "--steps", "4", "--guidance-scale", "2", "--prior-steps", "5", "--format",
+                     "parquet", "--output", str(tmp_path / "batch"), "--tracking-uri", server]) == 0
+    from pipelines.data.dataset import load_numpy
+
+    assert np.array_equal(load_numpy(str(tmp_path / "batch"))[0], via_cli)  # Ray Data's sampler actors
+    other_prior = _prior_folder(tmp_path / "other-prior", _clip_folder(tmp_path / "clip-2", 2, captions))
+    capsys.readouterr()
+    assert cli.main(["unclip", "--prior", str(other_prior), "--decoder", "models:/tiny-decoder/1", "--register-as",
+                     "tiny-unclip", "--tracking-uri", server]) == 1
+    assert "was trained on another CLIP than --decoder" in capsys.readouterr().err
+
+    # -- 4. the run resumed with other CLIP weights: refused before anything starts --------------------------------
     other_clip = _clip_folder(tmp_path / "other-clip", 1, captions)
     capsys.readouterr()
     assert _train(data, other_clip, runs, server, 64) == 1
