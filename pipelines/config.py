@@ -160,6 +160,9 @@ class PipelineConfig:
     Text: with ``clip_config`` set, the pipeline first trains a CLIP on the captioned data (``ddpm train-clip`` with
     that preset and ``clip_set``, registered as ``clip_name``) and the DDPM's ``train.text_encoder`` becomes it;
     without it, ``train.text_encoder`` is used as configured (a registered CLIP, or a downloaded text encoder).
+
+    unCLIP: with ``prior_config`` set as well, the CLIP becomes ``train.image_encoder`` instead (the DDPM is unCLIP's
+    decoder), a prior is trained on it (``ddpm train-prior``), and the two are registered as one model.
     """
 
     raw: str = "digits"
@@ -203,6 +206,12 @@ class PipelineConfig:
     clip_config: str | None = None        # train a CLIP first (ddpm train-clip's preset, from the project root)
     clip_set: tuple[str, ...] = ()        # its --set overrides
     clip_name: str = "clip"               # registered as; its training run is named <run_name>-clip
+    # unCLIP (DALL-E 2): with prior_config set, the CLIP becomes the decoder's train.image_encoder, a prior is trained
+    # on it (ddpm train-prior's preset, registered as prior_name), the DDPM is the decoder (registered as
+    # <register_as>-decoder), and prior + decoder are registered together as register_as (ddpm unclip)
+    prior_config: str | None = None
+    prior_set: tuple[str, ...] = ()       # its --set overrides
+    prior_name: str = "prior"             # registered as; its training run is named <run_name>-prior
 
     def __post_init__(self):
         from pipelines.train.resources import Workers

@@ -10,6 +10,11 @@ evaluation, registration and the gate see a model that makes pixels (it carries 
 
 A text recipe (``pipeline.clip_config`` set, e.g. ``configs/shapes-text.yaml``) adds train-clip after ingest: a CLIP
 trained on the captions, registered, and named as the DDPM's ``train.text_encoder``.
+
+An unCLIP recipe (``pipeline.prior_config`` set too, e.g. ``configs/shapes-unclip.yaml``) names that CLIP as the
+DDPM's ``train.image_encoder`` instead, trains a prior on it (train-prior), trains the DDPM as unCLIP's decoder
+(registered as ``<register_as>-decoder``), and registers prior + decoder as one model, ``register_as``
+(:func:`pipelines.registry.unclip.register_unclip`), which evaluation, the gate and the doors then take prompts for.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ EXAMPLE = """example:
   ddpm submit -- pipeline --config configs/digits.yaml --set pipeline.use_gpu=true
   ddpm pipeline --config configs/photos-latent.yaml      # photos -> autoencoder -> latents -> latent DDPM
   ddpm pipeline --config configs/shapes-text.yaml        # captioned shapes -> CLIP -> text-conditioned DDPM
+  ddpm pipeline --config configs/shapes-unclip.yaml      # captioned shapes -> CLIP -> prior + decoder (DALL-E 2)
 """
 
 
@@ -44,6 +50,8 @@ class PipelineResult:
     latents: str | None = None
     autoencoder: str | None = None  # the autoencoder the model decodes with: models:/NAME/VERSION or a folder
     text_encoder: str | None = None  # the text model's encoder: the CLIP trained here, or train.text_encoder
+    prior: str | None = None  # an unCLIP recipe's prior and decoder, as models:/NAME/VERSION
+    decoder: str | None = None
 
 
 def absolute(uri: str) -> str:
@@ -107,9 +115,11 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
     processed, _ = ingest(config, log=log)
     seconds["ingest"] = time.monotonic() - start
 
+    unclip = p.prior_config is not None
     if p.clip_config is not None:
         clip = clip_stage(config, processed, tracking_uri=uri, seconds=seconds, log=log)
-        config = replace(config, train=replace(config.train, text_encoder=clip))
+        config = replace(config, train=replace(config.train, **{"image_encoder" if unclip else "text_encoder": clip}))
+    prior = prior_stage(config, processed, tracking_uri=uri, seconds=seconds, log=log) if unclip else None
 
     training_data, autoencoder = processed, None
     if p.latents is not None:
@@ -118,14 +128,23 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
 
     start = time.monotonic()
     limit = f" or {config.train.max_minutes:g} minutes" if config.train.max_minutes is not None else ""
-    log(f"[train] {p.num_workers} workers, {config.train.total_images:,} images{limit}, run {p.run_name!r}")
+    log(f"[train] {'unCLIP decoder: ' if unclip else ''}{p.num_workers} workers, {config.train.total_images:,} "
+        f"images{limit}, run {p.run_name!r}")
+    trained_as = f"{p.register_as}-decoder" if unclip else p.register_as
     result = train(training_data, config, storage=absolute(p.storage), name=p.run_name, num_workers=p.num_workers,
-                   use_gpu=p.use_gpu, register_as=p.register_as, tracking_uri=uri, experiment=p.experiment)
+                   use_gpu=p.use_gpu, register_as=trained_as, tracking_uri=uri, experiment=p.experiment)
     seconds["train"] = time.monotonic() - start
-    log(f"[register] {p.register_as} version {result.model_version} (run {result.run_id})")
+    log(f"[register] {trained_as} version {result.model_version} (run {result.run_id})")
+    version, decoder = result.model_version, None
+    if unclip:
+        from pipelines.registry.unclip import register_unclip
+
+        decoder = f"models:/{trained_as}/{result.model_version}"
+        version = register_unclip(prior, decoder, p.register_as, tracking_uri=uri, experiment=p.experiment,
+                                  say=lambda line: log(f"[unclip] {line}")).version
 
     start = time.monotonic()
-    decision = evaluate_and_gate(p.register_as, result.model_version, data=processed, alias=p.promote_to,
+    decision = evaluate_and_gate(p.register_as, version, data=processed, alias=p.promote_to,
                                  metric=p.gate_metric, num_samples=p.eval_samples, sampler=p.eval_sampler,
                                  steps=p.eval_steps, guidance_scale=p.eval_guidance_scale,
                                  seed=p.eval_seed, inception_weights=p.inception_weights,
@@ -134,12 +153,12 @@ def run_pipeline(config, *, tracking_uri: str | None = None, log=print) -> Pipel
                                  tracking_uri=uri, log=log)
     seconds["evaluate"] = time.monotonic() - start
     if decision.promote:
-        promote(p.register_as, result.model_version, p.promote_to, tracking_uri=uri)
+        promote(p.register_as, version, p.promote_to, tracking_uri=uri)
     log(f"[gate] {'promoted to ' + p.promote_to if decision.promote else 'not promoted'}: {decision.reason}")
-    return PipelineResult(processed, result.run_id, result.images_seen, p.register_as, result.model_version,
+    return PipelineResult(processed, result.run_id, result.images_seen, p.register_as, version,
                           decision.promote, decision.reason, dict(decision.metrics), seconds,
                           absolute(p.latents) if p.latents is not None else None, autoencoder,
-                          config.train.text_encoder)
+                          config.train.text_encoder, prior, decoder)
 
 
 def project_file(path: str) -> Path:
@@ -170,6 +189,32 @@ def clip_stage(config, processed: str, *, tracking_uri: str, seconds: dict, log=
     scores = ", ".join(f"{k.removeprefix('retrieval_')} {v:.3f}" for k, v in sorted(trained.retrieval.items()))
     log(f"[clip] registered {clip}; held-out text->image retrieval: {scores or 'not measured'}")
     return clip
+
+
+def prior_stage(config, processed: str, *, tracking_uri: str, seconds: dict, log=print) -> str:
+    """train-prior on the captioned data and the decoder's CLIP (``train.image_encoder``), registered as
+    ``pipeline.prior_name``; returns its ``models:/`` URI. Resumable as ``ddpm train-prior`` is."""
+    from pipelines.errors import UserError
+    from pipelines.train.prior import train_prior
+    from pipelines.train.prior_config import load_config as load_prior_config
+
+    p = config.pipeline
+    clip = config.train.image_encoder
+    if not clip:
+        raise UserError("pipeline.prior_config: an unCLIP recipe needs its CLIP: set pipeline.clip_config (train one) "
+                        "or train.image_encoder")
+    start = time.monotonic()
+    name = f"{p.run_name}-prior"
+    log(f"[prior] {p.prior_config} on {processed} and {clip}, run {name!r}")
+    prior_config = load_prior_config(project_file(p.prior_config), [*p.prior_set, f"train.clip={clip}"])
+    trained = train_prior(processed, prior_config, storage=absolute(p.storage), name=name,
+                          num_workers=p.num_workers, use_gpu=p.use_gpu, register_as=p.prior_name,
+                          tracking_uri=tracking_uri, experiment=p.experiment)
+    prior = f"models:/{p.prior_name}/{trained.model_version}"
+    seconds["prior"] = time.monotonic() - start
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(trained.scores.items()))
+    log(f"[prior] registered {prior}; held-out: {scores or 'not measured'}")
+    return prior
 
 
 def latent_stages(config, processed: str, *, tracking_uri: str, seconds: dict, log=print) -> str:

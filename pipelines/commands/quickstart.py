@@ -18,6 +18,9 @@ trained on them for ``--minutes``, registered as ``photos-latent`` and served as
 CLIP trained on their captions for half of ``--minutes``, a text-conditioned DDPM for ``--minutes``, registered as
 ``shapes-text``; the grid holds one row per held-out composition (a colour-shape pair training never saw), each
 asked for in words through ``POST /generate``.
+``--recipe shapes-unclip`` is DALL-E 2's two stages on the same data (``configs/shapes-unclip.yaml``): the CLIP for
+half of ``--minutes``, a prior on its image embeddings for another half, unCLIP's decoder for ``--minutes``, prior and
+decoder registered together as ``shapes-unclip``; the grid is asked for in words as for shapes-text.
 Ray's and MLflow's own INFO logging stays in their log files; ``ddpm --verbose quickstart`` shows it.
 """
 
@@ -43,10 +46,12 @@ EXAMPLE = """example:
   ddpm quickstart --minutes 1 --stop-when-done
   ddpm quickstart --recipe photos-latent   # latent diffusion on RGB photos: autoencoder, latents, DDPM, Serve
   ddpm quickstart --recipe shapes-text     # prompts: captioned shapes, a CLIP, a text-conditioned DDPM, Serve
+  ddpm quickstart --recipe shapes-unclip   # DALL-E 2: captioned shapes, a CLIP, a prior and a decoder, Serve
   ddpm quickstart --set pipeline.gate_max_ratio=3   # a stricter bar for promotion
 """
 # --recipe -> its preset in configs/
-RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml", "shapes-text": "shapes-text.yaml"}
+RECIPES = {"digits": "digits.yaml", "photos-latent": "photos-latent.yaml", "shapes-text": "shapes-text.yaml",
+           "shapes-unclip": "shapes-unclip.yaml"}
 
 RAY_PORT = 6390  # the quickstart's own local cluster, away from Ray's default 6379
 APP_NAME = "ddpm"  # the Serve application `ddpm serve` deploys
@@ -276,21 +281,23 @@ def quickstart(*, minutes: float, workdir: Path, samples: Path, port: int, keep_
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p = config.pipeline
-    latent, text = p.latents is not None, p.clip_config is not None
+    latent, text, unclip = p.latents is not None, p.clip_config is not None, p.prior_config is not None
     config = replace(config, train=replace(config.train, max_minutes=minutes), pipeline=replace(
         p, raw_output=str(workdir / "data" / f"{recipe}-raw"), processed=str(workdir / "data" / recipe),
         storage=str(workdir / "runs"), run_name=f"{recipe}-{stamp}", register_as=recipe, num_workers=2,
         eval_samples=eval_samples or p.eval_samples,
         latents=str(workdir / "data" / f"{recipe}-latents") if latent else None,
         autoencoder_set=(*p.autoencoder_set, f"train.max_minutes={minutes:g}") if latent else p.autoencoder_set,
-        clip_set=(*p.clip_set, f"train.max_minutes={minutes / 2:g}") if text else p.clip_set))
+        clip_set=(*p.clip_set, f"train.max_minutes={minutes / 2:g}") if text else p.clip_set,
+        prior_set=(*p.prior_set, f"train.max_minutes={minutes / 2:g}") if unclip else p.prior_set))
     what = ("for the autoencoder, then as many for the DDPM " if latent else
+            f"for the decoder, after {minutes / 2:g} for the CLIP and {minutes / 2:g} for the prior " if unclip else
             f"for the DDPM, after {minutes / 2:g} for the CLIP " if text else "")
     log(f"[2/6] training budget: {minutes:g} minutes {what}(train.max_minutes; the learning rate decays over it), "
         f"at most {config.train.total_images:,} images")
 
     stages = "data -> ingest" + (" -> train-autoencoder -> encode" if latent else "") + (
-        " -> train-clip" if text else "") + " -> train"
+        " -> train-clip" if text else "") + (" -> train-prior -> train (decoder) -> unclip" if unclip else " -> train")
     log(f"[3/6] pipeline: {stages} -> evaluate -> register -> gate")
     result = run_pipeline(config, tracking_uri=uri, log=lambda msg: log("      " + msg))
 
@@ -357,7 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=".ddpm", help="data, runs and the MLflow store [%(default)s]")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="digits",
                         help="digits (16x16 grey digits, pixel space), photos-latent (64x64 RGB photos, latent "
-                             "diffusion) or shapes-text (32x32 captioned shapes, prompts) [%(default)s]")
+                             "diffusion), shapes-text (32x32 captioned shapes, prompts) or shapes-unclip (the same "
+                             "shapes, DALL-E 2's prior and decoder) [%(default)s]")
     parser.add_argument("--samples", default="quickstart-samples.png", help="the grid of generated images")
     parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (another if taken) [%(default)s]")
     parser.add_argument("--eval-samples", type=int, default=None,

@@ -144,7 +144,7 @@ def evaluate_and_gate(name: str, version: str, *, data: str, alias: str = "produ
     incumbent = (checkpoint.load(resolve_model(f"models:/{name}/{incumbent_version}", uri).path, device=device)
                  if incumbent_version is not None else None)
     images, labels = ev.load_data(data, candidate.image_shape[1])  # a latent model's decoded side
-    captions = ev.text_captions(data) if candidate.text_encoder is not None else None
+    captions = ev.text_captions(data) if candidate.prompt_encoder is not None else None
     reference = ev.prepare_reference(images, labels, num_samples=num_samples, inception=inception,
                                      captions=captions, log=log)
     text = None

@@ -279,7 +279,7 @@ def evaluate_model(loaded, reference: Reference, settings: EvalSettings, *, text
     n = reference.num_samples
     if settings.num_samples != n:
         raise ValueError(f"settings ask for {settings.num_samples} samples but the reference holds {n}")
-    if loaded.text_encoder is not None:
+    if loaded.prompt_encoder is not None:
         if reference.captions is None:
             raise UserError("a text model is evaluated on captioned data (ddpm preprocess --captions): its samples "
                             "are prompted with the held-out images' captions")
@@ -437,7 +437,7 @@ def evaluate(model_uri: str, data: str, settings: EvalSettings, *, report: bool 
     resolved = resolve_model(model_uri, tracking_uri)
     loaded = checkpoint.load(resolved.path, device=device, weights=settings.weights)
     c, h, w = loaded.image_shape  # a latent model's decoded images
-    text_model = loaded.text_encoder is not None
+    text_model = loaded.prompt_encoder is not None
     if guidance_sweep and not text_model:
         raise UserError("--guidance-sweep plots alignment against FD-cls: it is for text models")
     captions = text_captions(data) if text_model else None

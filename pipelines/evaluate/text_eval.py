@@ -59,10 +59,12 @@ class TextReference:
 
 
 def default_clip(checkpoint_path: str | Path) -> str | None:
-    """``models:/NAME/VERSION`` of the CLIP a text model's encoder came from, when its checkpoint names one."""
+    """``models:/NAME/VERSION`` of the CLIP a text model's encoder came from (a whole unCLIP model's own CLIP), when
+    its checkpoint names one."""
     from ddpm import checkpoint
 
-    source = (checkpoint.read_config(checkpoint_path).get("text_encoder") or {}).get("source") or {}
+    config = checkpoint.read_config(checkpoint_path)
+    source = (config.get("text_encoder") or config.get("image_encoder") or {}).get("source") or {}
     if source.get("name") and source.get("version"):
         return f"models:/{source['name']}/{source['version']}"
     return None

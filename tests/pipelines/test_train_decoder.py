@@ -13,7 +13,9 @@ One scenario (each Ray Train start costs tens of seconds on two cores):
 3. a (random) prior over the same CLIP and the decoder registered as one unCLIP model by ``ddpm unclip``: a
    prompt gives the same bytes through ``ddpm generate`` (a file, and Ray Data's batch job) and the pyfunc model;
    a prior over another CLIP is refused;
-4. the run resumed with a CLIP of other weights is refused in one line.
+4. the recipe through ``ddpm pipeline`` (configs/shapes-unclip.yaml without its CLIP stage): a prior trained on the
+   CLIP, the decoder resumed, both registered as one model, evaluated with prompts and gated;
+5. the run resumed with a CLIP of other weights is refused in one line.
 
 The decoder's network, embedding dropout and variations are tested in tests/ddpm/test_decoder.py; the checks that
 run before Ray starts are the parametrized test at the end.
@@ -180,10 +182,36 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
                      "tiny-unclip", "--tracking-uri", server]) == 1
     assert "was trained on another CLIP than --decoder" in capsys.readouterr().err
 
-    # -- 4. the run resumed with other CLIP weights: refused before anything starts --------------------------------
+    # -- 4. the recipe as ddpm pipeline: ingest reused, a prior trained on the CLIP, the decoder resumed to 48
+    # images, prior + decoder registered as one model, evaluated with prompts (alignment, FD-cls) and gated
+    pipeline = [f"pipeline.raw={Path(data).parent / 'raw'}", f"pipeline.processed={data}", "pipeline.resolution=16",
+                "pipeline.captions=keep", "pipeline.clip_config=null", f"train.image_encoder={clip_folder}",
+                f"pipeline.storage={runs}", "pipeline.run_name=tiny-decoder", "pipeline.register_as=tiny-pipe",
+                "pipeline.prior_name=tiny-pipe-prior", "pipeline.experiment=test-train-decoder",
+                "pipeline.eval_samples=16", "pipeline.eval_steps=4", "pipeline.eval_images_per_prompt=1",
+                "pipeline.gate_max_ratio=null", "pipeline.gate_min_recall=null", "train.total_images=48"]
+    prior_set = ["model.width=32", "model.depth=1", "model.heads=2", "train.batch_size=16", "train.warmup_images=0",
+                 "train.total_images=32", "train.eval_images=16", "train.eval_steps=4"]
+    capsys.readouterr()
+    code = cli.main(["pipeline", "--config", str(ROOT / "configs" / "shapes-unclip.yaml"), *TINY,
+                     *[x for v in pipeline for x in ("--set", v)], "--set", f"pipeline.prior_set={prior_set}",
+                     "--tracking-uri", server])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-1000:]
+    assert "[ingest] reusing" in out and "[prior] registered models:/tiny-pipe-prior/1" in out, out
+    assert "[unclip] registered tiny-pipe version 1" in out and "[gate] promoted to production" in out, out
+    [piped] = client.search_model_versions("name = 'tiny-pipe'")
+    assert piped.tags["kind"] == "unclip" and piped.tags["prior"] == "models:/tiny-pipe-prior/1"
+    assert piped.tags["decoder"] == "models:/tiny-pipe-decoder/1" and piped.tags["gate.decision"] == "promote"
+    decoder_state = storage.read_json(f"{runs}/tiny-decoder/checkpoint_000000000048/training_state.json")
+    assert decoder_state["restarts"] == 1  # resumed from the 32-image checkpoint of part 1
+    logged = client.get_run(piped.run_id).data.metrics
+    assert 0 <= logged["ddim4/align_seen_all"] <= 1  # the whole model was evaluated with prompts
+
+    # -- 5. the run resumed with other CLIP weights: refused before anything starts --------------------------------
     other_clip = _clip_folder(tmp_path / "other-clip", 1, captions)
     capsys.readouterr()
-    assert _train(data, other_clip, runs, server, 64) == 1
+    assert _train(data, other_clip, runs, server, 96) == 1
     err = capsys.readouterr().err.strip().splitlines()  # the folder it resolved ("using ..."), then the error
     assert err[-1].startswith("ddpm train: error: run tiny-decoder was trained with CLIP "), err
     assert str(clip_folder) in err[-1] and len(err) <= 2, err
