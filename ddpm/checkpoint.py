@@ -107,13 +107,19 @@ class LoadedModel:
                       prior_steps: int | None = None, prior_guidance_scale: float | None = None) -> None:
         """``ddpm.settings.check_for_model`` with this model's facts: what every door refuses (a SettingError)
         before it samples, e.g. a prompt to a model without a text encoder or prior steps to a model without a
-        prior."""
+        prior; and a prompt with an image to vary when the decoder reads no caption (the prompt would only reach a
+        prior, which a variation does not run)."""
         check_for_model(steps=steps, class_label=class_label, num_classes=self.config.num_classes,
                         num_timesteps=self.schedule.num_timesteps, prompt=prompt, negative_prompt=negative_prompt,
                         takes_text=self.prompt_encoder is not None, image=image,
                         takes_image=self.image_encoder is not None, prior_steps=prior_steps,
                         prior_guidance_scale=prior_guidance_scale,
                         prior_timesteps=None if self.prior is None else self.prior.schedule.num_timesteps)
+        if image is not None and not self.config.text_dim:
+            for field_, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+                if value:
+                    raise SettingError(field_, "a variation is drawn from the image's embedding alone: this "
+                                               "decoder reads no caption; leave it out")
 
     def condition(self, count: int, *, class_labels: int | Sequence[int] | None = None,
                   prompts: str | Sequence[str] | None = None,

@@ -273,6 +273,7 @@ class ServedModel:
             "prompt_context_length": None if text is None else text.context_length,  # tokens; the rest is dropped
             "max_prompt_bytes": MAX_PROMPT_BYTES,
             "takes_image": clip is not None,  # unCLIP's decoder: POST /variations takes an image of this size
+            "variation_takes_prompt": clip is not None and c.text_dim > 0,  # a decoder that reads captions too
             "image_size": None if clip is None else clip.model.config.image_size,
             "unclip": self.loaded.prior is not None,  # a whole unCLIP model: a prompt runs prior then decoder
             "prior_defaults": None if self.loaded.prior is None else {"prior_steps": PRIOR_STEPS,

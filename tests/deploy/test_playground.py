@@ -4,22 +4,27 @@ Serve runs a tiny class-conditional checkpoint on 127.0.0.1. The browser loads t
 Generate, waits for the images and checks they decoded; in Edit mode it uploads a PNG, paints a mask stroke and
 inpaints; an out-of-range value shows the server's message next to its field; with an API key, the page asks for it
 once; a latent model (a U-Net on latents carrying its autoencoder) works in the same page, in pixels; a text model
-shows a prompt box in both modes (and no class box), and the image changes with the prompt typed. A screenshot
-is saved under the test's output folder (``tests/output/playground.png``, also used by README).
+shows a prompt box in both modes (and no class box), and the image changes with the prompt typed; a whole unCLIP
+model (prior + decoder) gets a Variations mode, whose images are the bytes POST variations answers over HTTP, and the
+prior's settings. A screenshot is saved under the test's output folder (``tests/output/playground.png``, also used by
+README).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 
 from tests.deploy.text_model import save_text_model
-from tests.support import start_local_ray, free_port, wait_http
+from tests.support import free_port, save_unclip_checkpoint, start_local_ray, wait_http
 from ddpm import NoiseSchedule, UNet, UNetConfig, checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,13 +53,15 @@ def endpoint(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     text = save_text_model(tmp_path_factory.mktemp("text") / "ckpt")
-    # Four apps share the 2-CPU test Ray: at the default 1 CPU per replica the third would wait for a CPU forever.
+    unclip = save_unclip_checkpoint(tmp_path_factory.mktemp("unclip") / "ckpt")  # prior + decoder, 8x8x1
+    # Five apps share the 2-CPU test Ray: at the default 1 CPU per replica the third would wait for a CPU forever.
     share = {"num_cpus": 0.25}
     serve.run(build_app({"model_uri": str(path), "max_cost": 2000, **share}), name="open", route_prefix="/")
     serve.run(build_app({"model_uri": str(path), "api_key": API_KEY, **share}), name="locked",
               route_prefix="/locked")
     serve.run(build_app({"model_uri": str(latent), **share}), name="latent", route_prefix="/latent")
     serve.run(build_app({"model_uri": str(text), **share}), name="text", route_prefix="/text")
+    serve.run(build_app({"model_uri": str(unclip), **share}), name="unclip", route_prefix="/unclip")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=120)
     yield url
@@ -108,6 +115,8 @@ def test_page_generates_images(endpoint, browser):
     page.goto(endpoint + "/", timeout=60_000)
     page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
     assert page.locator("#class_label option").count() == 4  # "none" + the three class names
+    # not unCLIP's decoder: no Variations mode, no prior settings
+    assert page.locator("#mode-variations").is_hidden() and page.locator("#prior_steps").is_hidden()
     page.fill("#seed", "1234")
     page.fill("#num_images", "6")
     page.fill("#steps", "5")
@@ -274,4 +283,78 @@ def test_a_text_model_takes_a_typed_prompt_in_both_modes(endpoint, browser, tmp_
     assert page.locator("#prompt").is_visible()  # Edit mode keeps the prompt: repaint the mask to it
     repainted = images_for("a large blue square")
     assert len(repainted) == 2 and repainted != red
+    page.close()
+
+
+def test_an_unclip_model_varies_an_uploaded_image_and_runs_its_prior(endpoint, browser, tmp_path):
+    """A whole unCLIP model: Variations mode sends the uploaded image to POST variations and shows the bytes that
+    route answers over HTTP for the same settings; a result clicked there is the next image varied; Generate mode
+    shows the prior's settings, prefilled with the model's defaults, and sends them with a prompt."""
+    pixels = np.full((8, 8), 220, np.uint8)
+    pixels[:4, :4] = 10
+    upload = tmp_path / "vary.png"  # grey 8x8, the CLIP's own size: the page's canvas keeps its pixels exactly
+    Image.fromarray(pixels).save(upload)
+    page = browser.new_page()
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data_json)) if r.method == "POST" else None)
+    page.goto(endpoint + "/unclip/", timeout=60_000)
+    page.wait_for_function("document.getElementById('model').textContent.includes('8×8×1')", timeout=60_000)
+    defaults = requests.get(endpoint + "/unclip/v1/model", timeout=30).json()["prior_defaults"]
+    assert page.locator("#mode-variations").is_visible() and page.locator("#prior_steps").is_visible()
+    assert float(page.input_value("#prior_steps")) == defaults["prior_steps"]
+    assert float(page.input_value("#prior_guidance_scale")) == defaults["prior_guidance_scale"]
+
+    def run(expect: str) -> list[str]:
+        """Press the main button and return the gallery's images as base64 PNGs, the bytes the server sent."""
+        page.evaluate("document.getElementById('status').textContent = ''")  # so the wait sees the new answer
+        page.click("#generate")
+        page.wait_for_function(f"document.getElementById('status').textContent.includes('{expect}') || "
+                               "[...document.querySelectorAll('.error')].some(e => e.textContent)", timeout=120_000)
+        errors = page.eval_on_selector_all(".error", "es => es.map(e => e.textContent).filter(t => t)")
+        assert errors == [], errors
+        return page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.src.split(',')[1])")
+
+    page.click("#mode-variations")
+    assert page.text_content("#generate") == "Vary" and page.locator("#edit-file").is_visible()
+    for hidden in ("#edit-mask", "#brush", "#mask-clear", "#strength", "#prior_steps"):
+        assert page.locator(hidden).is_hidden(), hidden
+    page.set_input_files("#edit-file", str(upload))
+    page.wait_for_function("edit.hasImage", timeout=30_000)
+    settings = {"seed": 7, "num_images": 2, "steps": 3, "sampler": "ddim", "guidance_scale": 2}
+    for field in ("seed", "num_images", "steps", "guidance_scale"):
+        page.fill("#" + field, str(settings[field]))
+    shown = run("2 images in")
+    [(url, body)] = sent
+    assert url.endswith("/unclip/variations") and body["stream"] is True and body["output"] == "json"
+    assert {k: body[k] for k in settings} == settings
+    assert not {"prior_steps", "prior_guidance_scale", "strength", "mask", "prompt"} & body.keys()
+    r = requests.post(endpoint + "/unclip/variations", timeout=60,
+                      json={**settings, "output": "json", "image": base64.b64encode(upload.read_bytes()).decode()})
+    assert r.status_code == 200, r.text
+    assert shown == r.json()["images"]  # the same PNG bytes as over HTTP: the page sent the image's own pixels
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "playground-variations.png"), full_page=True)
+
+    # a result clicked in Variations mode is the next image varied (drawn onto the canvas once it loads)
+    page.evaluate("window.before = document.getElementById('edit-image').toDataURL()")
+    page.click("#gallery img >> nth=1")
+    page.wait_for_function("document.getElementById('edit-image').toDataURL() !== window.before", timeout=30_000)
+    sent.clear()
+    again = run("2 images in")
+    [(_, body)] = sent
+
+    def grey(b64: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L"))
+
+    assert np.array_equal(grey(body["image"]), grey(shown[1])) and again != shown
+
+    # Generate mode: a prompt runs through the prior, with the prior's settings from the page
+    page.click("#mode-generate")
+    page.fill("#prompt", "a small red circle")
+    page.fill("#prior_steps", "3")
+    sent.clear()
+    assert len(run("2 images in")) == 2
+    [(url, body)] = sent
+    assert url.endswith("/unclip/generate") and body["prompt"] == "a small red circle"
+    assert body["prior_steps"] == 3 and body["prior_guidance_scale"] == defaults["prior_guidance_scale"]
     page.close()

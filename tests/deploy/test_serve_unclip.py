@@ -82,6 +82,7 @@ def test_v1_model_says_it_takes_prompts_and_images(server):
     info = requests.get(f"{server}/v1/model", timeout=TIMEOUT).json()
     assert info["unclip"] is True and info["takes_prompt"] is True and info["takes_image"] is True
     assert info["image_size"] == 8 and info["prior_defaults"] == {"prior_steps": 20, "prior_guidance_scale": 1.0}
+    assert info["variation_takes_prompt"] is False  # the decoder reads no caption: a prompt goes to the prior only
 
 
 def test_concurrent_variations_and_prompts_keep_their_bytes(server, loaded):
@@ -127,6 +128,8 @@ def test_variations_and_prompts_give_the_command_lines_bytes(server, model_path,
     ("variations", {"image": b64png(np.zeros((16, 16, 1), np.uint8))}, "image"),  # not the CLIP's size
     ("variations", {"image": b64png(BRIGHT), "class_label": 1}, "class_label"),
     ("variations", {}, "image"),
+    # a whole model's prompt goes to its prior, which a variation does not run; this decoder reads no caption
+    ("variations", {"image": b64png(BRIGHT), "prompt": "a small red circle"}, "prompt"),
     ("generate", {"prior_steps": 0}, "prior_steps"),
     ("generate", {"prior_steps": 1001}, "prior_steps"),
     ("generate", {"prior_guidance_scale": -1.0}, "prior_guidance_scale"),

@@ -1,24 +1,24 @@
-"""unCLIP's decoder through ``ddpm train`` against real components: ``ddpm data shapes`` scenes ingested by the real
-Ray Data job, a CLIP folder (random weights, a tokenizer learned on the captions: training a CLIP is
-test_train_clip.py's business), Ray Train on two workers (DDP over gloo), a real MLflow server for the run and the
-registry, and ``ddpm vary`` on the registered version.
+"""unCLIP's decoder through ``ddpm train`` and the unCLIP recipe through ``ddpm pipeline``, against real components:
+``ddpm data shapes`` scenes ingested by the real Ray Data job, a CLIP folder (random weights, a tokenizer learned on
+the captions: training a CLIP is test_train_clip.py's business), Ray Train on two workers (DDP over gloo), a real
+MLflow server for the runs and the registry, and the doors on the registered versions.
 
 One scenario (each Ray Train start costs tens of seconds on two cores):
 
-1. a run to 32 images with ``train.image_encoder`` = the CLIP folder: model.image_dim set from the CLIP's width, the
-   checkpoint pins the CLIP (model/image_encoder/), the registered version names it in a tag, and the sample grid
-   has one row per dataset image, the image and then its variations;
-2. ``ddpm vary`` on the registered version writes the bytes ``ddpm.generate_images`` gives for that image's
+1. ``ddpm pipeline --config configs/shapes-unclip.yaml`` without its CLIP stage (``train.image_encoder`` = the CLIP
+   folder): ingest reused, a prior trained on the CLIP, the decoder trained to 32 images (model.image_dim from the
+   CLIP's width, the CLIP pinned in model/image_encoder/ and named in the version's tags, a sample grid of each image
+   then its variations), prior + decoder registered as one model, evaluated with prompts (alignment, FD-cls) and
+   promoted by the gate;
+2. ``ddpm vary`` on the registered decoder writes the bytes ``ddpm.generate_images`` gives for that image's
    embedding, and a different image gives different variations; ``ddpm vary`` on a model without a CLIP is refused;
-3. a (random) prior over the same CLIP and the decoder registered as one unCLIP model by ``ddpm unclip``: a
-   prompt gives the same bytes through ``ddpm generate`` (a file, and Ray Data's batch job) and the pyfunc model;
-   a prior over another CLIP is refused;
-4. the recipe through ``ddpm pipeline`` (configs/shapes-unclip.yaml without its CLIP stage): a prior trained on the
-   CLIP, the decoder resumed, both registered as one model, evaluated with prompts and gated;
-5. the run resumed with a CLIP of other weights is refused in one line.
+3. ``ddpm unclip`` of a (random) prior over the same CLIP and that decoder: the version's tags, the same bytes for a
+   prompt through ``ddpm generate`` (a file, and Ray Data's batch job) and the pyfunc model; the same two parts
+   again reuse the version; a prior over another CLIP is refused;
+4. the decoder's run resumed with a CLIP of other weights is refused in one line.
 
-The decoder's network, embedding dropout and variations are tested in tests/ddpm/test_decoder.py; the checks that
-run before Ray starts are the parametrized test at the end.
+The decoder's network, embedding dropout and variations are tested in tests/ddpm/test_decoder.py; the whole model's
+plumbing in tests/ddpm/test_unclip.py; the checks that run before Ray starts are the parametrized test at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipelines import cli
 from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "configs" / "shapes-decoder.yaml")
+CONFIG = str(ROOT / "configs" / "shapes-unclip.yaml")
 TINY = [
     "--set", "model.image_size=16",
     "--set", "model.base_channels=16",
@@ -95,7 +95,7 @@ def shapes(tmp_path_factory):
 def _train(data: str, clip_folder, runs: str, tracking_uri: str, total_images: int) -> int:
     return cli.main(["train", "--data", data, "--config", CONFIG, *TINY, "--set", f"train.image_encoder={clip_folder}",
                      "--set", f"train.total_images={total_images}", "--num-workers", "2", "--storage", runs,
-                     "--name", "tiny-decoder", "--register-as", "tiny-decoder", "--tracking-uri", tracking_uri,
+                     "--name", "tiny-decoder", "--tracking-uri", tracking_uri,
                      "--experiment", "test-train-decoder"])
 
 
@@ -109,15 +109,33 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
     data, clip_folder, captions = shapes
     runs, server = str(tmp_path / "runs"), mlflow_server.uri
 
-    # -- 1. a run to 32 images on two workers ----------------------------------------------------------------------
-    assert _train(data, clip_folder, runs, server, 32) == 0
+    # -- 1. the recipe through ddpm pipeline: a prior and the decoder trained, registered together, gated ----------
+    pipeline = [f"pipeline.raw={Path(data).parent / 'raw'}", f"pipeline.processed={data}", "pipeline.resolution=16",
+                "pipeline.captions=keep", "pipeline.clip_config=null", f"train.image_encoder={clip_folder}",
+                f"pipeline.storage={runs}", "pipeline.run_name=tiny-decoder", "pipeline.register_as=tiny-pipe",
+                "pipeline.prior_name=tiny-pipe-prior", "pipeline.experiment=test-train-decoder",
+                "pipeline.eval_samples=16", "pipeline.eval_steps=4", "pipeline.eval_images_per_prompt=1",
+                "pipeline.gate_max_ratio=null", "pipeline.gate_min_recall=null", "train.total_images=32"]
+    prior_set = ["model.width=32", "model.depth=1", "model.heads=2", "train.batch_size=16", "train.warmup_images=0",
+                 "train.total_images=32", "train.eval_images=16", "train.eval_steps=4"]
+    capsys.readouterr()
+    code = cli.main(["pipeline", "--config", CONFIG, *TINY, *[x for v in pipeline for x in ("--set", v)],
+                     "--set", f"pipeline.prior_set={prior_set}", "--tracking-uri", server])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-1000:]
+    assert "[ingest] reusing" in out and "[prior] registered models:/tiny-pipe-prior/1" in out, out
+    assert "[unclip] registered tiny-pipe version 1" in out and "[gate] promoted to production" in out, out
+    client = tracking.client(server)
+    [piped] = client.search_model_versions("name = 'tiny-pipe'")
+    assert piped.tags["kind"] == "unclip" and piped.tags["prior"] == "models:/tiny-pipe-prior/1"
+    assert piped.tags["decoder"] == "models:/tiny-pipe-decoder/1" and piped.tags["gate.decision"] == "promote"
+    assert 0 <= client.get_run(piped.run_id).data.metrics["ddim4/align_seen_all"] <= 1  # evaluated with prompts
     state = storage.read_json(f"{runs}/tiny-decoder/checkpoint_000000000032/training_state.json")
     assert state["config"]["model"]["image_dim"] == 16 and state["config"]["model"]["text_dim"] == 0
-    client = tracking.client(server)
-    [version] = client.search_model_versions("name = 'tiny-decoder'")
+    [version] = client.search_model_versions("name = 'tiny-pipe-decoder'")
     assert version.tags["image_encoder"] == str(clip_folder) and len(version.tags["image_encoder_sha256"]) == 64
-    loaded = checkpoint.load(registry.resolve_model("models:/tiny-decoder/1", server).path)
-    assert loaded.image_encoder is not None and loaded.config.image_dim == 16
+    loaded = checkpoint.load(registry.resolve_model("models:/tiny-pipe-decoder/1", server).path)
+    assert loaded.image_encoder is not None and loaded.config.image_dim == 16 and loaded.prior is None
     grid = Image.open(client.download_artifacts(version.run_id, "samples/images_000000000032.png", str(tmp_path)))
     assert grid.size == (8 * 17 + 1, 4 * 17 + 1)  # 4 rows: the image, then 7 variations of it
 
@@ -127,7 +145,7 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"scene{i}.png")
     out = tmp_path / "variations.npz"
-    assert cli.main(["vary", "--model", "models:/tiny-decoder/1", "--image", str(tmp_path / "scene0.png"),
+    assert cli.main(["vary", "--model", "models:/tiny-pipe-decoder/1", "--image", str(tmp_path / "scene0.png"),
                      "--num-images", "3", "--seed", "5", "--steps", "4", "--guidance-scale", "3", "--out", str(out),
                      "--tracking-uri", server]) == 0
     varied = np.load(out)["images"]
@@ -138,20 +156,20 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
                                  guidance_scale=3.0)
     assert not np.array_equal(other, expected)  # the image, not only the seed, decides the variations
     capsys.readouterr()
-    assert cli.main(["vary", "--model", "models:/tiny-decoder/1", "--image", str(tmp_path / "scene0.png"),
+    assert cli.main(["vary", "--model", "models:/tiny-pipe-decoder/1", "--image", str(tmp_path / "scene0.png"),
                      "--out", str(tmp_path / "v"), "--tracking-uri", server]) == 1
     assert "variations are written to one file here" in capsys.readouterr().err
 
     # -- 3. prior + decoder registered as one unCLIP model, called with a prompt on three doors ---------------------
     prior_folder = _prior_folder(tmp_path / "prior", clip_folder)
     capsys.readouterr()
-    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-decoder/1", "--register-as",
+    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-pipe-decoder/1", "--register-as",
                      "tiny-unclip", "--alias", "production", "--tracking-uri", server]) == 0
     assert "registered tiny-unclip version 1" in capsys.readouterr().out
     [whole] = client.search_model_versions("name = 'tiny-unclip'")
-    assert whole.tags["kind"] == "unclip" and whole.tags["decoder"] == "models:/tiny-decoder/1"
+    assert whole.tags["kind"] == "unclip" and whole.tags["decoder"] == "models:/tiny-pipe-decoder/1"
     assert whole.tags["prior"] == str(prior_folder) and whole.tags["clip"] == str(clip_folder)
-    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-decoder/1", "--register-as",
+    assert cli.main(["unclip", "--prior", str(prior_folder), "--decoder", "models:/tiny-pipe-decoder/1", "--register-as",
                      "tiny-unclip", "--tracking-uri", server]) == 0  # the same two parts: the same version
     assert "tiny-unclip version 1 already holds" in capsys.readouterr().out
     prompt = captions[0]
@@ -178,40 +196,14 @@ def test_train_register_vary_and_refuse_another_clip(shapes, mlflow_server, tmp_
     assert np.array_equal(load_numpy(str(tmp_path / "batch"))[0], via_cli)  # Ray Data's sampler actors
     other_prior = _prior_folder(tmp_path / "other-prior", _clip_folder(tmp_path / "clip-2", 2, captions))
     capsys.readouterr()
-    assert cli.main(["unclip", "--prior", str(other_prior), "--decoder", "models:/tiny-decoder/1", "--register-as",
+    assert cli.main(["unclip", "--prior", str(other_prior), "--decoder", "models:/tiny-pipe-decoder/1", "--register-as",
                      "tiny-unclip", "--tracking-uri", server]) == 1
     assert "was trained on another CLIP than --decoder" in capsys.readouterr().err
 
-    # -- 4. the recipe as ddpm pipeline: ingest reused, a prior trained on the CLIP, the decoder resumed to 48
-    # images, prior + decoder registered as one model, evaluated with prompts (alignment, FD-cls) and gated
-    pipeline = [f"pipeline.raw={Path(data).parent / 'raw'}", f"pipeline.processed={data}", "pipeline.resolution=16",
-                "pipeline.captions=keep", "pipeline.clip_config=null", f"train.image_encoder={clip_folder}",
-                f"pipeline.storage={runs}", "pipeline.run_name=tiny-decoder", "pipeline.register_as=tiny-pipe",
-                "pipeline.prior_name=tiny-pipe-prior", "pipeline.experiment=test-train-decoder",
-                "pipeline.eval_samples=16", "pipeline.eval_steps=4", "pipeline.eval_images_per_prompt=1",
-                "pipeline.gate_max_ratio=null", "pipeline.gate_min_recall=null", "train.total_images=48"]
-    prior_set = ["model.width=32", "model.depth=1", "model.heads=2", "train.batch_size=16", "train.warmup_images=0",
-                 "train.total_images=32", "train.eval_images=16", "train.eval_steps=4"]
-    capsys.readouterr()
-    code = cli.main(["pipeline", "--config", str(ROOT / "configs" / "shapes-unclip.yaml"), *TINY,
-                     *[x for v in pipeline for x in ("--set", v)], "--set", f"pipeline.prior_set={prior_set}",
-                     "--tracking-uri", server])
-    out, err = capsys.readouterr()
-    assert code == 0, out[-3000:] + err[-1000:]
-    assert "[ingest] reusing" in out and "[prior] registered models:/tiny-pipe-prior/1" in out, out
-    assert "[unclip] registered tiny-pipe version 1" in out and "[gate] promoted to production" in out, out
-    [piped] = client.search_model_versions("name = 'tiny-pipe'")
-    assert piped.tags["kind"] == "unclip" and piped.tags["prior"] == "models:/tiny-pipe-prior/1"
-    assert piped.tags["decoder"] == "models:/tiny-pipe-decoder/1" and piped.tags["gate.decision"] == "promote"
-    decoder_state = storage.read_json(f"{runs}/tiny-decoder/checkpoint_000000000048/training_state.json")
-    assert decoder_state["restarts"] == 1  # resumed from the 32-image checkpoint of part 1
-    logged = client.get_run(piped.run_id).data.metrics
-    assert 0 <= logged["ddim4/align_seen_all"] <= 1  # the whole model was evaluated with prompts
-
-    # -- 5. the run resumed with other CLIP weights: refused before anything starts --------------------------------
+    # -- 4. the run resumed with other CLIP weights: refused before anything starts --------------------------------
     other_clip = _clip_folder(tmp_path / "other-clip", 1, captions)
     capsys.readouterr()
-    assert _train(data, other_clip, runs, server, 96) == 1
+    assert _train(data, other_clip, runs, server, 64) == 1
     err = capsys.readouterr().err.strip().splitlines()  # the folder it resolved ("using ..."), then the error
     assert err[-1].startswith("ddpm train: error: run tiny-decoder was trained with CLIP "), err
     assert str(clip_folder) in err[-1] and len(err) <= 2, err
