@@ -213,6 +213,25 @@ def embed_images(clip: "Clip", images: torch.Tensor, *, rows: int = ENCODE_ROWS)
     return torch.cat(out)
 
 
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between unit vectors (..., E): sin((1 - t) theta) / sin(theta) z0 + sin(t theta) /
+    sin(theta) z1, theta = arccos(z0 . z1), which stays on the unit sphere where CLIP's embeddings lie (unCLIP's
+    interpolations, Ramesh et al. 2022 section 3.2). t = 0 gives z0 and t = 1 gives z1, exactly; nearly parallel
+    vectors (theta < 1e-4) fall back to the normalized straight line."""
+    t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device)
+    if t.dim() == 1:
+        t = t[:, None]  # one t per row
+    cos = (z0 * z1).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    small = theta < 1e-4
+    safe = torch.where(small, torch.ones_like(sin), sin)
+    arc = torch.sin((1 - t) * theta) / safe * z0 + torch.sin(t * theta) / safe * z1
+    line = torch.nn.functional.normalize((1 - t) * z0 + t * z1, dim=-1)
+    out = torch.where(small, line, arc)
+    return torch.where(t == 0, z0, torch.where(t == 1, z1, out))
+
+
 def with_image(embeddings: torch.Tensor, text: Condition | None = None) -> Condition:
     """unCLIP's decoder condition: image embeddings (B, E) (unit norm: from :func:`embed_images` or the prior),
     with a text condition's rows when the decoder also reads the caption. Its negative is zero embeddings (and the

@@ -26,7 +26,7 @@ import torch
 
 from ddpm import (DEFAULT_STEPS, SAMPLERS, checkpoint, fixed_size_forward, from_labels, from_uint8, generate_images,
                   image_seeds, inpaint_images, strength_steps)
-from ddpm.conditioning import Condition, describe, embed_images, with_image
+from ddpm.conditioning import Condition, describe, embed_images, slerp, with_image
 from ddpm.images import EditInputError, decode_edit_inputs
 from ddpm.inpainting import model_calls
 from ddpm.settings import MAX_PROMPT_BYTES, PRIOR_GUIDANCE_SCALE, PRIOR_STEPS, SettingError, guided
@@ -50,10 +50,14 @@ class Edit:
 
 @dataclass(frozen=True)
 class Variation:
-    """What ``POST /variations`` adds to a job: the image as sent (decoded by the replica at its model's CLIP size)."""
+    """What ``POST /variations`` adds to a job: the image as sent (decoded by the replica at its model's CLIP size),
+    and optionally a second image ``toward`` whose embedding the first's is slerped to by ``mix`` (0: the image's
+    own embedding, exactly; 1: toward's)."""
 
     image: bytes
     resize: bool = False
+    toward: bytes | None = None
+    mix: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -351,17 +355,23 @@ def decode_edit(edit: Edit, served: ServedModel) -> tuple[np.ndarray, np.ndarray
         return Rejected(exc.field, str(exc))
 
 
-def decode_variation(variation: Variation, served: ServedModel) -> tuple[np.ndarray, None] | Rejected:
-    """The image to vary as (H, W, C) uint8 at the size and channels of the model's CLIP (and no mask), or the
-    rejection that names it."""
+def decode_variation(variation: Variation, served: ServedModel) -> tuple[np.ndarray, np.ndarray | None] | Rejected:
+    """The image to vary (and the image ``toward``, or None) as (H, W, C) uint8 at the size and channels of the
+    model's CLIP, or the rejection that names the one at fault."""
     cfg = served.loaded.image_encoder.model.config
-    try:
-        image, _ = decode_edit_inputs(variation.image, None, size=cfg.image_size, channels=cfg.in_channels,
-                                      resize=variation.resize, resize_hint="send \"resize\": true to stretch it",
-                                      max_pixels=MAX_EDIT_PIXELS)
-    except EditInputError as exc:
-        return Rejected(exc.field, str(exc))
-    return image, None
+    decoded = []
+    for field_, data in (("image", variation.image), ("toward", variation.toward)):
+        if data is None:
+            decoded.append(None)
+            continue
+        try:
+            image, _ = decode_edit_inputs(data, None, size=cfg.image_size, channels=cfg.in_channels,
+                                          resize=variation.resize, resize_hint="send \"resize\": true to stretch it",
+                                          max_pixels=MAX_EDIT_PIXELS)
+        except EditInputError as exc:
+            return Rejected(field_, str(exc))
+        decoded.append(image)
+    return decoded[0], decoded[1]
 
 
 def _edit_batch(jobs: list[Job], edits: list[tuple[np.ndarray, np.ndarray]],
@@ -473,9 +483,16 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
             if settings.class_label is not None:
                 labels = [job.class_label for job in group for _ in range(job.num_images)]
             condition = from_labels(labels, len(seeds))
-        if settings.variation is not None:  # each image's CLIP embedding, repeated for its seeds
-            images = np.stack([edits[i][0] for i in members for _ in range(jobs[i].num_images)])  # (N, H, W, C)
-            z = embed_images(served.loaded.image_encoder.model, from_uint8(images).to(served.device))  # (N, E)
+        if settings.variation is not None:  # each image's CLIP embedding (slerped toward a second), for its seeds
+            clip = served.loaded.image_encoder.model
+            repeat = lambda pick: np.stack([pick(i) for i in members for _ in range(jobs[i].num_images)])  # noqa
+            z = embed_images(clip, from_uint8(repeat(lambda i: edits[i][0])).to(served.device))  # (N, E)
+            if any(edits[i][1] is not None for i in members):
+                toward = embed_images(clip, from_uint8(repeat(
+                    lambda i: edits[i][0] if edits[i][1] is None else edits[i][1])).to(served.device))
+                mix = torch.tensor(repeat(lambda i: 0.0 if edits[i][1] is None else jobs[i].variation.mix),
+                                   dtype=z.dtype, device=z.device)
+                z = slerp(z, toward, mix)  # mix 0 is z exactly: a plain variation's bytes
             condition = with_image(z, condition if served.loaded.config.text_dim else None)
         watch = _GroupWatch(group, [controls[i] for i in members])
         prior_steps, prior_guidance_scale = settings.prior_settings()

@@ -43,10 +43,9 @@ PUBLIC_PATHS = frozenset({"/healthz", "/"})
 STATS_TIMEOUT_S = 2.0  # how long GET /metrics waits for a Sampler replica's fresh counters
 PLAYGROUND = Path(__file__).with_name("static") / "index.html"
 # The largest request body a route reads, refused (413) before anything parses it: /generate's JSON is a few hundred
-# bytes, /inpaint's and /edit's carry two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
+# bytes, /inpaint's, /edit's and /variations' carry up to two base64 images. Parsing 20 MB of JSON costs seconds of the ingress's CPU.
 MAX_BODY_BYTES = 64 * 2**10
-MAX_BODY_BYTES_BY_PATH = {path: 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES for path in ("/inpaint", "/edit")} | {
-    "/variations": MAX_EDIT_BASE64 + MAX_BODY_BYTES}
+MAX_BODY_BYTES_BY_PATH = {path: 2 * MAX_EDIT_BASE64 + MAX_BODY_BYTES for path in ("/inpaint", "/edit", "/variations")}
 
 api = FastAPI(
     title="DDPM sampler",
@@ -268,11 +267,14 @@ class Ingress:
 
     @api.post("/variations")
     async def variations(self, body: VariationsRequest) -> Response:
-        """New images from ``image``'s CLIP embedding through unCLIP's decoder, one per seed; answers like
-        ``/generate``. A model that is not unCLIP's decoder refuses it (422, ``image``)."""
+        """New images from ``image``'s CLIP embedding through unCLIP's decoder, one per seed; with ``toward``, from
+        the slerp of the two images' embeddings at ``mix``. Answers like ``/generate``. A model that is not unCLIP's
+        decoder refuses it (422, ``image``)."""
         started = time.monotonic()
-        return await self._answer(_job(body, variation=Variation(_base64("image", body.image), body.resize)), body,
-                                  started)
+        toward = None if body.toward is None else _base64("toward", body.toward)
+        variation = Variation(_base64("image", body.image), body.resize, toward,
+                              0.5 if body.mix is None else body.mix)
+        return await self._answer(_job(body, variation=variation), body, started)
 
     async def _edit(self, body: EditRequest) -> Response:
         started = time.monotonic()

@@ -105,6 +105,18 @@ class VariationsRequest(GenerateRequest):
     image: str = Field(min_length=1, max_length=MAX_EDIT_BASE64, description="base64 PNG (or JPEG, WebP, BMP, GIF) "
                                                                              "of the size the model's CLIP reads")
     resize: bool = Field(False, description="stretch the image to the CLIP's size instead of rejecting another size")
+    toward: str | None = Field(None, min_length=1, max_length=MAX_EDIT_BASE64,
+                               description="a second image: interpolate between the two images' CLIP embeddings "
+                                           "(slerp, unCLIP's interpolations) and vary the result")
+    mix: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                              description="with toward: how far from image (0) to toward (1) along the slerp; "
+                                          "default 0.5")
+
+    @model_validator(mode="after")
+    def _mix_needs_toward(self):
+        if self.mix is not None and self.toward is None:
+            raise ValueError("mix interpolates toward a second image: send toward as well")
+        return self
 
 
 class SamplerConfig(BaseModel):

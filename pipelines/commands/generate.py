@@ -79,7 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser, vary: bool = False) -> None:
         parser.add_argument("--image", required=True, metavar="FILE",
                             help="the image to vary (PNG, JPEG, ...), of the size the model's CLIP reads")
         parser.add_argument("--resize", action="store_true",
-                            help="stretch the image to the CLIP's size instead of rejecting another size")
+                            help="stretch the image(s) to the CLIP's size instead of rejecting another size")
+        parser.add_argument("--toward", default=None, metavar="FILE",
+                            help="a second image: vary the slerp of the two images' CLIP embeddings (unCLIP's "
+                                 "interpolations)")
+        parser.add_argument("--mix", type=float, default=None, metavar="T",
+                            help="with --toward: 0 = the image's embedding, 1 = the second's (default: 0.5)")
     parser.add_argument("--num-images", type=int, default=16, metavar="N",
                         help="how many images, per prompt with --prompts (default: 16)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
@@ -157,6 +162,9 @@ def main(args: argparse.Namespace) -> int:
     if args.prompts is not None and args.negative_prompt is not None:
         raise UserError("--negative-prompt: goes with --prompt; in a --prompts file give each prompt its own as "
                         "JSONL {\"prompt\": ..., \"negative_prompt\": ...}")
+    mix = getattr(args, "mix", None)  # ddpm vary's
+    if mix is not None and (getattr(args, "toward", None) is None or not 0 <= mix <= 1):
+        raise UserError(f"--mix {mix}: " + ("in [0, 1]" if args.toward is not None else "goes with --toward FILE"))
     if is_file_output(args.out):
         if args.prompts is not None:
             raise UserError(f"--prompts: writes one image per prompt and seed; give --out a folder or s3:// prefix, "
@@ -259,17 +267,28 @@ def generate_file(args: argparse.Namespace) -> int:
         raise flag_error(exc) from None
     check_fits_in_memory(args.num_images, loaded.image_shape, out)
     print_warnings(loaded.prompt_encoder, single_prompt(args))
+    embedding = None
     if image is not None:  # unCLIP's variations: the image's CLIP embedding through the decoder, a seed each
         from pipelines.commands.inpaint import read_inputs
 
         cfg = loaded.image_encoder.model.config
         image, _ = read_inputs(args.image, None, cfg.image_size, cfg.in_channels, args.resize)  # (H, W, C) uint8
+        if args.toward is not None:  # the slerp of the two images' embeddings, the one every image varies
+            import numpy as np
+
+            from ddpm import from_uint8
+            from ddpm.conditioning import embed_images, slerp
+
+            toward, _ = read_inputs(args.toward, None, cfg.image_size, cfg.in_channels, args.resize)
+            z = embed_images(loaded.image_encoder.model, from_uint8(np.stack([image, toward])))  # (2, E)
+            embedding, image = slerp(z[0], z[1], 0.5 if args.mix is None else args.mix), None
     try:
         # The endpoint's network call (a CUDA graph on a GPU, the fixed-shape forward on the CPU): the same bytes.
         images = generate_images(loaded, image_seeds(args.seed, args.num_images),
                                  condition=loaded.condition(args.num_images, class_labels=args.class_label,
                                                             prompts=args.prompt,
-                                                            negative_prompts=args.negative_prompt, images=image),
+                                                            negative_prompts=args.negative_prompt, images=image,
+                                                            image_embeddings=embedding),
                                  sampler=args.sampler, steps=args.steps, eta=args.eta,
                                  guidance_scale=args.guidance_scale, prior_steps=args.prior_steps,
                                  prior_guidance_scale=args.prior_guidance_scale,

@@ -187,3 +187,20 @@ def test_requests_a_decoder_or_another_model_cannot_take_are_refused(trained, ti
     assert caught.value.field == "image"
     # no image: the unconditional decoder (zero embeddings), as no prompt is the empty prompt
     assert not trained.condition(2).image.any()
+
+
+def test_slerp_stays_on_the_sphere_and_ends_exactly_at_its_ends():
+    from ddpm.conditioning import slerp
+
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.nn.functional.normalize(torch.randn(2, 3, E, generator=g), dim=-1)
+    assert torch.equal(slerp(z0, z1, 0.0), z0) and torch.equal(slerp(z0, z1, 1.0), z1)
+    for t in (0.25, 0.5, 0.9):
+        z = slerp(z0, z1, t)
+        assert torch.allclose(z.norm(dim=-1), torch.ones(3), atol=1e-6)
+        # the angle from z0 is t of the whole angle: a constant-speed path along the great circle
+        whole, part = torch.arccos((z0 * z1).sum(-1)), torch.arccos((z0 * z).sum(-1).clamp(-1, 1))
+        assert torch.allclose(part, t * whole, atol=1e-5)
+    per_row = slerp(z0, z1, torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.equal(per_row[0], z0[0]) and torch.equal(per_row[2], z1[2])
+    assert torch.allclose(slerp(z0, z0, 0.3), z0, atol=1e-6)  # parallel: no division by sin(0)

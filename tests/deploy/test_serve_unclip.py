@@ -146,3 +146,31 @@ def test_a_variation_of_another_size_is_stretched_when_asked(server, loaded):
     r = requests.post(f"{server}/variations", json={"image": b64png(big), "resize": True, "seed": 0,
                                                     "num_images": 1, "steps": 3, "output": "json"}, timeout=TIMEOUT)
     assert images_of(r).shape == (1, 8, 8, 1)
+
+
+def test_interpolation_slerps_between_two_images_and_ends_at_each(server, loaded, model_path, tmp_path):
+    from ddpm import from_uint8
+    from ddpm.conditioning import embed_images, slerp
+
+    def vary(**body) -> np.ndarray:
+        return images_of(requests.post(f"{server}/variations", json={"seed": 3, "num_images": 2, "steps": 3,
+                                                                     "output": "json"} | body, timeout=TIMEOUT))
+
+    plain_bright, plain_dark = vary(image=b64png(BRIGHT)), vary(image=b64png(DARK))
+    assert np.array_equal(vary(image=b64png(BRIGHT), toward=b64png(DARK), mix=0.0), plain_bright)
+    assert np.array_equal(vary(image=b64png(BRIGHT), toward=b64png(DARK), mix=1.0), plain_dark)
+    halfway = vary(image=b64png(BRIGHT), toward=b64png(DARK))  # mix 0.5 by default
+    z = embed_images(loaded.image_encoder.model, from_uint8(np.stack([BRIGHT, DARK])))
+    expected = generate_images(loaded, [3, 4], condition=loaded.condition(2, image_embeddings=slerp(z[0], z[1], 0.5)),
+                               steps=3, forward_rows=FORWARD_ROWS)
+    assert np.array_equal(halfway, expected)
+    (tmp_path / "a.png").write_bytes(base64.b64decode(b64png(BRIGHT)))
+    (tmp_path / "b.png").write_bytes(base64.b64decode(b64png(DARK)))
+    assert cli_main(["vary", "--model", str(model_path), "--image", str(tmp_path / "a.png"), "--toward",
+                     str(tmp_path / "b.png"), "--seed", "3", "--num-images", "2", "--steps", "3", "--out",
+                     str(tmp_path / "half.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "half.npz")["images"], halfway)
+    r = requests.post(f"{server}/variations", json={"image": b64png(BRIGHT), "mix": 0.3}, timeout=TIMEOUT)
+    assert r.status_code == 422 and "send toward as well" in r.text
+    r = requests.post(f"{server}/variations", json={"image": b64png(BRIGHT), "toward": "???"}, timeout=TIMEOUT)
+    assert r.status_code == 422 and "toward" in {str(p) for e in r.json()["detail"] for p in e["loc"]}
