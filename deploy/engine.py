@@ -427,6 +427,22 @@ def prompt_report(job: Job, served: ServedModel) -> dict | None:
             for name, r in reports.items()} | {"warnings": warnings}
 
 
+def variation_embeddings(served: ServedModel, jobs: list[Job],
+                         decoded: list[tuple[np.ndarray, np.ndarray | None]]) -> torch.Tensor:
+    """(sum of num_images, E): each variation job's image's CLIP embedding (``ddpm.conditioning.embed_images``), or
+    its slerp ``mix`` of the way to the ``toward`` image's, once per seed. ``decoded[i]``: job i's (image, toward or
+    None) from :func:`decode_variation`. A mix of 0 gives the image's embedding exactly: a plain variation's bytes."""
+    clip = served.loaded.image_encoder.model
+    per_seed = lambda values: np.stack([v for job, v in zip(jobs, values) for _ in range(job.num_images)])  # noqa
+    embed = lambda images: embed_images(clip, from_uint8(per_seed(images)).to(served.device))  # noqa
+    z = embed([image for image, _ in decoded])
+    if all(toward is None for _, toward in decoded):
+        return z
+    far = embed([image if toward is None else toward for image, toward in decoded])
+    mix = per_seed([0.0 if toward is None else job.variation.mix for job, (_, toward) in zip(jobs, decoded)])
+    return slerp(z, far, torch.tensor(mix, dtype=z.dtype, device=z.device))
+
+
 class _GroupWatch:
     """The ``ddpm.generation.Watch`` of one group of jobs (one core call): progress to each job still sampling, and
     the rows of jobs whose ``Control.cancelled`` is set taken out. ``left[i]``: job i's (model calls made, model calls)
@@ -483,16 +499,8 @@ def run_jobs(served: ServedModel, jobs: list[Job], micro_batch: int | None,
             if settings.class_label is not None:
                 labels = [job.class_label for job in group for _ in range(job.num_images)]
             condition = from_labels(labels, len(seeds))
-        if settings.variation is not None:  # each image's CLIP embedding (slerped toward a second), for its seeds
-            clip = served.loaded.image_encoder.model
-            repeat = lambda pick: np.stack([pick(i) for i in members for _ in range(jobs[i].num_images)])  # noqa
-            z = embed_images(clip, from_uint8(repeat(lambda i: edits[i][0])).to(served.device))  # (N, E)
-            if any(edits[i][1] is not None for i in members):
-                toward = embed_images(clip, from_uint8(repeat(
-                    lambda i: edits[i][0] if edits[i][1] is None else edits[i][1])).to(served.device))
-                mix = torch.tensor(repeat(lambda i: 0.0 if edits[i][1] is None else jobs[i].variation.mix),
-                                   dtype=z.dtype, device=z.device)
-                z = slerp(z, toward, mix)  # mix 0 is z exactly: a plain variation's bytes
+        if settings.variation is not None:
+            z = variation_embeddings(served, group, [edits[i] for i in members])  # (N, E)
             condition = with_image(z, condition if served.loaded.config.text_dim else None)
         watch = _GroupWatch(group, [controls[i] for i in members])
         prior_steps, prior_guidance_scale = settings.prior_settings()
