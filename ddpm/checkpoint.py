@@ -345,8 +345,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
         if decoder.config.latent_channels != unet_config.in_channels:
             raise CheckpointError(f"{path}: the U-Net takes {unet_config.in_channels} channels but its autoencoder's "
                                   f"latents have {decoder.config.latent_channels}")
-    encoder = _load_text_encoder(path, config.get("text_encoder"), unet_config.text_dim, device)
-    clip = _load_image_encoder(path, config.get("image_encoder"), unet_config.image_dim, device)
+    encoder = _load_pinned(path, config, "text_encoder", TEXT_DIR, unet_config.text_dim, text_format.load,
+                           lambda e: e.width, "text encoder", "token states", device)
+    clip = _load_pinned(path, config, "image_encoder", IMAGE_ENCODER_DIR, unet_config.image_dim, clip_format.load,
+                        lambda c: c.model.config.embed_dim, "CLIP", "image embeddings", device)
     prior = None
     if config.get("prior"):
         prior = prior_format.load(path / config["prior"].get("folder", PRIOR_DIR), device=device)
@@ -355,36 +357,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", weights: str = "e
                        config.get("metadata", {}), decoder, encoder, clip, prior)
 
 
-def _load_text_encoder(path: Path, entry: dict | None, text_dim: int, device) -> TextEncoder | None:
-    """The text encoder a text model pins (config.json's "text_encoder"), checked against the U-Net's text_dim."""
+def _load_pinned(path: Path, config: dict, key: str, folder: str, width: int, load, width_of, noun: str, what: str,
+                 device):
+    """The encoder a model pins in config.json's ``key`` ("text_encoder": a text model's, read by ``ddpm.text.load``;
+    "image_encoder": unCLIP's decoder's CLIP, ``ddpm.clip.load``), loaded from its folder and checked against the
+    U-Net's ``width`` (``width_of(encoder)``: its token states', its embeddings'); None when the U-Net takes none.
+    ``noun`` and ``what`` name the encoder and its output in errors."""
+    entry = config.get(key)
     if not entry:
-        if text_dim:
-            raise CheckpointError(f"{path}: the U-Net attends to text of width {text_dim} but the checkpoint has "
-                                  f"no text encoder (config.json has no \"text_encoder\")")
+        if width:
+            raise CheckpointError(f"{path}: the U-Net takes {what} of width {width} but the checkpoint has no {noun} "
+                                  f"(config.json has no \"{key}\")")
         return None
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{path / CONFIG_FILE}: \"text_encoder\" must be an object")
-    encoder = text_format.load(path / entry.get("folder", TEXT_DIR), device=device)
-    if encoder.width != text_dim:
-        raise CheckpointError(f"{path}: the U-Net attends to text of width {text_dim} but its text encoder's token "
-                              f"states have width {encoder.width}")
+        raise CheckpointError(f"{path / CONFIG_FILE}: \"{key}\" must be an object")
+    encoder = load(path / entry.get("folder", folder), device=device)
+    if width_of(encoder) != width:
+        raise CheckpointError(f"{path}: the U-Net takes {what} of width {width} but its {noun}'s have width "
+                              f"{width_of(encoder)}")
     return encoder
-
-
-def _load_image_encoder(path: Path, entry: dict | None, image_dim: int, device) -> LoadedClip | None:
-    """The CLIP an unCLIP decoder pins (config.json's "image_encoder"), checked against the U-Net's image_dim."""
-    if not entry:
-        if image_dim:
-            raise CheckpointError(f"{path}: the U-Net takes image embeddings of width {image_dim} but the checkpoint "
-                                  f"has no CLIP (config.json has no \"image_encoder\")")
-        return None
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"{path / CONFIG_FILE}: \"image_encoder\" must be an object")
-    clip = clip_format.load(path / entry.get("folder", IMAGE_ENCODER_DIR), device=device)
-    if clip.model.config.embed_dim != image_dim:
-        raise CheckpointError(f"{path}: the U-Net takes image embeddings of width {image_dim} but its CLIP's are "
-                              f"{clip.model.config.embed_dim} wide")
-    return clip
 
 
 def load_training_weights(path: str | Path) -> tuple[dict, dict]:

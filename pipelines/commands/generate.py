@@ -269,7 +269,7 @@ def generate_file(args: argparse.Namespace) -> int:
     print_warnings(loaded.prompt_encoder, single_prompt(args))
     embedding = None
     if image is not None:  # unCLIP's variations: the image's CLIP embedding through the decoder, a seed each
-        from pipelines.commands.inpaint import read_inputs
+        from pipelines.commands.image_inputs import read_inputs
 
         cfg = loaded.image_encoder.model.config
         image, _ = read_inputs(args.image, None, cfg.image_size, cfg.in_channels, args.resize)  # (H, W, C) uint8

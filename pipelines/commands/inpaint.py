@@ -29,27 +29,6 @@ More resampling (--resample-times) harmonises the filled region with the kept on
 """
 
 
-def read_inputs(image_path: str, mask_path: str | None, size: int, channels: int, resize: bool):
-    """The two files (no mask: the whole image) -> (image (size, size, C) uint8, generate (size, size) bool), checked
-    by ``ddpm.images.decode_edit_inputs`` (what ``POST /inpaint`` uses too); errors name the file at fault."""
-    from ddpm.images import EditInputError, decode_edit_inputs
-
-    paths = {"image": image_path} | ({} if mask_path is None else {"mask": mask_path})
-    data = {"mask": None}
-    for field, path in paths.items():
-        try:
-            data[field] = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        return decode_edit_inputs(data["image"], data["mask"], size=size, channels=channels, resize=resize,
-                                  resize_hint="pass --resize to stretch image and mask to it")
-    except EditInputError as exc:
-        raise UserError(f"{paths[exc.field]}: {exc}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser, edit: bool = False) -> None:
     """The flags of ``ddpm inpaint``; with ``edit``, those of ``ddpm edit`` (pipelines.commands.edit): the mask
     optional, ``--strength`` 0.8 and no resampling by default."""
@@ -104,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     from ddpm.settings import SettingError, check_settings
 
     from pipelines.commands.generate import print_warnings, single_prompt
+    from pipelines.commands.image_inputs import read_inputs
     from pipelines.registry import resolve_model
 
     out = Path(args.out)

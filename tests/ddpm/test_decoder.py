@@ -165,7 +165,7 @@ def test_a_decoder_checkpoint_pins_its_clip_and_gives_the_same_bytes(tmp_path, t
         checkpoint.save(tmp_path / "n", trained.model, trained.schedule)
     (tmp_path / "m" / "config.json").write_text(
         (tmp_path / "m" / "config.json").read_text().replace('"image_encoder": {', '"image_encoder_": {'))
-    with pytest.raises(CheckpointError, match="has no CLIP"):
+    with pytest.raises(CheckpointError, match="takes image embeddings of width 16 but the checkpoint has no CLIP"):
         checkpoint.load(tmp_path / "m")
 
 
