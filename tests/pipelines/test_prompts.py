@@ -87,7 +87,7 @@ def one_line(argv: list[str], capsys) -> str:
     (["--prompt", "x" * 1001], "--prompt: must be at most 1000 bytes (UTF-8), got 1001"),
     (["--negative-prompt", NEGATIVE, "--guidance-scale", "2"], "--negative-prompt: needs a prompt"),
     (["--prompt", PROMPT, "--negative-prompt", NEGATIVE], "--negative-prompt: applies only with guidance"),
-    (["--prompt", "", "--guidance-scale", "2"], "--guidance-scale: applies only with a class label or a non-empty"),
+    (["--prompt", "", "--guidance-scale", "2"], "--guidance-scale: applies only with a class label, a non-empty prompt or an image"),
     (["--prompts", "p.txt", "--negative-prompt", NEGATIVE], "--negative-prompt: goes with --prompt"),
     (["--prompts", "p.txt"], "--prompts: writes one image per prompt and seed; give --out a folder"),
 ])
